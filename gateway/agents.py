@@ -1,0 +1,149 @@
+"""Local agents: the instances connected to this gateway and the dispatch of tasks to them.
+
+Each connected SDK process is an `AgentInstance` with an outbox (what the Connect stream sends it)
+and the set of tasks it holds. Several instances of one agent share its tasks: a task goes to
+the instance with the fewest tasks in flight. An instance that disconnects fails its tasks at
+once with the reason, so no requester waits for an answer that cannot come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from gateway.errors import NotFound, Unavailable
+from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
+from gateway.wire import AgentCard
+
+log = logging.getLogger("fedgate.agents")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A task handed to an instance; `requester_org` is the proven asking organization."""
+
+    spec: TaskSpec
+    requester_org: str
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    task_id: str
+    reason: str
+
+
+OutboxItem = Assignment | CancelRequest | None  # None closes the stream
+
+
+@dataclass(eq=False)
+class AgentInstance:
+    instance_id: str
+    cards: dict[str, AgentCard]
+    outbox: asyncio.Queue[OutboxItem] = field(default_factory=asyncio.Queue)
+    tasks: dict[str, asyncio.Queue[TaskUpdate]] = field(default_factory=dict)
+    closed: bool = False
+
+
+class AgentRegistry:
+    """Which agents are connected, and routing of tasks and their updates."""
+
+    def __init__(self, org: str) -> None:
+        self.org = org
+        self._instances: dict[str, list[AgentInstance]] = {}
+        self._owner: dict[str, AgentInstance] = {}
+        self._tiebreak = itertools.count()
+
+    def register(self, instance: AgentInstance) -> None:
+        for name in instance.cards:
+            self._instances.setdefault(name, []).append(instance)
+        log.info("agent instance %s connected: %s", instance.instance_id, ", ".join(instance.cards))
+
+    def unregister(self, instance: AgentInstance, reason: str = "agent instance disconnected") -> None:
+        """Remove an instance and fail every task it still held."""
+        instance.closed = True
+        for name in instance.cards:
+            group = self._instances.get(name, [])
+            if instance in group:
+                group.remove(instance)
+            if not group:
+                self._instances.pop(name, None)
+        for task_id, queue in list(instance.tasks.items()):
+            self._owner.pop(task_id, None)
+            queue.put_nowait(
+                TaskUpdate(
+                    task_id,
+                    TaskState.FAILED,
+                    result=TaskResult(
+                        task_id,
+                        TaskState.FAILED,
+                        error=TaskError("agent_disconnected", f"{reason} mid-task"),
+                        responder_org=self.org,
+                    ),
+                )
+            )
+        instance.tasks.clear()
+        instance.outbox.put_nowait(None)
+        log.info("agent instance %s disconnected", instance.instance_id)
+
+    def card(self, agent: str) -> AgentCard | None:
+        group = self._instances.get(agent)
+        return group[-1].cards[agent] if group else None
+
+    def cards(self) -> list[AgentCard]:
+        return [group[-1].cards[name] for name, group in sorted(self._instances.items())]
+
+    def instance_count(self, agent: str) -> int:
+        return len(self._instances.get(agent, ()))
+
+    def in_flight(self, agent: str) -> int:
+        return sum(len(i.tasks) for i in self._instances.get(agent, ()))
+
+    def deliver(self, instance: AgentInstance, update: TaskUpdate) -> bool:
+        """Route an update from an instance; updates for tasks it does not hold are dropped."""
+        queue = instance.tasks.get(update.task_id)
+        if queue is None:
+            return False
+        if update.state.final:
+            instance.tasks.pop(update.task_id, None)
+            self._owner.pop(update.task_id, None)
+        queue.put_nowait(update)
+        return True
+
+    def cancel(self, task_id: str, reason: str) -> bool:
+        instance = self._owner.get(task_id)
+        if instance is None or instance.closed:
+            return False
+        instance.outbox.put_nowait(CancelRequest(task_id, reason))
+        return True
+
+    async def dispatch(self, spec: TaskSpec, requester_org: str) -> AsyncIterator[TaskUpdate]:
+        """Run a task on the least busy instance; yields its updates, the last one final.
+
+        Leaving early (deadline, cancellation) tells the instance to stop the task.
+        """
+        group = self._instances.get(spec.agent)
+        if not group:
+            raise NotFound(f"agent {spec.agent!r} is not connected to the gateway of {self.org!r}")
+        instance = min(group, key=lambda i: (len(i.tasks), next(self._tiebreak)))
+        if spec.task_id in self._owner:
+            raise Unavailable(f"task {spec.task_id!r} is already running on this gateway")
+        queue: asyncio.Queue[TaskUpdate] = asyncio.Queue()
+        instance.tasks[spec.task_id] = queue
+        self._owner[spec.task_id] = instance
+        instance.outbox.put_nowait(Assignment(spec, requester_org))
+        finished = False
+        try:
+            while True:
+                update = await queue.get()
+                yield update
+                if update.state.final:
+                    finished = True
+                    return
+        finally:
+            if not finished and instance.tasks.pop(spec.task_id, None) is not None:
+                self._owner.pop(spec.task_id, None)
+                if not instance.closed:
+                    instance.outbox.put_nowait(CancelRequest(spec.task_id, "requester stopped waiting"))

@@ -1,0 +1,184 @@
+"""Certificates: the federation CA, gateway certificates and reading a peer's organization.
+
+Identity rule: a gateway certificate names its organization in the subject's Organization (O)
+attribute, and carries the DNS name `<org>.fedgate` in its subjectAltName. The federation
+listener takes the peer organization from O of the verified client certificate (and requires the
+SAN to agree); a gateway dialing a peer verifies the server as `<org>.fedgate`, so only the
+certificate of that organization is accepted on the other end.
+
+Keys are ECDSA P-256: fast handshakes, and the same keys sign receipts and checkpoints.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gateway.errors import PermissionDenied, Unauthenticated
+
+SAN_SUFFIX = ".fedgate"
+DEV_WARNING = "INSECURE DEVELOPMENT CERTIFICATE - local use only"
+
+
+def org_dns_name(org: str) -> str:
+    """The DNS name a gateway certificate of `org` carries and a client verifies."""
+    return f"{org}{SAN_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class IssuedCert:
+    cert_pem: bytes
+    key_pem: bytes
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def create_ca(
+    name: str = "Fedgate development federation CA",
+    *,
+    days: int = 3650,
+    not_before: dt.datetime | None = None,
+) -> IssuedCert:
+    """A self-signed CA certificate and key for a federation."""
+    key = _new_key()
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, DEV_WARNING),
+        ]
+    )
+    start = not_before or _now() - dt.timedelta(minutes=5)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return IssuedCert(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def issue_gateway_cert(
+    ca: IssuedCert,
+    org: str,
+    *,
+    days: int = 825,
+    not_before: dt.datetime | None = None,
+    extra_dns: tuple[str, ...] = ("localhost",),
+    san_org: str | None = None,
+) -> IssuedCert:
+    """A gateway certificate for `org`, usable as TLS server and client, signed by `ca`.
+
+    `san_org` exists for tests that need a certificate whose SAN disagrees with its O.
+    """
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = _new_key()
+    start = not_before or _now() - dt.timedelta(minutes=5)
+    names: list[x509.GeneralName] = [x509.DNSName(org_dns_name(san_org or org))]
+    names += [x509.DNSName(name) for name in extra_dns]
+    names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+                    x509.NameAttribute(NameOID.COMMON_NAME, org_dns_name(org)),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return IssuedCert(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def write_pair(issued: IssuedCert, cert_path: Path, key_path: Path) -> None:
+    """Write a certificate and its key; the key file is readable by its owner only."""
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    cert_path.write_bytes(issued.cert_pem)
+    key_path.touch(mode=0o600, exist_ok=True)
+    key_path.chmod(0o600)
+    key_path.write_bytes(issued.key_pem)
+
+
+def organization_of(cert: x509.Certificate) -> str:
+    """The organization a verified gateway certificate names (O, which the SAN must agree with)."""
+    orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    if len(orgs) != 1 or not isinstance(orgs[0].value, str) or not orgs[0].value:
+        raise Unauthenticated(
+            "client certificate names no single organization (subject O): reissue it with "
+            "`fedgate certs issue`"
+        )
+    org = orgs[0].value
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns_names = set(san.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        dns_names = set()
+    if org_dns_name(org) not in dns_names:
+        raise PermissionDenied(
+            f"client certificate names organization {org!r} but its subjectAltName lacks "
+            f"{org_dns_name(org)!r}: reissue it with `fedgate certs issue`"
+        )
+    return org
+
+
+def load_cert(pem: bytes) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(pem)
+
+
+def load_private_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TypeError("gateway keys are ECDSA P-256")
+    return key

@@ -1,0 +1,37 @@
+"""The `fedgate` command: one group, one module per family of subcommands."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from gateway.errors import FedgateError
+
+
+class _Group(click.Group):
+    """Turns every FedgateError into one line on stderr with exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except FedgateError as exc:
+            click.echo(f"fedgate: {exc.message}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="fedgate")
+def main() -> None:
+    """Fedgate: a federated gateway for AI agents across organizations."""
+
+
+def _register() -> None:
+    from gateway.cli import audit, gateway_commands, policy
+
+    for module in (gateway_commands, policy, audit):
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register()

@@ -1,0 +1,222 @@
+"""Operator commands: init, serve, certs, agents, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import sys
+from pathlib import Path
+
+import click
+import grpc
+from rich.console import Console
+from rich.table import Table
+
+from gateway.certs import DEV_WARNING, IssuedCert, create_ca, issue_gateway_cert, write_pair
+from gateway.cli._common import config_option, read_config
+from gateway.config import ORG_NAME
+from gateway.errors import ConfigError
+
+STARTER_MODEL = Path(__file__).resolve().parent.parent / "resources" / "model.conf"
+
+
+def _org_name(ctx: click.Context, param: click.Parameter, value: str | tuple[str, ...]) -> object:
+    for name in [value] if isinstance(value, str) else value:
+        if name is not None and not ORG_NAME.match(name):
+            raise click.BadParameter(
+                f"{name!r} is not a valid organization name: lowercase letters, digits and hyphens"
+            )
+    return value
+
+
+@click.command()
+@click.option("--org", required=True, callback=_org_name, help="Your organization's name, e.g. hospital.")
+@click.option("--dir", "directory", default=".", type=click.Path(file_okay=False), show_default=True)
+@click.option("--federation-listen", default="127.0.0.1:7443", show_default=True)
+@click.option("--participant-listen", default="127.0.0.1:7400", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing fedgate.toml.")
+def init(org: str, directory: str, federation_listen: str, participant_listen: str, force: bool) -> None:
+    """Create a starter fedgate.toml, a data folder, a deny-all policy and development certificates."""
+    from gateway.policy import load_or_create_pseudonym_key
+
+    root = Path(directory)
+    config_path = root / "fedgate.toml"
+    if config_path.exists() and not force:
+        raise ConfigError(f"{config_path}: already exists: pass --force to overwrite it")
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    certs = root / "certs"
+    if not (certs / "ca.crt").exists():
+        ca = create_ca()
+        write_pair(ca, certs / "ca.crt", certs / "ca.key")
+    else:
+        ca = IssuedCert((certs / "ca.crt").read_bytes(), (certs / "ca.key").read_bytes())
+    if not (certs / f"{org}.crt").exists():
+        write_pair(issue_gateway_cert(ca, org), certs / f"{org}.crt", certs / f"{org}.key")
+    policies = root / "policies"
+    policies.mkdir(exist_ok=True)
+    if not (policies / "model.conf").exists():
+        (policies / "model.conf").write_text(STARTER_MODEL.read_text())
+    rules = policies / f"{org}.csv"
+    if not rules.exists():
+        rules.write_text(
+            f"# Sharing policy of {org}. Nothing is invoked, sent or shared without a rule here.\n"
+            "# See policies/README.md in the Fedgate repository for the rule format.\n"
+        )
+    load_or_create_pseudonym_key(root / "data" / "pseudonym.key")
+    config_path.write_text(
+        f"""# Fedgate gateway of {org}. Paths are relative to this file.
+[gateway]
+org = "{org}"
+data_dir = "data"
+default_deadline_seconds = 30
+shutdown_grace_seconds = 10
+
+[federation]
+# mutual TLS: partners reach this address; they must present a certificate of the federation CA
+listen = "{federation_listen}"
+cert = "certs/{org}.crt"
+key = "certs/{org}.key"
+ca = "certs/ca.crt"
+
+[participant]
+# local agents and requesters (the SDK) connect here; keep it on loopback
+listen = "{participant_listen}"
+
+[policy]
+model = "policies/model.conf"
+rules = "policies/{org}.csv"
+
+[audit]
+# database_url = "postgresql+psycopg://fedgate@db.internal/fedgate"   (default: SQLite in data/)
+
+# Partners: one table per organization, named as its certificate's O attribute.
+# [peers.insurer]
+# address = "insurer-gateway.example.org:7443"
+"""
+    )
+    click.echo(f"created {config_path} for organization {org!r}")
+    click.echo(f"development certificates in {certs} ({DEV_WARNING})")
+    click.echo(f"next: add partners under [peers.NAME], write rules in {rules}, then `fedgate serve`")
+
+
+@click.command()
+@config_option
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def serve(config_path: str, log_level: str) -> None:
+    """Run this organization's gateway until SIGTERM (in-flight tasks get a grace period)."""
+    from gateway.server import serve as run
+
+    config = read_config(config_path)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(asyncio.run(run(config)))
+
+
+@click.group()
+def certs() -> None:
+    """Development certificates: a federation CA and gateway certificates."""
+
+
+@certs.command("ca")
+@click.option("--out", default="certs", type=click.Path(file_okay=False), show_default=True)
+@click.option("--days", default=3650, show_default=True, type=click.IntRange(1, 36500))
+def certs_ca(out: str, days: int) -> None:
+    """Create a federation CA (ca.crt, ca.key)."""
+    target = Path(out)
+    if (target / "ca.key").exists():
+        raise ConfigError(f"{target / 'ca.key'}: already exists: refusing to overwrite a CA key")
+    write_pair(create_ca(days=days), target / "ca.crt", target / "ca.key")
+    click.echo(f"wrote {target / 'ca.crt'} and {target / 'ca.key'}")
+
+
+@certs.command("issue")
+@click.option("--org", required=True, callback=_org_name)
+@click.option("--ca-dir", default="certs", type=click.Path(file_okay=False), show_default=True)
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Default: the CA folder.")
+@click.option("--days", default=825, show_default=True, type=click.IntRange(1, 3650))
+def certs_issue(org: str, ca_dir: str, out: str | None, days: int) -> None:
+    """Issue a gateway certificate for ORG, signed by the federation CA."""
+    ca_path = Path(ca_dir)
+    try:
+        ca = IssuedCert((ca_path / "ca.crt").read_bytes(), (ca_path / "ca.key").read_bytes())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{exc.filename}: not found: create a CA first with `fedgate certs ca`") from None
+    target = Path(out or ca_dir)
+    write_pair(issue_gateway_cert(ca, org, days=days), target / f"{org}.crt", target / f"{org}.key")
+    click.echo(f"wrote {target / f'{org}.crt'} and {target / f'{org}.key'}")
+
+
+@certs.command("dev")
+@click.option("--out", default="certs_dev", type=click.Path(file_okay=False), show_default=True)
+@click.option("--org", "orgs", multiple=True, default=("hospital", "insurer"), callback=_org_name,
+              show_default=True)
+def certs_dev(out: str, orgs: tuple[str, ...]) -> None:
+    """Write a complete, clearly marked INSECURE development set (CA and one cert per org)."""
+    target = Path(out)
+    ca = create_ca()
+    write_pair(ca, target / "ca.crt", target / "ca.key")
+    for org in orgs:
+        write_pair(issue_gateway_cert(ca, org), target / f"{org}.crt", target / f"{org}.key")
+    (target / "README.md").write_text(
+        f"# {DEV_WARNING}\n\nMade by `fedgate certs dev` on {dt.date.today()}. These keys are public "
+        "(committed to the repository): never use them outside a local demo or test.\n"
+    )
+    click.echo(f"wrote a development federation ({', '.join(orgs)}) to {target}")
+
+
+@click.command()
+@config_option
+@click.option("--address", default=None, help="Participant listener (default: from the config).")
+@click.option("--json", "as_json", is_flag=True)
+def agents(config_path: str, address: str | None, as_json: bool) -> None:
+    """The agents connected to a running gateway."""
+    import json
+
+    from fedgate.v1 import fedgate_pb2 as pb
+    from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
+
+    target = address or read_config(config_path).participant.listen
+
+    async def fetch() -> pb.ListConnectedAgentsResponse:
+        async with grpc.aio.insecure_channel(target) as channel:
+            return await pb_grpc.ParticipantStub(channel).ListConnectedAgents(
+                pb.ListAgentsRequest(), timeout=5
+            )
+
+    try:
+        response = asyncio.run(fetch())
+    except grpc.aio.AioRpcError as exc:
+        raise ConfigError(
+            f"gateway at {target} did not answer ({exc.code().name}): is `fedgate serve` running?"
+        ) from None
+    rows = [
+        {
+            "agent": a.card.name,
+            "skills": [s.name for s in a.card.skills],
+            "instances": a.instances,
+            "tasks_in_flight": a.tasks_in_flight,
+        }
+        for a in response.agents
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"agents connected to {target}")
+    for column in ("agent", "skills", "instances", "in flight"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["agent"], ", ".join(row["skills"]), str(row["instances"]), str(row["tasks_in_flight"]))
+    Console().print(table if rows else "no agents are connected")
+
+
+@click.command()
+@click.option("--quiet", is_flag=True, help="Print only the summary.")
+def demo(quiet: bool) -> None:
+    """Two organizations, their agents, a sharing policy, a cross-org exchange and the audit trail."""
+    from gateway.demo import run_demo
+
+    sys.exit(asyncio.run(run_demo(quiet=quiet)))
+
+
+COMMANDS: list[click.Command] = [init, serve, certs, agents, demo]

@@ -1,0 +1,222 @@
+"""The gateway's configuration: one TOML file, validated once into frozen, typed objects.
+
+Relative paths are resolved against the folder of the config file. Any key can be overridden
+from the environment as FEDGATE_<SECTION>_<KEY> (for example FEDGATE_AUDIT_DATABASE_URL).
+A bad value fails at start with one line naming the file, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.errors import ConfigError
+
+ORG_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+AGENT_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62})$")
+ENV_PREFIX = "FEDGATE_"
+
+
+def _check_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GatewaySection(_Section):
+    org: str
+    data_dir: Path = Path("data")
+    default_deadline_seconds: float = Field(30.0, gt=0, le=86_400)
+    max_deadline_seconds: float = Field(600.0, gt=0, le=86_400)
+    shutdown_grace_seconds: float = Field(10.0, ge=0, le=3_600)
+
+    @field_validator("org")
+    @classmethod
+    def _org(cls, value: str) -> str:
+        if not ORG_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid organization name (lowercase letters, digits and "
+                "hyphens, at most 63 characters)"
+            )
+        return value
+
+
+class FederationSection(_Section):
+    listen: str = "127.0.0.1:7443"
+    cert: Path
+    key: Path
+    ca: Path
+    # Certificate revocation list (PEM) of the federation, checked on every new peer connection.
+    crl: Path | None = None
+
+    _listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
+
+
+class ParticipantSection(_Section):
+    listen: str = "127.0.0.1:7400"
+
+    _listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
+
+
+class PeerSection(_Section):
+    address: str
+
+    _address = field_validator("address")(classmethod(lambda cls, v: _check_address(v)))
+
+
+class PolicySection(_Section):
+    model: Path
+    rules: Path
+    # Folder of policy test cases for `fedgate policy test`.
+    tests: Path | None = None
+    # HMAC key for pseudonymization; created by `fedgate init`. Defaults to DATA_DIR/pseudonym.key.
+    pseudonym_key: Path | None = None
+    # Reload automatically when a policy file changes.
+    watch: bool = True
+
+
+class AuditSection(_Section):
+    # SQLAlchemy URL; defaults to SQLite in WAL mode at DATA_DIR/audit.db.
+    database_url: str | None = None
+    # Keep full payloads of our own side in the audit log (off: paths and digests only).
+    store_payloads: bool = False
+    # Records older than this many days may be pruned by `fedgate audit prune`; 0 keeps all.
+    retention_days: float = Field(0, ge=0)
+
+
+class LimitsSection(_Section):
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    max_payload_depth: int = Field(32, ge=1, le=1_000)
+    max_payload_fields: int = Field(10_000, ge=1, le=1_000_000)
+    # Per-peer limits on the federation listener.
+    peer_rate_per_second: float = Field(200.0, gt=0)
+    peer_burst: int = Field(400, ge=1)
+    peer_max_concurrent_tasks: int = Field(256, ge=1)
+
+
+class GatewayConfig(_Section):
+    """A validated gateway configuration; every path is absolute."""
+
+    source: Path = Path("fedgate.toml")
+    gateway: GatewaySection
+    federation: FederationSection
+    participant: ParticipantSection = ParticipantSection()
+    peers: dict[str, PeerSection] = Field(default_factory=dict)
+    policy: PolicySection | None = None
+    audit: AuditSection = AuditSection()
+    limits: LimitsSection = LimitsSection()
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_names(cls, value: dict[str, PeerSection]) -> dict[str, PeerSection]:
+        for name in value:
+            if not ORG_NAME.match(name):
+                raise ValueError(f"peer name {name!r} is not a valid organization name")
+        return value
+
+    @property
+    def org(self) -> str:
+        return self.gateway.org
+
+    @property
+    def data_dir(self) -> Path:
+        return self.gateway.data_dir
+
+    @property
+    def audit_database_url(self) -> str:
+        if self.audit.database_url:
+            return self.audit.database_url
+        return f"sqlite:///{self.data_dir / 'audit.db'}"
+
+    @property
+    def pseudonym_key_path(self) -> Path:
+        if self.policy is not None and self.policy.pseudonym_key is not None:
+            return self.policy.pseudonym_key
+        return self.data_dir / "pseudonym.key"
+
+
+def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+    """Apply FEDGATE_<SECTION>_<KEY> overrides onto the parsed TOML (values parsed as TOML)."""
+    sections = {"gateway", "federation", "participant", "policy", "audit", "limits"}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "FEDGATE_CONFIG":
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        if section not in sections or not key:
+            continue
+        try:
+            value: Any = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        raw.setdefault(section, {})[key] = value
+    return raw
+
+
+_PATH_KEYS = {
+    "gateway": ("data_dir",),
+    "federation": ("cert", "key", "ca", "crl"),
+    "policy": ("model", "rules", "tests", "pseudonym_key"),
+}
+_MUST_EXIST = {("federation", "cert"), ("federation", "key"), ("federation", "ca"),
+               ("federation", "crl"), ("policy", "model"), ("policy", "rules")}
+
+
+def load_config(path: str | os.PathLike[str], environ: dict[str, str] | None = None) -> GatewayConfig:
+    """Read, override from the environment, validate and resolve a config file."""
+    source = Path(path).resolve()
+    label = str(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{label}: file not found: create one with `fedgate init` or pass --config"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{label}: not valid TOML: {exc}") from None
+    raw = _apply_env(raw, dict(os.environ if environ is None else environ))
+    base = source.parent
+    for section, keys in _PATH_KEYS.items():
+        table = raw.get(section)
+        if not isinstance(table, dict):
+            continue
+        for key in keys:
+            value = table.get(key)
+            if isinstance(value, str):
+                table[key] = str((base / value).resolve())
+    raw["source"] = str(source)
+    try:
+        config = GatewayConfig.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "missing":
+            message = "required key is missing"
+        elif error["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling)"
+        raise ConfigError(f"{label}: {where}: {message}") from None
+    _check_files(config, label)
+    return config
+
+
+def _check_files(config: GatewayConfig, label: str) -> None:
+    for section, key in sorted(_MUST_EXIST):
+        table = getattr(config, section)
+        value = getattr(table, key, None) if table is not None else None
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{label}: {section}.{key}: file not found: {value}")

@@ -1,0 +1,171 @@
+"""Bootstrap: build one organization's gateway from its config, start it, stop it gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from gateway.agents import AgentRegistry
+from gateway.audit import AuditStore, open_store
+from gateway.config import GatewayConfig
+from gateway.errors import ConfigError
+from gateway.peers import PeerRegistry
+from gateway.policy import PolicyHolder, load_or_create_pseudonym_key, load_policy
+from gateway.router import Limits, Router
+from gateway.servicers import FederationServicer, ParticipantServicer
+from gateway.signing import Signer, Verifier
+from gateway.tls import ReloadingTls, TlsFiles
+
+log = logging.getLogger("fedgate.server")
+
+
+@dataclass(frozen=True)
+class BoundPorts:
+    federation: int
+    participant: int
+
+
+def _server_options(config: GatewayConfig) -> list[tuple[str, int]]:
+    size = config.limits.max_message_bytes
+    return [
+        ("grpc.max_send_message_length", size),
+        ("grpc.max_receive_message_length", size),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def build_policy(config: GatewayConfig) -> PolicyHolder | None:
+    """The policy holder for a config, or None (nothing is shared) when it names no policy."""
+    section = config.policy
+    if section is None:
+        return None
+    key = load_or_create_pseudonym_key(config.pseudonym_key_path)
+    return PolicyHolder(lambda: load_policy(section.model, section.rules, pseudonym_key=key))
+
+
+class Gateway:
+    """One organization's gateway: a federation listener (mTLS) and a participant listener."""
+
+    def __init__(self, config: GatewayConfig, *, audit: AuditStore | None = None) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        fed = config.federation
+        self.tls = ReloadingTls(TlsFiles(fed.cert, fed.key, fed.ca, fed.crl))
+        self.agents = AgentRegistry(config.org)
+        self.peers = PeerRegistry(
+            config.org, config.peers, self.tls, max_message_bytes=config.limits.max_message_bytes
+        )
+        self.policy = build_policy(config)
+        self.audit = audit if audit is not None else open_store(config.audit_database_url)
+        self.router = Router(
+            org=config.org,
+            agents=self.agents,
+            peers=self.peers,
+            policy=self.policy,
+            audit=self.audit,
+            signer=Signer.from_files(fed.cert, fed.key),
+            verifier=Verifier.from_file(fed.ca),
+            limits=Limits(config.limits.max_payload_depth, config.limits.max_payload_fields),
+            store_payloads=config.audit.store_payloads,
+        )
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self._federation = grpc.aio.server(options=_server_options(config))
+        self._participant = grpc.aio.server(options=_server_options(config))
+        pb_grpc.add_FederationServicer_to_server(
+            FederationServicer(config, self.router, self.tls), self._federation
+        )
+        pb_grpc.add_ParticipantServicer_to_server(
+            ParticipantServicer(config, self.router, self.agents), self._participant
+        )
+        for server in (self._federation, self._participant):
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self._watch: asyncio.Task[None] | None = None
+        self.ports: BoundPorts | None = None
+
+    async def start(self) -> BoundPorts:
+        """Bind both listeners and start serving; returns the bound ports (port 0 picks one)."""
+        await self.audit.start()
+        fed_port = self._federation.add_secure_port(
+            self.config.federation.listen, self.tls.server_credentials()
+        )
+        part_port = self._participant.add_insecure_port(self.config.participant.listen)
+        if not fed_port or not part_port:
+            raise ConfigError(f"{self.config.source}: cannot bind the listen addresses")
+        await self._federation.start()
+        await self._participant.start()
+        await _set_serving(self.health, True)
+        if self.policy is not None and self.config.policy is not None and self.config.policy.watch:
+            paths = [self.config.policy.model, self.config.policy.rules]
+            self._watch = asyncio.ensure_future(self.policy.watch(paths))
+        self.ports = BoundPorts(fed_port, part_port)
+        log.info(
+            "gateway of %r serving: federation on port %d (mTLS), participants on port %d",
+            self.config.org, fed_port, part_port,
+        )
+        return self.ports
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting tasks, let in-flight ones finish within `grace`, then close."""
+        grace = self.config.gateway.shutdown_grace_seconds if grace is None else grace
+        self.router.draining = True
+        await _set_serving(self.health, False)
+        if not await self.router.wait_idle(grace):
+            log.warning("%d tasks still running after the %.0fs grace period", self.router.in_flight, grace)
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        for instance in {i for card in self.agents.cards() for i in self.agents._instances.get(card.name, [])}:
+            instance.outbox.put_nowait(None)
+        await self._federation.stop(1.0)
+        await self._participant.stop(1.0)
+        await self.peers.close()
+        await self.audit.close()
+
+    def reload_policy(self) -> None:
+        if self.policy is not None:
+            try:
+                self.policy.reload()
+            except Exception as exc:
+                log.error("policy reload refused: %s", exc)
+
+
+async def _set_serving(servicer: health.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for service in ("", "fedgate.v1.Federation", "fedgate.v1.Participant"):
+        result = servicer.set(service, status)
+        if asyncio.iscoroutine(result):
+            await result
+
+
+async def serve(config: GatewayConfig) -> int:
+    """Run a gateway until SIGTERM or SIGINT; returns the process exit status."""
+    gateway = Gateway(config)
+    await gateway.start()
+    pid_file = config.data_dir / "fedgate.pid"
+    pid_file.write_text(str(os.getpid()))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload_policy)
+    try:
+        await stop.wait()
+        log.info("stopping: no new tasks; waiting up to %.0fs for in-flight ones",
+                 config.gateway.shutdown_grace_seconds)
+        await gateway.stop()
+    finally:
+        with contextlib.suppress(OSError):
+            Path(pid_file).unlink()
+    return 0

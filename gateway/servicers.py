@@ -1,0 +1,288 @@
+"""The gRPC edge: turn messages into domain objects, call the router, map errors to statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from fedgate.v1 import fedgate_pb2 as pb
+from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
+
+from gateway.agents import AgentInstance, AgentRegistry, Assignment, CancelRequest
+from gateway.config import GatewayConfig
+from gateway.errors import FedgateError, InvalidArgument, PermissionDenied
+from gateway.router import Router
+from gateway.tasks import TaskResult, TaskSpec, TaskState, TaskUpdate, validate_names
+from gateway.tls import ReloadingTls, peer_identity
+from gateway.wire import (
+    card_from_pb,
+    checkpoint_from_pb,
+    checkpoint_to_pb,
+    card_to_pb,
+    result_to_pb,
+    spec_from_pb,
+    spec_to_pb,
+    state_to_pb,
+    update_from_pb,
+    update_to_pb,
+)
+
+log = logging.getLogger("fedgate.servicers")
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: FedgateError) -> None:
+    await context.abort(exc.status, exc.message)
+
+
+def _final_result(update: TaskUpdate) -> TaskResult:
+    return update.result or TaskResult(update.task_id, update.state)
+
+
+class _Base:
+    def __init__(self, config: GatewayConfig, router: Router) -> None:
+        self.config = config
+        self.router = router
+
+    def _spec(self, request: pb.TaskRequest, context: grpc.aio.ServicerContext) -> TaskSpec:
+        try:
+            return spec_from_pb(
+                request,
+                default_deadline=self.config.gateway.default_deadline_seconds,
+                max_deadline=self.config.gateway.max_deadline_seconds,
+                time_remaining=context.time_remaining(),
+            )
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgument(f"task input is not a valid JSON object: {exc}") from None
+
+
+class FederationServicer(_Base, pb_grpc.FederationServicer):
+    """Gateway to gateway. The caller is the organization its certificate names, nothing else."""
+
+    def __init__(self, config: GatewayConfig, router: Router, tls: ReloadingTls) -> None:
+        super().__init__(config, router)
+        self.tls = tls
+
+    async def _peer(self, context: grpc.aio.ServicerContext, request: Any = None) -> str:
+        org = peer_identity(context, self.tls.material.revoked_serials)
+        if org not in self.router.peers:
+            error = PermissionDenied(
+                f"organization {org!r} is not a peer of {self.router.org!r}: the operator must add "
+                f"it under [peers.{org}] in fedgate.toml"
+            )
+            spec = TaskSpec(
+                task_id=getattr(request, "task_id", "") or "-",
+                target_org=getattr(request, "target_org", ""),
+                agent=getattr(request, "agent", ""),
+                skill=getattr(request, "skill", ""),
+                input={},
+            )
+            await self.router.audit_rejection(spec, org, error, started=time.monotonic())
+            raise error
+        claimed = getattr(request, "sender_org", "")
+        if claimed and claimed != org:
+            log.warning("a request from %s claimed sender %r in its body; ignored", org, claimed[:64])
+        return org
+
+    async def ListAgents(self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext) -> pb.ListAgentsResponse:
+        try:
+            org = await self._peer(context)
+            return pb.ListAgentsResponse(agents=[card_to_pb(c) for c in self.router.cards_for_peer(org)])
+        except FedgateError as exc:
+            await _abort(context, exc)
+            raise  # unreachable: abort raises
+
+    async def StreamTask(self, request: pb.TaskRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TaskUpdate]:
+        try:
+            org = await self._peer(context, request)
+            spec = self._spec(request, context)
+            async for update in self.router.serve_peer(spec, org):
+                yield update_to_pb(update)
+        except FedgateError as exc:
+            await _abort(context, exc)
+
+    async def SubmitTask(self, request: pb.TaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskResult:
+        try:
+            org = await self._peer(context, request)
+            spec = self._spec(request, context)
+            last: TaskUpdate | None = None
+            async for last in self.router.serve_peer(spec, org):
+                pass
+            assert last is not None
+            return result_to_pb(_final_result(last))
+        except FedgateError as exc:
+            await _abort(context, exc)
+            raise
+
+    async def CancelTask(self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext) -> pb.CancelTaskResponse:
+        try:
+            org = await self._peer(context)
+            state = await self.router.cancel(request.task_id, request.reason, origin_org=org)
+            return pb.CancelTaskResponse(state=state_to_pb(state))
+        except FedgateError as exc:
+            await _abort(context, exc)
+            raise
+
+    async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskResult:
+        try:
+            org = await self._peer(context)
+            return result_to_pb(self.router.get(request.task_id, origin_org=org))
+        except FedgateError as exc:
+            await _abort(context, exc)
+            raise
+
+    async def ExchangeCheckpoint(self, request: pb.SignedCheckpoint, context: grpc.aio.ServicerContext) -> pb.SignedCheckpoint:
+        try:
+            org = await self._peer(context)
+            theirs = checkpoint_from_pb(request)
+            if theirs.org != org:
+                raise PermissionDenied(
+                    f"checkpoint names organization {theirs.org!r} but the caller is {org!r}"
+                )
+            await self.router.audit.store_peer_checkpoint(theirs)
+            ours = await self.router.audit.checkpoint(self.router.signer)
+            return checkpoint_to_pb(ours)
+        except FedgateError as exc:
+            await _abort(context, exc)
+            raise
+
+
+class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
+    """Local agents and requesters of this organization."""
+
+    def __init__(self, config: GatewayConfig, router: Router, agents: AgentRegistry) -> None:
+        super().__init__(config, router)
+        self.agents = agents
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GatewayMessage]:
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("kind") != "register" or not first.register.cards:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the first message on Connect must register at least one agent card",
+            )
+        try:
+            instance = self._instance(first.register)
+        except FedgateError as exc:
+            await _abort(context, exc)
+            return
+        if self.router.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
+        self.agents.register(instance)
+        reader = asyncio.ensure_future(self._read_updates(instance, request_iterator))
+        try:
+            yield pb.GatewayMessage(
+                registered=pb.Registered(org=self.router.org, agents=sorted(instance.cards))
+            )
+            while True:
+                outbox_get = asyncio.ensure_future(instance.outbox.get())
+                done, _ = await asyncio.wait({outbox_get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if outbox_get not in done:
+                    outbox_get.cancel()
+                    return
+                item = outbox_get.result()
+                if item is None:
+                    return
+                if isinstance(item, Assignment):
+                    yield pb.GatewayMessage(
+                        task=pb.TaskAssignment(
+                            request=spec_to_pb(item.spec, sender_org=item.requester_org),
+                            requester_org=item.requester_org,
+                        )
+                    )
+                elif isinstance(item, CancelRequest):
+                    yield pb.GatewayMessage(
+                        cancel=pb.CancelAssignment(task_id=item.task_id, reason=item.reason)
+                    )
+        finally:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+            self.agents.unregister(instance)
+
+    def _instance(self, register: pb.RegisterAgents) -> AgentInstance:
+        cards = {}
+        for message in register.cards:
+            card = card_from_pb(message, org=self.router.org)
+            if not card.skills:
+                raise InvalidArgument(f"agent card {card.name!r} declares no skill")
+            for skill in card.skills:
+                validate_names(self.router.org, card.name, skill.name)
+            if card.name in cards:
+                raise InvalidArgument(f"agent {card.name!r} is registered twice in one message")
+            cards[card.name] = card
+        instance_id = register.instance_id[:128] or uuid.uuid4().hex
+        return AgentInstance(instance_id=instance_id, cards=cards)
+
+    async def _read_updates(self, instance: AgentInstance, requests: AsyncIterator[pb.AgentMessage]) -> None:
+        async for message in requests:
+            if message.WhichOneof("kind") != "update":
+                continue
+            try:
+                update = update_from_pb(message.update)
+            except FedgateError:
+                log.warning("agent instance %s sent an update with an unknown state", instance.instance_id)
+                continue
+            self.agents.deliver(instance, update)
+
+    async def StreamTask(self, request: pb.TaskRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TaskUpdate]:
+        try:
+            spec = self._spec(request, context)
+            async for update in self.router.submit(spec):
+                yield update_to_pb(update)
+        except FedgateError as exc:
+            await _abort(context, exc)
+
+    async def SubmitTask(self, request: pb.TaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskResult:
+        try:
+            spec = self._spec(request, context)
+            last: TaskUpdate | None = None
+            async for last in self.router.submit(spec):
+                pass
+            assert last is not None
+            return result_to_pb(_final_result(last))
+        except FedgateError as exc:
+            await _abort(context, exc)
+            raise
+
+    async def CancelTask(self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext) -> pb.CancelTaskResponse:
+        try:
+            state = await self.router.cancel(request.task_id, request.reason, origin_org=self.router.org)
+            return pb.CancelTaskResponse(state=state_to_pb(state))
+        except FedgateError as exc:
+            await _abort(context, exc)
+            raise
+
+    async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskResult:
+        try:
+            return result_to_pb(self.router.get(request.task_id, origin_org=self.router.org))
+        except FedgateError as exc:
+            await _abort(context, exc)
+            raise
+
+    async def ListConnectedAgents(
+        self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListConnectedAgentsResponse:
+        return pb.ListConnectedAgentsResponse(
+            agents=[
+                pb.ConnectedAgent(
+                    card=card_to_pb(card),
+                    instances=self.agents.instance_count(card.name),
+                    tasks_in_flight=self.agents.in_flight(card.name),
+                )
+                for card in self.agents.cards()
+            ]
+        )
+
+
+__all__ = ["FederationServicer", "ParticipantServicer", "TaskState"]

@@ -1,0 +1,110 @@
+"""The domain of an exchange: a task, its state updates and its result, as plain dataclasses."""
+
+from __future__ import annotations
+
+import enum
+import re
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from gateway.config import AGENT_NAME, ORG_NAME
+from gateway.errors import InvalidArgument
+
+
+class TaskState(enum.StrEnum):
+    """A2A's task states, one to one."""
+
+    SUBMITTED = "submitted"
+    WORKING = "working"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    INPUT_REQUIRED = "input-required"
+    REJECTED = "rejected"
+    AUTH_REQUIRED = "auth-required"
+
+    @property
+    def final(self) -> bool:
+        return self in _FINAL
+
+
+_FINAL = {TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELED, TaskState.REJECTED}
+TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What was asked: who, of which agent skill, with what input, until when."""
+
+    task_id: str
+    target_org: str
+    agent: str
+    skill: str
+    input: dict[str, Any]
+    requester: str = ""
+    deadline: float = 0.0  # absolute, seconds since the epoch
+    idempotency_key: str = ""
+    delegation: str = ""
+    input_field_actions: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def target(self) -> str:
+        return f"{self.target_org}/{self.agent}.{self.skill}"
+
+    def remaining(self) -> float:
+        return self.deadline - time.time()
+
+    def with_input(self, payload: dict[str, Any], actions: tuple[tuple[str, str], ...]) -> TaskSpec:
+        return replace(self, input=payload, input_field_actions=actions)
+
+
+@dataclass(frozen=True)
+class TaskError:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    task_id: str
+    state: TaskState
+    output: dict[str, Any] = field(default_factory=dict)
+    field_actions: tuple[tuple[str, str], ...] = ()
+    error: TaskError | None = None
+    receipt: dict[str, Any] | None = None
+    responder_org: str = ""
+    policy_version: str = ""
+
+
+@dataclass(frozen=True)
+class TaskUpdate:
+    task_id: str
+    state: TaskState
+    message: str = ""
+    result: TaskResult | None = None
+
+
+def new_task_id() -> str:
+    return str(uuid.uuid4())
+
+
+def validate_names(org: str, agent: str, skill: str) -> None:
+    """Refuse a target whose parts are not valid names, naming the bad part."""
+    if not ORG_NAME.match(org):
+        raise InvalidArgument(
+            f"malformed target organization {org!r}: lowercase letters, digits and hyphens"
+        )
+    if not AGENT_NAME.match(agent):
+        raise InvalidArgument(f"malformed agent name {agent!r}: letters, digits, '-' and '_'")
+    if not AGENT_NAME.match(skill):
+        raise InvalidArgument(f"malformed skill name {skill!r}: letters, digits, '-' and '_'")
+
+
+def validate_task_id(task_id: str) -> None:
+    if not TASK_ID.match(task_id):
+        raise InvalidArgument(
+            f"malformed task id {task_id[:64]!r}: 1-128 characters of letters, digits, '.', "
+            "'_', ':' and '-'"
+        )

@@ -1,0 +1,242 @@
+"""Conversions between protobuf messages and the gateway's dataclasses (the edge, nothing more)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fedgate.convert import ACTION_KINDS, ACTION_NAMES, dict_to_struct, struct_to_dict
+from fedgate.v1 import fedgate_pb2 as pb
+
+from gateway.errors import InvalidArgument
+from gateway.signing import ReceiptBody, SignedCheckpoint, SignedReceipt
+from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
+
+_STATE_TO_PB = {
+    TaskState.SUBMITTED: pb.TASK_STATE_SUBMITTED,
+    TaskState.WORKING: pb.TASK_STATE_WORKING,
+    TaskState.COMPLETED: pb.TASK_STATE_COMPLETED,
+    TaskState.FAILED: pb.TASK_STATE_FAILED,
+    TaskState.CANCELED: pb.TASK_STATE_CANCELED,
+    TaskState.INPUT_REQUIRED: pb.TASK_STATE_INPUT_REQUIRED,
+    TaskState.REJECTED: pb.TASK_STATE_REJECTED,
+    TaskState.AUTH_REQUIRED: pb.TASK_STATE_AUTH_REQUIRED,
+}
+_STATE_FROM_PB = {value: key for key, value in _STATE_TO_PB.items()}
+
+
+@dataclass(frozen=True)
+class SkillCard:
+    name: str
+    description: str = ""
+    input_schema: dict[str, Any] | None = None
+    output_schema: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class AgentCard:
+    org: str
+    name: str
+    description: str = ""
+    version: str = ""
+    skills: tuple[SkillCard, ...] = ()
+
+    def skill(self, name: str) -> SkillCard | None:
+        return next((s for s in self.skills if s.name == name), None)
+
+
+def state_to_pb(state: TaskState) -> int:
+    return _STATE_TO_PB[state]
+
+
+def state_from_pb(value: int) -> TaskState:
+    try:
+        return _STATE_FROM_PB[value]
+    except KeyError:
+        raise InvalidArgument(f"unknown task state {value}") from None
+
+
+def _actions_to_pb(actions: tuple[tuple[str, str], ...]) -> list[pb.FieldAction]:
+    return [pb.FieldAction(path=path, action=ACTION_KINDS[action]) for path, action in actions]
+
+
+def _actions_from_pb(actions: Any) -> tuple[tuple[str, str], ...]:
+    return tuple((a.path, ACTION_NAMES.get(a.action, "withheld")) for a in actions)
+
+
+def spec_from_pb(
+    message: pb.TaskRequest, *, default_deadline: float, max_deadline: float, time_remaining: float | None
+) -> TaskSpec:
+    """A TaskSpec from a request, with its deadline bounded by the gateway's limits and the call's."""
+    now = time.time()
+    deadline = message.deadline_unix_ms / 1000 if message.deadline_unix_ms > 0 else now + default_deadline
+    deadline = min(deadline, now + max_deadline)
+    if time_remaining is not None:
+        deadline = min(deadline, now + time_remaining)
+    return TaskSpec(
+        task_id=message.task_id,
+        target_org=message.target_org,
+        agent=message.agent,
+        skill=message.skill,
+        input=struct_to_dict(message.input),
+        requester=message.requester,
+        deadline=deadline,
+        idempotency_key=message.idempotency_key,
+        delegation=message.delegation,
+        input_field_actions=_actions_from_pb(message.input_field_actions),
+    )
+
+
+def spec_to_pb(spec: TaskSpec, *, sender_org: str) -> pb.TaskRequest:
+    return pb.TaskRequest(
+        task_id=spec.task_id,
+        target_org=spec.target_org,
+        agent=spec.agent,
+        skill=spec.skill,
+        input=dict_to_struct(spec.input),
+        sender_org=sender_org,
+        requester=spec.requester,
+        deadline_unix_ms=int(spec.deadline * 1000),
+        idempotency_key=spec.idempotency_key,
+        input_field_actions=_actions_to_pb(spec.input_field_actions),
+        delegation=spec.delegation,
+    )
+
+
+def result_to_pb(result: TaskResult) -> pb.TaskResult:
+    message = pb.TaskResult(
+        task_id=result.task_id,
+        state=state_to_pb(result.state),
+        output=dict_to_struct(result.output),
+        field_actions=_actions_to_pb(result.field_actions),
+        responder_org=result.responder_org,
+        policy_version=result.policy_version,
+    )
+    if result.error is not None:
+        message.error.CopyFrom(pb.TaskError(code=result.error.code, message=result.error.message))
+    if result.receipt is not None:
+        message.receipt.CopyFrom(receipt_to_pb(result.receipt))
+    return message
+
+
+def result_from_pb(message: pb.TaskResult) -> TaskResult:
+    error = message.error if message.HasField("error") else None
+    return TaskResult(
+        task_id=message.task_id,
+        state=state_from_pb(message.state),
+        output=struct_to_dict(message.output),
+        field_actions=_actions_from_pb(message.field_actions),
+        error=TaskError(error.code, error.message) if error is not None else None,
+        receipt=receipt_from_pb(message.receipt) if message.HasField("receipt") else None,
+        responder_org=message.responder_org,
+        policy_version=message.policy_version,
+    )
+
+
+def update_to_pb(update: TaskUpdate) -> pb.TaskUpdate:
+    message = pb.TaskUpdate(task_id=update.task_id, state=state_to_pb(update.state), message=update.message)
+    if update.result is not None:
+        message.result.CopyFrom(result_to_pb(update.result))
+    return message
+
+
+def update_from_pb(message: pb.TaskUpdate) -> TaskUpdate:
+    return TaskUpdate(
+        task_id=message.task_id,
+        state=state_from_pb(message.state),
+        message=message.message,
+        result=result_from_pb(message.result) if message.HasField("result") else None,
+    )
+
+
+def receipt_to_pb(receipt: dict[str, Any]) -> pb.Receipt:
+    """A receipt in its JSON form (gateway.signing.SignedReceipt.to_json) as a message."""
+    signed = SignedReceipt.from_json(receipt)
+    body = signed.body
+    return pb.Receipt(
+        task_id=body.task_id,
+        responder_org=body.responder_org,
+        result_digest=body.result_digest.encode(),
+        withheld_paths=list(body.withheld_paths),
+        field_actions=_actions_to_pb(body.field_actions),
+        policy_version=body.policy_version,
+        signed_at_unix_ms=body.signed_at_unix_ms,
+        signer_certificate=signed.signer_certificate,
+        signature=signed.signature,
+    )
+
+
+def receipt_from_pb(message: pb.Receipt) -> dict[str, Any]:
+    """The JSON form of a received receipt, as verified and kept in the audit log."""
+    return SignedReceipt(
+        ReceiptBody(
+            task_id=message.task_id,
+            responder_org=message.responder_org,
+            result_digest=message.result_digest.decode("ascii", "replace"),
+            withheld_paths=tuple(message.withheld_paths),
+            field_actions=_actions_from_pb(message.field_actions),
+            policy_version=message.policy_version,
+            signed_at_unix_ms=message.signed_at_unix_ms,
+        ),
+        message.signer_certificate,
+        message.signature,
+    ).to_json()
+
+
+def checkpoint_to_pb(checkpoint: SignedCheckpoint) -> pb.SignedCheckpoint:
+    return pb.SignedCheckpoint(
+        org=checkpoint.org,
+        sequence=checkpoint.sequence,
+        head_hash=checkpoint.head_hash,
+        signed_at_unix_ms=checkpoint.signed_at_unix_ms,
+        signer_certificate=checkpoint.signer_certificate,
+        signature=checkpoint.signature,
+    )
+
+
+def checkpoint_from_pb(message: pb.SignedCheckpoint) -> SignedCheckpoint:
+    return SignedCheckpoint(
+        org=message.org,
+        sequence=message.sequence,
+        head_hash=message.head_hash,
+        signed_at_unix_ms=message.signed_at_unix_ms,
+        signer_certificate=message.signer_certificate,
+        signature=message.signature,
+    )
+
+
+def card_to_pb(card: AgentCard) -> pb.AgentCard:
+    return pb.AgentCard(
+        org=card.org,
+        name=card.name,
+        description=card.description,
+        version=card.version,
+        skills=[
+            pb.Skill(
+                name=s.name,
+                description=s.description,
+                input_schema=dict_to_struct(s.input_schema),
+                output_schema=dict_to_struct(s.output_schema),
+            )
+            for s in card.skills
+        ],
+    )
+
+
+def card_from_pb(message: pb.AgentCard, *, org: str) -> AgentCard:
+    return AgentCard(
+        org=org,
+        name=message.name,
+        description=message.description,
+        version=message.version,
+        skills=tuple(
+            SkillCard(
+                name=s.name,
+                description=s.description,
+                input_schema=struct_to_dict(s.input_schema) or None,
+                output_schema=struct_to_dict(s.output_schema) or None,
+            )
+            for s in message.skills
+        ),
+    )

@@ -1,0 +1,296 @@
+"""Agents: skills as decorated async functions, served to the local gateway over one stream."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from fedgate.convert import dict_to_struct, struct_to_dict
+from fedgate.v1 import fedgate_pb2 as pb
+from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
+
+from participant_sdk._errors import SkillDefinitionError, from_rpc_error
+from participant_sdk._types import TaskContext
+
+log = logging.getLogger("participant_sdk.agent")
+
+NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62})$")
+SkillFunction = Callable[[TaskContext, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class SkillSpec:
+    name: str
+    function: SkillFunction
+    description: str
+    input_schema: dict[str, Any] | None
+    output_schema: dict[str, Any] | None
+
+
+class Agent:
+    """A named agent and its skills.
+
+        triage = Agent("triage", description="Routes patients")
+
+        @triage.skill(input_schema={...}, output_schema={...})
+        async def assess(task: TaskContext, data: dict) -> dict: ...
+    """
+
+    def __init__(self, name: str, *, description: str = "", version: str = "") -> None:
+        if not NAME.match(name):
+            raise SkillDefinitionError(
+                f"agent name {name!r} is not valid: letters, digits, '-' and '_', at most 63"
+            )
+        self.name = name
+        self.description = description
+        self.version = version
+        self.skills: dict[str, SkillSpec] = {}
+
+    def skill(
+        self,
+        function: SkillFunction | None = None,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        input_schema: dict[str, Any] | None = None,
+        output_schema: dict[str, Any] | None = None,
+    ) -> Any:
+        """Register an async function `(task, input) -> dict` as a skill; checked right here."""
+
+        def register(func: SkillFunction) -> SkillFunction:
+            skill_name = name or func.__name__
+            if not NAME.match(skill_name):
+                raise SkillDefinitionError(f"skill name {skill_name!r} is not valid")
+            if skill_name in self.skills:
+                raise SkillDefinitionError(
+                    f"agent {self.name!r} already has a skill named {skill_name!r}"
+                )
+            if not inspect.iscoroutinefunction(func):
+                raise SkillDefinitionError(
+                    f"skill {skill_name!r} must be an async function (async def)"
+                )
+            params = [
+                p for p in inspect.signature(func).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+            if len(params) != 2:
+                raise SkillDefinitionError(
+                    f"skill {skill_name!r} must take exactly two arguments (task, input), "
+                    f"not {len(params)}"
+                )
+            for label, schema in (("input_schema", input_schema), ("output_schema", output_schema)):
+                if schema is not None and not isinstance(schema, dict):
+                    raise SkillDefinitionError(f"skill {skill_name!r}: {label} must be a dict")
+            self.skills[skill_name] = SkillSpec(
+                skill_name,
+                func,
+                description if description is not None else inspect.getdoc(func) or "",
+                input_schema,
+                output_schema,
+            )
+            return func
+
+        return register(function) if function is not None else register
+
+    def card(self) -> pb.AgentCard:
+        return pb.AgentCard(
+            name=self.name,
+            description=self.description,
+            version=self.version,
+            skills=[
+                pb.Skill(
+                    name=s.name,
+                    description=s.description,
+                    input_schema=dict_to_struct(s.input_schema),
+                    output_schema=dict_to_struct(s.output_schema),
+                )
+                for s in self.skills.values()
+            ],
+        )
+
+
+async def run_skill_function(spec: SkillSpec, context: TaskContext, data: dict[str, Any]) -> dict[str, Any]:
+    """Call a skill and check that it returned a JSON object."""
+    output = await spec.function(context, data)
+    if not isinstance(output, dict):
+        raise TypeError(f"skill {spec.name!r} returned {type(output).__name__}, expected a dict")
+    return output
+
+
+class AgentWorker:
+    """Serves agents against the local gateway; reconnects with backoff when it goes away."""
+
+    def __init__(
+        self,
+        agents: Sequence[Agent],
+        gateway: str,
+        *,
+        token: str | None = None,
+        instance_id: str | None = None,
+        max_backoff: float = 5.0,
+    ) -> None:
+        if not agents:
+            raise SkillDefinitionError("serve at least one agent")
+        for agent in agents:
+            if not agent.skills:
+                raise SkillDefinitionError(f"agent {agent.name!r} has no skills")
+        self.agents = {agent.name: agent for agent in agents}
+        self.gateway = gateway
+        self.token = token or ""
+        self.instance_id = instance_id or uuid.uuid4().hex
+        self.max_backoff = max_backoff
+        self.connected = asyncio.Event()
+        self.connections = 0
+        self._stopping = False
+        self._running: dict[str, tuple[asyncio.Task[None], TaskContext]] = {}
+
+    async def run(self) -> None:
+        """Connect, serve, and reconnect after any disconnect until `stop()`."""
+        attempt = 0
+        while not self._stopping:
+            try:
+                await self._session()
+                attempt = 0
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                                  grpc.StatusCode.UNAUTHENTICATED):
+                    raise from_rpc_error(exc) from None
+                log.info("gateway %s unavailable (%s); reconnecting", self.gateway, exc.code().name)
+            self.connected.clear()
+            if self._stopping:
+                break
+            attempt += 1
+            delay = min(self.max_backoff, 0.05 * 2 ** min(attempt, 10))
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._call is not None:
+            self._call.cancel()
+
+    _call: Any = None
+
+    async def _session(self) -> None:
+        outgoing: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
+        outgoing.put_nowait(
+            pb.AgentMessage(
+                register=pb.RegisterAgents(
+                    cards=[a.card() for a in self.agents.values()],
+                    instance_id=self.instance_id,
+                    token=self.token,
+                )
+            )
+        )
+
+        async def requests() -> AsyncIterator[pb.AgentMessage]:
+            while True:
+                message = await outgoing.get()
+                if message is None:
+                    return
+                yield message
+
+        async with grpc.aio.insecure_channel(self.gateway) as channel:
+            stub = pb_grpc.ParticipantStub(channel)
+            self._call = call = stub.Connect(requests())
+            try:
+                async for message in call:
+                    kind = message.WhichOneof("kind")
+                    if kind == "registered":
+                        self.connections += 1
+                        self.connected.set()
+                    elif kind == "task":
+                        self._start_task(message.task, outgoing)
+                    elif kind == "cancel":
+                        self._cancel_task(message.cancel.task_id)
+            except asyncio.CancelledError:
+                if not self._stopping:
+                    raise
+            finally:
+                self._call = None
+                for task, context in self._running.values():
+                    context.cancelled.set()
+                    task.cancel()
+                self._running.clear()
+                outgoing.put_nowait(None)
+
+    def _start_task(self, assignment: pb.TaskAssignment, outgoing: asyncio.Queue[pb.AgentMessage | None]) -> None:
+        request = assignment.request
+        task_id = request.task_id
+
+        def send(state: int, *, message: str = "", result: pb.TaskResult | None = None) -> None:
+            update = pb.TaskUpdate(task_id=task_id, state=state, message=message)
+            if result is not None:
+                update.result.CopyFrom(result)
+            outgoing.put_nowait(pb.AgentMessage(update=update))
+
+        async def progress(message: str) -> None:
+            send(pb.TASK_STATE_WORKING, message=message)
+
+        context = TaskContext(
+            task_id=task_id,
+            requester_org=assignment.requester_org,
+            requester=request.requester,
+            agent=request.agent,
+            skill=request.skill,
+            deadline=request.deadline_unix_ms / 1000 if request.deadline_unix_ms else time.time() + 30,
+            _send_progress=progress,
+        )
+        agent = self.agents.get(request.agent)
+        spec = agent.skills.get(request.skill) if agent else None
+
+        async def execute() -> None:
+            if spec is None:
+                send(pb.TASK_STATE_FAILED, result=_failed(task_id, "unknown_skill",
+                     f"this instance has no skill {request.agent}.{request.skill}"))
+                return
+            send(pb.TASK_STATE_WORKING)
+            try:
+                output = await run_skill_function(spec, context, struct_to_dict(request.input))
+                result = pb.TaskResult(
+                    task_id=task_id, state=pb.TASK_STATE_COMPLETED, output=dict_to_struct(output)
+                )
+                send(pb.TASK_STATE_COMPLETED, result=result)
+            except asyncio.CancelledError:
+                send(pb.TASK_STATE_CANCELED, result=_failed(task_id, "canceled", "canceled",
+                                                            pb.TASK_STATE_CANCELED))
+            except Exception as exc:
+                log.warning("skill %s.%s failed: %s", request.agent, request.skill, type(exc).__name__)
+                send(pb.TASK_STATE_FAILED, result=_failed(task_id, "skill_error", f"{type(exc).__name__}: {exc}"))
+            finally:
+                self._running.pop(task_id, None)
+
+        self._running[task_id] = (asyncio.ensure_future(execute()), context)
+
+    def _cancel_task(self, task_id: str) -> None:
+        entry = self._running.get(task_id)
+        if entry is not None:
+            task, context = entry
+            context.cancelled.set()
+            task.cancel()
+
+
+def _failed(task_id: str, code: str, message: str, state: int = pb.TASK_STATE_FAILED) -> pb.TaskResult:
+    return pb.TaskResult(task_id=task_id, state=state, error=pb.TaskError(code=code, message=message))
+
+
+async def serve(
+    *agents: Agent,
+    gateway: str = "127.0.0.1:7400",
+    token: str | None = None,
+    instance_id: str | None = None,
+) -> None:
+    """Serve agents against the local gateway until cancelled, reconnecting as needed."""
+    worker = AgentWorker(agents, gateway, token=token, instance_id=instance_id)
+    try:
+        await worker.run()
+    finally:
+        worker.stop()

@@ -1,0 +1,115 @@
+"""Plain values an agent developer or a requester works with."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedgate.convert import ACTION_NAMES, state_name, struct_to_dict
+from fedgate.v1 import fedgate_pb2 as pb
+
+FINAL_STATES = frozenset({"completed", "failed", "canceled", "rejected"})
+
+
+@dataclass(frozen=True)
+class TaskError:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """A task's outcome: its state, the output that was released, and what the policy did."""
+
+    task_id: str
+    state: str
+    output: dict[str, Any] = field(default_factory=dict)
+    # (path, action): what the responder's policy withheld or transformed; never the values.
+    field_actions: tuple[tuple[str, str], ...] = ()
+    error: TaskError | None = None
+    receipt: dict[str, Any] | None = None
+    responder_org: str = ""
+    policy_version: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "completed"
+
+    @property
+    def withheld(self) -> tuple[str, ...]:
+        return tuple(path for path, action in self.field_actions if action == "withheld")
+
+    @classmethod
+    def from_pb(cls, message: pb.TaskResult) -> TaskResult:
+        error = message.error if message.HasField("error") else None
+        receipt = None
+        if message.HasField("receipt"):
+            r = message.receipt
+            receipt = {
+                "task_id": r.task_id,
+                "responder_org": r.responder_org,
+                "result_digest": r.result_digest.decode("ascii", "replace"),
+                "withheld_paths": list(r.withheld_paths),
+                "policy_version": r.policy_version,
+                "signed_at_unix_ms": r.signed_at_unix_ms,
+                "signature": r.signature.hex(),
+            }
+        return cls(
+            task_id=message.task_id,
+            state=state_name(message.state),
+            output=struct_to_dict(message.output),
+            field_actions=tuple(
+                (a.path, ACTION_NAMES.get(a.action, "withheld")) for a in message.field_actions
+            ),
+            error=TaskError(error.code, error.message) if error is not None else None,
+            receipt=receipt,
+            responder_org=message.responder_org,
+            policy_version=message.policy_version,
+        )
+
+
+@dataclass(frozen=True)
+class TaskUpdate:
+    task_id: str
+    state: str
+    message: str = ""
+    result: TaskResult | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @classmethod
+    def from_pb(cls, message: pb.TaskUpdate) -> TaskUpdate:
+        return cls(
+            task_id=message.task_id,
+            state=state_name(message.state),
+            message=message.message,
+            result=TaskResult.from_pb(message.result) if message.HasField("result") else None,
+        )
+
+
+@dataclass
+class TaskContext:
+    """What a skill knows about the task it runs: who asked, until when, and whether to stop."""
+
+    task_id: str
+    requester_org: str
+    requester: str
+    agent: str
+    skill: str
+    deadline: float  # seconds since the epoch
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    _send_progress: Callable[[str], Awaitable[None]] | None = None
+
+    @property
+    def time_remaining(self) -> float:
+        return max(0.0, self.deadline - time.time())
+
+    async def progress(self, message: str) -> None:
+        """Tell the requester the task is working, with a note (kept inside our organization)."""
+        if self._send_progress is not None:
+            await self._send_progress(message)
