@@ -190,6 +190,8 @@ def load_config(path: str | os.PathLike[str], environ: dict[str, str] | None = N
         raise ConfigError(f"{label}: not valid TOML: {exc}") from None
     raw = _apply_env(raw, dict(os.environ if environ is None else environ))
     base = source.parent
+    if isinstance(raw.get("gateway"), dict):
+        raw["gateway"].setdefault("data_dir", "data")
     for section, keys in _PATH_KEYS.items():
         table = raw.get(section)
         if not isinstance(table, dict):

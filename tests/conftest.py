@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from gateway.certs import IssuedCert, create_ca, issue_gateway_cert, write_pair
+from gateway.local import LocalFederation
 
 
 @dataclass(frozen=True)
@@ -66,3 +68,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 def ca_pair(pki: Pki) -> IssuedCert:
     return IssuedCert(pki.ca.read_bytes(), (pki.root / "ca.key").read_bytes())
+
+
+@pytest.fixture
+async def fed(tmp_path: Path, pki: Pki) -> AsyncIterator[LocalFederation]:
+    """hospital and insurer gateways, peers of each other, on loopback port 0."""
+    from tests.integration.federation import configs
+
+    federation = LocalFederation(configs(tmp_path, pki))
+    await federation.start()
+    try:
+        yield federation
+    finally:
+        await federation.stop()

@@ -1,0 +1,132 @@
+"""Config validation: a bad file fails at start with one line naming the file, the key and the problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gateway.cli import main
+from gateway.config import load_config
+from gateway.errors import ConfigError
+from tests.conftest import Pki
+
+MODEL = Path(__file__).resolve().parents[2] / "policies" / "model.conf"
+
+
+def _write(tmp: Path, pki: Pki, **overrides: str) -> Path:
+    values = {
+        "org": '"hospital"',
+        "cert": f'"{pki.cert("hospital")}"',
+        "key": f'"{pki.key("hospital")}"',
+        "ca": f'"{pki.ca}"',
+        "listen": '"127.0.0.1:0"',
+        "deadline": "30",
+    }
+    values.update(overrides)
+    path = tmp / "fedgate.toml"
+    path.write_text(
+        f"""[gateway]
+org = {values["org"]}
+default_deadline_seconds = {values["deadline"]}
+[federation]
+listen = {values["listen"]}
+cert = {values["cert"]}
+key = {values["key"]}
+ca = {values["ca"]}
+"""
+    )
+    return path
+
+
+def test_valid_config_resolves_paths_relative_to_the_file(tmp_path: Path, pki: Pki) -> None:
+    path = _write(tmp_path, pki)
+    config = load_config(path)
+    assert config.org == "hospital"
+    assert config.data_dir == (tmp_path / "data").resolve()
+    assert config.audit_database_url == f"sqlite:///{(tmp_path / 'data' / 'audit.db').resolve()}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"cert": '"missing.crt"'}, "federation.cert: file not found:"),
+        ({"org": '"Hospital!"'}, "gateway.org: 'Hospital!' is not a valid organization name"),
+        ({"listen": '"nowhere"'}, "federation.listen: expected HOST:PORT"),
+        ({"deadline": "-1"}, "gateway.default_deadline_seconds: Input should be greater than 0"),
+        ({"deadline": '"soon"'}, "gateway.default_deadline_seconds: Input should be a valid number"),
+    ],
+)
+def test_bad_values_name_file_key_and_problem(tmp_path: Path, pki: Pki, overrides: dict[str, str], expected: str) -> None:
+    path = _write(tmp_path, pki, **overrides)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in info.value.message
+    assert expected in info.value.message
+
+
+def test_missing_key_and_unknown_key(tmp_path: Path, pki: Pki) -> None:
+    path = tmp_path / "fedgate.toml"
+    path.write_text('[gateway]\norg = "x"\n[federation]\ncert = "a"\nkey = "b"\n')
+    with pytest.raises(ConfigError, match=r"federation\.ca: required key is missing"):
+        load_config(path)
+    path = _write(tmp_path, pki)
+    path.write_text(path.read_text() + "colour = 'blue'\n")
+    with pytest.raises(ConfigError, match=r"federation\.colour: unknown key"):
+        load_config(path)
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "fedgate.toml"
+    path.write_text("[gateway\norg=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="file not found: create one with `fedgate init`"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_environment_overrides_a_key(tmp_path: Path, pki: Pki) -> None:
+    path = _write(tmp_path, pki)
+    config = load_config(path, environ={"FEDGATE_AUDIT_DATABASE_URL": "sqlite:////tmp/x.db",
+                                        "FEDGATE_GATEWAY_DEFAULT_DEADLINE_SECONDS": "5"})
+    assert config.audit_database_url == "sqlite:////tmp/x.db"
+    assert config.gateway.default_deadline_seconds == 5
+
+
+def test_serve_with_a_missing_certificate_exits_nonzero_with_one_line(tmp_path: Path, pki: Pki) -> None:
+    path = _write(tmp_path, pki, key='"certs/nope.key"')
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(path) in lines[0] and "federation.key: file not found" in lines[0]
+
+
+def test_init_then_config_loads(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["init", "--org", "clinic", "--dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    config = load_config(tmp_path / "fedgate.toml")
+    assert config.org == "clinic"
+    assert (tmp_path / "certs" / "clinic.crt").is_file()
+    assert (tmp_path / "data" / "pseudonym.key").stat().st_mode & 0o777 == 0o600
+    again = runner.invoke(main, ["init", "--org", "clinic", "--dir", str(tmp_path)])
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_init_refuses_a_bad_org_name(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["init", "--org", "Bad Name", "--dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "not a valid organization name" in result.output
+
+
+def test_packaged_model_is_the_repository_model() -> None:
+    """`fedgate init` writes the packaged copy of the Casbin model; it must not drift."""
+    packaged = Path(__file__).resolve().parents[2] / "gateway" / "resources" / "model.conf"
+    assert packaged.read_text() == MODEL.read_text()

@@ -1,0 +1,54 @@
+"""`fedgate serve` as a real process: it serves, and on SIGTERM drains in-flight tasks and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from participant_sdk import Client, Unavailable
+from tests.conftest import Pki
+from tests.integration.federation import configs, serving, slow_agent
+
+PORTS = re.compile(r"federation on port (\d+) \(mTLS\), participants on port (\d+)")
+
+
+async def _start(config: Path) -> tuple[asyncio.subprocess.Process, int]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stderr is not None
+    while True:
+        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+        assert line, "fedgate serve exited before it was ready"
+        match = PORTS.search(line)
+        if match:
+            return process, int(match.group(2))
+
+
+@pytest.mark.slow
+async def test_sigterm_lets_in_flight_tasks_finish_then_exits_zero(tmp_path: Path, pki: Pki) -> None:
+    hospital_config = configs(tmp_path, pki)[0]
+    process, port = await _start(hospital_config)
+    address = f"127.0.0.1:{port}"
+    try:
+        async with serving(address, slow_agent()), Client(address) as client:
+            in_flight = asyncio.ensure_future(client.call("hospital/slow.wait", {"seconds": 1.5}, timeout=20))
+            await asyncio.sleep(0.5)
+            os.kill(process.pid, signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            with pytest.raises(Unavailable, match="shutting down"):
+                await client.call("hospital/slow.wait", {"seconds": 0}, timeout=5)
+            result = await asyncio.wait_for(in_flight, 20)
+            assert result.output == {"waited": 1.5}
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
