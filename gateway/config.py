@@ -92,6 +92,8 @@ class AuditSection(_Section):
     store_payloads: bool = False
     # Records older than this many days may be pruned by `fedgate audit prune`; 0 keeps all.
     retention_days: float = Field(0, ge=0)
+    # How often to sign our chain head and exchange it with every peer; 0 turns it off.
+    checkpoint_interval_seconds: float = Field(300.0, ge=0)
 
 
 class LimitsSection(_Section):

@@ -136,6 +136,8 @@ class Router:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no task runs; False if some still run after `timeout` seconds."""
+        if self._idle.is_set():
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:

@@ -17,13 +17,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from gateway.agents import AgentRegistry
 from gateway.audit import AuditStore, open_store
 from gateway.config import GatewayConfig
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, FedgateError, PermissionDenied
 from gateway.peers import PeerRegistry
 from gateway.policy import PolicyHolder, load_or_create_pseudonym_key, load_policy
 from gateway.router import Limits, Router
 from gateway.servicers import FederationServicer, ParticipantServicer
 from gateway.signing import Signer, Verifier
 from gateway.tls import ReloadingTls, TlsFiles
+from gateway.wire import checkpoint_from_pb, checkpoint_to_pb
 
 log = logging.getLogger("fedgate.server")
 
@@ -67,7 +68,10 @@ class Gateway:
             config.org, config.peers, self.tls, max_message_bytes=config.limits.max_message_bytes
         )
         self.policy = build_policy(config)
-        self.audit = audit if audit is not None else open_store(config.audit_database_url)
+        verifier = Verifier.from_file(fed.ca)
+        self.audit = audit if audit is not None else open_store(config.audit_database_url, verifier=verifier)
+        if self.audit.verifier is None:
+            self.audit.verifier = verifier
         self.router = Router(
             org=config.org,
             agents=self.agents,
@@ -75,7 +79,7 @@ class Gateway:
             policy=self.policy,
             audit=self.audit,
             signer=Signer.from_files(fed.cert, fed.key),
-            verifier=Verifier.from_file(fed.ca),
+            verifier=verifier,
             limits=Limits(config.limits.max_payload_depth, config.limits.max_payload_fields),
             store_payloads=config.audit.store_payloads,
         )
@@ -91,6 +95,7 @@ class Gateway:
         for server in (self._federation, self._participant):
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._watch: asyncio.Task[None] | None = None
+        self._exchange: asyncio.Task[None] | None = None
         self.ports: BoundPorts | None = None
 
     async def start(self) -> BoundPorts:
@@ -108,6 +113,9 @@ class Gateway:
         if self.policy is not None and self.config.policy is not None and self.config.policy.watch:
             paths = [self.config.policy.model, self.config.policy.rules]
             self._watch = asyncio.ensure_future(self.policy.watch(paths))
+        interval = self.config.audit.checkpoint_interval_seconds
+        if interval > 0 and self.peers.names:
+            self._exchange = asyncio.ensure_future(self._exchange_loop(interval))
         self.ports = BoundPorts(fed_port, part_port)
         log.info(
             "gateway of %r serving: federation on port %d (mTLS), participants on port %d",
@@ -122,16 +130,44 @@ class Gateway:
         await _set_serving(self.health, False)
         if not await self.router.wait_idle(grace):
             log.warning("%d tasks still running after the %.0fs grace period", self.router.in_flight, grace)
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        for task in (self._watch, self._exchange):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for instance in {i for card in self.agents.cards() for i in self.agents._instances.get(card.name, [])}:
             instance.outbox.put_nowait(None)
         await self._federation.stop(1.0)
         await self._participant.stop(1.0)
         await self.peers.close()
         await self.audit.close()
+
+    async def exchange_checkpoints(self) -> dict[str, str]:
+        """Send our signed audit head to every peer and keep theirs; returns what happened per peer."""
+        outcome: dict[str, str] = {}
+        ours = await self.audit.checkpoint(self.router.signer)
+        for org in self.peers.names:
+            try:
+                reply = await self.peers.stub(org).ExchangeCheckpoint(checkpoint_to_pb(ours), timeout=10)
+                theirs = checkpoint_from_pb(reply)
+                if theirs.org != org:
+                    raise PermissionDenied(f"checkpoint from {org!r} names organization {theirs.org!r}")
+                await self.audit.store_peer_checkpoint(theirs)
+                outcome[org] = f"exchanged: ours #{ours.sequence}, theirs #{theirs.sequence}"
+            except grpc.aio.AioRpcError as exc:
+                outcome[org] = f"failed: {exc.code().name}: {exc.details()}"
+            except FedgateError as exc:
+                outcome[org] = f"failed: {exc.message}"
+        return outcome
+
+    async def _exchange_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                for org, outcome in (await self.exchange_checkpoints()).items():
+                    log.info("audit checkpoint with %s %s", org, outcome)
+            except FedgateError as exc:
+                log.warning("audit checkpoint exchange skipped: %s", exc.message)
 
     def reload_policy(self) -> None:
         if self.policy is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -48,14 +49,19 @@ class TaskResult:
         receipt = None
         if message.HasField("receipt"):
             r = message.receipt
+            # Same JSON shape as the gateways keep in their audit logs (bytes as base64).
             receipt = {
                 "task_id": r.task_id,
                 "responder_org": r.responder_org,
                 "result_digest": r.result_digest.decode("ascii", "replace"),
                 "withheld_paths": list(r.withheld_paths),
+                "field_actions": [
+                    [a.path, ACTION_NAMES.get(a.action, "withheld")] for a in r.field_actions
+                ],
                 "policy_version": r.policy_version,
                 "signed_at_unix_ms": r.signed_at_unix_ms,
-                "signature": r.signature.hex(),
+                "signer_certificate": base64.b64encode(r.signer_certificate).decode("ascii"),
+                "signature": base64.b64encode(r.signature).decode("ascii"),
             }
         return cls(
             task_id=message.task_id,
