@@ -180,13 +180,14 @@ class Router:
                 return finished[1].state
             raise NotFound(f"task {task_id!r} is not known to the gateway of {self.org!r}")
         running.reason = reason or "canceled by the requester"
-        running.cancel.set()
         if running.remote:
+            # Tell the peer first, so it ends and records the task before our stream closes.
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await self.peers.stub(running.spec.target_org).CancelTask(
                     pb.CancelTaskRequest(task_id=task_id, reason=running.reason),
                     timeout=max(1.0, min(5.0, running.spec.remaining())),
                 )
+        running.cancel.set()
         return TaskState.CANCELED
 
     # ---- entry points --------------------------------------------------------------------
@@ -267,7 +268,14 @@ class Router:
             ) from None
 
     async def audit_rejection(
-        self, spec: TaskSpec, peer_org: str, exc: FedgateError, *, started: float, kind: str = "rejected"
+        self,
+        spec: TaskSpec,
+        peer_org: str,
+        exc: FedgateError,
+        *,
+        started: float,
+        kind: str = "rejected",
+        direction: str = "inbound",
     ) -> None:
         """Best effort: a rejection is recorded, but a store outage must not hide the refusal."""
         try:
@@ -278,7 +286,7 @@ class Router:
                     peer_org=peer_org,
                     agent=spec.agent,
                     skill=spec.skill,
-                    direction="inbound",
+                    direction=direction,
                     decision="denied",
                     requester=spec.requester,
                     status=exc.status.name,
@@ -363,6 +371,7 @@ class Router:
             await self._admit_peer(spec, peer_org, policy, started)
         running = self._start(spec, origin_org, remote=False)
         final: TaskResult | None = None
+        releasing = False
         try:
             updates = self.agents.dispatch(spec, origin_org)
             async for update in self._wait(spec, running, updates):
@@ -373,6 +382,7 @@ class Router:
                 result = update.result or TaskResult(spec.task_id, update.state, responder_org=self.org)
                 result = replace(result, task_id=spec.task_id, responder_org=self.org)
                 if peer_org is not None:
+                    releasing = True  # from here on _release records the outcome
                     result = await self._release(spec, peer_org, policy, result, started)
                 final = result
                 yield TaskUpdate(spec.task_id, result.state, result=result)
@@ -380,6 +390,14 @@ class Router:
         except FedgateError as exc:
             if peer_org is not None and not isinstance(exc, AuditUnavailable):
                 await self.audit_rejection(spec, peer_org, exc, started=started, kind="failed")
+            raise
+        except asyncio.CancelledError:
+            if peer_org is not None and not releasing:
+                # The requester's gateway went away mid-task: record how the exchange ended.
+                gone = Cancelled("the requesting gateway closed the task stream")
+                await asyncio.shield(
+                    self.audit_rejection(spec, peer_org, gone, started=started, kind="canceled")
+                )
             raise
         finally:
             self._finish(running, final)
@@ -546,7 +564,11 @@ class Router:
         peer = spec.target_org
         stub = self.peers.stub(peer)  # NotFound for an organization that is not a peer
         policy = self.current_policy()
-        filtered = self._filter(policy, peer, spec, "send", spec.input)
+        try:
+            filtered = self._filter(policy, peer, spec, "send", spec.input)
+        except FedgateError as exc:
+            await self.audit_rejection(spec, peer, exc, started=started, direction="outbound")
+            raise
         actions = tuple((p, "withheld") for p in filtered.withheld) + filtered.transformed
         outbound = spec.with_input(filtered.output, actions)
         base = AuditEvent(

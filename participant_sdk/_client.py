@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from fedgate.convert import dict_to_struct, parse_target
 from fedgate.v1 import fedgate_pb2 as pb
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
@@ -51,19 +52,22 @@ class Client:
         if not isinstance(data, dict):
             raise InvalidArgument(f"task input must be a dict, not {type(data).__name__}")
         try:
-            payload = dict_to_struct(data)
+            return pb.TaskRequest(
+                task_id=task_id or str(uuid.uuid4()),
+                target_org=org,
+                agent=agent,
+                skill=skill,
+                input=dict_to_struct(data),
+                requester=self.requester,
+                deadline_unix_ms=int((time.time() + timeout) * 1000) if timeout else 0,
+                idempotency_key=idempotency_key or "",
+            )
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"task input is not JSON-serializable: {exc}") from None
-        return pb.TaskRequest(
-            task_id=task_id or str(uuid.uuid4()),
-            target_org=org,
-            agent=agent,
-            skill=skill,
-            input=payload,
-            requester=self.requester,
-            deadline_unix_ms=int((time.time() + timeout) * 1000) if timeout else 0,
-            idempotency_key=idempotency_key or "",
-        )
+        except (DecodeError, RecursionError):
+            raise InvalidArgument(
+                "task input is nested too deeply to encode (a protobuf Struct carries at most 33 levels of nested objects)"
+            ) from None
 
     async def call(
         self,
