@@ -1,0 +1,128 @@
+"""kill -9 of a gateway under load: what the requester saw complete is in both audit logs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.audit import open_store
+from gateway.local import write_gateway_config
+from gateway.signing import Verifier
+from participant_sdk import Agent, Client, FedgateError
+from tests.conftest import Pki
+from tests.integration.federation import HOSPITAL_RULES, INSURER_RULES, MODEL, serving
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _config(tmp: Path, pki: Pki, org: str, peer: str, ports: dict[str, tuple[int, int]], rules: str) -> Path:
+    rules_path = tmp / f"{org}.csv"
+    rules_path.write_text(rules)
+    path = write_gateway_config(
+        tmp / org, org, cert=pki.cert(org), key=pki.key(org), ca=pki.ca, model=MODEL,
+        rules=rules_path, peers=[peer],
+    )
+    fed_port, part_port = ports[org]
+    text = path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{fed_port}"', 1)
+    text = text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{part_port}"', 1)
+    text = text.replace('address = "127.0.0.1:1"', f'address = "127.0.0.1:{ports[peer][0]}"')
+    path.write_text(text)
+    return path
+
+
+async def _spawn(config: Path) -> asyncio.subprocess.Process:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stderr is not None
+    while True:
+        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+        assert line, "gateway exited before it was ready"
+        if "serving: federation on port" in line:
+            # Keep draining stderr so the process never blocks on a full pipe.
+            asyncio.ensure_future(_drain(process.stderr))
+            return process
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.readline():
+        pass
+
+
+@pytest.mark.slow
+async def test_kill_9_under_load_loses_no_completed_exchange(tmp_path: Path, pki: Pki) -> None:
+    ports = {org: (_free_port(), _free_port()) for org in ("hospital", "insurer")}
+    hospital_cfg = _config(tmp_path, pki, "hospital", "insurer", ports, HOSPITAL_RULES)
+    insurer_cfg = _config(tmp_path, pki, "insurer", "hospital", ports, INSURER_RULES)
+    hospital = await _spawn(hospital_cfg)
+    insurer = await _spawn(insurer_cfg)
+    processes = [hospital, insurer]
+    completed: list[str] = []
+    echo = Agent("echo")
+
+    @echo.skill
+    async def say(task, data):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.01)
+        return {"n": data.get("n")}
+
+    try:
+        async with serving(f"127.0.0.1:{ports['hospital'][1]}", echo), Client(
+            f"127.0.0.1:{ports['insurer'][1]}"
+        ) as client:
+            stop = asyncio.Event()
+
+            async def load(worker: int) -> None:
+                n = 0
+                while not stop.is_set():
+                    task_id = f"crash-{worker}-{n}"
+                    n += 1
+                    with contextlib.suppress(FedgateError):
+                        await client.call("hospital/echo.say", {"n": n}, timeout=5, task_id=task_id)
+                        completed.append(task_id)
+
+            workers = [asyncio.ensure_future(load(w)) for w in range(16)]
+            for _ in range(200):
+                if len(completed) >= 100:
+                    break
+                await asyncio.sleep(0.05)
+            os.kill(hospital.pid, signal.SIGKILL)
+            await hospital.wait()
+            await asyncio.sleep(0.3)
+            stop.set()
+            await asyncio.gather(*workers)
+        assert len(completed) >= 100
+        restarted = await _spawn(hospital_cfg)
+        processes.append(restarted)
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.terminate()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(process.wait(), 20)
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    verifier = Verifier.from_file(pki.ca)
+    for org, want in (("hospital", {"request_received", "result_released"}),
+                      ("insurer", {"request_sent", "result_received"})):
+        store = open_store(f"sqlite:///{tmp_path / org / 'data' / 'audit.db'}")
+        kinds: dict[str, set[str]] = {}
+        for record in store.records():
+            kinds.setdefault(record.task_id, set()).add(record.kind)
+        missing = [t for t in completed if not want <= kinds.get(t, set())]
+        assert not missing, f"{org} lost records of {len(missing)} completed exchanges: {missing[:5]}"
+        report = store.verify(org, verifier)
+        assert report.ok, report.problems
