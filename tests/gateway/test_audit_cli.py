@@ -147,11 +147,23 @@ def test_missing_config_is_one_line_exit_2(tmp_path: Path) -> None:
     assert "file not found" in result.output
 
 
+def test_missing_sqlite_log_is_one_line_exit_2(tmp_path: Path, audit_make_config) -> None:
+    config = audit_make_config(tmp_path, "alpha", f"sqlite:///{tmp_path}/nowhere/audit.db")
+    result = run("verify", "--config", str(config))
+    assert result.exit_code == 2
+    assert f"no audit log at {tmp_path}/nowhere/audit.db: check [audit] database_url" in (
+        result.output
+    )
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_unreachable_store_is_one_line_exit_2(tmp_path: Path, audit_make_config) -> None:
-    config = audit_make_config(tmp_path, "alpha", "sqlite:////nonexistent-dir/x/audit.db")
+    config = audit_make_config(tmp_path, "alpha", "postgresql+psycopg://nobody@127.0.0.1:1/x")
     result = run("list", "--config", str(config))
     assert result.exit_code == 2
-    assert "cannot read the audit store at sqlite:////nonexistent-dir" in result.output
+    assert "cannot read the audit store at postgresql+psycopg://nobody@127.0.0.1:1/x" in (
+        result.output
+    )
     assert "check [audit] database_url" in result.output
 
 
@@ -171,7 +183,8 @@ def test_show_an_exchange_with_its_receipt(orgs, audit_pki) -> None:
     assert {r["kind"]: r["receipt_check"] for r in beta}["result_released"] == "valid"
 
 
-def test_show_unknown_task(orgs) -> None:
+def test_show_unknown_task(orgs, audit_pki) -> None:
+    _fill(orgs, audit_pki, mismatched=False)
     result = run("show", "--config", str(orgs["alpha"][0]), "task-nope")
     assert result.exit_code == 2
     assert "no audit records for task 'task-nope'" in result.output

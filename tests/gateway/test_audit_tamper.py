@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from gateway.audit import AuditEvent, SqlAuditStore, _record_values
+from gateway.audit import AuditEvent, SqlAuditStore
 from gateway.audit_chain import VerifyReport, chain_events, make_record
+from gateway.audit_rows import record_values
 from gateway.payload import digest
 from gateway.signing import SignedCheckpoint
 
@@ -91,7 +92,7 @@ async def test_inserted_row(filled, audit_pki) -> None:
     _sql(store, "UPDATE audit_record SET sequence = sequence - 999 WHERE sequence > 1000")
     previous = next(store.records(4))
     forged = make_record(_event(99), 5, previous.time_ms, previous.record_hash)
-    _insert(store, _record_values(forged))
+    _insert(store, record_values(forged))
     first = _verify(store, audit_pki).problems[0]
     assert first.sequence == 6
     assert "does not link to record 5" in first.message or "record 6 was changed" in first.message
@@ -138,7 +139,7 @@ async def test_rewritten_chain_is_caught_by_the_signed_checkpoint(filled, audit_
     rewritten += chain_events(events, 3, rewritten[0].record_hash, records[3].time_ms)
     _sql(store, "DELETE FROM audit_record WHERE sequence >= 3")
     for record in rewritten:
-        _insert(store, _record_values(record))
+        _insert(store, record_values(record))
     first = _verify(store, audit_pki).problems[0]
     assert first.sequence == COUNT
     assert "does not match the signed checkpoint" in first.message
@@ -160,7 +161,7 @@ async def test_bad_checkpoint_signature(filled, audit_pki) -> None:
 
 
 async def test_changed_checkpoint_head(filled, audit_pki) -> None:
-    store, checkpoint = filled
+    store, _ = filled
     _sql(store, "UPDATE audit_checkpoint SET head_hash = :h", h="ab" * 32)
     first = _verify(store, audit_pki).problems[0]
     assert "bad signature" in first.message

@@ -1,4 +1,4 @@
-"""Receipts and checkpoints: what verifies, and every way a forgery is refused with a clear message."""
+"""Receipts and checkpoints: what verifies, and each forgery refused with a clear message."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from gateway.signing import (
     SignedReceipt,
     Signer,
     Verifier,
+    now_unix_ms,
     sign_checkpoint,
     sign_receipt,
-    now_unix_ms,
     verify_checkpoint,
     verify_receipt,
 )
@@ -116,7 +116,7 @@ def test_signature_made_while_valid_still_verifies_later(tmp_path: Path, audit_p
 
 
 def test_malformed_receipt_json_is_invalid_argument() -> None:
-    with pytest.raises(InvalidArgument, match="receipt: field .* is missing"):
+    with pytest.raises(InvalidArgument, match=r"receipt: field .* is missing"):
         SignedReceipt.from_json({"responder_org": "beta"})
     with pytest.raises(InvalidArgument, match="must be a JSON object"):
         SignedReceipt.from_json([1, 2])

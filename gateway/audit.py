@@ -1,0 +1,676 @@
+"""The audit store: a durable, hash-chained record of every event of every exchange.
+
+`AuditStore` is the contract the gateway core calls; `SqlAuditStore` keeps the log in SQLite
+(WAL, synchronous=FULL: the embedded default) or PostgreSQL through SQLModel, and
+`MemoryAuditStore` is its in-memory twin for tests (it can be told to fail, to simulate an
+outage). Tables and row conversions live in gateway.audit_rows, the records and the hash chain
+in gateway.audit_chain, exported bundles and reconciliation in gateway.audit_bundle.
+
+Group commit: `append` puts (event, future) on a queue; one writer task drains it, numbers and
+chains a batch and writes it in one transaction in a worker thread, and resolves the futures only
+after the commit. So durability costs one fsync per batch, not per record, and the event loop
+never blocks on the disk. If a commit fails, every waiting append raises AuditUnavailable, the
+chain head is forgotten (re-read from the store on the next attempt) and `healthy` goes False;
+the next append tries again, so the gateway recovers by itself when the store is back.
+
+Single writer: sequence numbers and the chain head are owned by the one writer task of one
+process. Several gateway replicas on one PostgreSQL (later work) would each need to take the head
+under a lock inside the write transaction — e.g. `SELECT ... FROM audit_head FOR UPDATE` on a
+one-row head table updated in the same transaction — instead of trusting the cached head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    Engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+)
+from sqlalchemy import create_engine as sa_create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.sql import ColumnElement
+from sqlmodel import SQLModel
+
+from gateway.audit_chain import (
+    GENESIS_HASH,
+    AuditEvent,
+    AuditRecord,
+    VerifyReport,
+    chain_events,
+    normalize_event,
+    verify_chain,
+)
+from gateway.audit_rows import (
+    CHECKPOINTS,
+    RECORDS,
+    SELECTED_COLUMNS,
+    checkpoint_from_row,
+    checkpoint_values,
+    record_from_row,
+    record_values,
+)
+from gateway.errors import AuditUnavailable, ConfigError, FedgateError, PermissionDenied
+from gateway.signing import SignedCheckpoint, Signer, Verifier, sign_checkpoint, verify_checkpoint
+
+__all__ = [
+    "AuditEvent",
+    "AuditRecord",
+    "AuditStore",
+    "MemoryAuditStore",
+    "SqlAuditStore",
+    "open_store",
+]
+
+log = logging.getLogger("fedgate.audit")
+
+T = TypeVar("T")
+
+# Roles of a stored checkpoint: a signed head of our own chain, the signed head at a retention
+# cut (the anchor the first remaining record chains from), or a peer's signed head we keep.
+OWN, RETENTION, PEER = "own", "retention", "peer"
+
+
+def _unavailable(cause: str) -> AuditUnavailable:
+    return AuditUnavailable(
+        f"audit store cannot be written: {cause}; exchanges are refused until it recovers"
+    )
+
+
+def _to_ms(value: dt.datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return int(value.timestamp() * 1000)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class AuditStore(ABC):
+    """The audit log of one gateway: append events, read them back, sign and keep checkpoints."""
+
+    def __init__(self, *, batch_max: int = 512, verifier: Verifier | None = None) -> None:
+        if batch_max < 1:
+            raise ValueError("batch_max must be at least 1")
+        self.batch_max = batch_max
+        self.verifier = verifier
+        # Number of committed batches (transactions); lets tests and benchmarks see batching.
+        self.commits = 0
+        self._queue: asyncio.Queue[tuple[AuditEvent, asyncio.Future[AuditRecord]] | None] | None
+        self._queue = None
+        self._writer: asyncio.Task[None] | None = None
+        self._head: tuple[int, str] | None = None  # (sequence, hash) of the last committed record
+        self._last_time_ms = 0
+        self._healthy = True
+        self._closed = False
+
+    # ---- the contract ----
+
+    async def start(self) -> None:
+        """Open the store and start the writer task; raises AuditUnavailable if unreachable.
+
+        Appending without start() works too: the writer then opens the store on first commit.
+        """
+        self._start_writer()
+        try:
+            await self._run(self._open)
+        except Exception as exc:
+            self._healthy = False
+            raise _unavailable(_cause(exc)) from None
+
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._closed = False
+            self._queue = asyncio.Queue()
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write_loop(), name="fedgate-audit-writer"
+            )
+
+    async def append(self, event: AuditEvent) -> AuditRecord:
+        """Record `event`; returns once it is durably committed, else raises AuditUnavailable."""
+        if self._closed:
+            raise _unavailable("the store is closed")
+        self._start_writer()
+        assert self._queue is not None
+        normalized = normalize_event(event)
+        future: asyncio.Future[AuditRecord] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((normalized, future))
+        return await future
+
+    async def close(self) -> None:
+        """Commit what is queued, stop the writer and release the store."""
+        if self._writer is not None and self._queue is not None:
+            self._queue.put_nowait(None)
+            await self._writer
+            self._writer = None
+            self._queue = None
+        self._closed = True
+        await self._run(self._dispose)
+
+    @property
+    def healthy(self) -> bool:
+        """False after a failed commit, until a commit succeeds again."""
+        return self._healthy
+
+    @abstractmethod
+    def query(
+        self,
+        *,
+        peer: str | None = None,
+        agent: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        decision: str | None = None,
+        task_id: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        newest_first: bool = False,
+    ) -> list[AuditRecord]:
+        """Records matching every given filter (since inclusive, until exclusive), paged."""
+
+    @abstractmethod
+    def records(self, start_sequence: int = 1) -> Iterator[AuditRecord]:
+        """Every record from `start_sequence` on, in sequence order, read in batches."""
+
+    async def checkpoint(self, signer: Signer) -> SignedCheckpoint:
+        """Sign the committed head (sequence, hash) and keep the checkpoint."""
+        try:
+            sequence, head_hash = await self._run(self._read_head)
+            checkpoint = sign_checkpoint(signer, sequence, head_hash)
+            await self._run(self._add_checkpoint, OWN, checkpoint)
+        except FedgateError:
+            raise
+        except Exception as exc:
+            raise _unavailable(_cause(exc)) from None
+        return checkpoint
+
+    async def store_peer_checkpoint(
+        self, checkpoint: SignedCheckpoint, *, verifier: Verifier | None = None
+    ) -> None:
+        """Keep a peer's signed head after checking its signature against the federation CA.
+
+        Refuses (PermissionDenied) a head behind or diverging from the latest one kept for that
+        peer: the peer's log lost its tail or was rewritten.
+        """
+        trust = verifier or self.verifier
+        if trust is None:
+            raise ConfigError(
+                "no federation CA to verify peer checkpoints with: open the store with a verifier"
+            )
+        verify_checkpoint(trust, checkpoint)
+        kept = self.peer_checkpoints(checkpoint.org)
+        if kept:
+            latest = kept[-1]
+            if checkpoint.sequence < latest.sequence or (
+                checkpoint.sequence == latest.sequence and checkpoint.head_hash != latest.head_hash
+            ):
+                log.warning(
+                    "peer %s presented an audit head at sequence %d that contradicts its signed "
+                    "head at sequence %d",
+                    checkpoint.org, checkpoint.sequence, latest.sequence,
+                )
+                raise PermissionDenied(
+                    f"peer {checkpoint.org!r} signed head {checkpoint.sequence}, behind or "
+                    f"diverging from its earlier signed head {latest.sequence}: its audit log "
+                    "lost records or was rewritten; keep both checkpoints as evidence"
+                )
+            if checkpoint.sequence == latest.sequence:
+                return
+        try:
+            await self._run(self._add_checkpoint, PEER, checkpoint)
+        except Exception as exc:
+            raise _unavailable(_cause(exc)) from None
+
+    def peer_checkpoints(self, org: str | None = None) -> list[SignedCheckpoint]:
+        """Peers' signed heads we keep, oldest first."""
+        return self._checkpoints(PEER, org)
+
+    # ---- beyond the core contract: used by the auditor's commands ----
+
+    def own_checkpoints(self) -> list[SignedCheckpoint]:
+        """Our own signed heads (not retention anchors), oldest first."""
+        return self._checkpoints(OWN, None)
+
+    def retention_anchor(self) -> SignedCheckpoint | None:
+        """The signed checkpoint at the last retention cut, which the first record chains from."""
+        anchors = self._checkpoints(RETENTION, None)
+        return anchors[-1] if anchors else None
+
+    def verify(
+        self,
+        org: str,
+        verifier: Verifier | None,
+        *,
+        heads: Sequence[SignedCheckpoint] = (),
+    ) -> VerifyReport:
+        """Walk the whole chain and check our stored checkpoints plus any `heads` given."""
+        anchor = self.retention_anchor()
+        start = anchor.sequence + 1 if anchor is not None else 1
+        return verify_chain(
+            self.records(start),
+            org=org,
+            verifier=verifier,
+            anchor=anchor,
+            checkpoints=[*self.own_checkpoints(), *heads],
+        )
+
+    def cut_sequence(self, before: dt.datetime) -> int:
+        """The last sequence that a retention cut at `before` removes (0: nothing to remove)."""
+        first_kept = self._first_sequence_at(_to_ms(before))
+        head_sequence = self._read_head()[0]
+        return head_sequence if first_kept is None else first_kept - 1
+
+    def sign_cut(self, through_sequence: int, signer: Signer) -> SignedCheckpoint:
+        """A signed retention checkpoint at record `through_sequence` (not yet applied)."""
+        record = next(self.records(through_sequence), None)
+        if record is None or record.sequence != through_sequence:
+            raise ConfigError(f"there is no record {through_sequence} to cut the log at")
+        return sign_checkpoint(signer, through_sequence, record.record_hash)
+
+    def prune(self, anchor: SignedCheckpoint) -> int:
+        """Delete the records up to `anchor` (from sign_cut), keeping it as the retention anchor.
+
+        Archive them first (gateway.audit_bundle.write_bundle with `anchor` as its checkpoint):
+        the remaining log then chains from the anchor and still verifies. Returns the number of
+        records deleted.
+        """
+        record = next(self.records(anchor.sequence), None)
+        if record is None or record.sequence != anchor.sequence:
+            raise ConfigError(f"there is no record {anchor.sequence} to cut the log at")
+        if record.record_hash != anchor.head_hash:
+            raise ConfigError(
+                f"record {anchor.sequence} does not match the retention checkpoint: run "
+                "`fedgate audit verify` before pruning"
+            )
+        return self._prune(anchor.sequence, anchor)
+
+    # ---- the writer ----
+
+    async def _write_loop(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        stopping = False
+        while not stopping:
+            item = await queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < self.batch_max and not queue.empty():
+                next_item = queue.get_nowait()
+                if next_item is None:
+                    stopping = True
+                    break
+                batch.append(next_item)
+            await self._commit(batch)
+
+    async def _commit(
+        self, batch: list[tuple[AuditEvent, asyncio.Future[AuditRecord]]]
+    ) -> None:
+        events = [event for event, _ in batch]
+        time_ms = max(_now_ms(), self._last_time_ms)  # never goes back, so a time cut is a prefix
+        try:
+            records = await self._run(self._chain_and_write, events, time_ms)
+        except Exception as exc:
+            self._head = None  # re-read from the store on the next attempt
+            if self._healthy:
+                log.error("audit store cannot be written (%s): refusing exchanges", _cause(exc))
+            self._healthy = False
+            error = _unavailable(_cause(exc))
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        self.commits += 1
+        self._last_time_ms = time_ms
+        if not self._healthy:
+            log.warning("audit store writable again: accepting exchanges")
+        self._healthy = True
+        for (_, future), record in zip(batch, records, strict=True):
+            if not future.done():
+                future.set_result(record)
+
+    def _chain_and_write(self, events: list[AuditEvent], time_ms: int) -> list[AuditRecord]:
+        """In the worker thread: number and chain the batch from the committed head, write it."""
+        head = self._head if self._head is not None else self._read_head()
+        records = chain_events(events, head[0], head[1], time_ms)
+        self._write(records)
+        self._head = (records[-1].sequence, records[-1].record_hash)
+        return records
+
+    # ---- storage primitives, implemented by each store ----
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        return function(*args)
+
+    def _open(self) -> None:  # noqa: B027 - optional hook, nothing to open in memory
+        """Connect and create the tables if they are missing."""
+
+    def _dispose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    @abstractmethod
+    def _read_head(self) -> tuple[int, str]:
+        """The committed head: last record, else the retention anchor, else (0, 64 zeros)."""
+
+    @abstractmethod
+    def _write(self, records: list[AuditRecord]) -> None:
+        """Insert records in one durable transaction; raise if it does not commit."""
+
+    @abstractmethod
+    def _add_checkpoint(self, role: str, checkpoint: SignedCheckpoint) -> None: ...
+
+    @abstractmethod
+    def _checkpoints(self, role: str, org: str | None) -> list[SignedCheckpoint]: ...
+
+    @abstractmethod
+    def _first_sequence_at(self, time_ms: int) -> int | None:
+        """The first sequence with time at or after `time_ms`, None if there is none."""
+
+    @abstractmethod
+    def _prune(self, through_sequence: int, anchor: SignedCheckpoint) -> int:
+        """Atomically keep `anchor` as a retention checkpoint and delete records through it."""
+
+
+def _cause(exc: BaseException) -> str:
+    """A short cause for logs and errors: the exception type and first line, never values."""
+    original = getattr(exc, "orig", None) or exc
+    text = str(original).strip().splitlines()[0] if str(original).strip() else ""
+    return f"{type(original).__name__}: {text}" if text else type(original).__name__
+
+
+# ---- the in-memory twin ----
+
+
+class MemoryAuditStore(AuditStore):
+    """The store in memory, with identical behaviour; set `fail_writes` to simulate an outage."""
+
+    def __init__(self, *, batch_max: int = 512, verifier: Verifier | None = None) -> None:
+        super().__init__(batch_max=batch_max, verifier=verifier)
+        self.fail_writes = False
+        self.rows: list[AuditRecord] = []
+        self.checkpoint_rows: list[tuple[str, SignedCheckpoint]] = []
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        await asyncio.sleep(0)  # yield like a real write, so concurrent appends share a batch
+        return function(*args)
+
+    def _fail_if_told(self) -> None:
+        if self.fail_writes:
+            raise OSError("memory audit store told to fail (fail_writes = True)")
+
+    def _read_head(self) -> tuple[int, str]:
+        if self.rows:
+            return self.rows[-1].sequence, self.rows[-1].record_hash
+        anchor = self.retention_anchor()
+        return (anchor.sequence, anchor.head_hash) if anchor else (0, GENESIS_HASH)
+
+    def _write(self, records: list[AuditRecord]) -> None:
+        self._fail_if_told()
+        self.rows.extend(records)
+
+    def _add_checkpoint(self, role: str, checkpoint: SignedCheckpoint) -> None:
+        self._fail_if_told()
+        self.checkpoint_rows.append((role, checkpoint))
+
+    def _checkpoints(self, role: str, org: str | None) -> list[SignedCheckpoint]:
+        return [
+            cp for r, cp in self.checkpoint_rows if r == role and (org is None or cp.org == org)
+        ]
+
+    def _first_sequence_at(self, time_ms: int) -> int | None:
+        return next((r.sequence for r in self.rows if r.time_ms >= time_ms), None)
+
+    def _prune(self, through_sequence: int, anchor: SignedCheckpoint) -> int:
+        self._fail_if_told()
+        self.checkpoint_rows.append((RETENTION, anchor))
+        before = len(self.rows)
+        self.rows = [r for r in self.rows if r.sequence > through_sequence]
+        return before - len(self.rows)
+
+    def query(
+        self,
+        *,
+        peer: str | None = None,
+        agent: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        decision: str | None = None,
+        task_id: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        newest_first: bool = False,
+    ) -> list[AuditRecord]:
+        since_ms = _to_ms(since) if since is not None else None
+        until_ms = _to_ms(until) if until is not None else None
+        matches = [
+            r
+            for r in self.rows
+            if (peer is None or r.peer_org == peer)
+            and (agent is None or r.agent == agent)
+            and (since_ms is None or r.time_ms >= since_ms)
+            and (until_ms is None or r.time_ms < until_ms)
+            and (decision is None or r.decision == decision)
+            and (task_id is None or r.task_id == task_id)
+            and (kind is None or r.kind == kind)
+        ]
+        if newest_first:
+            matches.reverse()
+        return matches[offset : offset + limit]
+
+    def records(self, start_sequence: int = 1) -> Iterator[AuditRecord]:
+        for record in list(self.rows):
+            if record.sequence >= start_sequence:
+                yield record
+
+
+# ---- SQL (SQLite or PostgreSQL) ----
+
+_READ_BATCH = 5_000
+
+
+class SqlAuditStore(AuditStore):
+    """The audit log in SQLite (WAL, synchronous=FULL) or PostgreSQL, through SQLModel."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        batch_max: int = 512,
+        verifier: Verifier | None = None,
+        busy_timeout_ms: int = 5_000,
+    ) -> None:
+        super().__init__(batch_max=batch_max, verifier=verifier)
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise ConfigError(
+                f"audit.database_url {url!r} is not a database URL: use sqlite:///PATH or "
+                "postgresql+psycopg://USER@HOST:PORT/DB"
+            ) from None
+        self.url = url
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        self.busy_timeout_ms = busy_timeout_ms
+        self._engine: Engine | None = None
+        self._open_lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, created (with the tables) on first use."""
+        if self._engine is None:
+            self._open()
+        assert self._engine is not None
+        return self._engine
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(function, *args)
+
+    def _open(self) -> None:
+        with self._open_lock:
+            if self._engine is None:
+                self._engine = self._create_engine()
+
+    def _create_engine(self) -> Engine:
+        if self.is_sqlite:
+            engine = sa_create_engine(
+                self.url, connect_args={"timeout": self.busy_timeout_ms / 1000}
+            )
+            busy = self.busy_timeout_ms
+
+            @event.listens_for(engine, "connect")
+            def _pragmas(connection: Any, _record: Any) -> None:
+                cursor = connection.cursor()
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=FULL")
+                cursor.execute(f"PRAGMA busy_timeout={int(busy)}")
+                cursor.close()
+        else:
+            # Keep options given in the URL (e.g. a search_path), adding a lock timeout so a
+            # blocked write fails (and the gateway fails closed) instead of hanging.
+            given = make_url(self.url).query.get("options", "")
+            options = " ".join(
+                [*([given] if isinstance(given, str) else given),
+                 f"-c lock_timeout={int(self.busy_timeout_ms)}"]
+            ).strip()
+            engine = sa_create_engine(
+                self.url,
+                pool_pre_ping=True,
+                connect_args={
+                    "connect_timeout": max(1, self.busy_timeout_ms // 1000),
+                    "options": options,
+                },
+            )
+        try:
+            SQLModel.metadata.create_all(engine, tables=[RECORDS, CHECKPOINTS])
+        except Exception:
+            engine.dispose()
+            raise
+        return engine
+
+    def _dispose(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def _read_head(self) -> tuple[int, str]:
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(RECORDS.c.sequence, RECORDS.c.record_hash)
+                .order_by(RECORDS.c.sequence.desc())
+                .limit(1)
+            ).first()
+        if row is not None:
+            return int(row.sequence), str(row.record_hash)
+        anchor = self.retention_anchor()
+        return (anchor.sequence, anchor.head_hash) if anchor else (0, GENESIS_HASH)
+
+    def _write(self, records: list[AuditRecord]) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(insert(RECORDS), [record_values(r) for r in records])
+
+    def _add_checkpoint(self, role: str, checkpoint: SignedCheckpoint) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(insert(CHECKPOINTS), [checkpoint_values(role, checkpoint)])
+
+    def _checkpoints(self, role: str, org: str | None) -> list[SignedCheckpoint]:
+        statement = select(CHECKPOINTS).where(CHECKPOINTS.c.role == role)
+        if org is not None:
+            statement = statement.where(CHECKPOINTS.c.org == org)
+        with self.engine.connect() as connection:
+            rows = connection.execute(statement.order_by(CHECKPOINTS.c.id)).all()
+        return [checkpoint_from_row(row) for row in rows]
+
+    def _first_sequence_at(self, time_ms: int) -> int | None:
+        with self.engine.connect() as connection:
+            value = connection.execute(
+                select(func.min(RECORDS.c.sequence)).where(RECORDS.c.time_ms >= time_ms)
+            ).scalar()
+        return None if value is None else int(value)
+
+    def _prune(self, through_sequence: int, anchor: SignedCheckpoint) -> int:
+        with self.engine.begin() as connection:
+            connection.execute(insert(CHECKPOINTS), [checkpoint_values(RETENTION, anchor)])
+            result = connection.execute(
+                delete(RECORDS).where(RECORDS.c.sequence <= through_sequence)
+            )
+        return int(result.rowcount)
+
+    def dispose(self) -> None:
+        """Release connections (for synchronous users such as the command line)."""
+        self._dispose()
+
+    def insert_records(self, records: Sequence[AuditRecord]) -> None:
+        """Write already chained records in one transaction (benchmarks and imports only)."""
+        self._write(list(records))
+
+    def query(
+        self,
+        *,
+        peer: str | None = None,
+        agent: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        decision: str | None = None,
+        task_id: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        newest_first: bool = False,
+    ) -> list[AuditRecord]:
+        c = RECORDS.c
+        conditions: list[ColumnElement[bool]] = []
+        for column, value in (
+            (c.peer_org, peer),
+            (c.agent, agent),
+            (c.decision, decision),
+            (c.task_id, task_id),
+            (c.kind, kind),
+        ):
+            if value is not None:
+                conditions.append(column == value)
+        if since is not None:
+            conditions.append(c.time_ms >= _to_ms(since))
+        if until is not None:
+            conditions.append(c.time_ms < _to_ms(until))
+        order = c.sequence.desc() if newest_first else c.sequence
+        statement = (
+            select(*SELECTED_COLUMNS).where(*conditions).order_by(order).limit(limit).offset(offset)
+        )
+        with self.engine.connect() as connection:
+            return [record_from_row(row) for row in connection.execute(statement)]
+
+    def records(self, start_sequence: int = 1) -> Iterator[AuditRecord]:
+        next_sequence = start_sequence
+        while True:
+            with self.engine.connect() as connection:
+                rows = connection.execute(
+                    select(*SELECTED_COLUMNS)
+                    .where(RECORDS.c.sequence >= next_sequence)
+                    .order_by(RECORDS.c.sequence)
+                    .limit(_READ_BATCH)
+                ).all()
+            for row in rows:
+                yield record_from_row(row)
+            if len(rows) < _READ_BATCH:
+                return
+            next_sequence = int(rows[-1][0]) + 1
+
+
+def open_store(url: str, *, verifier: Verifier | None = None, **options: Any) -> SqlAuditStore:
+    """The SQL audit store at `url` (not yet opened: `await store.start()`, or read from it)."""
+    return SqlAuditStore(url, verifier=verifier, **options)
+

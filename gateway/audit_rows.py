@@ -1,0 +1,179 @@
+"""The audit store's tables (SQLModel) and the conversions between rows and records.
+
+List and dict fields are stored as JSON text. Reading is on the verify path (100,000 records in a
+few seconds), so rows are selected in AuditRecord field order and converted positionally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, LargeBinary, Text
+from sqlmodel import Field, SQLModel
+
+from gateway.audit_chain import AuditRecord
+from gateway.signing import SignedCheckpoint
+
+
+class AuditRecordRow(SQLModel, table=True):
+    """One audit record; list and dict fields are JSON text."""
+
+    __tablename__ = "audit_record"
+
+    sequence: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    time_ms: int = Field(sa_column=Column(BigInteger, nullable=False, index=True))
+    kind: str = Field(index=True)
+    task_id: str = Field(index=True)
+    peer_org: str = Field(index=True)
+    agent: str = Field(index=True)
+    skill: str
+    direction: str
+    decision: str = Field(index=True)
+    requester: str
+    status: str
+    duration_ms: float
+    withheld_paths: str = Field(sa_column=Column(Text, nullable=False))
+    transformed: str = Field(sa_column=Column(Text, nullable=False))
+    digest_before: str | None = None
+    digest_after: str | None = None
+    policy_version: str | None = None
+    detail: str = Field(sa_column=Column(Text, nullable=False))
+    receipt: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    payload: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    prev_hash: str
+    record_hash: str
+
+
+class AuditCheckpointRow(SQLModel, table=True):
+    """A signed chain head: ours, a retention anchor, or a peer's."""
+
+    __tablename__ = "audit_checkpoint"
+
+    id: int | None = Field(default=None, primary_key=True)
+    role: str = Field(index=True)
+    org: str = Field(index=True)
+    sequence: int = Field(sa_column=Column(BigInteger, nullable=False))
+    head_hash: str
+    signed_at_unix_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+    signer_certificate: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    signature: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+RECORDS = AuditRecordRow.__table__  # type: ignore[attr-defined]
+CHECKPOINTS = AuditCheckpointRow.__table__  # type: ignore[attr-defined]
+
+
+def record_values(record: AuditRecord) -> dict[str, Any]:
+    return {
+        "sequence": record.sequence,
+        "time_ms": record.time_ms,
+        "kind": record.kind,
+        "task_id": record.task_id,
+        "peer_org": record.peer_org,
+        "agent": record.agent,
+        "skill": record.skill,
+        "direction": record.direction,
+        "decision": record.decision,
+        "requester": record.requester,
+        "status": record.status,
+        "duration_ms": record.duration_ms,
+        "withheld_paths": json.dumps(list(record.withheld_paths)),
+        "transformed": json.dumps([list(pair) for pair in record.transformed]),
+        "digest_before": record.digest_before,
+        "digest_after": record.digest_after,
+        "policy_version": record.policy_version,
+        "detail": record.detail,
+        "receipt": None if record.receipt is None else json.dumps(record.receipt),
+        "payload": None if record.payload is None else json.dumps(record.payload),
+        "prev_hash": record.prev_hash,
+        "record_hash": record.record_hash,
+    }
+
+
+_FIELDS = [f.name for f in dataclasses.fields(AuditRecord)]
+_WITHHELD, _TRANSFORMED, _DURATION = (
+    _FIELDS.index("withheld_paths"), _FIELDS.index("transformed"), _FIELDS.index("duration_ms")
+)
+_RECEIPT, _PAYLOAD = _FIELDS.index("receipt"), _FIELDS.index("payload")
+SELECTED_COLUMNS = [RECORDS.c[name] for name in _FIELDS]
+assert _FIELDS[0] == "sequence"
+
+
+# Paths repeat across records (the same policy withholds the same fields): cache the parses.
+@functools.lru_cache(maxsize=4096)
+def _parse_paths(text: str) -> tuple[str, ...]:
+    if text == "[]":
+        return ()
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(path, str) for path in value):
+        raise ValueError("not a list of paths")
+    return tuple(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    if text == "[]":
+        return ()
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair)
+        for pair in value
+    ):
+        raise ValueError("not a list of [path, action] pairs")
+    return tuple((pair[0], pair[1]) for pair in value)
+
+
+def _parse_object(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+def record_from_row(row: Sequence[Any]) -> AuditRecord:
+    """A record from a row selected in _FIELDS order (positional: reading is on the verify path).
+
+    Stored text that does not parse to the expected shape is replaced by a marker, so the record
+    hash no longer matches and verify names the record.
+    """
+    values = list(row)
+    try:
+        values[_WITHHELD] = _parse_paths(values[_WITHHELD])
+        values[_TRANSFORMED] = _parse_pairs(values[_TRANSFORMED])
+        values[_RECEIPT] = _parse_object(values[_RECEIPT])
+        values[_PAYLOAD] = _parse_object(values[_PAYLOAD])
+    except (ValueError, TypeError):
+        values[_WITHHELD] = ("<unreadable stored value>",)
+        values[_TRANSFORMED] = ()
+        values[_RECEIPT] = values[_PAYLOAD] = None
+    values[_DURATION] = float(values[_DURATION])
+    return AuditRecord(*values)
+
+
+def checkpoint_from_row(row: Any) -> SignedCheckpoint:
+    return SignedCheckpoint(
+        org=row.org,
+        sequence=row.sequence,
+        head_hash=row.head_hash,
+        signed_at_unix_ms=row.signed_at_unix_ms,
+        signer_certificate=bytes(row.signer_certificate),
+        signature=bytes(row.signature),
+    )
+
+
+def checkpoint_values(role: str, checkpoint: SignedCheckpoint) -> dict[str, Any]:
+    return {
+        "role": role,
+        "org": checkpoint.org,
+        "sequence": checkpoint.sequence,
+        "head_hash": checkpoint.head_hash,
+        "signed_at_unix_ms": checkpoint.signed_at_unix_ms,
+        "signer_certificate": checkpoint.signer_certificate,
+        "signature": checkpoint.signature,
+    }
