@@ -172,9 +172,11 @@ class Gateway:
     def reload_policy(self) -> None:
         if self.policy is not None:
             try:
-                self.policy.reload()
-            except Exception as exc:
-                log.error("policy reload refused: %s", exc)
+                policy = self.policy.reload()
+            except FedgateError as exc:
+                log.error("policy reload refused, the previous policy keeps serving: %s", exc.message)
+            else:
+                log.info("policy reloaded: version %s", policy.version)
 
 
 async def _set_serving(servicer: health.HealthServicer, serving: bool) -> None:

@@ -32,6 +32,9 @@ def _register() -> None:
     for module in (gateway_commands, policy, audit):
         for command in module.COMMANDS:
             main.add_command(command)
+    policy_group = main.commands.get("policy")
+    if isinstance(policy_group, click.Group):
+        policy_group.add_command(gateway_commands.policy_reload)
 
 
 _register()

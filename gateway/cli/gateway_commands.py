@@ -220,3 +220,29 @@ def demo(quiet: bool) -> None:
 
 
 COMMANDS: list[click.Command] = [init, serve, certs, agents, demo]
+
+
+@click.command("reload")
+@config_option
+def policy_reload(config_path: str) -> None:
+    """Ask the running gateway to reload its policy (it also reloads on file change)."""
+    import os
+    import signal
+
+    from gateway.policy import load_or_create_pseudonym_key, load_policy
+
+    config = read_config(config_path)
+    if config.policy is None:
+        raise ConfigError(f"{config.source}: [policy] is missing: there is no policy to reload")
+    # Check first, so an invalid policy is reported here and not only in the gateway's log.
+    policy = load_policy(config.policy.model, config.policy.rules,
+                         pseudonym_key=load_or_create_pseudonym_key(config.pseudonym_key_path))
+    pid_file = config.data_dir / "fedgate.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        raise ConfigError(
+            f"{pid_file}: no running gateway found: start it with `fedgate serve`"
+        ) from None
+    click.echo(f"asked gateway (pid {pid}) to reload policy {policy.version}")

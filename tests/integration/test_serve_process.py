@@ -52,3 +52,36 @@ async def test_sigterm_lets_in_flight_tasks_finish_then_exits_zero(tmp_path: Pat
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+@pytest.mark.slow
+async def test_policy_reload_command_reaches_the_running_gateway(tmp_path: Path, pki: Pki) -> None:
+    hospital_config = configs(tmp_path, pki)[0]
+    process, _ = await _start(hospital_config)
+    try:
+        rules = tmp_path / "hospital.csv"
+        rules.write_text(rules.read_text() + "p, insurer, extra, *, invoke, *, allow\n")
+        reload = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "policy", "reload", "--config", str(hospital_config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(reload.communicate(), 30)
+        assert reload.returncode == 0, err.decode()
+        assert "to reload policy sha256:" in out.decode()
+        assert process.stderr is not None
+        while True:
+            line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+            assert line, "gateway exited"
+            if "policy reloaded: version sha256:" in line:
+                break
+        rules.write_text("p, insurer, x, y, invoke, *, frobnicate\n")
+        broken = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "policy", "reload", "--config", str(hospital_config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(broken.communicate(), 30)
+        assert broken.returncode == 2
+        assert "hospital.csv:1" in err.decode() and "frobnicate" in err.decode()
+    finally:
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), 30) == 0
