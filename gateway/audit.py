@@ -33,12 +33,10 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     Engine,
     delete,
-    event,
     func,
     insert,
     select,
 )
-from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.sql import ColumnElement
@@ -62,6 +60,7 @@ from gateway.audit_rows import (
     record_from_row,
     record_values,
 )
+from gateway.db import create_store_engine
 from gateway.errors import AuditUnavailable, ConfigError, FedgateError, PermissionDenied
 from gateway.signing import SignedCheckpoint, Signer, Verifier, sign_checkpoint, verify_checkpoint
 
@@ -525,35 +524,7 @@ class SqlAuditStore(AuditStore):
                 self._engine = self._create_engine()
 
     def _create_engine(self) -> Engine:
-        if self.is_sqlite:
-            engine = sa_create_engine(
-                self.url, connect_args={"timeout": self.busy_timeout_ms / 1000}
-            )
-            busy = self.busy_timeout_ms
-
-            @event.listens_for(engine, "connect")
-            def _pragmas(connection: Any, _record: Any) -> None:
-                cursor = connection.cursor()
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA synchronous=FULL")
-                cursor.execute(f"PRAGMA busy_timeout={int(busy)}")
-                cursor.close()
-        else:
-            # Keep options given in the URL (e.g. a search_path), adding a lock timeout so a
-            # blocked write fails (and the gateway fails closed) instead of hanging.
-            given = make_url(self.url).query.get("options", "")
-            options = " ".join(
-                [*([given] if isinstance(given, str) else given),
-                 f"-c lock_timeout={int(self.busy_timeout_ms)}"]
-            ).strip()
-            engine = sa_create_engine(
-                self.url,
-                pool_pre_ping=True,
-                connect_args={
-                    "connect_timeout": max(1, self.busy_timeout_ms // 1000),
-                    "options": options,
-                },
-            )
+        engine = create_store_engine(self.url, busy_timeout_ms=self.busy_timeout_ms)
         try:
             SQLModel.metadata.create_all(engine, tables=[RECORDS, CHECKPOINTS])
         except Exception:

@@ -1,0 +1,858 @@
+"""The field-level sharing policy: Casbin rules compiled into fast, immutable decisions.
+
+Contract
+--------
+Three questions, per peer organization, each default deny:
+  invoke  may the peer call our agent.skill?                       -> Policy.may_invoke
+  send    may this field of our outbound request go to the peer?   -> Policy.filter(..., "send")
+  share   may this field of our result go to the peer that asked?  -> Policy.filter(..., "share")
+A field that no rule covers does not leave. Withheld fields are removed from the output, and a
+container left empty by withholding is removed too.
+
+Rules are Casbin `p` lines (see policies/README.md):
+
+    p, PEER, AGENT, SKILL, DIRECTION, FIELD, EFFECT[, CONDITION]
+
+Which rule decides (the same order for every question):
+  1. only rules whose peer, agent, skill (each may be `*`), direction and condition match apply,
+     and whose field pattern covers the field (matches it or one of its ancestors);
+  2. the most specific pattern wins (gateway.policy_paths: segment by segment, a literal key or
+     `[]` beats `*` beats `**`, and a deeper pattern beats its own prefix);
+  3. at equal specificity the most restrictive effect wins: deny, pseudonymize, mask (fewer
+     characters kept first), generalize (year, then wider ranges first), allow;
+  4. then the earlier line of the file.
+Peer, agent, skill and condition select rules but do not make one more specific than another.
+
+Casbin is the source of truth: the rules are handed to a `casbin.Enforcer` in that order, and the
+model's effect `priority(p.eft) || deny` lets the first matching rule decide (`enforce_ex` names
+it). Walking every rule per field is far too slow, so the Policy compiles an index per
+(peer, agent, skill, direction) and memoizes the deciding rule per (normalized path, claims that
+conditions read). Tests check that the compiled answer always equals Casbin's.
+
+A Policy is an immutable snapshot (its memo only caches pure results) and is safe to share across
+threads and asyncio tasks. PolicyHolder swaps snapshots in one assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import os
+import re
+import secrets
+import threading
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import casbin
+from casbin.util import escape_assertion
+
+from gateway import policy_paths as paths
+from gateway import policy_transforms as transforms
+from gateway.config import AGENT_NAME, ORG_NAME
+from gateway.errors import InvalidArgument, PayloadLimitExceeded, PolicyError
+from gateway.payload import DEFAULT_MAX_DEPTH, DEFAULT_MAX_FIELDS, check_limits
+
+log = logging.getLogger("fedgate.policy")
+
+Direction = Literal["invoke", "send", "share"]
+DIRECTIONS: tuple[str, ...] = ("invoke", "send", "share")
+Claims = Mapping[str, str | Sequence[str]] | None
+
+# The Casbin model Fedgate compiles. model.conf must say exactly this (comments aside).
+MODEL_REQUEST = ("peer", "agent", "skill", "dir", "field", "claims")
+MODEL_POLICY = ("peer", "agent", "skill", "dir", "field", "action", "cond")
+MODEL_EFFECT = "priority(p.eft) || deny"
+MODEL_MATCHER = (
+    "nameMatch(r.peer, p.peer) && nameMatch(r.agent, p.agent) && nameMatch(r.skill, p.skill) "
+    "&& r.dir == p.dir && fieldMatch(r.field, p.field) && claimsMatch(r.claims, p.cond)"
+)
+
+# Memo bounds: paths and claims come from payloads and tokens, so the caches must not grow forever.
+_MAX_TABLES = 4096
+_MAX_CLAIM_VARIANTS = 256
+_MAX_PATHS = 65_536
+
+_CONDITION = re.compile(r"\s*([A-Za-z0-9_.:-]+)\s*(!?=)\s*([^&]*?)\s*")
+
+
+@dataclass(frozen=True)
+class FieldDecision:
+    path: str
+    action: str
+    rule: str | None
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    output: dict[str, Any]
+    withheld: tuple[str, ...]
+    transformed: tuple[tuple[str, str], ...]
+    decisions: tuple[FieldDecision, ...]
+    policy_version: str
+
+
+@dataclass(frozen=True)
+class InvokeDecision:
+    allowed: bool
+    rule: str | None
+    policy_version: str
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One clause of a rule's condition: claim NAME has (or, negated, lacks) VALUE."""
+
+    name: str
+    value: str
+    negated: bool = False
+
+    def holds(self, claims: Mapping[str, frozenset[str]]) -> bool:
+        present = self.value in claims.get(self.name, frozenset())
+        return not present if self.negated else present
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One `p` line of the rules file, parsed."""
+
+    source: str  # "policies/hospital.csv:12"
+    text: str  # the line as written
+    values: tuple[str, ...]  # the seven Casbin columns, as Casbin sees them
+    peer: str
+    agent: str
+    skill: str
+    direction: str
+    pattern: paths.Pattern
+    effect: transforms.Effect
+    conditions: tuple[Condition, ...]
+    line: int = field(compare=False)
+    description: str = field(default="", compare=False)  # "file:line: the line"
+
+    @property
+    def precedence(self) -> tuple[Any, ...]:
+        return (paths.sort_key(self.pattern), self.effect.restrictiveness, self.line)
+
+    def describe(self) -> str:
+        return self.description
+
+    def applies(self, segments: paths.PathSegments, claims: Mapping[str, frozenset[str]]) -> bool:
+        return paths.covers(self.pattern, segments) and all(
+            c.holds(claims) for c in self.conditions
+        )
+
+
+@dataclass(frozen=True)
+class PolicyReport:
+    """What `check_policy` found: errors make a policy unusable, warnings do not."""
+
+    errors: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+
+def _label(path: Path) -> str:
+    """A path as shown in messages: relative to the working folder when it is below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def claim_sets(claims: Claims) -> dict[str, frozenset[str]]:
+    """Delegated claims as sets of strings (a single value is a set of one)."""
+    if not claims:
+        return {}
+    result: dict[str, frozenset[str]] = {}
+    for name, value in claims.items():
+        if isinstance(value, str):
+            result[str(name)] = frozenset((value,))
+        elif isinstance(value, Collection):
+            result[str(name)] = frozenset(str(item) for item in value)
+        else:
+            result[str(name)] = frozenset((str(value),))
+    return result
+
+
+def parse_condition(text: str) -> tuple[Condition, ...]:
+    """`purpose=treatment & role!=intern` as clauses; empty means always. Raises ValueError."""
+    if not text.strip():
+        return ()
+    clauses = []
+    for part in text.split("&"):
+        match = _CONDITION.fullmatch(part)
+        if match is None or not match.group(3):
+            raise ValueError(
+                f"malformed condition {text.strip()!r}: use claim=value or claim!=value, "
+                "joined with '&' (e.g. purpose=treatment & role=doctor)"
+            )
+        clauses.append(Condition(match.group(1), match.group(3), match.group(2) == "!="))
+    return tuple(clauses)
+
+
+def split_line(line: str) -> list[str] | None:
+    """Split a rules line into stripped tokens the way Casbin's file adapter does."""
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    tokens: list[str] = []
+    depth = 0
+    start = 0
+    for index, char in enumerate(line):
+        if char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+            if depth < 0:
+                raise ValueError("unbalanced brackets")
+        elif char == "," and depth == 0:
+            tokens.append(line[start:index].strip())
+            start = index + 1
+    if depth != 0:
+        raise ValueError("unbalanced brackets")
+    tokens.append(line[start:].strip())
+    return tokens
+
+
+def _parse_rule(source: str, line: int, text: str, tokens: list[str]) -> Rule:
+    """One `p` line as a Rule; raises ValueError with the cause and the fix."""
+    if tokens[0] != "p":
+        raise ValueError(f"unknown line type {tokens[0]!r}: every rule starts with 'p,'")
+    columns = tokens[1:]
+    if len(columns) == 6:
+        columns.append("")
+    if len(columns) != 7:
+        raise ValueError(
+            f"expected 6 or 7 fields after 'p' (peer, agent, skill, direction, field, effect"
+            f"[, condition]), got {len(columns)}"
+        )
+    peer, agent, skill, direction, pattern_text, action, cond = columns
+    if peer != "*" and not ORG_NAME.fullmatch(peer):
+        raise ValueError(f"peer {peer!r} is not an organization name or '*'")
+    for kind, name in (("agent", agent), ("skill", skill)):
+        if name != "*" and not AGENT_NAME.fullmatch(name):
+            raise ValueError(f"{kind} {name!r} is not a valid name or '*'")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r} (use invoke, send or share)")
+    effect = transforms.parse_effect(action)
+    if direction == "invoke":
+        if pattern_text not in ("", "*"):
+            raise ValueError(
+                f"an invoke rule names no field: use '*' or leave it empty, not {pattern_text!r}"
+            )
+        if effect.kind not in (transforms.ALLOW, transforms.DENY):
+            raise ValueError(f"an invoke rule is allow or deny, not {action!r}")
+        pattern: paths.Pattern = ()
+    else:
+        if not pattern_text:
+            raise ValueError("a send or share rule names a field pattern (use ** for every field)")
+        try:
+            pattern = paths.parse_pattern(pattern_text)
+        except paths.PathSyntaxError as exc:
+            raise ValueError(f"bad field pattern {pattern_text!r}: {exc}") from None
+    conditions = parse_condition(cond)
+    return Rule(
+        source=f"{source}:{line}",
+        text=text.strip(),
+        values=tuple(columns),
+        peer=peer,
+        agent=agent,
+        skill=skill,
+        direction=direction,
+        pattern=pattern,
+        effect=effect,
+        conditions=conditions,
+        line=line,
+        description=f"{source}:{line}: {text.strip()}",
+    )
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise PolicyError(
+            f"{_label(path)}: {what} file not found: check [policy] {what} in fedgate.toml"
+        ) from None
+    except OSError as exc:
+        raise PolicyError(f"{_label(path)}: cannot read the {what} file: {exc.strerror}") from None
+
+
+def _name_match(request: str, rule: str) -> bool:
+    return rule == "*" or request == rule
+
+
+def _field_match(request: str, rule: str) -> bool:
+    if request == "":
+        return rule in ("", "*")  # an invoke request names no field
+    if rule == "":
+        return False
+    return paths.covers(paths.parse_pattern(rule), paths.parse_normalized(request))
+
+
+def _claims_match(claims: Claims, cond: str) -> bool:
+    sets = claim_sets(claims)
+    return all(c.holds(sets) for c in parse_condition(cond))
+
+
+def _build_enforcer(model_path: Path, rules: Sequence[Rule]) -> casbin.Enforcer:
+    label = _label(model_path)
+    try:
+        enforcer = casbin.Enforcer(str(model_path))
+        model = enforcer.get_model()
+        request = tuple(t.removeprefix("r_") for t in model["r"]["r"].tokens)
+        policy = tuple(t.removeprefix("p_") for t in model["p"]["p"].tokens)
+        effect = model["e"]["e"].value
+        matcher = model["m"]["m"].value
+    except Exception as exc:  # Casbin raises whatever its parser meets
+        raise PolicyError(
+            f"{label}: not a valid Casbin model ({type(exc).__name__}: {exc}): "
+            "restore policies/model.conf from the Fedgate release"
+        ) from None
+    expected = (
+        ("request_definition r", request, MODEL_REQUEST),
+        ("policy_definition p", policy, MODEL_POLICY),
+        ("policy_effect e", " ".join(effect.split()), escape_assertion(MODEL_EFFECT)),
+        ("matchers m", " ".join(matcher.split()), escape_assertion(MODEL_MATCHER)),
+    )
+    for name, found, wanted in expected:
+        if found != wanted:
+            shown = ", ".join(wanted) if isinstance(wanted, tuple) else wanted
+            raise PolicyError(
+                f"{label}: {name} differs from the model Fedgate compiles: set it to {shown!r}"
+            )
+    enforcer.add_function("nameMatch", _name_match)
+    enforcer.add_function("fieldMatch", _field_match)
+    enforcer.add_function("claimsMatch", _claims_match)
+    enforcer.add_policies([list(rule.values) for rule in rules])
+    return enforcer
+
+
+def check_policy(
+    model_path: Path | str,
+    rules_path: Path | str,
+    *,
+    known_agents: Mapping[str, Collection[str]] | None = None,
+    known_peers: Collection[str] | None = None,
+) -> tuple[PolicyReport, tuple[Rule, ...], bytes]:
+    """Parse and validate the rules; returns every problem found, the rules in precedence order
+    and the version input (model + rules bytes). Raises PolicyError only for unreadable files."""
+    model_path, rules_path = Path(model_path), Path(rules_path)
+    model_bytes = _read(model_path, "model")
+    rules_bytes = _read(rules_path, "rules")
+    label = _label(rules_path)
+    errors: list[str] = []
+    warnings: list[tuple[int, str]] = []
+    try:
+        text = rules_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{label}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+    rules: list[Rule] = []
+    seen: dict[tuple[str, ...], int] = {}
+    repeated: dict[str, list[Rule]] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            tokens = split_line(line)
+            if tokens is None:
+                continue
+            rule = _parse_rule(label, number, line, tokens)
+        except ValueError as exc:
+            errors.append(f"{label}:{number}: {exc}")
+            continue
+        if rule.values in seen:
+            warnings.append(
+                (
+                    number,
+                    f"{label}:{number}: duplicates line {seen[rule.values]}; this line is ignored",
+                )
+            )
+            continue
+        seen[rule.values] = number
+        rules.append(rule)
+        for warning in _rule_warnings(rule, known_agents, known_peers):
+            repeated.setdefault(warning, []).append(rule)
+    # One warning per distinct problem, at its first line, rather than one per rule.
+    for warning, found in repeated.items():
+        more = f" (and {len(found) - 1} more rules)" if len(found) > 1 else ""
+        warnings.append((found[0].line, f"{found[0].source}: {warning}{more}"))
+    if not rules and not errors:
+        warnings.append(
+            (0, f"{label}: no rules: nothing is invoked, sent or shared (default deny)")
+        )
+    ordered = tuple(sorted(rules, key=lambda r: r.precedence))
+    return (
+        PolicyReport(tuple(errors), tuple(text for _, text in sorted(warnings))),
+        ordered,
+        model_bytes + b"\x00" + rules_bytes,
+    )
+
+
+def _rule_warnings(
+    rule: Rule,
+    known_agents: Mapping[str, Collection[str]] | None,
+    known_peers: Collection[str] | None,
+) -> list[str]:
+    found = []
+    if known_peers is not None and rule.peer != "*" and rule.peer not in known_peers:
+        found.append(f"rule names peer {rule.peer!r} which is not a peer of this gateway")
+    # A send rule names the remote target's agent and skill, which we cannot know here.
+    if known_agents is not None and rule.direction != "send" and rule.agent != "*":
+        if rule.agent not in known_agents:
+            found.append(f"rule names agent {rule.agent!r} which this gateway does not have")
+        elif rule.skill != "*" and rule.skill not in known_agents[rule.agent]:
+            found.append(
+                f"rule names skill '{rule.agent}.{rule.skill}' which this gateway does not have"
+            )
+    return found
+
+
+class _Memo:
+    """Decisions remembered for one table and one set of relevant claims."""
+
+    __slots__ = ("decisions", "rules")
+
+    def __init__(self) -> None:
+        self.rules: dict[str, Rule | None] = {}  # normalized path -> deciding rule
+        self.decisions: dict[str, FieldDecision] = {}  # concrete path -> its usual decision
+
+
+class _Table:
+    """The rules that can apply to one (peer, agent, skill, direction), and their memos."""
+
+    __slots__ = ("memos", "rules")
+
+    def __init__(self, rules: tuple[Rule, ...]) -> None:
+        self.rules = rules
+        self.memos: dict[tuple[Any, ...], _Memo] = {}
+
+    def memo(self, claims_key: tuple[Any, ...]) -> _Memo:
+        memo = self.memos.get(claims_key)
+        if memo is None:
+            if len(self.memos) >= _MAX_CLAIM_VARIANTS:
+                self.memos.clear()
+            memo = self.memos[claims_key] = _Memo()
+        return memo
+
+    def decide(self, path: str, claims: Mapping[str, frozenset[str]]) -> Rule | None:
+        segments = paths.parse_normalized(path) if path else ()
+        for rule in self.rules:
+            if rule.applies(segments, claims):
+                return rule
+        return None
+
+
+_MISSING: Any = object()
+_WITHHELD: Any = object()
+_LEAF_TYPES = frozenset({str, int, float, bool, type(None)})
+
+
+class Policy:
+    """An immutable compiled policy snapshot; safe to share across asyncio tasks and threads."""
+
+    def __init__(
+        self,
+        rules: tuple[Rule, ...],
+        *,
+        version: str,
+        warnings: tuple[str, ...],
+        pseudonym_key: bytes,
+        enforcer: casbin.Enforcer,
+    ) -> None:
+        self.version = version
+        self.warnings = warnings
+        self.rules = rules
+        self._key = pseudonym_key
+        self._enforcer = enforcer
+        self._enforcer_lock = threading.Lock()
+        self._by_values = {rule.values: rule for rule in rules}
+        self._groups: dict[tuple[str, str, str, str], list[Rule]] = {}
+        for rule in rules:  # already in precedence order
+            self._groups.setdefault((rule.direction, rule.peer, rule.agent, rule.skill), []).append(
+                rule
+            )
+        self._claim_names = frozenset(c.name for r in rules for c in r.conditions)
+        self._tables: dict[tuple[str, str, str, str], _Table] = {}
+
+    # -- compiled decisions ---------------------------------------------------------------------
+
+    def _table(self, peer: str, agent: str, skill: str, direction: str) -> _Table:
+        key = (peer, agent, skill, direction)
+        table = self._tables.get(key)
+        if table is None:
+            candidates: list[Rule] = []
+            for group_peer in {peer, "*"}:
+                for group_agent in {agent, "*"}:
+                    for group_skill in {skill, "*"}:
+                        candidates += self._groups.get(
+                            (direction, group_peer, group_agent, group_skill), ()
+                        )
+            if len(self._tables) >= _MAX_TABLES:
+                self._tables.clear()
+            table = self._tables[key] = _Table(
+                tuple(sorted(candidates, key=lambda r: r.precedence))
+            )
+        return table
+
+    def _claims(self, claims: Claims) -> tuple[tuple[Any, ...], dict[str, frozenset[str]]]:
+        if not claims or not self._claim_names:
+            return (), {}
+        sets = {n: v for n, v in claim_sets(claims).items() if n in self._claim_names}
+        return tuple(sorted((n, tuple(sorted(v))) for n, v in sets.items())), sets
+
+    def rule_for(
+        self, peer: str, agent: str, skill: str, direction: str, path: str, claims: Claims = None
+    ) -> Rule | None:
+        """The rule the compiled index says decides a normalized path ('' for invoke)."""
+        claims_key, sets = self._claims(claims)
+        table = self._table(peer, agent, skill, direction)
+        memo = table.memo(claims_key).rules
+        rule = memo.get(path, _MISSING)
+        if rule is _MISSING:
+            rule = table.decide(path, sets)
+            if len(memo) >= _MAX_PATHS:
+                memo.clear()
+            memo[path] = rule
+        return rule  # type: ignore[no-any-return]
+
+    def casbin_rule_for(
+        self, peer: str, agent: str, skill: str, direction: str, path: str, claims: Claims = None
+    ) -> Rule | None:
+        """The rule Casbin's own enforce_ex names for the same request (slow: walks every rule)."""
+        with self._enforcer_lock:
+            matched, explain = self._enforcer.enforce_ex(
+                peer, agent, skill, direction, path, dict(claims or {})
+            )
+        if not matched:
+            return None
+        return self._by_values[tuple(explain)]
+
+    def explain_field(
+        self, peer: str, agent: str, skill: str, direction: str, path: str, claims: Claims = None
+    ) -> str | None:
+        """Casbin's account of which rule decides a field (concrete or normalized path)."""
+        normalized = paths.normalize(path) if path else ""
+        rule = self.casbin_rule_for(peer, agent, skill, direction, normalized, claims)
+        return rule.describe() if rule else None
+
+    def released_value(
+        self,
+        peer: str,
+        agent: str,
+        skill: str,
+        direction: str,
+        path: str,
+        value: Any,
+        claims: Claims = None,
+    ) -> Any | None:
+        """What leaves for one leaf value at a concrete path (None: withheld); for previews."""
+        rule = self.rule_for(peer, agent, skill, direction, paths.normalize(path), claims)
+        if rule is None or rule.effect.kind == transforms.DENY:
+            return None
+        if rule.effect.kind == transforms.ALLOW:
+            return value
+        if isinstance(value, dict | list):
+            return None
+        return transforms.apply(rule.effect, value, self._key, peer)
+
+    # -- the public questions -------------------------------------------------------------------
+
+    def may_invoke(
+        self, peer: str, agent: str, skill: str, claims: Claims = None
+    ) -> InvokeDecision:
+        """May `peer` call our agent.skill? Default deny."""
+        rule = self.rule_for(peer, agent, skill, "invoke", "", claims)
+        allowed = rule is not None and rule.effect.kind == transforms.ALLOW
+        return InvokeDecision(allowed, rule.describe() if rule else None, self.version)
+
+    def filter(
+        self,
+        peer: str,
+        agent: str,
+        skill: str,
+        direction: Literal["send", "share"],
+        payload: dict[str, Any],
+        claims: Claims = None,
+        *,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        max_fields: int = DEFAULT_MAX_FIELDS,
+    ) -> FilterResult:
+        """What of `payload` may leave to `peer`; raises PayloadLimitExceeded or InvalidArgument
+        for a payload that cannot be evaluated (it is then refused, never passed through)."""
+        if direction not in ("send", "share"):
+            raise InvalidArgument(f"cannot filter for direction {direction!r}: use send or share")
+        if not isinstance(payload, dict):
+            raise InvalidArgument("a payload is a JSON object: wrap the value in an object")
+        check_limits(payload, max_depth=max_depth, max_fields=max_fields)
+        claims_key, sets = self._claims(claims)
+        table = self._table(peer, agent, skill, direction)
+        walk = _Walk(table, table.memo(claims_key), sets, self._key, peer)
+        try:
+            output = walk.object(payload, "", "")
+        except RecursionError:
+            raise PayloadLimitExceeded(
+                "payload is nested too deep for this gateway to evaluate: lower "
+                "[limits] max_payload_depth or flatten the payload"
+            ) from None
+        return FilterResult(
+            output,
+            tuple(walk.withheld),
+            tuple(walk.transformed),
+            tuple(walk.decisions),
+            self.version,
+        )
+
+
+class _Walk:
+    """One filter pass over a payload, in payload order.
+
+    Recursive on purpose (fast, order-preserving); check_limits has bounded the depth first, and
+    a depth beyond Python's recursion limit is refused, never passed through.
+    """
+
+    __slots__ = ("decisions", "key", "memo", "peer", "sets", "table", "transformed", "withheld")
+
+    def __init__(
+        self, table: _Table, memo: _Memo, sets: dict[str, frozenset[str]], key: bytes, peer: str
+    ) -> None:
+        self.table = table
+        self.memo = memo
+        self.sets = sets
+        self.key = key
+        self.peer = peer
+        self.withheld: list[str] = []
+        self.transformed: list[tuple[str, str]] = []
+        self.decisions: list[FieldDecision] = []
+
+    def object(self, value: dict[str, Any], concrete: str, normalized: str) -> dict[str, Any]:
+        output: dict[str, Any] = {}
+        suffixes = _NEXT_SUFFIX if concrete else _FIRST_SUFFIX
+        for name, child in value.items():
+            suffix = suffixes.get(name)
+            if suffix is None:
+                suffix = _suffix(name, first=not concrete)
+            child_type = type(child)
+            if (child_type is dict or child_type is list) and child:
+                released = (
+                    self.object(child, concrete + suffix, normalized + suffix)
+                    if child_type is dict
+                    else self.array(child, concrete + suffix, normalized + suffix)
+                )
+                if released:  # a container left empty by withholding is removed
+                    output[name] = released
+            else:
+                released = self.leaf(child, concrete + suffix, normalized + suffix)
+                if released is not _WITHHELD:
+                    output[name] = released
+        return output
+
+    def array(self, value: list[Any], concrete: str, normalized: str) -> list[Any]:
+        output: list[Any] = []
+        normalized += "[]"
+        for index, child in enumerate(value):
+            child_type = type(child)
+            if (child_type is dict or child_type is list) and child:
+                released = (
+                    self.object(child, f"{concrete}[{index}]", normalized)
+                    if child_type is dict
+                    else self.array(child, f"{concrete}[{index}]", normalized)
+                )
+                if released:
+                    output.append(released)
+            else:
+                released = self.leaf(child, f"{concrete}[{index}]", normalized)
+                if released is not _WITHHELD:
+                    output.append(released)
+        return output
+
+    def leaf(self, value: Any, concrete: str, normalized: str) -> Any:
+        """Decide one leaf (a scalar or an empty container); returns what leaves or _WITHHELD."""
+        value_type = type(value)
+        if value_type not in _LEAF_TYPES or (value_type is float and not math.isfinite(value)):
+            _check_leaf(value, concrete)
+        memo = self.memo
+        rule = memo.rules.get(normalized, _MISSING)
+        if rule is _MISSING:
+            rule = self.table.decide(normalized, self.sets)
+            if len(memo.rules) >= _MAX_PATHS:
+                memo.rules.clear()
+            memo.rules[normalized] = rule
+        if rule is None:
+            released, action = _WITHHELD, "withheld"
+        else:
+            kind = rule.effect.kind
+            if kind == transforms.ALLOW:
+                released, action = _copy_leaf(value), "allowed"
+            elif kind == transforms.DENY or value_type is dict or value_type is list:
+                released, action = _WITHHELD, "withheld"
+            else:
+                released = transforms.apply(rule.effect, value, self.key, self.peer)
+                if released is None:
+                    released, action = _WITHHELD, "withheld"
+                else:
+                    action = transforms.ACTION_OF[kind]
+                    self.transformed.append((concrete, action))
+        if released is _WITHHELD:
+            self.withheld.append(concrete)
+        decision = memo.decisions.get(concrete)
+        if (
+            decision is None
+            or decision.action != action
+            or decision.rule is not (rule.description if rule else None)
+        ):
+            decision = FieldDecision(concrete, action, rule.description if rule else None)
+            if len(memo.decisions) >= _MAX_PATHS:
+                memo.decisions.clear()
+            memo.decisions[concrete] = decision
+        self.decisions.append(decision)
+        return released
+
+
+# Rendered key suffixes, for the first segment of a path and for the following ones.
+_FIRST_SUFFIX: dict[str, str] = {}
+_NEXT_SUFFIX: dict[str, str] = {}
+
+
+def _suffix(name: Any, *, first: bool) -> str:
+    if type(name) is not str:
+        raise InvalidArgument("a payload key is not a string: JSON object keys are strings")
+    cache = _FIRST_SUFFIX if first else _NEXT_SUFFIX
+    suffix = paths.render_key(name, first=first)
+    if len(cache) >= _MAX_PATHS:
+        cache.clear()
+    cache[name] = suffix
+    return suffix
+
+
+def _check_leaf(value: Any, path: str) -> None:
+    """Refuse what JSON cannot carry (subclasses of the JSON types are accepted)."""
+    if isinstance(value, dict | list):
+        return
+    if not isinstance(value, str | int | float | bool) and value is not None:
+        raise InvalidArgument(
+            f"payload value at {path} is a {type(value).__name__}, which JSON cannot carry"
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgument(f"payload value at {path} is not a finite number")
+
+
+def _copy_leaf(value: Any) -> Any:
+    """An allowed leaf as it leaves: scalars as is, an empty container as a fresh one."""
+    if type(value) is dict:
+        return {}
+    if type(value) is list:
+        return []
+    return value
+
+
+def load_policy(
+    model_path: Path | str,
+    rules_path: Path | str,
+    *,
+    pseudonym_key: bytes,
+    known_agents: Mapping[str, Collection[str]] | None = None,
+    known_peers: Collection[str] | None = None,
+) -> Policy:
+    """Load, validate and compile a policy; raises PolicyError naming the file and the line."""
+    if len(pseudonym_key) < 16:
+        raise PolicyError(
+            "the pseudonym key is shorter than 16 bytes: use load_or_create_pseudonym_key"
+        )
+    report, rules, version_input = check_policy(
+        model_path, rules_path, known_agents=known_agents, known_peers=known_peers
+    )
+    if report.errors:
+        more = len(report.errors) - 1
+        suffix = f" (and {more} more: run `fedgate policy check`)" if more else ""
+        raise PolicyError(report.errors[0] + suffix)
+    enforcer = _build_enforcer(Path(model_path), rules)
+    return Policy(
+        rules,
+        version="sha256:" + hashlib.sha256(version_input).hexdigest(),
+        warnings=report.warnings,
+        pseudonym_key=pseudonym_key,
+        enforcer=enforcer,
+    )
+
+
+def load_or_create_pseudonym_key(path: Path) -> bytes:
+    """The gateway's 32-byte pseudonym key, created (mode 0600) if missing."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_bytes(32)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # created meanwhile by another process: read theirs
+        else:
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(key)
+            return key
+    try:
+        key = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read the pseudonym key: {exc.strerror}") from None
+    if len(key) != 32:
+        raise PolicyError(
+            f"{path}: the pseudonym key must hold 32 bytes, it holds {len(key)}: restore it from "
+            "a backup, or delete it to create a new one (pseudonyms then change)"
+        )
+    return key
+
+
+def _fingerprint(paths_to_watch: Sequence[Path]) -> tuple[str, ...]:
+    found = []
+    for path in paths_to_watch:
+        try:
+            found.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+        except OSError:
+            found.append("missing")
+    return tuple(found)
+
+
+class PolicyHolder:
+    """Holds the current Policy; reload builds the new one aside and swaps it in one assignment."""
+
+    def __init__(self, load: Callable[[], Policy]) -> None:
+        self._load = load
+        self._reload_lock = threading.Lock()
+        self._current = load()
+
+    @property
+    def current(self) -> Policy:
+        return self._current
+
+    def reload(self) -> Policy:
+        """Load the policy again; on PolicyError keep serving the old one and re-raise."""
+        with self._reload_lock:
+            try:
+                policy = self._load()
+            except PolicyError as exc:
+                log.warning(
+                    "policy reload refused, still serving %s: %s",
+                    self._current.version,
+                    exc.message,
+                )
+                raise
+            self._current = policy
+        log.info("policy %s loaded (%d rules)", policy.version, len(policy.rules))
+        return policy
+
+    async def watch(self, paths: Sequence[Path], interval: float = 1.0) -> None:
+        """Reload whenever one of `paths` changes; runs until cancelled."""
+        seen = await asyncio.to_thread(_fingerprint, paths)
+        while True:
+            await asyncio.sleep(interval)
+            now = await asyncio.to_thread(_fingerprint, paths)
+            if now == seen:
+                continue
+            seen = now  # a refused version is reported once, not at every poll
+            try:
+                await asyncio.to_thread(self.reload)
+            except PolicyError:
+                pass  # reload() has logged it
+            except Exception:
+                log.exception("policy reload failed, still serving %s", self._current.version)
