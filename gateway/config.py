@@ -141,6 +141,14 @@ class GatewayConfig(_Section):
         return f"sqlite:///{self.data_dir / 'audit.db'}"
 
     @property
+    def tasks_database_url(self) -> str:
+        """The task table: beside the audit log on PostgreSQL, its own SQLite file otherwise."""
+        url = self.audit_database_url
+        if url.startswith("sqlite"):
+            return f"sqlite:///{self.data_dir / 'tasks.db'}"
+        return url
+
+    @property
     def pseudonym_key_path(self) -> Path:
         if self.policy is not None and self.policy.pseudonym_key is not None:
             return self.policy.pseudonym_key

@@ -9,6 +9,7 @@
     ├── NotFound                      -> NOT_FOUND          unknown organization or agent
     ├── ResourceExhausted             -> RESOURCE_EXHAUSTED rate or concurrency limit
     ├── Unavailable                   -> UNAVAILABLE        peer unreachable, no agent instance
+    │   ├── PeerUnreachable           -> UNAVAILABLE        a partner's gateway does not answer
     │   └── AuditUnavailable          -> UNAVAILABLE        audit store cannot be written
     ├── DeadlineExceeded              -> DEADLINE_EXCEEDED  the task's deadline passed
     ├── Cancelled                     -> CANCELLED          the requester cancelled
@@ -64,6 +65,10 @@ class ResourceExhausted(FedgateError):
 
 class Unavailable(FedgateError):
     status = grpc.StatusCode.UNAVAILABLE
+
+
+class PeerUnreachable(Unavailable):
+    """A partner's gateway did not answer at the transport level (counts against its circuit)."""
 
 
 class AuditUnavailable(Unavailable):

@@ -1,14 +1,20 @@
-"""Partner organizations: the configured peers and this gateway's outbound channels to them.
+"""Partner organizations: the configured peers, outbound channels, and a circuit breaker each.
 
 A channel to peer `org` verifies the server certificate as `org.fedgate` against the federation
 CA, so only that organization's gateway can answer. Channels are rebuilt when our own TLS
 material is rotated.
+
+Circuit breaker: after `failure_threshold` consecutive transport failures a peer's circuit opens
+and calls fail at once with UNAVAILABLE instead of waiting out their deadlines. After
+`reset_seconds` one probe call is let through (half-open): its success closes the circuit, its
+failure opens it again.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -16,10 +22,26 @@ from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
 from gateway.certs import org_dns_name
 from gateway.config import PeerSection
-from gateway.errors import NotFound
+from gateway.errors import NotFound, Unavailable
 from gateway.tls import ReloadingTls
 
 log = logging.getLogger("fedgate.peers")
+
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+
+
+@dataclass
+class PeerHealth:
+    """What this gateway knows of a peer's health, for the breaker and `fedgate peers`."""
+
+    circuit: str = CLOSED
+    consecutive_failures: int = 0
+    opened_at: float = 0.0
+    latency_ms: float = 0.0
+    last_error: str = ""
+    in_flight: int = 0
+    probing: bool = False
 
 
 @dataclass
@@ -39,9 +61,16 @@ class PeerRegistry:
         tls: ReloadingTls,
         *,
         max_message_bytes: int,
+        failure_threshold: int = 5,
+        reset_seconds: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.org = org
         self._peers = dict(peers)
+        self.failure_threshold = failure_threshold
+        self.reset_seconds = reset_seconds
+        self._clock = clock
+        self.health: dict[str, PeerHealth] = {name: PeerHealth() for name in self._peers}
         self._tls = tls
         self._max_message_bytes = max_message_bytes
         self._channels: dict[str, _Channel] = {}
@@ -60,7 +89,51 @@ class PeerRegistry:
     def set_address(self, org: str, address: str) -> None:
         """Point a configured peer at a new address (used when peers bind port 0 in one process)."""
         self._peers[org] = PeerSection(address=address)
+        self.health.setdefault(org, PeerHealth())
         self._channels.pop(org, None)
+
+    def admit(self, org: str) -> float:
+        """Let a call to `org` through the breaker (returns its start time) or fail fast."""
+        self._require(org)
+        health = self.health[org]
+        now = self._clock()
+        if health.circuit == OPEN:
+            wait = health.opened_at + self.reset_seconds - now
+            if wait > 0:
+                raise Unavailable(
+                    f"circuit to organization {org!r} is open after {health.consecutive_failures} "
+                    f"failures (last: {health.last_error}); next probe in {wait:.1f}s"
+                )
+            health.circuit = HALF_OPEN
+        if health.circuit == HALF_OPEN:
+            if health.probing:
+                raise Unavailable(
+                    f"circuit to organization {org!r} is half-open and a probe call is under way"
+                )
+            health.probing = True
+        health.in_flight += 1
+        return now
+
+    def record(self, org: str, started: float, *, failure: str | None) -> None:
+        """The outcome of an admitted call: a transport failure, or None for an answer."""
+        health = self.health[org]
+        health.in_flight = max(0, health.in_flight - 1)
+        health.probing = False
+        if failure is None:
+            elapsed = (self._clock() - started) * 1000
+            health.latency_ms = elapsed if not health.latency_ms else 0.8 * health.latency_ms + 0.2 * elapsed
+            if health.circuit != CLOSED:
+                log.info("circuit to %s closed", org)
+            health.circuit = CLOSED
+            health.consecutive_failures = 0
+            return
+        health.consecutive_failures += 1
+        health.last_error = failure
+        if health.circuit == HALF_OPEN or health.consecutive_failures >= self.failure_threshold:
+            if health.circuit != OPEN:
+                log.warning("circuit to %s opened after %d failures", org, health.consecutive_failures)
+            health.circuit = OPEN
+            health.opened_at = self._clock()
 
     def _require(self, org: str) -> PeerSection:
         peer = self._peers.get(org)

@@ -2,12 +2,16 @@
 
 Three paths:
   * a local requester calls a local agent: dispatched, nothing crosses a boundary;
-  * a local requester calls a partner's agent (outbound): the `send` policy filters the input,
-    `request_sent` is committed to the audit log, the task goes to the peer's gateway, the
+  * a local requester calls a partner's agent (outbound, gateway/outbound.py): the `send` policy
+    filters the input, `request_sent` is committed, the task goes to the peer's gateway, the
     responder's receipt is verified and `result_received` is committed;
   * a peer calls one of our agents (inbound): `invoke` policy, `request_received`, dispatch,
     the `share` policy filters the result, a receipt is signed and `result_released` is committed
     before a single byte of the result leaves.
+
+Once only: a task is keyed by (origin organization, idempotency key or task id). A retry of a
+running task waits for it; a retry of a finished one gets the stored result, as released. An
+accepted task is in the task table, so a restart dispatches it again or fails it with a reason.
 
 A value the policy withholds never reaches a log line or an audit record: records keep paths and
 digests. An agent's free-text progress notes and error messages stay inside the organization;
@@ -20,16 +24,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 import grpc
 from fedgate.v1 import fedgate_pb2 as pb
 
-from gateway.agents import AgentRegistry
-from gateway.audit import AuditEvent, AuditStore
+from gateway.audit import AuditEvent
 from gateway.errors import (
     AuditUnavailable,
     Cancelled,
@@ -39,14 +40,14 @@ from gateway.errors import (
     NotFound,
     PayloadLimitExceeded,
     PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
     Unavailable,
 )
+from gateway.outbound import OutboundRoutes
 from gateway.payload import check_limits, digest
-from gateway.peers import PeerRegistry
-from gateway.policy import FilterResult, Policy, PolicyHolder
-from gateway.signing import ReceiptBody, SignedReceipt, Signer, Verifier, sign_receipt, verify_receipt
+from gateway.policy import Policy
+from gateway.router_base import Claims, Limits, Running, error_result
+from gateway.signing import ReceiptBody, sign_receipt
+from gateway.task_store import TaskRow, task_key
 from gateway.tasks import (
     TaskError,
     TaskResult,
@@ -57,95 +58,26 @@ from gateway.tasks import (
     validate_names,
     validate_task_id,
 )
-from gateway.wire import AgentCard, spec_to_pb, update_from_pb
+from gateway.wire import AgentCard
+
+__all__ = ["Limits", "Router"]
 
 log = logging.getLogger("fedgate.router")
-
-# gRPC statuses a peer may answer with, mapped back onto our error tree.
-_STATUS_ERRORS: dict[grpc.StatusCode, type[FedgateError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.CANCELLED: Cancelled,
-}
 
 # What a peer is told when one of our agents fails: a stable code, never the agent's own text.
 _PEER_ERROR_MESSAGES = {
     "agent_disconnected": "the agent instance disconnected mid-task",
     "skill_error": "the agent's skill reported an error",
     "policy_refused": "the result could not be evaluated by the sharing policy and was not released",
+    "gateway_restarted": "the gateway restarted before the task finished",
+    "no_agent": "no agent instance was available before the deadline",
 }
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_depth: int = 32
-    max_fields: int = 10_000
-
-
-@dataclass
-class _Running:
-    spec: TaskSpec
-    origin_org: str
-    remote: bool
-    cancel: asyncio.Event = field(default_factory=asyncio.Event)
-    reason: str = ""
-
-
-class Router:
+class Router(OutboundRoutes):
     """Runs exchanges for one organization's gateway."""
 
-    def __init__(
-        self,
-        *,
-        org: str,
-        agents: AgentRegistry,
-        peers: PeerRegistry,
-        policy: PolicyHolder | None,
-        audit: AuditStore,
-        signer: Signer,
-        verifier: Verifier,
-        limits: Limits = Limits(),
-        store_payloads: bool = False,
-        finished_capacity: int = 10_000,
-    ) -> None:
-        self.org = org
-        self.agents = agents
-        self.peers = peers
-        self.policy = policy
-        self.audit = audit
-        self.signer = signer
-        self.verifier = verifier
-        self.limits = limits
-        self.store_payloads = store_payloads
-        self.draining = False
-        self._running: dict[str, _Running] = {}
-        self._finished: OrderedDict[str, tuple[str, TaskResult]] = OrderedDict()
-        self._finished_capacity = finished_capacity
-        self._idle = asyncio.Event()
-        self._idle.set()
-
     # ---- queries -------------------------------------------------------------------------
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._running)
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no task runs; False if some still run after `timeout` seconds."""
-        if self._idle.is_set():
-            return True
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    def current_policy(self) -> Policy | None:
-        return self.policy.current if self.policy is not None else None
 
     def cards_for_peer(self, peer_org: str) -> list[AgentCard]:
         """The agent cards (and skills) a peer may invoke; the rest do not exist for it."""
@@ -161,25 +93,29 @@ class Router:
                 visible.append(replace(card, skills=skills))
         return visible
 
-    def get(self, task_id: str, *, origin_org: str) -> TaskResult:
-        """State of a task the asking organization submitted."""
+    async def get(self, task_id: str, *, origin_org: str) -> TaskResult:
+        """State of a task the asking organization submitted (from memory, else the task table)."""
         running = self._running.get(task_id)
         if running is not None and running.origin_org == origin_org:
             return TaskResult(task_id, TaskState.WORKING)
         finished = self._finished.get(task_id)
         if finished is not None and finished[0] == origin_org:
             return finished[1]
+        row = await self.tasks.by_task_id(origin_org, task_id)
+        if row is not None:
+            return row.result or TaskResult(task_id, TaskState.WORKING)
         raise NotFound(f"task {task_id!r} is not known to the gateway of {self.org!r}")
 
     async def cancel(self, task_id: str, reason: str, *, origin_org: str) -> TaskState:
-        """Cancel a running task the asking organization submitted; returns its state."""
+        """Cancel a running task the asking organization submitted, and its sub-tasks."""
         running = self._running.get(task_id)
         if running is None or running.origin_org != origin_org:
-            finished = self._finished.get(task_id)
-            if finished is not None and finished[0] == origin_org:
-                return finished[1].state
-            raise NotFound(f"task {task_id!r} is not known to the gateway of {self.org!r}")
+            result = await self.get(task_id, origin_org=origin_org)
+            return result.state
         running.reason = reason or "canceled by the requester"
+        for child in list(running.children):
+            with contextlib.suppress(FedgateError):
+                await self.cancel(child, f"parent task {task_id} was canceled", origin_org=self.org)
         if running.remote:
             # Tell the peer first, so it ends and records the task before our stream closes.
             with contextlib.suppress(grpc.aio.AioRpcError):
@@ -195,6 +131,7 @@ class Router:
     async def submit(self, spec: TaskSpec) -> AsyncIterator[TaskUpdate]:
         """A task from a local requester, to a local or a partner's agent."""
         spec = self._prepare(spec)
+        flow: Callable[[], AsyncIterator[TaskUpdate]]
         if spec.target_org == self.org:
             card = self.agents.card(spec.agent)
             if card is None:
@@ -203,14 +140,19 @@ class Router:
                 )
             if card.skill(spec.skill) is None:
                 raise NotFound(f"agent {spec.agent!r} of {self.org!r} has no skill {spec.skill!r}")
-            updates = self._run_local(spec, origin_org=self.org, peer_org=None)
+            flow = lambda: self._run_local(spec, origin_org=self.org, peer_org=None)  # noqa: E731
         else:
-            updates = self._run_remote(spec)
-        async for update in updates:
+            flow = lambda: self._run_remote(spec)  # noqa: E731
+        async for update in self._once(self.org, spec, flow, peer_org=None):
             yield update
 
-    async def serve_peer(self, spec: TaskSpec, peer_org: str) -> AsyncIterator[TaskUpdate]:
-        """A task from a peer organization, proven by its certificate, for one of our agents."""
+    async def serve_peer(
+        self, spec: TaskSpec, peer_org: str, claims: Claims = None
+    ) -> AsyncIterator[TaskUpdate]:
+        """A task from a peer organization, proven by its certificate, for one of our agents.
+
+        `claims` are the verified delegation claims of who asked (role, purpose, subject).
+        """
         started = time.monotonic()
         try:
             spec = self._prepare(spec)
@@ -221,10 +163,66 @@ class Router:
         except FedgateError as exc:
             await self.audit_rejection(spec, peer_org, exc, started=started)
             raise
-        async for update in self._run_local(spec, origin_org=peer_org, peer_org=peer_org):
+        flow = lambda: self._run_local(spec, origin_org=peer_org, peer_org=peer_org, claims=claims)  # noqa: E731
+        async for update in self._once(peer_org, spec, flow, peer_org=peer_org):
             yield update
 
-    # ---- helpers -------------------------------------------------------------------------
+    async def recover(self) -> int:
+        """After a restart: dispatch accepted tasks again, or fail them with a reason."""
+        rows = await self.tasks.unfinished()
+        for row in rows:
+            spec = row.spec
+            if row.remote or spec is None or spec.remaining() <= 0:
+                reason = (
+                    "the gateway restarted while waiting for the partner: ask it with GetTask"
+                    if row.remote else "the gateway restarted and the task's deadline has passed"
+                )
+                result = TaskResult(row.task_id, TaskState.FAILED,
+                                    error=TaskError("gateway_restarted", reason), responder_org=self.org)
+                await self.tasks.finish(row.origin_org, row.key, result)
+                continue
+            key = (row.origin_org, row.key)
+            self._inflight[key] = asyncio.get_running_loop().create_future()
+            task = asyncio.ensure_future(self._recover_one(row))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        if rows:
+            log.info("recovered %d unfinished tasks from the task table", len(rows))
+        return len(rows)
+
+    async def _recover_one(self, row: TaskRow) -> None:
+        spec = row.spec
+        assert spec is not None
+        key = (row.origin_org, row.key)
+        future = self._inflight[key]
+        peer_org = None if row.origin_org == self.org else row.origin_org
+        result: TaskResult | None = None
+        try:
+            while not self.agents.instance_count(spec.agent) and spec.remaining() > 0:
+                await asyncio.sleep(min(0.2, max(0.01, spec.remaining())))
+            if not self.agents.instance_count(spec.agent):
+                result = TaskResult(spec.task_id, TaskState.FAILED, responder_org=self.org,
+                                    error=TaskError("no_agent", _PEER_ERROR_MESSAGES["no_agent"]))
+                await self.tasks.finish(row.origin_org, row.key, result)
+                return
+            async for update in self._run_local(spec, origin_org=row.origin_org, peer_org=peer_org,
+                                                recovered=True):
+                if update.state.final:
+                    result = update.result
+        except FedgateError as exc:
+            result = error_result(spec, exc, self.org)
+        finally:
+            self._inflight.pop(key, None)
+            if not future.done():
+                future.set_result(result or error_result(spec, Cancelled("recovery stopped"), self.org))
+
+    async def stop_background(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    # ---- once only -----------------------------------------------------------------------
 
     def _prepare(self, spec: TaskSpec) -> TaskSpec:
         if self.draining:
@@ -233,182 +231,159 @@ class Router:
         if not spec.task_id:
             spec = replace(spec, task_id=new_task_id())
         validate_task_id(spec.task_id)
-        if spec.task_id in self._running:
-            raise InvalidArgument(f"task id {spec.task_id!r} is already running")
+        if spec.idempotency_key:
+            validate_task_id(spec.idempotency_key)
         if spec.remaining() <= 0:
             raise DeadlineExceeded(f"task {spec.task_id} arrived after its deadline")
         return spec
 
-    def _start(self, spec: TaskSpec, origin_org: str, *, remote: bool) -> _Running:
-        running = _Running(spec, origin_org, remote)
-        self._running[spec.task_id] = running
-        self._idle.clear()
-        return running
-
-    def _finish(self, running: _Running, result: TaskResult | None) -> None:
-        self._running.pop(running.spec.task_id, None)
-        if not self._running:
-            self._idle.set()
-        if result is not None:
-            self._finished[running.spec.task_id] = (running.origin_org, result)
-            while len(self._finished) > self._finished_capacity:
-                self._finished.popitem(last=False)
-
-    async def _record(self, event: AuditEvent) -> None:
-        """Commit an audit record; the exchange stops here if the store cannot be written."""
-        try:
-            await self.audit.append(event)
-        except AuditUnavailable:
-            raise
-        except Exception as exc:  # a store bug must fail closed, not release unaudited data
-            log.exception("audit append failed")
-            raise AuditUnavailable(
-                f"audit store cannot be written: {type(exc).__name__}; exchanges are refused "
-                "until it recovers"
-            ) from None
-
-    async def audit_rejection(
+    async def _once(
         self,
+        origin_org: str,
         spec: TaskSpec,
-        peer_org: str,
-        exc: FedgateError,
+        flow: Callable[[], AsyncIterator[TaskUpdate]],
         *,
-        started: float,
-        kind: str = "rejected",
-        direction: str = "inbound",
-    ) -> None:
-        """Best effort: a rejection is recorded, but a store outage must not hide the refusal."""
+        peer_org: str | None,
+    ) -> AsyncIterator[TaskUpdate]:
+        """Run `flow` unless this key already ran or runs; then answer with that result."""
+        key = task_key(origin_org, spec)
+        pending = self._inflight.get(key)
+        if pending is not None:
+            result = await asyncio.wait_for(asyncio.shield(pending), max(0.001, spec.remaining()))
+            yield await self._answer_retry(spec, result, peer_org)
+            return
+        if spec.task_id in self._running:
+            raise InvalidArgument(f"task id {spec.task_id!r} is already running under another key")
+        future: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        result: TaskResult | None = None
         try:
-            await self.audit.append(
-                AuditEvent(
-                    kind=kind,
-                    task_id=spec.task_id or "-",
-                    peer_org=peer_org,
-                    agent=spec.agent,
-                    skill=spec.skill,
-                    direction=direction,
-                    decision="denied",
-                    requester=spec.requester,
-                    status=exc.status.name,
-                    duration_ms=(time.monotonic() - started) * 1000,
-                    detail=exc.message,
-                )
-            )
-        except Exception:
-            log.warning("could not audit a rejection for peer %s (audit store unavailable)", peer_org)
-
-    def _filter(
-        self, policy: Policy | None, peer: str, spec: TaskSpec, direction: str, payload: dict[str, Any]
-    ) -> FilterResult:
-        if policy is None:
-            raise PermissionDenied(
-                f"no sharing policy is configured on {self.org!r}: nothing may leave (add [policy] "
-                "to fedgate.toml)"
-            )
-        return policy.filter(
-            peer,
-            spec.agent,
-            spec.skill,
-            direction,  # type: ignore[arg-type]
-            payload,
-            max_depth=self.limits.max_depth,
-            max_fields=self.limits.max_fields,
-        )
-
-    async def _wait(self, spec: TaskSpec, running: _Running, updates: AsyncIterator[TaskUpdate]) -> AsyncIterator[TaskUpdate]:
-        """Relay updates until a final one, the deadline, or a cancel request."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + spec.remaining()
-        iterator = updates.__aiter__()
-        cancel_wait = asyncio.ensure_future(running.cancel.wait())
-        try:
-            while True:
-                next_update = asyncio.ensure_future(iterator.__anext__())
-                done, _ = await asyncio.wait(
-                    {next_update, cancel_wait},
-                    timeout=max(0.0, deadline - loop.time()),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if next_update not in done:
-                    next_update.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
-                        await next_update
-                    if cancel_wait in done:
-                        yield TaskUpdate(
-                            spec.task_id,
-                            TaskState.CANCELED,
-                            result=TaskResult(
-                                spec.task_id,
-                                TaskState.CANCELED,
-                                error=TaskError("canceled", running.reason),
-                                responder_org=spec.target_org,
-                            ),
-                        )
-                        return
-                    raise DeadlineExceeded(
-                        f"task {spec.task_id} for {spec.target} passed its deadline"
+            row = await self.tasks.get(*key)
+            if row is not None:
+                if row.result is None:
+                    raise Unavailable(
+                        f"task {row.task_id!r} was interrupted by a restart of {self.org!r} and is "
+                        "being recovered: ask for it again later"
                     )
-                try:
-                    update = next_update.result()
-                except StopAsyncIteration:
-                    return
-                yield update
+                result = row.result
+                yield await self._answer_retry(spec, row.result, peer_org)
+                return
+            async for update in flow():
                 if update.state.final:
-                    return
+                    result = update.result
+                yield update
+        except FedgateError as exc:
+            result = result or error_result(spec, exc, self.org)
+            raise
         finally:
-            cancel_wait.cancel()
-            with contextlib.suppress(Exception):
-                await iterator.aclose()  # type: ignore[attr-defined]
+            self._inflight.pop(key, None)
+            future.set_result(result or error_result(spec, Cancelled("stream closed"), self.org))
+
+    async def _answer_retry(self, spec: TaskSpec, result: TaskResult, peer_org: str | None) -> TaskUpdate:
+        """The stored outcome of a task, for a retry with the same key (audited for a peer)."""
+        if peer_org is not None and result.state is TaskState.COMPLETED:
+            await self._record(
+                AuditEvent(
+                    kind="result_released", task_id=spec.task_id, peer_org=peer_org,
+                    agent=spec.agent, skill=spec.skill, direction="inbound", decision="allowed",
+                    requester=spec.requester, status=result.state.value,
+                    withheld_paths=tuple(p for p, a in result.field_actions if a == "withheld"),
+                    transformed=tuple((p, a) for p, a in result.field_actions if a != "withheld"),
+                    digest_after=digest(result.output), policy_version=result.policy_version or None,
+                    detail="retry: the stored result was sent again", receipt=result.receipt,
+                )
+            )
+        result = replace(result, task_id=spec.task_id)
+        return TaskUpdate(spec.task_id, result.state, result=result)
 
     # ---- inbound and local ---------------------------------------------------------------
 
+    async def _dispatch(self, spec: TaskSpec, origin_org: str) -> AsyncIterator[TaskUpdate]:
+        """Dispatch to an instance; if it dies mid-task, to another one (up to max_failovers)."""
+        failovers = 0
+        while True:
+            final: TaskUpdate | None = None
+            async for update in self.agents.dispatch(spec, origin_org):
+                if not update.state.final:
+                    yield update
+                    continue
+                final = update
+            assert final is not None
+            error = final.result.error if final.result is not None else None
+            if (
+                error is not None
+                and error.code == "agent_disconnected"
+                and failovers < self.max_failovers
+                and self.agents.instance_count(spec.agent) > 0
+                and spec.remaining() > 0
+            ):
+                failovers += 1
+                log.info("task %s: agent instance died; failing over (%d)", spec.task_id, failovers)
+                continue
+            yield final
+            return
+
     async def _run_local(
-        self, spec: TaskSpec, *, origin_org: str, peer_org: str | None
+        self,
+        spec: TaskSpec,
+        *,
+        origin_org: str,
+        peer_org: str | None,
+        claims: Claims = None,
+        recovered: bool = False,
     ) -> AsyncIterator[TaskUpdate]:
         started = time.monotonic()
         policy = self.current_policy()
-        if peer_org is not None:
-            await self._admit_peer(spec, peer_org, policy, started)
-        running = self._start(spec, origin_org, remote=False)
+        if not recovered:
+            if peer_org is not None:
+                await self._admit_peer(spec, peer_org, policy, started, claims)
+            existing = await self.tasks.accept(origin_org, spec, remote=False)
+            if existing is not None:
+                raise InvalidArgument(f"task {spec.task_id!r} was already accepted with this key")
+        running = self._start(spec, origin_org, remote=False, claims=claims)
         final: TaskResult | None = None
         releasing = False
         try:
-            updates = self.agents.dispatch(spec, origin_org)
-            async for update in self._wait(spec, running, updates):
+            async for update in self._wait(spec, running, self._dispatch(spec, origin_org)):
                 if not update.state.final:
                     # Progress notes are free text written by the agent: they stay inside.
                     yield update if peer_org is None else replace(update, message="")
                     continue
                 result = update.result or TaskResult(spec.task_id, update.state, responder_org=self.org)
-                result = replace(result, task_id=spec.task_id, responder_org=self.org)
+                result = replace(result, task_id=spec.task_id, responder_org=self.org,
+                                 provenance=tuple(running.provenance))
                 if peer_org is not None:
                     releasing = True  # from here on _release records the outcome
-                    result = await self._release(spec, peer_org, policy, result, started)
+                    result = await self._release(spec, peer_org, policy, result, started, running)
                 final = result
                 yield TaskUpdate(spec.task_id, result.state, result=result)
                 return
         except FedgateError as exc:
             if peer_org is not None and not isinstance(exc, AuditUnavailable):
                 await self.audit_rejection(spec, peer_org, exc, started=started, kind="failed")
+            final = final or error_result(spec, exc, self.org)
             raise
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             if peer_org is not None and not releasing:
                 # The requester's gateway went away mid-task: record how the exchange ended.
                 gone = Cancelled("the requesting gateway closed the task stream")
                 await asyncio.shield(
                     self.audit_rejection(spec, peer_org, gone, started=started, kind="canceled")
                 )
+            final = final or error_result(spec, exc, self.org)
             raise
         finally:
             self._finish(running, final)
+            if final is not None:
+                await self._finish_task(origin_org, spec, final)
 
     async def _admit_peer(
-        self, spec: TaskSpec, peer_org: str, policy: Policy | None, started: float
+        self, spec: TaskSpec, peer_org: str, policy: Policy | None, started: float, claims: Claims
     ) -> None:
         """Invoke policy, limits and the `request_received` record, before any dispatch."""
         card = self.agents.card(spec.agent)
         exists = card is not None and card.skill(spec.skill) is not None
-        decision = policy.may_invoke(peer_org, spec.agent, spec.skill) if policy else None
+        decision = policy.may_invoke(peer_org, spec.agent, spec.skill, claims) if policy else None
         if decision is None or not decision.allowed or not exists:
             # Seen from the peer, a denied invoke and a missing agent are the same answer.
             error = PermissionDenied(
@@ -460,7 +435,13 @@ class Router:
         )
 
     async def _release(
-        self, spec: TaskSpec, peer_org: str, policy: Policy | None, result: TaskResult, started: float
+        self,
+        spec: TaskSpec,
+        peer_org: str,
+        policy: Policy | None,
+        result: TaskResult,
+        started: float,
+        running: Running,
     ) -> TaskResult:
         """Filter a final result for a peer, sign its receipt and commit `result_released`."""
         duration = (time.monotonic() - started) * 1000
@@ -489,7 +470,7 @@ class Router:
             )
             return released
         try:
-            filtered = self._filter(policy, peer_org, spec, "share", result.output)
+            filtered = self._filter(policy, peer_org, spec, "share", result.output, running.claims)
         except FedgateError as exc:
             await self._record(
                 AuditEvent(
@@ -555,137 +536,5 @@ class Router:
             receipt=receipt,
             responder_org=self.org,
             policy_version=filtered.policy_version,
+            provenance=result.provenance,
         )
-
-    # ---- outbound ------------------------------------------------------------------------
-
-    async def _run_remote(self, spec: TaskSpec) -> AsyncIterator[TaskUpdate]:
-        started = time.monotonic()
-        peer = spec.target_org
-        stub = self.peers.stub(peer)  # NotFound for an organization that is not a peer
-        policy = self.current_policy()
-        try:
-            filtered = self._filter(policy, peer, spec, "send", spec.input)
-        except FedgateError as exc:
-            await self.audit_rejection(spec, peer, exc, started=started, direction="outbound")
-            raise
-        actions = tuple((p, "withheld") for p in filtered.withheld) + filtered.transformed
-        outbound = spec.with_input(filtered.output, actions)
-        base = AuditEvent(
-            kind="request_sent",
-            task_id=spec.task_id,
-            peer_org=peer,
-            agent=spec.agent,
-            skill=spec.skill,
-            direction="outbound",
-            decision="partial" if actions else "allowed",
-            requester=spec.requester,
-            status=TaskState.SUBMITTED.value,
-            withheld_paths=filtered.withheld,
-            transformed=filtered.transformed,
-            digest_before=digest(spec.input),
-            digest_after=digest(filtered.output),
-            policy_version=filtered.policy_version,
-            payload=spec.input if self.store_payloads else None,
-        )
-        await self._record(replace(base, duration_ms=(time.monotonic() - started) * 1000))
-        running = self._start(spec, self.org, remote=True)
-        final: TaskResult | None = None
-        call = stub.StreamTask(
-            spec_to_pb(outbound, sender_org=self.org), timeout=max(0.001, spec.remaining())
-        )
-        try:
-            async for update in self._wait(spec, running, self._peer_updates(peer, call)):
-                if not update.state.final:
-                    yield update
-                    continue
-                result = await self._receive(spec, update, started)
-                final = result
-                yield TaskUpdate(spec.task_id, result.state, result=result)
-                return
-            raise Unavailable(f"organization {peer!r} closed the task stream without a result")
-        except FedgateError as exc:
-            if not isinstance(exc, AuditUnavailable):
-                with contextlib.suppress(Exception):
-                    await self.audit.append(
-                        replace(
-                            base,
-                            kind="failed",
-                            decision="error",
-                            status=exc.status.name,
-                            detail=exc.message,
-                            duration_ms=(time.monotonic() - started) * 1000,
-                            payload=None,
-                        )
-                    )
-            raise
-        finally:
-            call.cancel()
-            self._finish(running, final)
-
-    async def _peer_updates(self, peer: str, call: Any) -> AsyncIterator[TaskUpdate]:
-        try:
-            async for message in call:
-                yield update_from_pb(message)
-        except grpc.aio.AioRpcError as exc:
-            raise self._peer_error(peer, exc) from None
-
-    def _peer_error(self, peer: str, exc: grpc.aio.AioRpcError) -> FedgateError:
-        code = exc.code()
-        details = exc.details() or code.name
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return Unavailable(
-                f"organization {peer!r} at {self.peers.address(peer)} is unreachable: {details}"
-            )
-        error_type = _STATUS_ERRORS.get(code, Unavailable)
-        return error_type(f"organization {peer!r} answered: {details}")
-
-    async def _receive(self, spec: TaskSpec, update: TaskUpdate, started: float) -> TaskResult:
-        """Verify the responder's receipt and commit `result_received`."""
-        result = update.result or TaskResult(spec.task_id, update.state)
-        peer = spec.target_org
-        decision, detail = "allowed", ""
-        if result.state is TaskState.COMPLETED:
-            try:
-                if result.receipt is None:
-                    raise Unauthenticated("the result carries no receipt")
-                verify_receipt(
-                    self.verifier,
-                    SignedReceipt.from_json(result.receipt),
-                    expected_org=peer,
-                    released_output=result.output,
-                )
-                check_limits(result.output, max_depth=self.limits.max_depth, max_fields=self.limits.max_fields)
-            except (FedgateError, ValueError, KeyError, TypeError) as exc:
-                decision = "receipt_invalid"
-                detail = getattr(exc, "message", str(exc))
-                result = TaskResult(
-                    spec.task_id,
-                    TaskState.FAILED,
-                    error=TaskError("receipt_invalid", f"result of {peer!r} refused: {detail}"),
-                    responder_org=peer,
-                )
-        await self._record(
-            AuditEvent(
-                kind="result_received" if result.state is TaskState.COMPLETED else (
-                    "canceled" if result.state is TaskState.CANCELED else "failed"),
-                task_id=spec.task_id,
-                peer_org=peer,
-                agent=spec.agent,
-                skill=spec.skill,
-                direction="outbound",
-                decision=decision if result.state is TaskState.COMPLETED or decision != "allowed" else "error",
-                requester=spec.requester,
-                status=result.state.value,
-                duration_ms=(time.monotonic() - started) * 1000,
-                withheld_paths=tuple(p for p, a in result.field_actions if a == "withheld"),
-                transformed=tuple((p, a) for p, a in result.field_actions if a != "withheld"),
-                digest_after=digest(result.output) if result.state is TaskState.COMPLETED else None,
-                policy_version=result.policy_version or None,
-                detail=detail or (result.error.code if result.error else ""),
-                receipt=result.receipt,
-                payload=result.output if self.store_payloads and result.output else None,
-            )
-        )
-        return replace(result, task_id=spec.task_id, responder_org=peer)
-

@@ -23,6 +23,7 @@ from gateway.policy import PolicyHolder, load_or_create_pseudonym_key, load_poli
 from gateway.router import Limits, Router
 from gateway.servicers import FederationServicer, ParticipantServicer
 from gateway.signing import Signer, Verifier
+from gateway.task_store import SqlTaskStore, TaskStore
 from gateway.tls import ReloadingTls, TlsFiles
 from gateway.wire import checkpoint_from_pb, checkpoint_to_pb
 
@@ -58,7 +59,13 @@ def build_policy(config: GatewayConfig) -> PolicyHolder | None:
 class Gateway:
     """One organization's gateway: a federation listener (mTLS) and a participant listener."""
 
-    def __init__(self, config: GatewayConfig, *, audit: AuditStore | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        audit: AuditStore | None = None,
+        tasks: TaskStore | None = None,
+    ) -> None:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         fed = config.federation
@@ -82,6 +89,7 @@ class Gateway:
             verifier=verifier,
             limits=Limits(config.limits.max_payload_depth, config.limits.max_payload_fields),
             store_payloads=config.audit.store_payloads,
+            tasks=tasks if tasks is not None else SqlTaskStore(config.tasks_database_url),
         )
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self._federation = grpc.aio.server(options=_server_options(config))
@@ -101,6 +109,7 @@ class Gateway:
     async def start(self) -> BoundPorts:
         """Bind both listeners and start serving; returns the bound ports (port 0 picks one)."""
         await self.audit.start()
+        await self.router.recover()
         fed_port = self._federation.add_secure_port(
             self.config.federation.listen, self.tls.server_credentials()
         )
@@ -137,9 +146,11 @@ class Gateway:
                     await task
         for instance in {i for card in self.agents.cards() for i in self.agents._instances.get(card.name, [])}:
             instance.outbox.put_nowait(None)
+        await self.router.stop_background()
         await self._federation.stop(1.0)
         await self._participant.stop(1.0)
         await self.peers.close()
+        await self.router.tasks.close()
         await self.audit.close()
 
     async def exchange_checkpoints(self) -> dict[str, str]:

@@ -36,7 +36,13 @@ from gateway.wire import (
 log = logging.getLogger("fedgate.servicers")
 
 
+ERROR_MARKER = "fedgate-error"
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: FedgateError) -> None:
+    # The marker tells a calling gateway that we answered (e.g. UNAVAILABLE because our audit
+    # store is down), as opposed to a transport failure that counts against our circuit.
+    context.set_trailing_metadata(((ERROR_MARKER, type(exc).__name__),))
     await context.abort(exc.status, exc.message)
 
 
@@ -131,7 +137,7 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
     async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskResult:
         try:
             org = await self._peer(context)
-            return result_to_pb(self.router.get(request.task_id, origin_org=org))
+            return result_to_pb(await self.router.get(request.task_id, origin_org=org))
         except FedgateError as exc:
             await _abort(context, exc)
             raise
@@ -265,7 +271,7 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
 
     async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskResult:
         try:
-            return result_to_pb(self.router.get(request.task_id, origin_org=self.router.org))
+            return result_to_pb(await self.router.get(request.task_id, origin_org=self.router.org))
         except FedgateError as exc:
             await _abort(context, exc)
             raise
@@ -281,6 +287,24 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
                     tasks_in_flight=self.agents.in_flight(card.name),
                 )
                 for card in self.agents.cards()
+            ]
+        )
+
+    async def ListPeers(self, request: pb.ListPeersRequest, context: grpc.aio.ServicerContext) -> pb.ListPeersResponse:
+        peers = self.router.peers
+        return pb.ListPeersResponse(
+            peers=[
+                pb.PeerStatus(
+                    org=org,
+                    address=peers.address(org),
+                    circuit=health.circuit,
+                    latency_ms=health.latency_ms,
+                    last_error=health.last_error,
+                    consecutive_failures=health.consecutive_failures,
+                    in_flight=health.in_flight,
+                )
+                for org in peers.names
+                for health in [peers.health[org]]
             ]
         )
 

@@ -48,6 +48,7 @@ class TaskSpec:
     idempotency_key: str = ""
     delegation: str = ""
     input_field_actions: tuple[tuple[str, str], ...] = ()
+    parent_task_id: str = ""
 
     @property
     def target(self) -> str:
@@ -76,6 +77,8 @@ class TaskResult:
     receipt: dict[str, Any] | None = None
     responder_org: str = ""
     policy_version: str = ""
+    # Receipts (JSON form) of the organizations that handled sub-tasks, for multi-hop provenance.
+    provenance: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)

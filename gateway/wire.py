@@ -85,6 +85,7 @@ def spec_from_pb(
         idempotency_key=message.idempotency_key,
         delegation=message.delegation,
         input_field_actions=_actions_from_pb(message.input_field_actions),
+        parent_task_id=message.parent_task_id,
     )
 
 
@@ -101,6 +102,7 @@ def spec_to_pb(spec: TaskSpec, *, sender_org: str) -> pb.TaskRequest:
         idempotency_key=spec.idempotency_key,
         input_field_actions=_actions_to_pb(spec.input_field_actions),
         delegation=spec.delegation,
+        parent_task_id=spec.parent_task_id,
     )
 
 
@@ -117,6 +119,7 @@ def result_to_pb(result: TaskResult) -> pb.TaskResult:
         message.error.CopyFrom(pb.TaskError(code=result.error.code, message=result.error.message))
     if result.receipt is not None:
         message.receipt.CopyFrom(receipt_to_pb(result.receipt))
+    message.provenance.extend(receipt_to_pb(r) for r in result.provenance)
     return message
 
 
@@ -131,6 +134,7 @@ def result_from_pb(message: pb.TaskResult) -> TaskResult:
         receipt=receipt_from_pb(message.receipt) if message.HasField("receipt") else None,
         responder_org=message.responder_org,
         policy_version=message.policy_version,
+        provenance=tuple(receipt_from_pb(r) for r in message.provenance),
     )
 
 

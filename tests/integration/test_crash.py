@@ -126,3 +126,51 @@ async def test_kill_9_under_load_loses_no_completed_exchange(tmp_path: Path, pki
         assert not missing, f"{org} lost records of {len(missing)} completed exchanges: {missing[:5]}"
         report = store.verify(org, verifier)
         assert report.ok, report.problems
+
+
+@pytest.mark.slow
+async def test_accepted_task_survives_kill_9_and_is_collected_later(tmp_path: Path, pki: Pki) -> None:
+    ports = {org: (_free_port(), _free_port()) for org in ("hospital", "insurer")}
+    hospital_cfg = _config(tmp_path, pki, "hospital", "insurer", ports, HOSPITAL_RULES)
+    participant = f"127.0.0.1:{ports['hospital'][1]}"
+    runs: list[str] = []
+    slow = Agent("slow")
+
+    @slow.skill
+    async def wait(task, data):  # type: ignore[no-untyped-def]
+        runs.append(task.task_id)
+        await asyncio.sleep(1.0)
+        return {"done": data["n"]}
+
+    process = await _spawn(hospital_cfg)
+    processes = [process]
+    try:
+        async with serving(participant, slow) as worker, Client(participant) as client:
+            updates = client.stream("hospital/slow.wait", {"n": 42}, timeout=60, task_id="durable-1")
+            assert (await anext(updates)).state == "working"
+            os.kill(process.pid, signal.SIGKILL)
+            await process.wait()
+            with contextlib.suppress(FedgateError):
+                async for _ in updates:
+                    pass
+            processes.append(await _spawn(hospital_cfg))
+            result = None
+            for _ in range(200):
+                with contextlib.suppress(FedgateError):
+                    result = await client.get("durable-1")
+                    if result.state == "completed":
+                        break
+                await asyncio.sleep(0.1)
+            assert worker.connections >= 2, "the agent reconnected to the restarted gateway"
+        assert result is not None and result.state == "completed"
+        assert result.output == {"done": 42}
+        assert runs == ["durable-1", "durable-1"], "dispatched again after the restart"
+    finally:
+        for p in processes:
+            if p.returncode is None:
+                p.terminate()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(p.wait(), 20)
+            if p.returncode is None:
+                p.kill()
+                await p.wait()

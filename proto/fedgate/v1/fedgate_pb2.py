@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x64gate/v1/fedgate.proto\x12\nfedgate.v1\x1a\x1cgoogle/protobuf/struct.proto\"H\n\x0b\x46ieldAction\x12\x0c\n\x04path\x18\x01 \x01(\t\x12+\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1b.fedgate.v1.FieldActionKind\"\x89\x01\n\x05Skill\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\routput_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"o\n\tAgentCard\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12!\n\x06skills\x18\x04 \x03(\x0b\x32\x11.fedgate.v1.Skill\x12\x0f\n\x07version\x18\x05 \x01(\t\"\x9c\x02\n\x0bTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\ntarget_org\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\r\n\x05skill\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nsender_org\x18\x06 \x01(\t\x12\x11\n\trequester\x18\x07 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x08 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x34\n\x13input_field_actions\x18\n \x03(\x0b\x32\x17.fedgate.v1.FieldAction\x12\x12\n\ndelegation\x18\x0b \x01(\t\"*\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf2\x01\n\x07Receipt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\rresponder_org\x18\x02 \x01(\t\x12\x15\n\rresult_digest\x18\x03 \x01(\x0c\x12\x16\n\x0ewithheld_paths\x18\x04 \x03(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x19\n\x11signed_at_unix_ms\x18\x06 \x01(\x03\x12\x1a\n\x12signer_certificate\x18\x07 \x01(\x0c\x12\x11\n\tsignature\x18\x08 \x01(\x0c\x12.\n\rfield_actions\x18\t \x03(\x0b\x32\x17.fedgate.v1.FieldAction\"\x97\x02\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.fedgate.v1.TaskState\x12\'\n\x06output\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\rfield_actions\x18\x04 \x03(\x0b\x32\x17.fedgate.v1.FieldAction\x12$\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x15.fedgate.v1.TaskError\x12$\n\x07receipt\x18\x06 \x01(\x0b\x32\x13.fedgate.v1.Receipt\x12\x15\n\rresponder_org\x18\x07 \x01(\t\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\"|\n\nTaskUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.fedgate.v1.TaskState\x12\x0f\n\x07message\x18\x03 \x01(\t\x12&\n\x06result\x18\x04 \x01(\x0b\x32\x16.fedgate.v1.TaskResult\"\x13\n\x11ListAgentsRequest\";\n\x12ListAgentsResponse\x12%\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x15.fedgate.v1.AgentCard\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\":\n\x12\x43\x61ncelTaskResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.fedgate.v1.TaskState\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x8e\x01\n\x10SignedCheckpoint\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x11\n\thead_hash\x18\x03 \x01(\t\x12\x19\n\x11signed_at_unix_ms\x18\x04 \x01(\x03\x12\x1a\n\x12signer_certificate\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"Z\n\x0eRegisterAgents\x12$\n\x05\x63\x61rds\x18\x01 \x03(\x0b\x32\x15.fedgate.v1.AgentCard\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\")\n\nRegistered\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x0e\n\x06\x61gents\x18\x02 \x03(\t\"Q\n\x0eTaskAssignment\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.fedgate.v1.TaskRequest\x12\x15\n\rrequester_org\x18\x02 \x01(\t\"3\n\x10\x43\x61ncelAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"p\n\x0c\x41gentMessage\x12.\n\x08register\x18\x01 \x01(\x0b\x32\x1a.fedgate.v1.RegisterAgentsH\x00\x12(\n\x06update\x18\x02 \x01(\x0b\x32\x16.fedgate.v1.TaskUpdateH\x00\x42\x06\n\x04kind\"\xa2\x01\n\x0eGatewayMessage\x12,\n\nregistered\x18\x01 \x01(\x0b\x32\x16.fedgate.v1.RegisteredH\x00\x12*\n\x04task\x18\x02 \x01(\x0b\x32\x1a.fedgate.v1.TaskAssignmentH\x00\x12.\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1c.fedgate.v1.CancelAssignmentH\x00\x42\x06\n\x04kind\"a\n\x0e\x43onnectedAgent\x12#\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x15.fedgate.v1.AgentCard\x12\x11\n\tinstances\x18\x02 \x01(\x05\x12\x17\n\x0ftasks_in_flight\x18\x03 \x01(\x05\"I\n\x1bListConnectedAgentsResponse\x12*\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1a.fedgate.v1.ConnectedAgent*\xf9\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14TASK_STATE_SUBMITTED\x10\x01\x12\x16\n\x12TASK_STATE_WORKING\x10\x02\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x17\n\x13TASK_STATE_CANCELED\x10\x05\x12\x1d\n\x19TASK_STATE_INPUT_REQUIRED\x10\x06\x12\x17\n\x13TASK_STATE_REJECTED\x10\x07\x12\x1c\n\x18TASK_STATE_AUTH_REQUIRED\x10\x08*\xba\x01\n\x0f\x46ieldActionKind\x12!\n\x1d\x46IELD_ACTION_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x46IELD_ACTION_KIND_WITHHELD\x10\x01\x12\x1c\n\x18\x46IELD_ACTION_KIND_MASKED\x10\x02\x12#\n\x1f\x46IELD_ACTION_KIND_PSEUDONYMIZED\x10\x03\x12!\n\x1d\x46IELD_ACTION_KIND_GENERALIZED\x10\x04\x32\xb7\x03\n\nFederation\x12K\n\nListAgents\x12\x1d.fedgate.v1.ListAgentsRequest\x1a\x1e.fedgate.v1.ListAgentsResponse\x12=\n\nSubmitTask\x12\x17.fedgate.v1.TaskRequest\x1a\x16.fedgate.v1.TaskResult\x12?\n\nStreamTask\x12\x17.fedgate.v1.TaskRequest\x1a\x16.fedgate.v1.TaskUpdate0\x01\x12K\n\nCancelTask\x12\x1d.fedgate.v1.CancelTaskRequest\x1a\x1e.fedgate.v1.CancelTaskResponse\x12=\n\x07GetTask\x12\x1a.fedgate.v1.GetTaskRequest\x1a\x16.fedgate.v1.TaskResult\x12P\n\x12\x45xchangeCheckpoint\x12\x1c.fedgate.v1.SignedCheckpoint\x1a\x1c.fedgate.v1.SignedCheckpoint2\xbd\x03\n\x0bParticipant\x12\x43\n\x07\x43onnect\x12\x18.fedgate.v1.AgentMessage\x1a\x1a.fedgate.v1.GatewayMessage(\x01\x30\x01\x12=\n\nSubmitTask\x12\x17.fedgate.v1.TaskRequest\x1a\x16.fedgate.v1.TaskResult\x12?\n\nStreamTask\x12\x17.fedgate.v1.TaskRequest\x1a\x16.fedgate.v1.TaskUpdate0\x01\x12K\n\nCancelTask\x12\x1d.fedgate.v1.CancelTaskRequest\x1a\x1e.fedgate.v1.CancelTaskResponse\x12=\n\x07GetTask\x12\x1a.fedgate.v1.GetTaskRequest\x1a\x16.fedgate.v1.TaskResult\x12]\n\x13ListConnectedAgents\x12\x1d.fedgate.v1.ListAgentsRequest\x1a\'.fedgate.v1.ListConnectedAgentsResponseB:\n\x0e\x64\x65v.fedgate.v1P\x01Z&fedgate.dev/proto/fedgate/v1;fedgatev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x64gate/v1/fedgate.proto\x12\nfedgate.v1\x1a\x1cgoogle/protobuf/struct.proto\"H\n\x0b\x46ieldAction\x12\x0c\n\x04path\x18\x01 \x01(\t\x12+\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1b.fedgate.v1.FieldActionKind\"\x89\x01\n\x05Skill\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\routput_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"o\n\tAgentCard\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12!\n\x06skills\x18\x04 \x03(\x0b\x32\x11.fedgate.v1.Skill\x12\x0f\n\x07version\x18\x05 \x01(\t\"\xb4\x02\n\x0bTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\ntarget_org\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\r\n\x05skill\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nsender_org\x18\x06 \x01(\t\x12\x11\n\trequester\x18\x07 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x08 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x34\n\x13input_field_actions\x18\n \x03(\x0b\x32\x17.fedgate.v1.FieldAction\x12\x12\n\ndelegation\x18\x0b \x01(\t\x12\x16\n\x0eparent_task_id\x18\x0c \x01(\t\"*\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf2\x01\n\x07Receipt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\rresponder_org\x18\x02 \x01(\t\x12\x15\n\rresult_digest\x18\x03 \x01(\x0c\x12\x16\n\x0ewithheld_paths\x18\x04 \x03(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x19\n\x11signed_at_unix_ms\x18\x06 \x01(\x03\x12\x1a\n\x12signer_certificate\x18\x07 \x01(\x0c\x12\x11\n\tsignature\x18\x08 \x01(\x0c\x12.\n\rfield_actions\x18\t \x03(\x0b\x32\x17.fedgate.v1.FieldAction\"\xc0\x02\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.fedgate.v1.TaskState\x12\'\n\x06output\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\rfield_actions\x18\x04 \x03(\x0b\x32\x17.fedgate.v1.FieldAction\x12$\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x15.fedgate.v1.TaskError\x12$\n\x07receipt\x18\x06 \x01(\x0b\x32\x13.fedgate.v1.Receipt\x12\x15\n\rresponder_org\x18\x07 \x01(\t\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\x12\'\n\nprovenance\x18\t \x03(\x0b\x32\x13.fedgate.v1.Receipt\"|\n\nTaskUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.fedgate.v1.TaskState\x12\x0f\n\x07message\x18\x03 \x01(\t\x12&\n\x06result\x18\x04 \x01(\x0b\x32\x16.fedgate.v1.TaskResult\"\x13\n\x11ListAgentsRequest\";\n\x12ListAgentsResponse\x12%\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x15.fedgate.v1.AgentCard\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\":\n\x12\x43\x61ncelTaskResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.fedgate.v1.TaskState\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x8e\x01\n\x10SignedCheckpoint\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x11\n\thead_hash\x18\x03 \x01(\t\x12\x19\n\x11signed_at_unix_ms\x18\x04 \x01(\x03\x12\x1a\n\x12signer_certificate\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"Z\n\x0eRegisterAgents\x12$\n\x05\x63\x61rds\x18\x01 \x03(\x0b\x32\x15.fedgate.v1.AgentCard\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\")\n\nRegistered\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x0e\n\x06\x61gents\x18\x02 \x03(\t\"Q\n\x0eTaskAssignment\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.fedgate.v1.TaskRequest\x12\x15\n\rrequester_org\x18\x02 \x01(\t\"3\n\x10\x43\x61ncelAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"p\n\x0c\x41gentMessage\x12.\n\x08register\x18\x01 \x01(\x0b\x32\x1a.fedgate.v1.RegisterAgentsH\x00\x12(\n\x06update\x18\x02 \x01(\x0b\x32\x16.fedgate.v1.TaskUpdateH\x00\x42\x06\n\x04kind\"\xa2\x01\n\x0eGatewayMessage\x12,\n\nregistered\x18\x01 \x01(\x0b\x32\x16.fedgate.v1.RegisteredH\x00\x12*\n\x04task\x18\x02 \x01(\x0b\x32\x1a.fedgate.v1.TaskAssignmentH\x00\x12.\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1c.fedgate.v1.CancelAssignmentH\x00\x42\x06\n\x04kind\"a\n\x0e\x43onnectedAgent\x12#\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x15.fedgate.v1.AgentCard\x12\x11\n\tinstances\x18\x02 \x01(\x05\x12\x17\n\x0ftasks_in_flight\x18\x03 \x01(\x05\"I\n\x1bListConnectedAgentsResponse\x12*\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1a.fedgate.v1.ConnectedAgent\"\x12\n\x10ListPeersRequest\"\x94\x01\n\nPeerStatus\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07\x63ircuit\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x1c\n\x14\x63onsecutive_failures\x18\x06 \x01(\x03\x12\x11\n\tin_flight\x18\x07 \x01(\x03\":\n\x11ListPeersResponse\x12%\n\x05peers\x18\x01 \x03(\x0b\x32\x16.fedgate.v1.PeerStatus*\xf9\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14TASK_STATE_SUBMITTED\x10\x01\x12\x16\n\x12TASK_STATE_WORKING\x10\x02\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x17\n\x13TASK_STATE_CANCELED\x10\x05\x12\x1d\n\x19TASK_STATE_INPUT_REQUIRED\x10\x06\x12\x17\n\x13TASK_STATE_REJECTED\x10\x07\x12\x1c\n\x18TASK_STATE_AUTH_REQUIRED\x10\x08*\xba\x01\n\x0f\x46ieldActionKind\x12!\n\x1d\x46IELD_ACTION_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x46IELD_ACTION_KIND_WITHHELD\x10\x01\x12\x1c\n\x18\x46IELD_ACTION_KIND_MASKED\x10\x02\x12#\n\x1f\x46IELD_ACTION_KIND_PSEUDONYMIZED\x10\x03\x12!\n\x1d\x46IELD_ACTION_KIND_GENERALIZED\x10\x04\x32\xb7\x03\n\nFederation\x12K\n\nListAgents\x12\x1d.fedgate.v1.ListAgentsRequest\x1a\x1e.fedgate.v1.ListAgentsResponse\x12=\n\nSubmitTask\x12\x17.fedgate.v1.TaskRequest\x1a\x16.fedgate.v1.TaskResult\x12?\n\nStreamTask\x12\x17.fedgate.v1.TaskRequest\x1a\x16.fedgate.v1.TaskUpdate0\x01\x12K\n\nCancelTask\x12\x1d.fedgate.v1.CancelTaskRequest\x1a\x1e.fedgate.v1.CancelTaskResponse\x12=\n\x07GetTask\x12\x1a.fedgate.v1.GetTaskRequest\x1a\x16.fedgate.v1.TaskResult\x12P\n\x12\x45xchangeCheckpoint\x12\x1c.fedgate.v1.SignedCheckpoint\x1a\x1c.fedgate.v1.SignedCheckpoint2\x87\x04\n\x0bParticipant\x12\x43\n\x07\x43onnect\x12\x18.fedgate.v1.AgentMessage\x1a\x1a.fedgate.v1.GatewayMessage(\x01\x30\x01\x12=\n\nSubmitTask\x12\x17.fedgate.v1.TaskRequest\x1a\x16.fedgate.v1.TaskResult\x12?\n\nStreamTask\x12\x17.fedgate.v1.TaskRequest\x1a\x16.fedgate.v1.TaskUpdate0\x01\x12K\n\nCancelTask\x12\x1d.fedgate.v1.CancelTaskRequest\x1a\x1e.fedgate.v1.CancelTaskResponse\x12=\n\x07GetTask\x12\x1a.fedgate.v1.GetTaskRequest\x1a\x16.fedgate.v1.TaskResult\x12]\n\x13ListConnectedAgents\x12\x1d.fedgate.v1.ListAgentsRequest\x1a\'.fedgate.v1.ListConnectedAgentsResponse\x12H\n\tListPeers\x12\x1c.fedgate.v1.ListPeersRequest\x1a\x1d.fedgate.v1.ListPeersResponseB:\n\x0e\x64\x65v.fedgate.v1P\x01Z&fedgate.dev/proto/fedgate/v1;fedgatev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedgate.v1.fedgate_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.fedgate.v1P\001Z&fedgate.dev/proto/fedgate/v1;fedgatev1'
-  _globals['_TASKSTATE']._serialized_start=2482
-  _globals['_TASKSTATE']._serialized_end=2731
-  _globals['_FIELDACTIONKIND']._serialized_start=2734
-  _globals['_FIELDACTIONKIND']._serialized_end=2920
+  _globals['_TASKSTATE']._serialized_start=2778
+  _globals['_TASKSTATE']._serialized_end=3027
+  _globals['_FIELDACTIONKIND']._serialized_start=3030
+  _globals['_FIELDACTIONKIND']._serialized_end=3216
   _globals['_FIELDACTION']._serialized_start=70
   _globals['_FIELDACTION']._serialized_end=142
   _globals['_SKILL']._serialized_start=145
@@ -44,45 +44,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTCARD']._serialized_start=284
   _globals['_AGENTCARD']._serialized_end=395
   _globals['_TASKREQUEST']._serialized_start=398
-  _globals['_TASKREQUEST']._serialized_end=682
-  _globals['_TASKERROR']._serialized_start=684
-  _globals['_TASKERROR']._serialized_end=726
-  _globals['_RECEIPT']._serialized_start=729
-  _globals['_RECEIPT']._serialized_end=971
-  _globals['_TASKRESULT']._serialized_start=974
-  _globals['_TASKRESULT']._serialized_end=1253
-  _globals['_TASKUPDATE']._serialized_start=1255
-  _globals['_TASKUPDATE']._serialized_end=1379
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1381
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1400
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1402
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1461
-  _globals['_CANCELTASKREQUEST']._serialized_start=1463
-  _globals['_CANCELTASKREQUEST']._serialized_end=1515
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1517
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1575
-  _globals['_GETTASKREQUEST']._serialized_start=1577
-  _globals['_GETTASKREQUEST']._serialized_end=1610
-  _globals['_SIGNEDCHECKPOINT']._serialized_start=1613
-  _globals['_SIGNEDCHECKPOINT']._serialized_end=1755
-  _globals['_REGISTERAGENTS']._serialized_start=1757
-  _globals['_REGISTERAGENTS']._serialized_end=1847
-  _globals['_REGISTERED']._serialized_start=1849
-  _globals['_REGISTERED']._serialized_end=1890
-  _globals['_TASKASSIGNMENT']._serialized_start=1892
-  _globals['_TASKASSIGNMENT']._serialized_end=1973
-  _globals['_CANCELASSIGNMENT']._serialized_start=1975
-  _globals['_CANCELASSIGNMENT']._serialized_end=2026
-  _globals['_AGENTMESSAGE']._serialized_start=2028
-  _globals['_AGENTMESSAGE']._serialized_end=2140
-  _globals['_GATEWAYMESSAGE']._serialized_start=2143
-  _globals['_GATEWAYMESSAGE']._serialized_end=2305
-  _globals['_CONNECTEDAGENT']._serialized_start=2307
-  _globals['_CONNECTEDAGENT']._serialized_end=2404
-  _globals['_LISTCONNECTEDAGENTSRESPONSE']._serialized_start=2406
-  _globals['_LISTCONNECTEDAGENTSRESPONSE']._serialized_end=2479
-  _globals['_FEDERATION']._serialized_start=2923
-  _globals['_FEDERATION']._serialized_end=3362
-  _globals['_PARTICIPANT']._serialized_start=3365
-  _globals['_PARTICIPANT']._serialized_end=3810
+  _globals['_TASKREQUEST']._serialized_end=706
+  _globals['_TASKERROR']._serialized_start=708
+  _globals['_TASKERROR']._serialized_end=750
+  _globals['_RECEIPT']._serialized_start=753
+  _globals['_RECEIPT']._serialized_end=995
+  _globals['_TASKRESULT']._serialized_start=998
+  _globals['_TASKRESULT']._serialized_end=1318
+  _globals['_TASKUPDATE']._serialized_start=1320
+  _globals['_TASKUPDATE']._serialized_end=1444
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1446
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1465
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1467
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1526
+  _globals['_CANCELTASKREQUEST']._serialized_start=1528
+  _globals['_CANCELTASKREQUEST']._serialized_end=1580
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1582
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1640
+  _globals['_GETTASKREQUEST']._serialized_start=1642
+  _globals['_GETTASKREQUEST']._serialized_end=1675
+  _globals['_SIGNEDCHECKPOINT']._serialized_start=1678
+  _globals['_SIGNEDCHECKPOINT']._serialized_end=1820
+  _globals['_REGISTERAGENTS']._serialized_start=1822
+  _globals['_REGISTERAGENTS']._serialized_end=1912
+  _globals['_REGISTERED']._serialized_start=1914
+  _globals['_REGISTERED']._serialized_end=1955
+  _globals['_TASKASSIGNMENT']._serialized_start=1957
+  _globals['_TASKASSIGNMENT']._serialized_end=2038
+  _globals['_CANCELASSIGNMENT']._serialized_start=2040
+  _globals['_CANCELASSIGNMENT']._serialized_end=2091
+  _globals['_AGENTMESSAGE']._serialized_start=2093
+  _globals['_AGENTMESSAGE']._serialized_end=2205
+  _globals['_GATEWAYMESSAGE']._serialized_start=2208
+  _globals['_GATEWAYMESSAGE']._serialized_end=2370
+  _globals['_CONNECTEDAGENT']._serialized_start=2372
+  _globals['_CONNECTEDAGENT']._serialized_end=2469
+  _globals['_LISTCONNECTEDAGENTSRESPONSE']._serialized_start=2471
+  _globals['_LISTCONNECTEDAGENTSRESPONSE']._serialized_end=2544
+  _globals['_LISTPEERSREQUEST']._serialized_start=2546
+  _globals['_LISTPEERSREQUEST']._serialized_end=2564
+  _globals['_PEERSTATUS']._serialized_start=2567
+  _globals['_PEERSTATUS']._serialized_end=2715
+  _globals['_LISTPEERSRESPONSE']._serialized_start=2717
+  _globals['_LISTPEERSRESPONSE']._serialized_end=2775
+  _globals['_FEDERATION']._serialized_start=3219
+  _globals['_FEDERATION']._serialized_end=3658
+  _globals['_PARTICIPANT']._serialized_start=3661
+  _globals['_PARTICIPANT']._serialized_end=4180
 # @@protoc_insertion_point(module_scope)

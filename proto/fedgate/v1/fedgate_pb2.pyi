@@ -77,7 +77,7 @@ class AgentCard(_message.Message):
     def __init__(self, org: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., skills: _Optional[_Iterable[_Union[Skill, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
-    __slots__ = ("task_id", "target_org", "agent", "skill", "input", "sender_org", "requester", "deadline_unix_ms", "idempotency_key", "input_field_actions", "delegation")
+    __slots__ = ("task_id", "target_org", "agent", "skill", "input", "sender_org", "requester", "deadline_unix_ms", "idempotency_key", "input_field_actions", "delegation", "parent_task_id")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_ORG_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class TaskRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_ACTIONS_FIELD_NUMBER: _ClassVar[int]
     DELEGATION_FIELD_NUMBER: _ClassVar[int]
+    PARENT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     target_org: str
     agent: str
@@ -100,7 +101,8 @@ class TaskRequest(_message.Message):
     idempotency_key: str
     input_field_actions: _containers.RepeatedCompositeFieldContainer[FieldAction]
     delegation: str
-    def __init__(self, task_id: _Optional[str] = ..., target_org: _Optional[str] = ..., agent: _Optional[str] = ..., skill: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., sender_org: _Optional[str] = ..., requester: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., input_field_actions: _Optional[_Iterable[_Union[FieldAction, _Mapping]]] = ..., delegation: _Optional[str] = ...) -> None: ...
+    parent_task_id: str
+    def __init__(self, task_id: _Optional[str] = ..., target_org: _Optional[str] = ..., agent: _Optional[str] = ..., skill: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., sender_org: _Optional[str] = ..., requester: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., input_field_actions: _Optional[_Iterable[_Union[FieldAction, _Mapping]]] = ..., delegation: _Optional[str] = ..., parent_task_id: _Optional[str] = ...) -> None: ...
 
 class TaskError(_message.Message):
     __slots__ = ("code", "message")
@@ -133,7 +135,7 @@ class Receipt(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., responder_org: _Optional[str] = ..., result_digest: _Optional[bytes] = ..., withheld_paths: _Optional[_Iterable[str]] = ..., policy_version: _Optional[str] = ..., signed_at_unix_ms: _Optional[int] = ..., signer_certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., field_actions: _Optional[_Iterable[_Union[FieldAction, _Mapping]]] = ...) -> None: ...
 
 class TaskResult(_message.Message):
-    __slots__ = ("task_id", "state", "output", "field_actions", "error", "receipt", "responder_org", "policy_version")
+    __slots__ = ("task_id", "state", "output", "field_actions", "error", "receipt", "responder_org", "policy_version", "provenance")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +144,7 @@ class TaskResult(_message.Message):
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
     RESPONDER_ORG_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     state: TaskState
     output: _struct_pb2.Struct
@@ -150,7 +153,8 @@ class TaskResult(_message.Message):
     receipt: Receipt
     responder_org: str
     policy_version: str
-    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., output: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., field_actions: _Optional[_Iterable[_Union[FieldAction, _Mapping]]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ..., responder_org: _Optional[str] = ..., policy_version: _Optional[str] = ...) -> None: ...
+    provenance: _containers.RepeatedCompositeFieldContainer[Receipt]
+    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., output: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., field_actions: _Optional[_Iterable[_Union[FieldAction, _Mapping]]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ..., responder_org: _Optional[str] = ..., policy_version: _Optional[str] = ..., provenance: _Optional[_Iterable[_Union[Receipt, _Mapping]]] = ...) -> None: ...
 
 class TaskUpdate(_message.Message):
     __slots__ = ("task_id", "state", "message", "result")
@@ -277,3 +281,31 @@ class ListConnectedAgentsResponse(_message.Message):
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedCompositeFieldContainer[ConnectedAgent]
     def __init__(self, agents: _Optional[_Iterable[_Union[ConnectedAgent, _Mapping]]] = ...) -> None: ...
+
+class ListPeersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PeerStatus(_message.Message):
+    __slots__ = ("org", "address", "circuit", "latency_ms", "last_error", "consecutive_failures", "in_flight")
+    ORG_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CIRCUIT_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    org: str
+    address: str
+    circuit: str
+    latency_ms: float
+    last_error: str
+    consecutive_failures: int
+    in_flight: int
+    def __init__(self, org: _Optional[str] = ..., address: _Optional[str] = ..., circuit: _Optional[str] = ..., latency_ms: _Optional[float] = ..., last_error: _Optional[str] = ..., consecutive_failures: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...
+
+class ListPeersResponse(_message.Message):
+    __slots__ = ("peers",)
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
+    def __init__(self, peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ...) -> None: ...

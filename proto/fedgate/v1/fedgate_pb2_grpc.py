@@ -356,6 +356,11 @@ class ParticipantStub:
                 request_serializer=fedgate_dot_v1_dot_fedgate__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=fedgate_dot_v1_dot_fedgate__pb2.ListConnectedAgentsResponse.FromString,
                 _registered_method=True)
+        self.ListPeers = channel.unary_unary(
+                '/fedgate.v1.Participant/ListPeers',
+                request_serializer=fedgate_dot_v1_dot_fedgate__pb2.ListPeersRequest.SerializeToString,
+                response_deserializer=fedgate_dot_v1_dot_fedgate__pb2.ListPeersResponse.FromString,
+                _registered_method=True)
 
 
 class ParticipantServicer:
@@ -400,6 +405,13 @@ class ParticipantServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPeers(self, request, context):
+        """Partner organizations with their circuit state, latency and last error (`fedgate peers`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParticipantServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -432,6 +444,11 @@ def add_ParticipantServicer_to_server(servicer, server):
                     servicer.ListConnectedAgents,
                     request_deserializer=fedgate_dot_v1_dot_fedgate__pb2.ListAgentsRequest.FromString,
                     response_serializer=fedgate_dot_v1_dot_fedgate__pb2.ListConnectedAgentsResponse.SerializeToString,
+            ),
+            'ListPeers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPeers,
+                    request_deserializer=fedgate_dot_v1_dot_fedgate__pb2.ListPeersRequest.FromString,
+                    response_serializer=fedgate_dot_v1_dot_fedgate__pb2.ListPeersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -596,6 +613,33 @@ class Participant:
             '/fedgate.v1.Participant/ListConnectedAgents',
             fedgate_dot_v1_dot_fedgate__pb2.ListAgentsRequest.SerializeToString,
             fedgate_dot_v1_dot_fedgate__pb2.ListConnectedAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPeers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgate.v1.Participant/ListPeers',
+            fedgate_dot_v1_dot_fedgate__pb2.ListPeersRequest.SerializeToString,
+            fedgate_dot_v1_dot_fedgate__pb2.ListPeersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,227 @@
+"""Outbound: a local requester's task for a partner's agent.
+
+The `send` policy filters the input, `request_sent` is committed, the task goes to the peer's
+gateway through its circuit breaker, the responder's receipt is verified against what arrived,
+and `result_received` is committed before the requester sees anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import grpc
+
+from gateway.audit import AuditEvent
+from gateway.errors import (
+    AuditUnavailable,
+    Cancelled,
+    DeadlineExceeded,
+    FedgateError,
+    InvalidArgument,
+    NotFound,
+    PeerUnreachable,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from gateway.payload import check_limits, digest
+from gateway.router_base import Claims, RouterBase, error_result
+from gateway.signing import SignedReceipt, verify_receipt
+from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
+from gateway.wire import spec_to_pb, update_from_pb
+
+# gRPC statuses a peer may answer with, mapped back onto our error tree.
+_STATUS_ERRORS: dict[grpc.StatusCode, type[FedgateError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+}
+# Answers that say the peer itself is not working, as opposed to refusing this one task.
+_TRANSPORT_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+
+
+class OutboundRoutes(RouterBase):
+    """The outbound half of the router."""
+
+    def _parent_of(self, spec: TaskSpec) -> Any:
+        """The inbound task one of our agents is serving while it makes this call, if any."""
+        return self._running.get(spec.parent_task_id) if spec.parent_task_id else None
+
+    def delegation_for(self, spec: TaskSpec) -> str:
+        """The signed statement of who asked, sent with the task (see the delegation feature)."""
+        return spec.delegation
+
+    async def _run_remote(self, spec: TaskSpec) -> AsyncIterator[TaskUpdate]:
+        started = time.monotonic()
+        peer = spec.target_org
+        stub = self.peers.stub(peer)  # NotFound for an organization that is not a peer
+        policy = self.current_policy()
+        parent = self._parent_of(spec)
+        claims: Claims = None
+        if parent is not None:
+            # Multi-hop: our agent passes on data that came from parent.origin_org. The deadline
+            # travels along, and the send policy can tell such data apart (claim `origin`).
+            spec = replace(spec, deadline=min(spec.deadline, parent.spec.deadline))
+            claims = {"origin": parent.origin_org}
+        try:
+            filtered = self._filter(policy, peer, spec, "send", spec.input, claims)
+            call_started = self.peers.admit(peer)  # fails fast while the peer's circuit is open
+        except FedgateError as exc:
+            await self.audit_rejection(spec, peer, exc, started=started, direction="outbound")
+            raise
+        actions = tuple((p, "withheld") for p in filtered.withheld) + filtered.transformed
+        outbound = replace(spec.with_input(filtered.output, actions), delegation=self.delegation_for(spec))
+        base = AuditEvent(
+            kind="request_sent",
+            task_id=spec.task_id,
+            peer_org=peer,
+            agent=spec.agent,
+            skill=spec.skill,
+            direction="outbound",
+            decision="partial" if actions else "allowed",
+            requester=spec.requester,
+            status=TaskState.SUBMITTED.value,
+            withheld_paths=filtered.withheld,
+            transformed=filtered.transformed,
+            digest_before=digest(spec.input),
+            digest_after=digest(filtered.output),
+            policy_version=filtered.policy_version,
+            payload=spec.input if self.store_payloads else None,
+        )
+        transport_failure: str | None = None
+        accepted = forget = False
+        final: TaskResult | None = None
+        running = None
+        call = None
+        try:
+            await self._record(replace(base, duration_ms=(time.monotonic() - started) * 1000))
+            existing = await self.tasks.accept(self.org, spec, remote=True)
+            if existing is not None:
+                raise InvalidArgument(f"task {spec.task_id!r} was already accepted with this key")
+            accepted = True
+            running = self._start(spec, self.org, remote=True)
+            if parent is not None:
+                parent.children.add(spec.task_id)
+            call = stub.StreamTask(spec_to_pb(outbound, sender_org=self.org), timeout=max(0.001, spec.remaining()))
+            async for update in self._wait(spec, running, self._peer_updates(peer, call)):
+                if not update.state.final:
+                    yield update
+                    continue
+                result = await self._receive(spec, update, started)
+                if parent is not None and result.receipt is not None:
+                    parent.provenance.extend([result.receipt, *result.provenance])
+                final = result
+                yield TaskUpdate(spec.task_id, result.state, result=result)
+                return
+            raise Unavailable(f"organization {peer!r} closed the task stream without a result")
+        except FedgateError as exc:
+            if isinstance(exc, PeerUnreachable):
+                transport_failure = exc.message
+            if not isinstance(exc, AuditUnavailable):
+                with contextlib.suppress(Exception):
+                    await self.audit.append(
+                        replace(base, kind="failed", decision="error", status=exc.status.name,
+                                detail=exc.message, payload=None,
+                                duration_ms=(time.monotonic() - started) * 1000)
+                    )
+            if isinstance(exc, (Unavailable, ResourceExhausted)) and not isinstance(exc, AuditUnavailable):
+                # The peer did not run the task: forget the key so that a retry runs it.
+                forget = True
+            final = final or error_result(spec, exc, peer)
+            raise
+        except asyncio.CancelledError as exc:
+            final = final or error_result(spec, exc, peer)
+            raise
+        finally:
+            self.peers.record(peer, call_started, failure=transport_failure)
+            if call is not None:
+                call.cancel()
+            if parent is not None:
+                parent.children.discard(spec.task_id)
+            if running is not None:
+                self._finish(running, final)
+            if accepted and forget:
+                await self._forget_task(self.org, spec)
+            elif accepted and final is not None:
+                await self._finish_task(self.org, spec, final)
+
+    async def _peer_updates(self, peer: str, call: Any) -> AsyncIterator[TaskUpdate]:
+        try:
+            async for message in call:
+                yield update_from_pb(message)
+        except grpc.aio.AioRpcError as exc:
+            raise self._peer_error(peer, exc) from None
+
+    def _peer_error(self, peer: str, exc: grpc.aio.AioRpcError) -> FedgateError:
+        code = exc.code()
+        details = exc.details() or code.name
+        answered = any(key == "fedgate-error" for key, _ in (exc.trailing_metadata() or ()))
+        if code in _TRANSPORT_FAILURES and not answered:
+            return PeerUnreachable(
+                f"organization {peer!r} at {self.peers.address(peer)} is unreachable: {details}"
+            )
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return Unavailable(f"organization {peer!r} answered: {details}")
+        error_type = _STATUS_ERRORS.get(code, Unavailable)
+        return error_type(f"organization {peer!r} answered: {details}")
+
+    async def _receive(self, spec: TaskSpec, update: TaskUpdate, started: float) -> TaskResult:
+        """Verify the responder's receipt and commit `result_received`."""
+        result = update.result or TaskResult(spec.task_id, update.state)
+        peer = spec.target_org
+        decision, detail = ("allowed" if result.state is TaskState.COMPLETED else "error"), ""
+        if result.state is TaskState.COMPLETED:
+            try:
+                if result.receipt is None:
+                    raise Unauthenticated("the result carries no receipt")
+                verify_receipt(
+                    self.verifier,
+                    SignedReceipt.from_json(result.receipt),
+                    expected_org=peer,
+                    released_output=result.output,
+                )
+                check_limits(result.output, max_depth=self.limits.max_depth,
+                             max_fields=self.limits.max_fields)
+            except (FedgateError, ValueError, KeyError, TypeError) as exc:
+                decision = "receipt_invalid"
+                detail = getattr(exc, "message", str(exc))
+                result = TaskResult(
+                    spec.task_id,
+                    TaskState.FAILED,
+                    error=TaskError("receipt_invalid", f"result of {peer!r} refused: {detail}"),
+                    responder_org=peer,
+                )
+        kind = {TaskState.COMPLETED: "result_received", TaskState.CANCELED: "canceled"}.get(
+            result.state, "failed")
+        await self._record(
+            AuditEvent(
+                kind=kind,
+                task_id=spec.task_id,
+                peer_org=peer,
+                agent=spec.agent,
+                skill=spec.skill,
+                direction="outbound",
+                decision=decision,
+                requester=spec.requester,
+                status=result.state.value,
+                duration_ms=(time.monotonic() - started) * 1000,
+                withheld_paths=tuple(p for p, a in result.field_actions if a == "withheld"),
+                transformed=tuple((p, a) for p, a in result.field_actions if a != "withheld"),
+                digest_after=digest(result.output) if result.state is TaskState.COMPLETED else None,
+                policy_version=result.policy_version or None,
+                detail=detail or (result.error.code if result.error else ""),
+                receipt=result.receipt,
+                payload=result.output if self.store_payloads and result.output else None,
+            )
+        )
+        return replace(result, task_id=spec.task_id, responder_org=peer)

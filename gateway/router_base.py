@@ -1,0 +1,259 @@
+"""State and helpers shared by every route of an exchange (see gateway/router.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from gateway.agents import AgentRegistry
+from gateway.audit import AuditEvent, AuditStore
+from gateway.errors import AuditUnavailable, DeadlineExceeded, FedgateError, PermissionDenied
+from gateway.peers import PeerRegistry
+from gateway.policy import FilterResult, Policy, PolicyHolder
+from gateway.signing import Signer, Verifier
+from gateway.task_store import MemoryTaskStore, TaskKey, TaskStore
+from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
+
+log = logging.getLogger("fedgate.router")
+
+Claims = Mapping[str, str | Sequence[str]] | None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_depth: int = 32
+    max_fields: int = 10_000
+
+
+@dataclass
+class Running:
+    """A task this gateway is working on right now."""
+
+    spec: TaskSpec
+    origin_org: str
+    remote: bool
+    claims: Claims = None
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str = ""
+    # Sub-tasks our agents started while serving this task (multi-hop), and their receipts.
+    children: set[str] = field(default_factory=set)
+    provenance: list[dict[str, Any]] = field(default_factory=list)
+
+
+def error_result(spec: TaskSpec, exc: BaseException, responder_org: str) -> TaskResult:
+    """The result kept for a task that ended with an error instead of a result."""
+    if isinstance(exc, FedgateError):
+        code, message = exc.status.name.lower(), exc.message
+    else:
+        code, message = "canceled", "the requester went away before the task ended"
+    state = TaskState.CANCELED if code in ("canceled", "cancelled") else TaskState.FAILED
+    return TaskResult(spec.task_id, state, error=TaskError(code, message), responder_org=responder_org)
+
+
+class RouterBase:
+    """Shared state: who we are, what runs, and the stores every route writes to."""
+
+    def __init__(
+        self,
+        *,
+        org: str,
+        agents: AgentRegistry,
+        peers: PeerRegistry,
+        policy: PolicyHolder | None,
+        audit: AuditStore,
+        signer: Signer,
+        verifier: Verifier,
+        tasks: TaskStore | None = None,
+        limits: Limits = Limits(),
+        store_payloads: bool = False,
+        max_failovers: int = 2,
+        finished_capacity: int = 10_000,
+    ) -> None:
+        self.org = org
+        self.agents = agents
+        self.peers = peers
+        self.policy = policy
+        self.audit = audit
+        self.signer = signer
+        self.verifier = verifier
+        self.tasks: TaskStore = tasks if tasks is not None else MemoryTaskStore()
+        self.limits = limits
+        self.store_payloads = store_payloads
+        self.max_failovers = max_failovers
+        self.draining = False
+        self._running: dict[str, Running] = {}
+        self._inflight: dict[TaskKey, asyncio.Future[TaskResult]] = {}
+        self._finished: OrderedDict[str, tuple[str, TaskResult]] = OrderedDict()
+        self._finished_capacity = finished_capacity
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no task runs; False if some still run after `timeout` seconds."""
+        if self._idle.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def current_policy(self) -> Policy | None:
+        return self.policy.current if self.policy is not None else None
+
+    def _start(self, spec: TaskSpec, origin_org: str, *, remote: bool, claims: Claims = None) -> Running:
+        running = Running(spec, origin_org, remote, claims)
+        self._running[spec.task_id] = running
+        self._idle.clear()
+        return running
+
+    def _finish(self, running: Running, result: TaskResult | None) -> None:
+        self._running.pop(running.spec.task_id, None)
+        if not self._running:
+            self._idle.set()
+        if result is not None:
+            self._finished[running.spec.task_id] = (running.origin_org, result)
+            while len(self._finished) > self._finished_capacity:
+                self._finished.popitem(last=False)
+
+    async def _record(self, event: AuditEvent) -> None:
+        """Commit an audit record; the exchange stops here if the store cannot be written."""
+        try:
+            await self.audit.append(event)
+        except AuditUnavailable:
+            raise
+        except Exception as exc:  # a store bug must fail closed, not release unaudited data
+            log.exception("audit append failed")
+            raise AuditUnavailable(
+                f"audit store cannot be written: {type(exc).__name__}; exchanges are refused "
+                "until it recovers"
+            ) from None
+
+    async def audit_rejection(
+        self,
+        spec: TaskSpec,
+        peer_org: str,
+        exc: FedgateError,
+        *,
+        started: float,
+        kind: str = "rejected",
+        direction: str = "inbound",
+    ) -> None:
+        """Best effort: a rejection is recorded, but a store outage must not hide the refusal."""
+        try:
+            await self.audit.append(
+                AuditEvent(
+                    kind=kind,
+                    task_id=spec.task_id or "-",
+                    peer_org=peer_org,
+                    agent=spec.agent,
+                    skill=spec.skill,
+                    direction=direction,
+                    decision="denied",
+                    requester=spec.requester,
+                    status=exc.status.name,
+                    duration_ms=(time.monotonic() - started) * 1000,
+                    detail=exc.message,
+                )
+            )
+        except Exception:
+            log.warning("could not audit a rejection for peer %s (audit store unavailable)", peer_org)
+
+    def _filter(
+        self,
+        policy: Policy | None,
+        peer: str,
+        spec: TaskSpec,
+        direction: Literal["send", "share"],
+        payload: dict[str, Any],
+        claims: Claims = None,
+    ) -> FilterResult:
+        if policy is None:
+            raise PermissionDenied(
+                f"no sharing policy is configured on {self.org!r}: nothing may leave (add [policy] "
+                "to fedgate.toml)"
+            )
+        return policy.filter(
+            peer,
+            spec.agent,
+            spec.skill,
+            direction,
+            payload,
+            claims,
+            max_depth=self.limits.max_depth,
+            max_fields=self.limits.max_fields,
+        )
+
+    async def _finish_task(self, origin_org: str, spec: TaskSpec, result: TaskResult) -> None:
+        """Keep a task's final result in the task table; an outage there must not hide it."""
+        try:
+            await asyncio.shield(self.tasks.finish(origin_org, spec.idempotency_key or spec.task_id, result))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("could not record the end of task %s in the task table", spec.task_id)
+
+    async def _forget_task(self, origin_org: str, spec: TaskSpec) -> None:
+        """Drop a task that never ran, so that a retry with its key runs it."""
+        try:
+            await asyncio.shield(self.tasks.forget(origin_org, spec.idempotency_key or spec.task_id))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("could not drop task %s from the task table", spec.task_id)
+
+    async def _wait(
+        self, spec: TaskSpec, running: Running, updates: AsyncIterator[TaskUpdate]
+    ) -> AsyncIterator[TaskUpdate]:
+        """Relay updates until a final one, the deadline, or a cancel request."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + spec.remaining()
+        iterator = updates.__aiter__()
+        cancel_wait = asyncio.ensure_future(running.cancel.wait())
+        try:
+            while True:
+                next_update = asyncio.ensure_future(iterator.__anext__())
+                done, _ = await asyncio.wait(
+                    {next_update, cancel_wait},
+                    timeout=max(0.0, deadline - loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if next_update not in done:
+                    next_update.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+                        await next_update
+                    if cancel_wait in done:
+                        yield TaskUpdate(
+                            spec.task_id,
+                            TaskState.CANCELED,
+                            result=TaskResult(
+                                spec.task_id,
+                                TaskState.CANCELED,
+                                error=TaskError("canceled", running.reason),
+                                responder_org=spec.target_org,
+                            ),
+                        )
+                        return
+                    raise DeadlineExceeded(f"task {spec.task_id} for {spec.target} passed its deadline")
+                try:
+                    update = next_update.result()
+                except StopAsyncIteration:
+                    return
+                yield update
+                if update.state.final:
+                    return
+        finally:
+            cancel_wait.cancel()
+            with contextlib.suppress(Exception):
+                await iterator.aclose()  # type: ignore[attr-defined]
