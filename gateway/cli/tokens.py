@@ -36,20 +36,32 @@ def tokens() -> None:
 @tokens.command("issue")
 @click.option("--subject", required=True, help="Who holds the token, e.g. records-service.")
 @click.option(
-    "--agent", "agents", multiple=True, metavar="NAME",
+    "--agent",
+    "agents",
+    multiple=True,
+    metavar="NAME",
     help="An agent name it may register ('*' for any). Repeatable.",
 )
 @click.option(
-    "--call", "calls", multiple=True, metavar="PATTERN",
+    "--call",
+    "calls",
+    multiple=True,
+    metavar="PATTERN",
     help="What it may call: ORG/AGENT.SKILL, ORG/AGENT, ORG/* or '*'. Repeatable.",
 )
 @click.option(
-    "--ttl-days", default=30.0, show_default=True, type=float,
+    "--ttl-days",
+    default=30.0,
+    show_default=True,
+    type=float,
     help=f"Days until it expires (at most {MAX_TTL_SECONDS / 86_400:g}).",
 )
 @config_option
 def issue(
-    subject: str, agents: tuple[str, ...], calls: tuple[str, ...], ttl_days: float,
+    subject: str,
+    agents: tuple[str, ...],
+    calls: tuple[str, ...],
+    ttl_days: float,
     config_path: str,
 ) -> None:
     """Issue a token and print it (alone on stdout, so that it can be captured)."""
@@ -71,18 +83,25 @@ def list_tokens(as_json: bool, config_path: str) -> None:
     records = _authority(config_path).list()
     now = time.time()
     if as_json:
-        click.echo(json.dumps(
-            [{**record.to_json(), "status": _status(record, now)} for record in records],
-            indent=2, sort_keys=True,
-        ))
+        click.echo(
+            json.dumps(
+                [{**record.to_json(), "status": _status(record, now)} for record in records],
+                indent=2,
+                sort_keys=True,
+            )
+        )
         return
     table = Table(title=f"{len(records)} participant token(s)")
     for column in ("id", "subject", "agents", "calls", "issued", "expires", "status"):
         table.add_column(column, overflow="fold")
     for record in records:
         table.add_row(
-            record.token_id, record.subject, ", ".join(record.agents) or "-",
-            ", ".join(record.calls) or "-", _iso(record.issued_at), _iso(record.expires_at),
+            record.token_id,
+            record.subject,
+            ", ".join(record.agents) or "-",
+            ", ".join(record.calls) or "-",
+            _iso(record.issued_at),
+            _iso(record.expires_at),
             _status(record, now),
         )
     Console(width=160, soft_wrap=False).print(table)

@@ -1,0 +1,437 @@
+"""Delegation statements: who asked, carried from the requesting gateway to the responding one.
+
+With each task the requesting gateway sends a short-lived JWT that it signs with its own TLS key
+(ECDSA P-256, so ES256) and that carries its certificate, so the responder checks it without any
+prior key exchange:
+
+    header   {"alg": "ES256", "typ": "fedgate-delegation+jwt", "x5c": [<signer cert, DER, base64>]}
+    payload  {"iss": <sending org>, "aud": <target org>, "sub": <requesting agent or user>,
+              "roles": [...], "purpose": "...", "task_id": "...", "jti": <unique>,
+              "iat": ..., "exp": ...  (default 5 minutes ahead)}
+
+The responder accepts a statement only when all of these hold, and names the first that fails:
+the algorithm is ES256; the certificate was issued by the federation CA and is valid now; it names
+the organization proven by the connection's mTLS client certificate (guarantee 1: a body never
+changes who the peer is); `iss` is that same organization; `aud` is the responder; it has not
+expired and was not issued for longer than the responder allows; it is for this task; and its
+`jti` was not seen before within its lifetime (replay).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import heapq
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from gateway.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from gateway.signing import Signer, Verifier
+
+ALGORITHM = "ES256"
+STATEMENT_TYPE = "fedgate-delegation+jwt"
+DEFAULT_TTL_SECONDS = 300.0
+MAX_STATEMENT_BYTES = 16 * 1024
+_SEGMENT = re.compile(r"^[A-Za-z0-9_-]*$")
+_ORG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_MAX_TEXT = 256
+_MAX_ROLES = 64
+_MAX_TRUSTED_CERTS = 1024
+
+
+@dataclass(frozen=True)
+class Delegation:
+    """A verified statement of who asked for a task, and why."""
+
+    issuer_org: str
+    subject: str
+    roles: tuple[str, ...]
+    purpose: str
+    audience_org: str
+    token_id: str
+    task_id: str
+    expires_at: float
+
+    def claims(self) -> dict[str, str | tuple[str, ...]]:
+        """What the sharing policy sees of the requester."""
+        return {"role": self.roles, "purpose": self.purpose, "subject": self.subject}
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64url(segment: str) -> bytes:
+    if not _SEGMENT.match(segment):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _json_segment(value: dict[str, Any]) -> str:
+    return _b64url(json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8"))
+
+
+def _sign_jws(signer: Signer, header: dict[str, Any], payload: dict[str, Any]) -> str:
+    """A compact JWS over header and payload, ES256 with the signer's key (r || s signature)."""
+    signing_input = f"{_json_segment(header)}.{_json_segment(payload)}"
+    r, s = decode_dss_signature(signer.sign(signing_input.encode("ascii")))
+    signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    return f"{signing_input}.{_b64url(signature)}"
+
+
+def issue_delegation(
+    signer: Signer,
+    *,
+    audience_org: str,
+    subject: str,
+    roles: Iterable[str] = (),
+    purpose: str = "",
+    task_id: str,
+    ttl_seconds: float = DEFAULT_TTL_SECONDS,
+) -> str:
+    """A statement, signed as the signer's organization, that `subject` asks `audience_org`."""
+    if not _ORG.match(audience_org):
+        raise InvalidArgument(f"delegation audience {audience_org!r} is not an organization name")
+    role_list = list(roles)
+    _check_text("subject", subject, InvalidArgument, required=True)
+    _check_text("purpose", purpose, InvalidArgument)
+    _check_text("task id", task_id, InvalidArgument, required=True)
+    _check_roles(role_list, InvalidArgument)
+    if not ttl_seconds > 0:
+        raise InvalidArgument(f"delegation lifetime must be positive, got {ttl_seconds:g} s")
+    now = time.time()
+    header = {
+        "alg": ALGORITHM,
+        "typ": STATEMENT_TYPE,
+        "x5c": [base64.b64encode(signer.cert_der).decode("ascii")],
+    }
+    payload = {
+        "iss": signer.org,
+        "aud": audience_org,
+        "sub": subject,
+        "roles": role_list,
+        "purpose": purpose,
+        "task_id": task_id,
+        "jti": uuid.uuid4().hex,
+        "iat": int(now),
+        "exp": int(now + ttl_seconds),
+    }
+    return _sign_jws(signer, header, payload)
+
+
+def _check_text(name: str, value: Any, error: type[Exception], *, required: bool = False) -> None:
+    if not isinstance(value, str):
+        raise error(f"delegation {name} must be a string")
+    if required and not value:
+        raise error(f"delegation {name} is empty")
+    if len(value) > _MAX_TEXT:
+        raise error(f"delegation {name} is longer than {_MAX_TEXT} characters")
+
+
+def _check_roles(roles: Any, error: type[Exception]) -> None:
+    if not isinstance(roles, list) or not all(isinstance(r, str) and r for r in roles):
+        raise error("delegation roles must be a list of non-empty strings")
+    if len(roles) > _MAX_ROLES or any(len(r) > _MAX_TEXT for r in roles):
+        raise error(f"delegation roles: at most {_MAX_ROLES}, each at most {_MAX_TEXT} characters")
+
+
+def _epoch(value: Any) -> float | None:
+    """A JSON number usable as a time (finite, after 1970, before 5138), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        result = float(value)
+    except OverflowError:
+        return None
+    return result if 0 <= result < 1e11 else None  # also refuses NaN and infinities
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+class _SeenStatements:
+    """(issuer, jti) of accepted statements until they expire: a bounded replay cache.
+
+    The bound is per issuer, so that one peer filling its share cannot lock out the others.
+    """
+
+    def __init__(self, max_per_issuer: int) -> None:
+        self._max_per_issuer = max_per_issuer
+        self._expiry: dict[tuple[str, str], float] = {}
+        self._per_issuer: dict[str, int] = {}
+        self._heap: list[tuple[float, tuple[str, str]]] = []
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def add(self, key: tuple[str, str], forget_at: float, now: float) -> bool:
+        """Record `key` until `forget_at`; False if it is already recorded (a replay)."""
+        issuer = key[0]
+        with self._lock:
+            while self._heap and self._heap[0][0] <= now:
+                _, old = heapq.heappop(self._heap)
+                del self._expiry[old]
+                remaining = self._per_issuer[old[0]] - 1
+                if remaining:
+                    self._per_issuer[old[0]] = remaining
+                else:
+                    del self._per_issuer[old[0]]
+            if key in self._expiry:
+                return False
+            if self._per_issuer.get(issuer, 0) >= self._max_per_issuer:
+                # Evicting would reopen replays; refusing keeps the guarantee and recovers as
+                # entries expire.
+                raise ResourceExhausted(
+                    f"organization {issuer!r} sent too many delegation statements within their "
+                    f"lifetime (limit {self._max_per_issuer}): retry later"
+                )
+            self._expiry[key] = forget_at
+            self._per_issuer[issuer] = self._per_issuer.get(issuer, 0) + 1
+            heapq.heappush(self._heap, (forget_at, key))
+            return True
+
+
+class DelegationVerifier:
+    """Checks delegation statements arriving at the gateway of `org`."""
+
+    def __init__(
+        self,
+        org: str,
+        verifier: Verifier,
+        *,
+        max_ttl_seconds: float = 900,
+        clock_skew_seconds: float = 30,
+        max_seen_per_peer: int = 1_000_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.org = org
+        self._verifier = verifier
+        self.max_ttl_seconds = max_ttl_seconds
+        self.clock_skew_seconds = clock_skew_seconds
+        self._clock = clock
+        self._seen = _SeenStatements(max_seen_per_peer)
+        # DER of certificates that passed the full check -> (key, org, not before, not after).
+        self._trusted_certs: dict[bytes, tuple[ec.EllipticCurvePublicKey, str, float, float]] = {}
+
+    def _check_signature(
+        self, signing_input: bytes, signature: bytes, cert_der: bytes, peer_org: str, now: float
+    ) -> None:
+        """Signed by a certificate of peer_org from the federation CA, valid now.
+
+        A certificate that passed the full check once (chain to the CA included) is remembered,
+        so the next statements of that peer cost one signature check instead of three. Anything
+        unusual on that fast path goes through the full check again, which names the cause.
+        """
+        known = self._trusted_certs.get(cert_der)
+        if known is not None:
+            public_key, org, not_before, not_after = known
+            if org == peer_org and not_before <= now <= not_after:
+                try:
+                    public_key.verify(signature, signing_input, ec.ECDSA(hashes.SHA256()))
+                    return
+                except InvalidSignature:
+                    pass
+        # Federation CA, validity now, organization == the connection's, signature: at once.
+        self._verifier.verify(
+            signing_input, signature, cert_der, peer_org, at=dt.datetime.fromtimestamp(now, dt.UTC)
+        )
+        cert = x509.load_der_x509_certificate(cert_der)
+        cert_key = cert.public_key()
+        if isinstance(cert_key, ec.EllipticCurvePublicKey):
+            if len(self._trusted_certs) >= _MAX_TRUSTED_CERTS:
+                self._trusted_certs.clear()
+            self._trusted_certs[cert_der] = (
+                cert_key,
+                peer_org,
+                cert.not_valid_before_utc.timestamp(),
+                cert.not_valid_after_utc.timestamp(),
+            )
+
+    @property
+    def seen_count(self) -> int:
+        """How many statement ids are remembered against replay right now."""
+        return len(self._seen)
+
+    def verify(self, token: str, *, peer_org: str, task_id: str) -> Delegation:
+        """The delegation of a valid statement from `peer_org` (the mTLS-proven org) for task_id.
+
+        Raises Unauthenticated (unusable statement) or PermissionDenied (an organization other
+        than the connection's speaks), naming the cause.
+        """
+        header, payload, signing_input, signature = _parse(token)
+        algorithm = header.get("alg")
+        if algorithm != ALGORITHM:
+            raise Unauthenticated(
+                f"delegation statement uses algorithm {algorithm!r}: only {ALGORITHM} signed "
+                "with the sending gateway's certificate is accepted"
+            )
+        if header.get("typ") != STATEMENT_TYPE:
+            raise Unauthenticated(
+                f"not a delegation statement (type {header.get('typ')!r}, expected "
+                f"{STATEMENT_TYPE!r})"
+            )
+        cert_der = _signer_certificate(header)
+        if len(signature) != 64:
+            raise Unauthenticated(
+                "malformed delegation statement: an ES256 signature is 64 bytes, got "
+                f"{len(signature)}"
+            )
+        der_signature = encode_dss_signature(
+            int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        )
+        now = self._clock()
+        try:
+            self._check_signature(signing_input, der_signature, cert_der, peer_org, now)
+        except PermissionDenied as exc:
+            raise PermissionDenied(
+                f"delegation statement refused: {exc.message} (the connection is authenticated "
+                f"as {peer_org!r}; a gateway may only vouch for its own requesters)"
+            ) from None
+        except Unauthenticated as exc:
+            raise Unauthenticated(f"delegation statement refused: {exc.message}") from None
+
+        issuer = payload.get("iss")
+        if issuer != peer_org:
+            raise PermissionDenied(
+                f"delegation statement names issuer {issuer!r}, but it comes from organization "
+                f"{peer_org!r} (its certificate and this connection): a gateway may only speak "
+                "for its own organization"
+            )
+        audience = payload.get("aud")
+        if audience != self.org:
+            raise Unauthenticated(
+                f"delegation statement is addressed to {audience!r}, not to this gateway's "
+                f"organization {self.org!r}"
+            )
+        issued_at, expires_at = _epoch(payload.get("iat")), _epoch(payload.get("exp"))
+        for name, value in (("iat", issued_at), ("exp", expires_at)):
+            if value is None:
+                raise Unauthenticated(
+                    f"malformed delegation statement: {name!r} is not a time in epoch seconds"
+                )
+        assert issued_at is not None and expires_at is not None
+        skew = self.clock_skew_seconds
+        if expires_at + skew <= now:
+            raise Unauthenticated(
+                f"delegation statement of {issuer!r} expired {now - expires_at:.0f} s ago: the "
+                "requesting gateway must send a fresh one (check both clocks if this repeats)"
+            )
+        if issued_at - skew > now:
+            raise Unauthenticated(
+                f"delegation statement of {issuer!r} is issued {issued_at - now:.0f} s in the "
+                "future: check the clocks of both gateways"
+            )
+        if expires_at - issued_at > self.max_ttl_seconds:
+            raise Unauthenticated(
+                f"delegation statement of {issuer!r} is valid for {expires_at - issued_at:.0f} s, "
+                f"longer than the {self.max_ttl_seconds:g} s this gateway accepts"
+            )
+        if payload.get("task_id") != task_id:
+            raise Unauthenticated(
+                f"delegation statement is for task {payload.get('task_id')!r}, not for task "
+                f"{task_id!r}"
+            )
+        subject, roles, purpose, token_id = (
+            payload.get("sub"),
+            payload.get("roles", []),
+            payload.get("purpose", ""),
+            payload.get("jti"),
+        )
+
+        def malformed(message: str) -> Unauthenticated:
+            return Unauthenticated(f"malformed delegation statement: {message}")
+
+        try:
+            _check_text("subject", subject, ValueError, required=True)
+            _check_text("purpose", purpose, ValueError)
+            _check_text("id (jti)", token_id, ValueError, required=True)
+            _check_roles(roles, ValueError)
+        except ValueError as exc:
+            raise malformed(str(exc)) from None
+        assert isinstance(token_id, str) and isinstance(subject, str)
+        if not self._seen.add((peer_org, token_id), expires_at + skew, now):
+            raise Unauthenticated(
+                f"delegation statement {token_id!r} of {issuer!r} was already used (a replay): "
+                "every task carries a fresh statement"
+            )
+        return Delegation(
+            issuer_org=peer_org,
+            subject=subject,
+            roles=tuple(roles),
+            purpose=purpose,
+            audience_org=self.org,
+            token_id=token_id,
+            task_id=task_id,
+            expires_at=expires_at,
+        )
+
+
+def _parse(token: Any) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+    """Header, payload, signing input and raw signature of a compact JWS."""
+    if not isinstance(token, str) or not token:
+        raise Unauthenticated("no delegation statement came with the task")
+    if len(token) > MAX_STATEMENT_BYTES:
+        raise Unauthenticated(
+            f"malformed delegation statement: longer than {MAX_STATEMENT_BYTES} bytes"
+        )
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise Unauthenticated(
+            f"malformed delegation statement: a JWS has 3 parts separated by '.', got {len(parts)}"
+        )
+    decoded: list[Any] = []
+    for name, segment in zip(("header", "payload", "signature"), parts, strict=True):
+        try:
+            raw = _unb64url(segment)
+            # NaN and Infinity are not JSON; a NaN time would slip past every comparison.
+            value = raw if name == "signature" else json.loads(raw, parse_constant=_no_constants)
+            decoded.append(value)
+        except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
+            raise Unauthenticated(
+                f"malformed delegation statement: its {name} is not base64url"
+                + ("" if name == "signature" else " JSON")
+            ) from None
+        if name != "signature" and not isinstance(decoded[-1], dict):
+            raise Unauthenticated(f"malformed delegation statement: its {name} is not an object")
+    header, payload, signature = decoded
+    return header, payload, f"{parts[0]}.{parts[1]}".encode("ascii"), signature
+
+
+def _signer_certificate(header: dict[str, Any]) -> bytes:
+    chain = header.get("x5c")
+    if not isinstance(chain, list) or len(chain) != 1 or not isinstance(chain[0], str):
+        raise Unauthenticated(
+            "malformed delegation statement: header 'x5c' must hold exactly the signing "
+            "gateway's certificate"
+        )
+    try:
+        der = base64.b64decode(chain[0], validate=True)
+        x509.load_der_x509_certificate(der)
+    except (binascii.Error, ValueError):
+        raise Unauthenticated(
+            "malformed delegation statement: header 'x5c' is not a base64 DER certificate"
+        ) from None
+    return der
