@@ -182,3 +182,26 @@ def load_private_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise TypeError("gateway keys are ECDSA P-256")
     return key
+
+
+def revocation_list(ca: IssuedCert, serials: list[int], *, days: int = 30) -> bytes:
+    """A CRL (PEM) signed by the federation CA that revokes the given certificate serials."""
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=days))
+    )
+    for serial in sorted(set(serials)):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        )
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def revoked_serials(crl_pem: bytes) -> list[int]:
+    return [entry.serial_number for entry in x509.load_pem_x509_crl(crl_pem)]

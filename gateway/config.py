@@ -58,12 +58,17 @@ class FederationSection(_Section):
     ca: Path
     # Certificate revocation list (PEM) of the federation, checked on every new peer connection.
     crl: Path | None = None
+    # Lifetime of the signed delegation statement sent with each task, and the longest accepted.
+    delegation_ttl_seconds: float = Field(300.0, gt=0, le=3600)
+    delegation_max_ttl_seconds: float = Field(900.0, gt=0, le=86_400)
 
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 
 
 class ParticipantSection(_Section):
     listen: str = "127.0.0.1:7400"
+    # Agents and requesters must present a token issued by `fedgate tokens issue`.
+    require_tokens: bool = True
 
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 

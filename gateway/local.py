@@ -25,6 +25,7 @@ def write_gateway_config(
     rules: Path | None,
     peers: Iterable[str] = (),
     extra: str = "",
+    require_tokens: bool = False,
 ) -> Path:
     """Write a fedgate.toml for `org` listening on loopback port 0; returns its path."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -42,6 +43,7 @@ def write_gateway_config(
         "",
         "[participant]",
         'listen = "127.0.0.1:0"',
+        f"require_tokens = {'true' if require_tokens else 'false'}",
         "",
     ]
     if model is not None and rules is not None:

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from gateway.audit import AuditEvent
+from gateway.delegation import issue_delegation
 from gateway.errors import (
     AuditUnavailable,
     Cancelled,
@@ -58,8 +59,16 @@ class OutboundRoutes(RouterBase):
         return self._running.get(spec.parent_task_id) if spec.parent_task_id else None
 
     def delegation_for(self, spec: TaskSpec) -> str:
-        """The signed statement of who asked, sent with the task (see the delegation feature)."""
-        return spec.delegation
+        """The signed statement of who asked, for the target organization only, short-lived."""
+        return issue_delegation(
+            self.signer,
+            audience_org=spec.target_org,
+            subject=spec.requester or f"{self.org}:unnamed-requester",
+            roles=spec.roles,
+            purpose=spec.purpose,
+            task_id=spec.task_id,
+            ttl_seconds=self.delegation_ttl,
+        )
 
     async def _run_remote(self, spec: TaskSpec) -> AsyncIterator[TaskUpdate]:
         started = time.monotonic()
@@ -80,7 +89,12 @@ class OutboundRoutes(RouterBase):
             await self.audit_rejection(spec, peer, exc, started=started, direction="outbound")
             raise
         actions = tuple((p, "withheld") for p in filtered.withheld) + filtered.transformed
-        outbound = replace(spec.with_input(filtered.output, actions), delegation=self.delegation_for(spec))
+        outbound = replace(
+            spec.with_input(filtered.output, actions),
+            delegation=self.delegation_for(spec),
+            purpose="",
+            roles=(),
+        )
         base = AuditEvent(
             kind="request_sent",
             task_id=spec.task_id,

@@ -74,6 +74,16 @@ _PEER_ERROR_MESSAGES = {
 }
 
 
+def _describe_claims(spec: TaskSpec) -> str:
+    """The delegated claims of who asked, as kept in the audit record."""
+    parts = []
+    if spec.purpose:
+        parts.append(f"purpose={spec.purpose}")
+    if spec.roles:
+        parts.append("roles=" + ",".join(spec.roles))
+    return " ".join(parts)
+
+
 class Router(OutboundRoutes):
     """Runs exchanges for one organization's gateway."""
 
@@ -430,6 +440,7 @@ class Router(OutboundRoutes):
                 digest_before=digest(spec.input),
                 digest_after=digest(spec.input),
                 policy_version=decision.policy_version,
+                detail=_describe_claims(spec),
                 payload=spec.input if self.store_payloads else None,
             )
         )

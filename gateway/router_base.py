@@ -86,6 +86,7 @@ class RouterBase:
         self.limits = limits
         self.store_payloads = store_payloads
         self.max_failovers = max_failovers
+        self.delegation_ttl = 300.0
         self.draining = False
         self._running: dict[str, Running] = {}
         self._inflight: dict[TaskKey, asyncio.Future[TaskResult]] = {}

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gateway.agents import AgentRegistry
@@ -21,7 +20,10 @@ from gateway.errors import ConfigError, FedgateError, PermissionDenied
 from gateway.peers import PeerRegistry
 from gateway.policy import PolicyHolder, load_or_create_pseudonym_key, load_policy
 from gateway.router import Limits, Router
-from gateway.servicers import FederationServicer, ParticipantServicer
+from gateway.delegation import DelegationVerifier
+from gateway.limits import PeerLimiter
+from gateway.servicers import FederationServicer, ParticipantServicer, add_servicer
+from gateway.tokens import token_authority
 from gateway.signing import Signer, Verifier
 from gateway.task_store import SqlTaskStore, TaskStore
 from gateway.tls import ReloadingTls, TlsFiles
@@ -94,11 +96,26 @@ class Gateway:
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self._federation = grpc.aio.server(options=_server_options(config))
         self._participant = grpc.aio.server(options=_server_options(config))
-        pb_grpc.add_FederationServicer_to_server(
-            FederationServicer(config, self.router, self.tls), self._federation
+        limits = config.limits
+        self.limiter = PeerLimiter(
+            rate_per_second=limits.peer_rate_per_second,
+            burst=limits.peer_burst,
+            max_concurrent=limits.peer_max_concurrent_tasks,
         )
-        pb_grpc.add_ParticipantServicer_to_server(
-            ParticipantServicer(config, self.router, self.agents), self._participant
+        self.delegations = DelegationVerifier(
+            config.org, verifier, max_ttl_seconds=fed.delegation_max_ttl_seconds
+        )
+        self.router.delegation_ttl = fed.delegation_ttl_seconds
+        self.tokens = token_authority(config) if config.participant.require_tokens else None
+        add_servicer(
+            self._federation,
+            "Federation",
+            FederationServicer(config, self.router, self.tls, self.limiter, self.delegations),
+        )
+        add_servicer(
+            self._participant,
+            "Participant",
+            ParticipantServicer(config, self.router, self.agents, self.tokens),
         )
         for server in (self._federation, self._participant):
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

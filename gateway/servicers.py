@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -16,15 +17,18 @@ from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
 from gateway.agents import AgentInstance, AgentRegistry, Assignment, CancelRequest
 from gateway.config import GatewayConfig
-from gateway.errors import FedgateError, InvalidArgument, PermissionDenied
+from gateway.delegation import DelegationVerifier
+from gateway.errors import FedgateError, InvalidArgument, PermissionDenied, Unauthenticated
+from gateway.limits import PeerLimiter
 from gateway.router import Router
 from gateway.tasks import TaskResult, TaskSpec, TaskState, TaskUpdate, validate_names
 from gateway.tls import ReloadingTls, peer_identity
+from gateway.tokens import TokenAuthority, TokenClaims
 from gateway.wire import (
     card_from_pb,
+    card_to_pb,
     checkpoint_from_pb,
     checkpoint_to_pb,
-    card_to_pb,
     result_to_pb,
     spec_from_pb,
     spec_to_pb,
@@ -56,6 +60,7 @@ class _Base:
         self.router = router
 
     def _spec(self, request: pb.TaskRequest, context: grpc.aio.ServicerContext) -> TaskSpec:
+        _check_decoded(request)
         try:
             return spec_from_pb(
                 request,
@@ -70,9 +75,55 @@ class _Base:
 class FederationServicer(_Base, pb_grpc.FederationServicer):
     """Gateway to gateway. The caller is the organization its certificate names, nothing else."""
 
-    def __init__(self, config: GatewayConfig, router: Router, tls: ReloadingTls) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        router: Router,
+        tls: ReloadingTls,
+        limiter: PeerLimiter,
+        delegations: DelegationVerifier,
+    ) -> None:
         super().__init__(config, router)
         self.tls = tls
+        self.limiter = limiter
+        self.delegations = delegations
+
+    async def _admit(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[str, TaskSpec, Any, Any]:
+        """Identity, limits, request shape and the delegation statement of an inbound task.
+
+        Returns the peer, the task, the permit (release it when the task ends) and the claims.
+        """
+        org = await self._peer(context, request)
+        started = time.monotonic()
+        spec = TaskSpec(task_id=getattr(request, "task_id", "") or "-", target_org="", agent="",
+                        skill="", input={})
+        try:
+            _check_decoded(request)
+            spec = TaskSpec(task_id=request.task_id or "-", target_org=request.target_org,
+                            agent=request.agent, skill=request.skill, input={},
+                            requester=request.requester)
+            permit = self.limiter.acquire(org)
+        except FedgateError as exc:
+            await self.router.audit_rejection(spec, org, exc, started=started)
+            raise
+        try:
+            if not request.task_id:
+                raise InvalidArgument("a task from a peer gateway must carry its task id")
+            if not request.delegation:
+                raise Unauthenticated(
+                    "the task carries no delegation statement of who asked: the sending gateway "
+                    "must sign one (Fedgate 0.1 and later do)"
+                )
+            delegation = self.delegations.verify(request.delegation, peer_org=org, task_id=request.task_id)
+            spec = self._spec(request, context)
+        except FedgateError as exc:
+            permit.release()
+            await self.router.audit_rejection(spec, org, exc, started=started)
+            raise
+        # Who asked is what the signed statement says, not the request body.
+        spec = replace(spec, requester=delegation.subject, purpose=delegation.purpose,
+                       roles=delegation.roles)
+        return org, spec, permit, delegation.claims()
 
     async def _peer(self, context: grpc.aio.ServicerContext, request: Any = None) -> str:
         org = peer_identity(context, self.tls.material.revoked_serials)
@@ -105,20 +156,20 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
 
     async def StreamTask(self, request: pb.TaskRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TaskUpdate]:
         try:
-            org = await self._peer(context, request)
-            spec = self._spec(request, context)
-            async for update in self.router.serve_peer(spec, org):
-                yield update_to_pb(update)
+            org, spec, permit, claims = await self._admit(request, context)
+            with permit:
+                async for update in self.router.serve_peer(spec, org, claims):
+                    yield update_to_pb(update)
         except FedgateError as exc:
             await _abort(context, exc)
 
     async def SubmitTask(self, request: pb.TaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskResult:
         try:
-            org = await self._peer(context, request)
-            spec = self._spec(request, context)
-            last: TaskUpdate | None = None
-            async for last in self.router.serve_peer(spec, org):
-                pass
+            org, spec, permit, claims = await self._admit(request, context)
+            with permit:
+                last: TaskUpdate | None = None
+                async for last in self.router.serve_peer(spec, org, claims):
+                    pass
             assert last is not None
             return result_to_pb(_final_result(last))
         except FedgateError as exc:
@@ -128,6 +179,7 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
     async def CancelTask(self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext) -> pb.CancelTaskResponse:
         try:
             org = await self._peer(context)
+            _check_decoded(request)
             state = await self.router.cancel(request.task_id, request.reason, origin_org=org)
             return pb.CancelTaskResponse(state=state_to_pb(state))
         except FedgateError as exc:
@@ -137,6 +189,7 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
     async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskResult:
         try:
             org = await self._peer(context)
+            _check_decoded(request)
             return result_to_pb(await self.router.get(request.task_id, origin_org=org))
         except FedgateError as exc:
             await _abort(context, exc)
@@ -145,6 +198,7 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
     async def ExchangeCheckpoint(self, request: pb.SignedCheckpoint, context: grpc.aio.ServicerContext) -> pb.SignedCheckpoint:
         try:
             org = await self._peer(context)
+            _check_decoded(request)
             theirs = checkpoint_from_pb(request)
             if theirs.org != org:
                 raise PermissionDenied(
@@ -161,9 +215,44 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
 class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
     """Local agents and requesters of this organization."""
 
-    def __init__(self, config: GatewayConfig, router: Router, agents: AgentRegistry) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        router: Router,
+        agents: AgentRegistry,
+        tokens: TokenAuthority | None,
+    ) -> None:
         super().__init__(config, router)
         self.agents = agents
+        self.tokens = tokens
+
+    def _bearer(self, context: grpc.aio.ServicerContext) -> str:
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                return value[len("Bearer "):].strip()
+        return ""
+
+    def _claims(self, context: grpc.aio.ServicerContext, token: str = "") -> TokenClaims | None:
+        """The caller's verified token, or None when this gateway does not require tokens."""
+        if self.tokens is None:
+            return None
+        token = self._bearer(context) or token
+        if not token:
+            raise Unauthenticated(
+                "no participant token: issue one with `fedgate tokens issue` and pass it to the "
+                "SDK (token=...)"
+            )
+        return self.tokens.verify(token)
+
+    def _authorize_call(self, spec: TaskSpec, context: grpc.aio.ServicerContext) -> TaskSpec:
+        claims = self._claims(context)
+        if claims is None or self.tokens is None:
+            return spec
+        self.tokens.check_call(claims, spec.target_org, spec.agent, spec.skill)
+        # The authenticated subject is who asked; the request's own name is kept beside it.
+        said = spec.requester
+        requester = claims.subject if not said or said == claims.subject else f"{claims.subject}/{said}"
+        return replace(spec, requester=requester[:255])
 
     async def Connect(
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
@@ -172,13 +261,18 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
             return
-        if first.WhichOneof("kind") != "register" or not first.register.cards:
+        if isinstance(first, Malformed) or first.WhichOneof("kind") != "register" or not first.register.cards:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "the first message on Connect must register at least one agent card",
             )
+        token = self._bearer(context) or first.register.token
         try:
             instance = self._instance(first.register)
+            claims = self._claims(context, token)
+            if claims is not None and self.tokens is not None:
+                for name in instance.cards:
+                    self.tokens.check_register(claims, name)
         except FedgateError as exc:
             await _abort(context, exc)
             return
@@ -192,7 +286,18 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
             )
             while True:
                 outbox_get = asyncio.ensure_future(instance.outbox.get())
-                done, _ = await asyncio.wait({outbox_get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {outbox_get, reader}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    outbox_get.cancel()
+                    # A revoked or expired token stops working at once, open streams included.
+                    if claims is not None and self.tokens is not None:
+                        try:
+                            self.tokens.verify(token)
+                        except FedgateError as exc:
+                            await _abort(context, exc)
+                    continue
                 if outbox_get not in done:
                     outbox_get.cancel()
                     return
@@ -232,7 +337,7 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
 
     async def _read_updates(self, instance: AgentInstance, requests: AsyncIterator[pb.AgentMessage]) -> None:
         async for message in requests:
-            if message.WhichOneof("kind") != "update":
+            if isinstance(message, Malformed) or message.WhichOneof("kind") != "update":
                 continue
             try:
                 update = update_from_pb(message.update)
@@ -243,7 +348,7 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
 
     async def StreamTask(self, request: pb.TaskRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TaskUpdate]:
         try:
-            spec = self._spec(request, context)
+            spec = self._authorize_call(self._spec(request, context), context)
             async for update in self.router.submit(spec):
                 yield update_to_pb(update)
         except FedgateError as exc:
@@ -251,7 +356,7 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
 
     async def SubmitTask(self, request: pb.TaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskResult:
         try:
-            spec = self._spec(request, context)
+            spec = self._authorize_call(self._spec(request, context), context)
             last: TaskUpdate | None = None
             async for last in self.router.submit(spec):
                 pass
@@ -263,6 +368,8 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
 
     async def CancelTask(self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext) -> pb.CancelTaskResponse:
         try:
+            _check_decoded(request)
+            self._claims(context)
             state = await self.router.cancel(request.task_id, request.reason, origin_org=self.router.org)
             return pb.CancelTaskResponse(state=state_to_pb(state))
         except FedgateError as exc:
@@ -271,6 +378,8 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
 
     async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskResult:
         try:
+            _check_decoded(request)
+            self._claims(context)
             return result_to_pb(await self.router.get(request.task_id, origin_org=self.router.org))
         except FedgateError as exc:
             await _abort(context, exc)
@@ -309,4 +418,51 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
         )
 
 
-__all__ = ["FederationServicer", "ParticipantServicer", "TaskState"]
+class Malformed:
+    """A request whose bytes did not decode: it reaches the servicer, which answers clearly."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _check_decoded(request: object) -> None:
+    if isinstance(request, Malformed):
+        raise InvalidArgument(request.reason)
+
+
+def _safe_decoder(message_type: Any) -> Any:
+    def decode(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:  # DecodeError, RecursionError, invalid UTF-8, wrong wire types
+            cause = str(exc).split("\n")[0][:200] or type(exc).__name__
+            return Malformed(
+                f"the {message_type.DESCRIPTOR.name} message could not be decoded ({cause}): "
+                "check the field types and nesting (at most 33 levels in a Struct)"
+            )
+
+    return decode
+
+
+def add_servicer(server: grpc.aio.Server, service_name: str, servicer: object) -> None:
+    """Register a fedgate.v1 service with decoders that never fail: bad bytes become Malformed."""
+    service = pb.DESCRIPTOR.services_by_name[service_name]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=_safe_decoder(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+__all__ = ["FederationServicer", "Malformed", "ParticipantServicer", "TaskState", "add_servicer"]

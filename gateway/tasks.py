@@ -49,6 +49,9 @@ class TaskSpec:
     delegation: str = ""
     input_field_actions: tuple[tuple[str, str], ...] = ()
     parent_task_id: str = ""
+    # Declared by a local requester; sent to a peer only inside the signed delegation statement.
+    purpose: str = ""
+    roles: tuple[str, ...] = ()
 
     @property
     def target(self) -> str:

@@ -86,6 +86,8 @@ def spec_from_pb(
         delegation=message.delegation,
         input_field_actions=_actions_from_pb(message.input_field_actions),
         parent_task_id=message.parent_task_id,
+        purpose=message.purpose,
+        roles=tuple(message.roles),
     )
 
 
@@ -103,6 +105,8 @@ def spec_to_pb(spec: TaskSpec, *, sender_org: str) -> pb.TaskRequest:
         input_field_actions=_actions_to_pb(spec.input_field_actions),
         delegation=spec.delegation,
         parent_task_id=spec.parent_task_id,
+        purpose=spec.purpose,
+        roles=list(spec.roles),
     )
 
 

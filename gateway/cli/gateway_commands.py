@@ -147,6 +147,29 @@ def certs_issue(org: str, ca_dir: str, out: str | None, days: int) -> None:
     click.echo(f"wrote {target / f'{org}.crt'} and {target / f'{org}.key'}")
 
 
+@certs.command("revoke")
+@click.option("--cert", "cert_path", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="The certificate to revoke.")
+@click.option("--ca-dir", default="certs", type=click.Path(file_okay=False), show_default=True)
+@click.option("--crl", "crl_path", default=None, type=click.Path(dir_okay=False),
+              help="The federation's revocation list (default: CA_DIR/federation.crl); extended.")
+def certs_revoke(cert_path: str, ca_dir: str, crl_path: str | None) -> None:
+    """Revoke a gateway certificate: add it to the federation's CRL (gateways re-read it)."""
+    from gateway.certs import load_cert, revocation_list, revoked_serials
+
+    ca_path = Path(ca_dir)
+    try:
+        ca = IssuedCert((ca_path / "ca.crt").read_bytes(), (ca_path / "ca.key").read_bytes())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{exc.filename}: not found: revoking needs the federation CA") from None
+    target = Path(crl_path) if crl_path else ca_path / "federation.crl"
+    serials = revoked_serials(target.read_bytes()) if target.exists() else []
+    cert = load_cert(Path(cert_path).read_bytes())
+    target.write_bytes(revocation_list(ca, [*serials, cert.serial_number]))
+    click.echo(f"revoked serial {cert.serial_number:x}; {target} now lists {len(set(serials)) + 1} "
+               "certificates: point [federation] crl at it on every gateway")
+
+
 @certs.command("dev")
 @click.option("--out", default="certs_dev", type=click.Path(file_okay=False), show_default=True)
 @click.option("--org", "orgs", multiple=True, default=("hospital", "insurer"), callback=_org_name,

@@ -137,9 +137,10 @@ def configs(tmp: Path, pki: Pki, *, hospital_rules: str = HOSPITAL_RULES,
 
 
 @contextlib.asynccontextmanager
-async def serving(address: str, *agents: Agent, instance_id: str | None = None) -> AsyncIterator[AgentWorker]:
+async def serving(address: str, *agents: Agent, instance_id: str | None = None,
+                  token: str | None = None) -> AsyncIterator[AgentWorker]:
     """Serve agents against a gateway for the duration of the block."""
-    worker = AgentWorker(agents, address, instance_id=instance_id, max_backoff=0.2)
+    worker = AgentWorker(agents, address, instance_id=instance_id, max_backoff=0.2, token=token)
     task = asyncio.ensure_future(worker.run())
     try:
         await asyncio.wait_for(worker.connected.wait(), 10)
@@ -168,3 +169,26 @@ def federation_stub(channel: grpc.aio.Channel) -> pb_grpc.FederationStub:
 
 
 __all__ = ["LocalFederation"]
+
+
+def stock_agent(name: str, *, in_stock: bool, price: float = 10.0) -> Agent:
+    """An agent whose `check` skill answers `in_stock` and `price` for an item (fan-out tests)."""
+    stock = Agent(name)
+
+    @stock.skill
+    async def check(task: TaskContext, data: dict) -> dict:
+        return {"item": data.get("item"), "in_stock": in_stock, "price": price, "source": name}
+
+    return stock
+
+
+def delegation(pki: Pki, org: str, audience: str, task_id: str, *, subject: str = "tester",
+               roles: tuple[str, ...] = (), purpose: str = "", ttl: float = 300) -> str:
+    """A signed statement of who asked, as `org`'s gateway would send it."""
+    from gateway.delegation import issue_delegation
+    from gateway.signing import Signer
+
+    return issue_delegation(
+        Signer.from_files(pki.cert(org), pki.key(org)), audience_org=audience, subject=subject,
+        roles=roles, purpose=purpose, task_id=task_id, ttl_seconds=ttl,
+    )

@@ -332,7 +332,7 @@ async def test_agent_reconnects_after_gateway_restart(tmp_path, pki) -> None:  #
     ports = await first.start()
     address = f"127.0.0.1:{ports.participant}"
     text = paths[0].read_text().replace(
-        'listen = "127.0.0.1:0"\n\n[policy]', f'listen = "{address}"\n\n[policy]'
+        '[participant]\nlisten = "127.0.0.1:0"', f'[participant]\nlisten = "{address}"'
     )
     paths[0].write_text(text)
     second: Gateway | None = None

@@ -15,7 +15,7 @@ from gateway.local import LocalFederation
 from gateway.peers import PeerRegistry
 from participant_sdk import Agent, Client, Unavailable
 from tests.conftest import Pki
-from tests.integration.federation import configs, federation_channel, serving
+from tests.integration.federation import configs, delegation, federation_channel, serving
 
 
 def counting_agent(calls: list[str], delay: float = 0.2) -> Agent:
@@ -30,9 +30,10 @@ def counting_agent(calls: list[str], delay: float = 0.2) -> Agent:
     return echo
 
 
-def _request(task_id: str, key: str, n: int) -> pb.TaskRequest:
+def _request(pki: Pki, task_id: str, key: str, n: int) -> pb.TaskRequest:
     return pb.TaskRequest(task_id=task_id, target_org="hospital", agent="echo", skill="say",
-                          input=dict_to_struct({"n": n}), idempotency_key=key)
+                          input=dict_to_struct({"n": n}), idempotency_key=key,
+                          delegation=delegation(pki, "insurer", "hospital", task_id))
 
 
 async def test_concurrent_duplicates_run_once_and_share_the_result(fed: LocalFederation, pki: Pki) -> None:
@@ -41,7 +42,7 @@ async def test_concurrent_duplicates_run_once_and_share_the_result(fed: LocalFed
         channel = federation_channel(pki, fed.federation("hospital"), cert="insurer", target_org="hospital")
         stub = pb_grpc.FederationStub(channel)
         results = await asyncio.gather(
-            *(stub.SubmitTask(_request("dup-1", "key-dup-1", 7), timeout=10) for _ in range(5))
+            *(stub.SubmitTask(_request(pki, "dup-1", "key-dup-1", 7), timeout=10) for _ in range(5))
         )
         await channel.close()
     assert calls == ["dup-1"], "the agent ran the task once"
@@ -54,8 +55,8 @@ async def test_retry_after_completion_gets_the_stored_result(fed: LocalFederatio
     async with serving(fed.participant("hospital"), counting_agent(calls, delay=0)):
         channel = federation_channel(pki, fed.federation("hospital"), cert="insurer", target_org="hospital")
         stub = pb_grpc.FederationStub(channel)
-        first = await stub.SubmitTask(_request("again-1", "key-again-1", 1), timeout=10)
-        second = await stub.SubmitTask(_request("again-1", "key-again-1", 1), timeout=10)
+        first = await stub.SubmitTask(_request(pki, "again-1", "key-again-1", 1), timeout=10)
+        second = await stub.SubmitTask(_request(pki, "again-1", "key-again-1", 1), timeout=10)
         await channel.close()
     assert calls == ["again-1"]
     assert second.output == first.output and second.receipt == first.receipt
@@ -72,7 +73,7 @@ async def test_same_key_from_another_organization_is_another_task(fed: LocalFede
         fed.participant("hospital")
     ) as local:
         channel = federation_channel(pki, fed.federation("hospital"), cert="insurer", target_org="hospital")
-        await pb_grpc.FederationStub(channel).SubmitTask(_request("k-1", "shared-key", 1), timeout=10)
+        await pb_grpc.FederationStub(channel).SubmitTask(_request(pki, "k-1", "shared-key", 1), timeout=10)
         await channel.close()
         await local.call("hospital/echo.say", {"n": 2}, timeout=10, task_id="k-2", idempotency_key="shared-key")
     assert calls == ["k-1", "k-2"]

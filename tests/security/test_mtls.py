@@ -11,7 +11,7 @@ from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 from gateway.local import LocalFederation
 from participant_sdk import Client
 from tests.conftest import Pki
-from tests.integration.federation import echo_agent, federation_channel, serving
+from tests.integration.federation import delegation, echo_agent, federation_channel, serving
 
 
 async def _list(pki: Pki, fed: LocalFederation, *, cert: str | None, ca=None) -> pb.ListAgentsResponse:  # type: ignore[no-untyped-def]
@@ -73,6 +73,7 @@ async def test_body_claiming_another_sender_changes_nothing(fed: LocalFederation
         request = pb.TaskRequest(
             task_id="spoof-1", target_org="hospital", agent="echo", skill="say",
             input=dict_to_struct({"hello": "world"}), sender_org="lab", requester="someone@lab",
+            delegation=delegation(pki, "insurer", "hospital", "spoof-1", subject="adjuster"),
         )
         result = await pb_grpc.FederationStub(channel).SubmitTask(request, timeout=5)
         await channel.close()
@@ -84,7 +85,8 @@ async def test_body_claiming_another_sender_changes_nothing(fed: LocalFederation
 
 async def test_task_for_another_organization_is_not_found(fed: LocalFederation, pki: Pki) -> None:
     channel = federation_channel(pki, fed.federation("hospital"), cert="insurer", target_org="hospital")
-    request = pb.TaskRequest(task_id="t-wrong-org", target_org="lab", agent="echo", skill="say")
+    request = pb.TaskRequest(task_id="t-wrong-org", target_org="lab", agent="echo", skill="say",
+                             delegation=delegation(pki, "insurer", "hospital", "t-wrong-org"))
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await pb_grpc.FederationStub(channel).SubmitTask(request, timeout=5)
     await channel.close()
