@@ -162,6 +162,11 @@ class PeerRegistry:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.enable_retries", 0),
+            # A peer that comes back (or a handshake that now succeeds after a rotation) is
+            # retried within a fraction of a second, not after grpc's default backoff of 1-120 s.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 5_000),
         ]
         channel = grpc.aio.secure_channel(peer.address, self._tls.channel_credentials(), options)
         entry = _Channel(channel, pb_grpc.FederationStub(channel), material.stamp)

@@ -26,7 +26,7 @@ from gateway.servicers import FederationServicer, ParticipantServicer, add_servi
 from gateway.tokens import token_authority
 from gateway.signing import Signer, Verifier
 from gateway.task_store import SqlTaskStore, TaskStore
-from gateway.tls import ReloadingTls, TlsFiles
+from gateway.tls import ReloadingTls, TlsFiles, TlsMaterial
 from gateway.wire import checkpoint_from_pb, checkpoint_to_pb
 
 log = logging.getLogger("fedgate.server")
@@ -107,6 +107,7 @@ class Gateway:
         )
         self.router.delegation_ttl = fed.delegation_ttl_seconds
         self.tokens = token_authority(config) if config.participant.require_tokens else None
+        self.tls.on_reload.append(self._follow_tls)
         add_servicer(
             self._federation,
             "Federation",
@@ -122,6 +123,12 @@ class Gateway:
         self._watch: asyncio.Task[None] | None = None
         self._exchange: asyncio.Task[None] | None = None
         self.ports: BoundPorts | None = None
+
+    def _follow_tls(self, material: TlsMaterial) -> None:
+        """Rotated files: sign with the new key and trust the new CA set, without a restart."""
+        fed = self.config.federation
+        self.router.signer = Signer.from_files(fed.cert, fed.key)
+        self.router.verifier.ca_certificates = Verifier.from_pem(material.ca_pem).ca_certificates
 
     async def start(self) -> BoundPorts:
         """Bind both listeners and start serving; returns the bound ports (port 0 picks one)."""

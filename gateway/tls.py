@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -79,6 +80,8 @@ class ReloadingTls:
     def __init__(self, files: TlsFiles) -> None:
         self.files = files
         self._material = read_material(files)
+        # Called with the new material after a reload (the signer and verifier follow it).
+        self.on_reload: list[Callable[[TlsMaterial], None]] = []
 
     @property
     def material(self) -> TlsMaterial:
@@ -96,11 +99,16 @@ class ReloadingTls:
             log.error("keeping the previous TLS material: %s", exc)
             return False
         log.info("TLS material reloaded from %s", self.files.cert.parent)
+        for callback in self.on_reload:
+            try:
+                callback(self._material)
+            except Exception as exc:  # keep serving with what we have
+                log.error("after a TLS reload: %s", exc)
         return True
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """Server credentials that require a client certificate and pick up rotated files."""
-        material = self._material
+        served = [self._material.stamp]
 
         def _config(m: TlsMaterial) -> grpc.ServerCertificateConfiguration:
             return grpc.ssl_server_certificate_configuration(
@@ -108,10 +116,17 @@ class ReloadingTls:
             )
 
         def fetch() -> grpc.ServerCertificateConfiguration | None:
-            return _config(self._material) if self.refresh() else None
+            # Called by grpc on every new handshake. Compare with what grpc holds, not with the
+            # last reload: another caller may have reloaded the files first.
+            self.refresh()
+            material = self._material
+            if material.stamp == served[0]:
+                return None
+            served[0] = material.stamp
+            return _config(material)
 
         return grpc.dynamic_ssl_server_credentials(
-            _config(material), fetch, require_client_authentication=True
+            _config(self._material), fetch, require_client_authentication=True
         )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
