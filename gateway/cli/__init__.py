@@ -27,9 +27,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from gateway.cli import audit, gateway_commands, policy
+    from gateway.cli import audit, gateway_commands, policy, tokens
 
-    for module in (gateway_commands, policy, audit):
+    for module in (gateway_commands, policy, audit, tokens):
         for command in module.COMMANDS:
             main.add_command(command)
     policy_group = main.commands.get("policy")

@@ -234,6 +234,51 @@ def agents(config_path: str, address: str | None, as_json: bool) -> None:
 
 
 @click.command()
+@config_option
+@click.option("--address", default=None, help="Participant listener (default: from the config).")
+@click.option("--json", "as_json", is_flag=True)
+def peers(config_path: str, address: str | None, as_json: bool) -> None:
+    """Each partner's circuit state, latency and last error, as the running gateway sees them."""
+    import json
+
+    from fedgate.v1 import fedgate_pb2 as pb
+    from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
+
+    target = address or read_config(config_path).participant.listen
+
+    async def fetch() -> pb.ListPeersResponse:
+        async with grpc.aio.insecure_channel(target) as channel:
+            return await pb_grpc.ParticipantStub(channel).ListPeers(pb.ListPeersRequest(), timeout=5)
+
+    try:
+        response = asyncio.run(fetch())
+    except grpc.aio.AioRpcError as exc:
+        raise ConfigError(
+            f"gateway at {target} did not answer ({exc.code().name}): is `fedgate serve` running?"
+        ) from None
+    rows = [
+        {
+            "org": p.org, "address": p.address, "circuit": p.circuit,
+            "latency_ms": round(p.latency_ms, 1), "in_flight": p.in_flight,
+            "consecutive_failures": p.consecutive_failures, "last_error": p.last_error,
+        }
+        for p in response.peers
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"peers of the gateway at {target}")
+    for column in ("peer", "address", "circuit", "latency", "in flight", "failures", "last error"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        style = {"closed": "green", "open": "red"}.get(str(row["circuit"]), "yellow")
+        table.add_row(str(row["org"]), str(row["address"]), f"[{style}]{row['circuit']}[/]",
+                      f"{row['latency_ms']} ms", str(row["in_flight"]),
+                      str(row["consecutive_failures"]), str(row["last_error"]) or "—")
+    Console().print(table if rows else "no peers are configured")
+
+
+@click.command()
 @click.option("--quiet", is_flag=True, help="Print only the summary.")
 def demo(quiet: bool) -> None:
     """Two organizations, their agents, a sharing policy, a cross-org exchange and the audit trail."""
@@ -242,7 +287,7 @@ def demo(quiet: bool) -> None:
     sys.exit(asyncio.run(run_demo(quiet=quiet)))
 
 
-COMMANDS: list[click.Command] = [init, serve, certs, agents, demo]
+COMMANDS: list[click.Command] = [init, serve, certs, agents, peers, demo]
 
 
 @click.command("reload")

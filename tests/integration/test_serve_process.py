@@ -85,3 +85,35 @@ async def test_policy_reload_command_reaches_the_running_gateway(tmp_path: Path,
     finally:
         process.terminate()
         assert await asyncio.wait_for(process.wait(), 30) == 0
+
+
+@pytest.mark.slow
+async def test_agents_and_peers_commands_read_a_running_gateway(tmp_path: Path, pki: Pki) -> None:
+    import json
+
+    hospital_config = configs(tmp_path, pki)[0]
+    process, port = await _start(hospital_config)
+    address = f"127.0.0.1:{port}"
+    try:
+        async with serving(address, slow_agent()):
+            outputs = {}
+            for command in ("agents", "peers"):
+                run = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "gateway.cli", command, "--address", address, "--json",
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                )
+                out, err = await asyncio.wait_for(run.communicate(), 30)
+                assert run.returncode == 0, err.decode()
+                outputs[command] = json.loads(out)
+        assert outputs["agents"] == [{"agent": "slow", "skills": ["wait"], "instances": 1, "tasks_in_flight": 0}]
+        (peer,) = outputs["peers"]
+        assert peer["org"] == "insurer" and peer["circuit"] == "closed"
+    finally:
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    down = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "peers", "--address", address,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(down.communicate(), 30)
+    assert down.returncode == 2 and "is `fedgate serve` running?" in err.decode()
