@@ -10,6 +10,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,8 +127,24 @@ async def run_skill_function(spec: SkillSpec, context: TaskContext, data: dict[s
     return output
 
 
+@dataclass
+class _Job:
+    """One task this process runs, by idempotency key; it outlives a dropped gateway connection."""
+
+    key: str
+    task_id: str
+    context: TaskContext
+    task: asyncio.Task[None] | None = None
+    final: pb.TaskUpdate | None = None
+
+
 class AgentWorker:
-    """Serves agents against the local gateway; reconnects with backoff when it goes away."""
+    """Serves agents against the local gateway; reconnects with backoff when it goes away.
+
+    A skill keeps running when the connection to the gateway drops: when the gateway (restarted,
+    or another replica) hands the same task again, by idempotency key, the worker re-attaches to
+    the running skill or answers with its finished result, so the skill runs once.
+    """
 
     def __init__(
         self,
@@ -137,6 +154,7 @@ class AgentWorker:
         token: str | None = None,
         instance_id: str | None = None,
         max_backoff: float = 5.0,
+        remember_finished: int = 1_000,
     ) -> None:
         if not agents:
             raise SkillDefinitionError("serve at least one agent")
@@ -151,33 +169,51 @@ class AgentWorker:
         self.connected = asyncio.Event()
         self.connections = 0
         self._stopping = False
-        self._running: dict[str, tuple[asyncio.Task[None], TaskContext]] = {}
+        self._call: Any = None
+        self._outgoing: asyncio.Queue[pb.AgentMessage | None] | None = None
+        self._jobs: dict[str, _Job] = {}
+        self._finished: OrderedDict[str, _Job] = OrderedDict()
+        self._remember_finished = remember_finished
 
     async def run(self) -> None:
         """Connect, serve, and reconnect after any disconnect until `stop()`."""
         attempt = 0
-        while not self._stopping:
-            try:
-                await self._session()
-                attempt = 0
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
-                                  grpc.StatusCode.UNAUTHENTICATED):
-                    raise from_rpc_error(exc) from None
-                log.info("gateway %s unavailable (%s); reconnecting", self.gateway, exc.code().name)
-            self.connected.clear()
-            if self._stopping:
-                break
-            attempt += 1
-            delay = min(self.max_backoff, 0.05 * 2 ** min(attempt, 10))
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter
+        try:
+            while not self._stopping:
+                try:
+                    await self._session()
+                    attempt = 0
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                      grpc.StatusCode.PERMISSION_DENIED,
+                                      grpc.StatusCode.UNAUTHENTICATED):
+                        raise from_rpc_error(exc) from None
+                    log.info("gateway %s unavailable (%s); reconnecting", self.gateway,
+                             exc.code().name)
+                self.connected.clear()
+                if self._stopping:
+                    break
+                attempt += 1
+                delay = min(self.max_backoff, 0.05 * 2 ** min(attempt, 10))
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter
+        finally:
+            self._cancel_all()
 
     def stop(self) -> None:
         self._stopping = True
         if self._call is not None:
             self._call.cancel()
+        self._cancel_all()
 
-    _call: Any = None
+    def _cancel_all(self) -> None:
+        for job in list(self._jobs.values()):
+            job.context.cancelled.set()
+            if job.task is not None:
+                job.task.cancel()
+
+    def _send(self, update: pb.TaskUpdate) -> None:
+        if self._outgoing is not None:
+            self._outgoing.put_nowait(pb.AgentMessage(update=update))
 
     async def _session(self) -> None:
         outgoing: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
@@ -198,9 +234,11 @@ class AgentWorker:
                     return
                 yield message
 
+        metadata = (("authorization", f"Bearer {self.token}"),) if self.token else ()
         async with grpc.aio.insecure_channel(self.gateway) as channel:
             stub = pb_grpc.ParticipantStub(channel)
-            self._call = call = stub.Connect(requests())
+            self._call = call = stub.Connect(requests(), metadata=metadata)
+            self._outgoing = outgoing
             try:
                 async for message in call:
                     kind = message.WhichOneof("kind")
@@ -208,7 +246,7 @@ class AgentWorker:
                         self.connections += 1
                         self.connected.set()
                     elif kind == "task":
-                        self._start_task(message.task, outgoing)
+                        self._assign(message.task)
                     elif kind == "cancel":
                         self._cancel_task(message.cancel.task_id)
             except asyncio.CancelledError:
@@ -216,66 +254,85 @@ class AgentWorker:
                     raise
             finally:
                 self._call = None
-                for task, context in self._running.values():
-                    context.cancelled.set()
-                    task.cancel()
-                self._running.clear()
+                self._outgoing = None
                 outgoing.put_nowait(None)
 
-    def _start_task(self, assignment: pb.TaskAssignment, outgoing: asyncio.Queue[pb.AgentMessage | None]) -> None:
+    def _assign(self, assignment: pb.TaskAssignment) -> None:
         request = assignment.request
-        task_id = request.task_id
+        # Keys are per requesting organization, as at the gateway.
+        key = f"{assignment.requester_org}/{request.idempotency_key or request.task_id}"
+        finished = self._finished.get(key)
+        if finished is not None and finished.final is not None:
+            # Handed again after a reconnect: the skill already ran; send its result again.
+            update = pb.TaskUpdate()
+            update.CopyFrom(finished.final)
+            update.task_id = update.result.task_id = request.task_id
+            self._send(update)
+            return
+        running = self._jobs.get(key)
+        if running is not None:
+            running.task_id = request.task_id
+            self._send(pb.TaskUpdate(task_id=request.task_id, state=pb.TASK_STATE_WORKING))
+            return
+        self._start_job(key, assignment)
 
-        def send(state: int, *, message: str = "", result: pb.TaskResult | None = None) -> None:
-            update = pb.TaskUpdate(task_id=task_id, state=state, message=message)
-            if result is not None:
-                update.result.CopyFrom(result)
-            outgoing.put_nowait(pb.AgentMessage(update=update))
+    def _start_job(self, key: str, assignment: pb.TaskAssignment) -> None:
+        request = assignment.request
+        deadline = request.deadline_unix_ms / 1000 if request.deadline_unix_ms else time.time() + 30
 
         async def progress(message: str) -> None:
-            send(pb.TASK_STATE_WORKING, message=message)
+            self._send(pb.TaskUpdate(task_id=job.task_id, state=pb.TASK_STATE_WORKING, message=message))
 
         context = TaskContext(
-            task_id=task_id,
+            task_id=request.task_id,
             requester_org=assignment.requester_org,
             requester=request.requester,
             agent=request.agent,
             skill=request.skill,
-            deadline=request.deadline_unix_ms / 1000 if request.deadline_unix_ms else time.time() + 30,
+            deadline=deadline,
             _send_progress=progress,
+            _calls=self,
         )
+        job = _Job(key, request.task_id, context)
         agent = self.agents.get(request.agent)
         spec = agent.skills.get(request.skill) if agent else None
 
+        def finish(result: pb.TaskResult) -> None:
+            result.task_id = job.task_id
+            job.final = pb.TaskUpdate(task_id=job.task_id, state=result.state, result=result)
+            self._jobs.pop(key, None)
+            self._finished[key] = job
+            while len(self._finished) > self._remember_finished:
+                self._finished.popitem(last=False)
+            self._send(job.final)
+
         async def execute() -> None:
             if spec is None:
-                send(pb.TASK_STATE_FAILED, result=_failed(task_id, "unknown_skill",
-                     f"this instance has no skill {request.agent}.{request.skill}"))
+                finish(_failed(job.task_id, "unknown_skill",
+                               f"this instance has no skill {request.agent}.{request.skill}"))
                 return
-            send(pb.TASK_STATE_WORKING)
+            self._send(pb.TaskUpdate(task_id=job.task_id, state=pb.TASK_STATE_WORKING))
             try:
-                output = await run_skill_function(spec, context, struct_to_dict(request.input))
-                result = pb.TaskResult(
-                    task_id=task_id, state=pb.TASK_STATE_COMPLETED, output=dict_to_struct(output)
-                )
-                send(pb.TASK_STATE_COMPLETED, result=result)
+                # The deadline holds even while the gateway is unreachable and cannot cancel.
+                async with asyncio.timeout(max(0.0, deadline - time.time())):
+                    output = await run_skill_function(spec, context, struct_to_dict(request.input))
+                finish(pb.TaskResult(state=pb.TASK_STATE_COMPLETED, output=dict_to_struct(output)))
+            except TimeoutError:
+                finish(_failed(job.task_id, "deadline_exceeded", "the task's deadline passed"))
             except asyncio.CancelledError:
-                send(pb.TASK_STATE_CANCELED, result=_failed(task_id, "canceled", "canceled",
-                                                            pb.TASK_STATE_CANCELED))
+                finish(_failed(job.task_id, "canceled", "canceled", pb.TASK_STATE_CANCELED))
             except Exception as exc:
                 log.warning("skill %s.%s failed: %s", request.agent, request.skill, type(exc).__name__)
-                send(pb.TASK_STATE_FAILED, result=_failed(task_id, "skill_error", f"{type(exc).__name__}: {exc}"))
-            finally:
-                self._running.pop(task_id, None)
+                finish(_failed(job.task_id, "skill_error", f"{type(exc).__name__}: {exc}"))
 
-        self._running[task_id] = (asyncio.ensure_future(execute()), context)
+        self._jobs[key] = job
+        job.task = asyncio.ensure_future(execute())
 
     def _cancel_task(self, task_id: str) -> None:
-        entry = self._running.get(task_id)
-        if entry is not None:
-            task, context = entry
-            context.cancelled.set()
-            task.cancel()
+        for job in list(self._jobs.values()):
+            if job.task_id == task_id and job.task is not None:
+                job.context.cancelled.set()
+                job.task.cancel()
 
 
 def _failed(task_id: str, code: str, message: str, state: int = pb.TASK_STATE_FAILED) -> pb.TaskResult:

@@ -110,6 +110,7 @@ class TaskContext:
     deadline: float  # seconds since the epoch
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     _send_progress: Callable[[str], Awaitable[None]] | None = None
+    _calls: Any = None  # the AgentWorker, which knows the gateway and the token
 
     @property
     def time_remaining(self) -> float:
