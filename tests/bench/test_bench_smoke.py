@@ -1,0 +1,58 @@
+"""The benchmarks keep working: each runs in its smallest mode and produces its figures.
+
+Never a timing assertion (DESIGN.md: benchmarks, never timed tests): only that numbers came out,
+that they are positive, and that the ratios against the baselines were computed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from bench import __main__ as bench_all
+from bench import bench_audit, bench_exchange, bench_policy
+
+
+def test_policy_benchmark_reports_every_rule_count(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_policy.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    for count in ("10", "1,000", "10,000"):
+        assert re.search(rf"\b{count}\b", out), out
+    ratio = re.search(r"10,000 / 10 rules: ([\d.]+)x", out)
+    assert ratio is not None and float(ratio.group(1)) > 0, out
+    assert len(bench_all.verdict_lines(out)) >= 4, out
+
+
+def test_audit_benchmark_reports_throughput_and_verify(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_audit.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    rates = re.findall(r"^\s+(\d+)\s+([\d,]+)/s", out, re.MULTILINE)
+    assert [appenders for appenders, _ in rates] == ["1", "32", "256"], out
+    assert all(float(rate.replace(",", "")) > 0 for _, rate in rates), out
+    assert re.search(r"verify [\d,]+ records: [\d.]+ s", out), out
+
+
+def test_exchange_benchmark_measures_both_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_exchange.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    outcome = bench_exchange.LAST
+    assert outcome is not None
+    figures = outcome.figures
+    for concurrency in (1, 32):
+        assert figures[f"throughput_{concurrency}_baseline"] > 0
+        assert figures[f"throughput_{concurrency}_fedgate"] > 0
+        ratio = figures[f"throughput_{concurrency}_ratio"]
+        assert math.isfinite(ratio) and ratio > 0
+    for key in ("latency_p50_1_ratio", "latency_p99_32_ratio", "big_p50_ratio"):
+        assert math.isfinite(figures[key]) and figures[key] > 0, key
+    # Both gateways were alive to be measured, and the report names the targets and the machine.
+    assert figures["rss_hop_A_pileup_mb"] > 0 and figures["rss_hop_B_pileup_mb"] > 0
+    assert "throughput, 32 in flight" in out and "machine:" in out
+    assert re.search(r"p50 at 1 in flight [\d.]+x", out), out
+
+
+def test_verdict_lines_are_found_in_rich_and_plain_output() -> None:
+    text = "│  1,000 │  25.8 │ [green]met[/green] │\nno verdict here\ntarget: 0.4x: MISSED\n"
+    assert bench_all.verdict_lines(text) == ["1,000 25.8 met", "target: 0.4x: MISSED"]
