@@ -32,7 +32,7 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.payload import check_limits, digest
-from gateway.router_base import Claims, RouterBase, error_result
+from gateway.router_base import Claims, DuplicateTask, RouterBase, error_result
 from gateway.signing import SignedReceipt, verify_receipt
 from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
 from gateway.wire import spec_to_pb, update_from_pb
@@ -121,7 +121,7 @@ class OutboundRoutes(RouterBase):
             await self._record(replace(base, duration_ms=(time.monotonic() - started) * 1000))
             existing = await self.tasks.accept(self.org, spec, remote=True)
             if existing is not None:
-                raise InvalidArgument(f"task {spec.task_id!r} was already accepted with this key")
+                raise DuplicateTask(existing)
             accepted = True
             running = self._start(spec, self.org, remote=True)
             if parent is not None:

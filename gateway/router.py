@@ -45,7 +45,7 @@ from gateway.errors import (
 from gateway.outbound import OutboundRoutes
 from gateway.payload import check_limits, digest
 from gateway.policy import Policy
-from gateway.router_base import Claims, Limits, Running, error_result
+from gateway.router_base import Claims, DuplicateTask, Limits, Running, error_result
 from gateway.signing import ReceiptBody, sign_receipt
 from gateway.task_store import TaskRow, task_key
 from gateway.tasks import (
@@ -264,24 +264,28 @@ class Router(OutboundRoutes):
             return
         if spec.task_id in self._running:
             raise InvalidArgument(f"task id {spec.task_id!r} is already running under another key")
+        recent = self._recent.get(key)
+        if recent is not None:
+            yield await self._answer_retry(spec, recent, peer_org)
+            return
         future: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         result: TaskResult | None = None
         try:
-            row = await self.tasks.get(*key)
-            if row is not None:
-                if row.result is None:
+            try:
+                async for update in flow():
+                    if update.state.final:
+                        result = update.result
+                    yield update
+            except DuplicateTask as duplicate:
+                # The task table knew this key (before a restart, or from another replica).
+                if duplicate.row.result is None:
                     raise Unavailable(
-                        f"task {row.task_id!r} was interrupted by a restart of {self.org!r} and is "
-                        "being recovered: ask for it again later"
-                    )
-                result = row.result
-                yield await self._answer_retry(spec, row.result, peer_org)
-                return
-            async for update in flow():
-                if update.state.final:
-                    result = update.result
-                yield update
+                        f"task {duplicate.row.task_id!r} was interrupted by a restart of "
+                        f"{self.org!r} and is being recovered: ask for it again later"
+                    ) from None
+                result = duplicate.row.result
+                yield await self._answer_retry(spec, result, peer_org)
         except FedgateError as exc:
             result = result or error_result(spec, exc, self.org)
             raise
@@ -349,7 +353,7 @@ class Router(OutboundRoutes):
                 await self._admit_peer(spec, peer_org, policy, started, claims)
             existing = await self.tasks.accept(origin_org, spec, remote=False)
             if existing is not None:
-                raise InvalidArgument(f"task {spec.task_id!r} was already accepted with this key")
+                raise DuplicateTask(existing)
         running = self._start(spec, origin_org, remote=False, claims=claims)
         final: TaskResult | None = None
         releasing = False

@@ -17,7 +17,7 @@ from gateway.errors import AuditUnavailable, DeadlineExceeded, FedgateError, Per
 from gateway.peers import PeerRegistry
 from gateway.policy import FilterResult, Policy, PolicyHolder
 from gateway.signing import Signer, Verifier
-from gateway.task_store import MemoryTaskStore, TaskKey, TaskStore
+from gateway.task_store import MemoryTaskStore, TaskKey, TaskRow, TaskStore
 from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
 
 log = logging.getLogger("fedgate.router")
@@ -44,6 +44,14 @@ class Running:
     # Sub-tasks our agents started while serving this task (multi-hop), and their receipts.
     children: set[str] = field(default_factory=set)
     provenance: list[dict[str, Any]] = field(default_factory=list)
+
+
+class DuplicateTask(Exception):
+    """The task table already holds this key: the flow stops and the stored outcome answers."""
+
+    def __init__(self, row: TaskRow) -> None:
+        super().__init__(row.task_id)
+        self.row = row
 
 
 def error_result(spec: TaskSpec, exc: BaseException, responder_org: str) -> TaskResult:
@@ -73,7 +81,7 @@ class RouterBase:
         limits: Limits = Limits(),
         store_payloads: bool = False,
         max_failovers: int = 2,
-        finished_capacity: int = 10_000,
+        finished_capacity: int = 1_000,
     ) -> None:
         self.org = org
         self.agents = agents
@@ -90,7 +98,10 @@ class RouterBase:
         self.draining = False
         self._running: dict[str, Running] = {}
         self._inflight: dict[TaskKey, asyncio.Future[TaskResult]] = {}
+        # Recent outcomes, for GetTask and retries without a database read; the task table
+        # holds them all.
         self._finished: OrderedDict[str, tuple[str, TaskResult]] = OrderedDict()
+        self._recent: OrderedDict[TaskKey, TaskResult] = OrderedDict()
         self._finished_capacity = finished_capacity
         self._idle = asyncio.Event()
         self._idle.set()
@@ -125,8 +136,11 @@ class RouterBase:
             self._idle.set()
         if result is not None:
             self._finished[running.spec.task_id] = (running.origin_org, result)
+            self._recent[(running.origin_org, running.spec.idempotency_key or running.spec.task_id)] = result
             while len(self._finished) > self._finished_capacity:
                 self._finished.popitem(last=False)
+            while len(self._recent) > self._finished_capacity:
+                self._recent.popitem(last=False)
 
     async def _record(self, event: AuditEvent) -> None:
         """Commit an audit record; the exchange stops here if the store cannot be written."""
@@ -207,6 +221,8 @@ class RouterBase:
 
     async def _forget_task(self, origin_org: str, spec: TaskSpec) -> None:
         """Drop a task that never ran, so that a retry with its key runs it."""
+        self._recent.pop((origin_org, spec.idempotency_key or spec.task_id), None)
+        self._finished.pop(spec.task_id, None)
         try:
             await asyncio.shield(self.tasks.forget(origin_org, spec.idempotency_key or spec.task_id))
         except asyncio.CancelledError:

@@ -12,6 +12,7 @@ which is FULL, is the record of truth); PostgreSQL is durable either way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -19,10 +20,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import Column, Index, String, Text, select, update
+from sqlalchemy import BigInteger, Column, Index, String, Text, bindparam, delete, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel
+from sqlmodel import Field, SQLModel
 
 from gateway.db import create_store_engine, is_sqlite
 from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState
@@ -178,8 +180,8 @@ class TaskRowModel(SQLModel, table=True):
     state: str = Field(sa_column=Column(String(32), nullable=False, index=True))
     spec_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     result_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-    created_ms: int = 0
-    updated_ms: int = 0
+    created_ms: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    updated_ms: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
 
 
 TASKS = TaskRowModel.__table__  # type: ignore[attr-defined]
@@ -196,12 +198,19 @@ def _row(model: Any) -> TaskRow:
 
 
 class SqlTaskStore(TaskStore):
-    """The task table in SQLite or PostgreSQL (through SQLModel)."""
+    """The task table in SQLite or PostgreSQL, written by one thread that group-commits.
 
-    def __init__(self, url: str) -> None:
+    Concurrent accepts and finishes share one transaction; statements are prebuilt Core
+    statements (an ORM session per call cost more than the rest of an exchange).
+    """
+
+    def __init__(self, url: str, *, batch_max: int = 256) -> None:
         self.url = url
+        self.batch_max = batch_max
         self._engine: Engine | None = None
         self._lock = threading.Lock()
+        self._queue: asyncio.Queue[tuple[str, tuple[Any, ...], asyncio.Future[Any]]] | None = None
+        self._writer: asyncio.Task[None] | None = None
 
     def _db(self) -> Engine:
         with self._lock:
@@ -213,78 +222,121 @@ class SqlTaskStore(TaskStore):
                 self._engine = engine
             return self._engine
 
-    def _accept(self, origin_org: str, spec: TaskSpec, remote: bool) -> TaskRow | None:
+    def _insert(self) -> Any:
+        dialect = sqlite_insert if is_sqlite(self.url) else postgresql_insert
+        return (
+            dialect(TASKS)
+            .on_conflict_do_nothing(index_elements=["origin_org", "key"])
+            .returning(TASKS.c.key)  # a row back means inserted (rowcount is -1 on psycopg)
+        )
+
+    # ---- the writer: one transaction per batch -------------------------------------------
+
+    def _write_batch(self, ops: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        insert = self._insert()
+        finish = (
+            update(TASKS)
+            .where(TASKS.c.origin_org == bindparam("o"), TASKS.c.key == bindparam("k"))
+            .values(state=bindparam("state"), spec_json=None, result_json=bindparam("result"),
+                    updated_ms=bindparam("now"))
+        )
+        forget = delete(TASKS).where(TASKS.c.origin_org == bindparam("o"), TASKS.c.key == bindparam("k"))
+        outcomes: list[Any] = []
+        with self._db().begin() as connection:
+            for kind, args in ops:
+                if kind == "accept":
+                    outcomes.append(connection.execute(insert, args[0]).first() is not None)
+                elif kind == "finish":
+                    connection.execute(finish, args[0])
+                    outcomes.append(None)
+                else:
+                    connection.execute(forget, args[0])
+                    outcomes.append(None)
+        return outcomes
+
+    async def _write_loop(self) -> None:
+        assert self._queue is not None
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            while len(batch) < self.batch_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                outcomes = await asyncio.to_thread(self._write_batch, [(k, a) for k, a, _ in batch])
+            except Exception as exc:
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+                if not future.done():
+                    future.set_result(outcome)
+
+    async def _submit(self, kind: str, *args: Any) -> Any:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_loop())
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((kind, args, future))
+        return await future
+
+    # ---- the contract --------------------------------------------------------------------
+
+    async def accept(self, origin_org: str, spec: TaskSpec, *, remote: bool) -> TaskRow | None:
         now = int(time.time() * 1000)
         key = task_key(origin_org, spec)[1]
-        with Session(self._db()) as session:
-            session.add(TaskRowModel(
-                origin_org=origin_org, key=key, task_id=spec.task_id, target=spec.target,
-                requester=spec.requester, remote=remote, state=TaskState.WORKING.value,
-                spec_json=json.dumps(spec_to_json(spec)), created_ms=now, updated_ms=now,
-            ))
-            try:
-                session.commit()
-            except IntegrityError:
-                session.rollback()
-                existing = session.get(TaskRowModel, (origin_org, key))
-                return _row(existing) if existing is not None else None
-        return None
+        row = {
+            "origin_org": origin_org, "key": key, "task_id": spec.task_id, "target": spec.target,
+            "requester": spec.requester, "remote": remote, "state": TaskState.WORKING.value,
+            "spec_json": json.dumps(spec_to_json(spec)), "result_json": None,
+            "created_ms": now, "updated_ms": now,
+        }
+        if await self._submit("accept", row):
+            return None
+        return await self.get(origin_org, key)
 
-    def _finish(self, origin_org: str, key: str, result: TaskResult) -> None:
-        with Session(self._db()) as session:
-            session.execute(
-                update(TaskRowModel)
-                .where(TaskRowModel.origin_org == origin_org, TaskRowModel.key == key)  # type: ignore[arg-type]
-                .values(state=result.state.value, spec_json=None,
-                        result_json=json.dumps(result_to_json(result)),
-                        updated_ms=int(time.time() * 1000))
-            )
-            session.commit()
+    async def finish(self, origin_org: str, key: str, result: TaskResult) -> None:
+        await self._submit("finish", {
+            "o": origin_org, "k": key, "state": result.state.value,
+            "result": json.dumps(result_to_json(result)), "now": int(time.time() * 1000),
+        })
 
-    def _forget(self, origin_org: str, key: str) -> None:
-        with Session(self._db()) as session:
-            model = session.get(TaskRowModel, (origin_org, key))
-            if model is not None:
-                session.delete(model)
-                session.commit()
+    async def forget(self, origin_org: str, key: str) -> None:
+        await self._submit("forget", {"o": origin_org, "k": key})
 
-    def _get(self, origin_org: str, key: str) -> TaskRow | None:
-        with Session(self._db()) as session:
-            model = session.get(TaskRowModel, (origin_org, key))
-            return _row(model) if model is not None else None
+    def _select(self, *conditions: Any) -> TaskRow | None:
+        with self._db().connect() as connection:
+            found = connection.execute(select(TASKS).where(*conditions).limit(1)).first()
+        return _row(found) if found is not None else None
 
-    def _by_task_id(self, origin_org: str, task_id: str) -> TaskRow | None:
-        with Session(self._db()) as session:
-            model = session.exec(select(TaskRowModel).where(  # type: ignore[call-overload]
-                TaskRowModel.origin_org == origin_org, TaskRowModel.task_id == task_id)).first()
-            return _row(model[0]) if model is not None else None
+    async def get(self, origin_org: str, key: str) -> TaskRow | None:
+        return await asyncio.to_thread(
+            self._select, TASKS.c.origin_org == origin_org, TASKS.c.key == key
+        )
+
+    async def by_task_id(self, origin_org: str, task_id: str) -> TaskRow | None:
+        return await asyncio.to_thread(
+            self._select, TASKS.c.origin_org == origin_org, TASKS.c.task_id == task_id
+        )
 
     def _unfinished(self) -> list[TaskRow]:
         finals = [s.value for s in TaskState if s.final]
-        with Session(self._db()) as session:
-            models = session.exec(select(TaskRowModel).where(  # type: ignore[call-overload]
-                TaskRowModel.state.not_in(finals))).all()  # type: ignore[attr-defined]
-            return [_row(m[0]) for m in models]
-
-    async def accept(self, origin_org: str, spec: TaskSpec, *, remote: bool) -> TaskRow | None:
-        return await asyncio.to_thread(self._accept, origin_org, spec, remote)
-
-    async def finish(self, origin_org: str, key: str, result: TaskResult) -> None:
-        await asyncio.to_thread(self._finish, origin_org, key, result)
-
-    async def forget(self, origin_org: str, key: str) -> None:
-        await asyncio.to_thread(self._forget, origin_org, key)
-
-    async def get(self, origin_org: str, key: str) -> TaskRow | None:
-        return await asyncio.to_thread(self._get, origin_org, key)
-
-    async def by_task_id(self, origin_org: str, task_id: str) -> TaskRow | None:
-        return await asyncio.to_thread(self._by_task_id, origin_org, task_id)
+        with self._db().connect() as connection:
+            rows = connection.execute(select(TASKS).where(TASKS.c.state.not_in(finals))).all()
+        return [_row(r) for r in rows]
 
     async def unfinished(self) -> list[TaskRow]:
         return await asyncio.to_thread(self._unfinished)
 
     async def close(self) -> None:
+        if self._writer is not None:
+            while self._queue is not None and not self._queue.empty():
+                await asyncio.sleep(0.01)
+            self._writer.cancel()
+            with contextlib.suppress(BaseException):
+                await self._writer
+            self._writer = None
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None

@@ -1,0 +1,85 @@
+"""The task table contract, on the memory twin, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from gateway.task_store import MemoryTaskStore, SqlTaskStore, TaskStore
+from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState
+
+PG = os.environ.get("FEDGATE_TEST_DATABASE_URL")
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TaskStore]:
+    if request.param == "memory":
+        yield MemoryTaskStore()
+        return
+    if request.param == "sqlite":
+        sql = SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}")
+        yield sql
+        await sql.close()
+        return
+    if not PG:
+        pytest.skip("PostgreSQL tests need FEDGATE_TEST_DATABASE_URL")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG)
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sql = SqlTaskStore(f"{PG}?options=-csearch_path%3D{schema}")
+    try:
+        yield sql
+    finally:
+        await sql.close()
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def _spec(task_id: str, key: str = "") -> TaskSpec:
+    return TaskSpec(task_id=task_id, target_org="hospital", agent="echo", skill="say",
+                    input={"n": 1, "who": "ada"}, requester="tester", deadline=time.time() + 60,
+                    idempotency_key=key)
+
+
+async def test_accept_once_then_conflict_returns_the_existing_row(store: TaskStore) -> None:
+    assert await store.accept("insurer", _spec("t-1", "k-1"), remote=False) is None
+    existing = await store.accept("insurer", _spec("t-2", "k-1"), remote=False)
+    assert existing is not None and existing.task_id == "t-1" and not existing.final
+    assert existing.spec is not None and existing.spec.input == {"n": 1, "who": "ada"}
+    assert await store.accept("lab", _spec("t-3", "k-1"), remote=False) is None, "keys are per origin"
+
+
+async def test_finish_keeps_the_result_and_drops_the_input(store: TaskStore) -> None:
+    await store.accept("insurer", _spec("t-1"), remote=True)
+    result = TaskResult("t-1", TaskState.COMPLETED, output={"ok": True}, field_actions=(("a.b", "withheld"),),
+                        receipt={"sig": "x"}, responder_org="hospital", policy_version="sha256:1")
+    await store.finish("insurer", "t-1", result)
+    row = await store.get("insurer", "t-1")
+    assert row is not None and row.final and row.spec is None and row.result == result
+    assert (await store.by_task_id("insurer", "t-1")) == row
+    assert await store.unfinished() == []
+
+
+async def test_unfinished_and_forget(store: TaskStore) -> None:
+    await store.accept("insurer", _spec("t-1"), remote=False)
+    await store.accept("insurer", _spec("t-2"), remote=True)
+    await store.finish("insurer", "t-2", TaskResult("t-2", TaskState.FAILED, error=TaskError("x", "y")))
+    assert [r.task_id for r in await store.unfinished()] == ["t-1"]
+    await store.forget("insurer", "t-1")
+    assert await store.get("insurer", "t-1") is None
+    assert await store.accept("insurer", _spec("t-1"), remote=False) is None
+
+
+async def test_concurrent_accepts_of_one_key_let_exactly_one_through(store: TaskStore) -> None:
+    outcomes = await asyncio.gather(*(store.accept("insurer", _spec(f"t-{i}", "same"), remote=False)
+                                      for i in range(20)))
+    assert sum(o is None for o in outcomes) == 1
