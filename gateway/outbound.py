@@ -35,7 +35,7 @@ from gateway.payload import check_limits, digest
 from gateway.router_base import Claims, DuplicateTask, RouterBase, error_result
 from gateway.signing import SignedReceipt, verify_receipt
 from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
-from gateway.wire import spec_to_pb, update_from_pb
+from gateway.wire import result_from_pb, spec_to_pb, update_from_pb
 
 # gRPC statuses a peer may answer with, mapped back onto our error tree.
 _STATUS_ERRORS: dict[grpc.StatusCode, type[FedgateError]] = {
@@ -70,7 +70,7 @@ class OutboundRoutes(RouterBase):
             ttl_seconds=self.delegation_ttl,
         )
 
-    async def _run_remote(self, spec: TaskSpec) -> AsyncIterator[TaskUpdate]:
+    async def _run_remote(self, spec: TaskSpec, *, stream: bool = True) -> AsyncIterator[TaskUpdate]:
         started = time.monotonic()
         peer = spec.target_org
         stub = self.peers.stub(peer)  # NotFound for an organization that is not a peer
@@ -126,8 +126,15 @@ class OutboundRoutes(RouterBase):
             running = self._start(spec, self.org, remote=True)
             if parent is not None:
                 parent.children.add(spec.task_id)
-            call = stub.StreamTask(spec_to_pb(outbound, sender_org=self.org), timeout=max(0.001, spec.remaining()))
-            async for update in self._wait(spec, running, self._peer_updates(peer, call)):
+            request = spec_to_pb(outbound, sender_org=self.org)
+            timeout = max(0.001, spec.remaining())
+            if stream:
+                call = stub.StreamTask(request, timeout=timeout)
+                updates = self._peer_updates(peer, call)
+            else:
+                call = stub.SubmitTask(request, timeout=timeout)
+                updates = self._peer_result(peer, call)
+            async for update in self._wait(spec, running, updates):
                 if not update.state.final:
                     yield update
                     continue
@@ -169,6 +176,15 @@ class OutboundRoutes(RouterBase):
             elif accepted and final is not None:
                 await self._finish_task(self.org, spec, final)
 
+    async def _peer_result(self, peer: str, call: Any) -> AsyncIterator[TaskUpdate]:
+        """A unary SubmitTask call as a one-update stream."""
+        try:
+            message = await call
+        except grpc.aio.AioRpcError as exc:
+            raise self._peer_error(peer, exc) from None
+        result = result_from_pb(message)
+        yield TaskUpdate(result.task_id, result.state, result=result)
+
     async def _peer_updates(self, peer: str, call: Any) -> AsyncIterator[TaskUpdate]:
         try:
             async for message in call:
@@ -194,20 +210,24 @@ class OutboundRoutes(RouterBase):
         result = update.result or TaskResult(spec.task_id, update.state)
         peer = spec.target_org
         decision, detail = ("allowed" if result.state is TaskState.COMPLETED else "error"), ""
+        output_digest: str | None = None
         if result.state is TaskState.COMPLETED:
             try:
                 if result.receipt is None:
                     raise Unauthenticated("the result carries no receipt")
-                verify_receipt(
-                    self.verifier,
-                    SignedReceipt.from_json(result.receipt),
-                    expected_org=peer,
-                    released_output=result.output,
-                )
+                receipt = SignedReceipt.from_json(result.receipt)
+                verify_receipt(self.verifier, receipt, expected_org=peer)
+                output_digest = digest(result.output)
+                if output_digest != receipt.body.result_digest:
+                    raise Unauthenticated(
+                        f"receipt of task {spec.task_id!r} covers result "
+                        f"{receipt.body.result_digest}, but the output received digests to "
+                        f"{output_digest}: the result was changed after {peer!r} released it"
+                    )
                 check_limits(result.output, max_depth=self.limits.max_depth,
                              max_fields=self.limits.max_fields)
             except (FedgateError, ValueError, KeyError, TypeError) as exc:
-                decision = "receipt_invalid"
+                decision, output_digest = "receipt_invalid", None
                 detail = getattr(exc, "message", str(exc))
                 result = TaskResult(
                     spec.task_id,
@@ -231,7 +251,7 @@ class OutboundRoutes(RouterBase):
                 duration_ms=(time.monotonic() - started) * 1000,
                 withheld_paths=tuple(p for p, a in result.field_actions if a == "withheld"),
                 transformed=tuple((p, a) for p, a in result.field_actions if a != "withheld"),
-                digest_after=digest(result.output) if result.state is TaskState.COMPLETED else None,
+                digest_after=output_digest if result.state is TaskState.COMPLETED else None,
                 policy_version=result.policy_version or None,
                 detail=detail or (result.error.code if result.error else ""),
                 receipt=result.receipt,

@@ -138,8 +138,12 @@ class Router(OutboundRoutes):
 
     # ---- entry points --------------------------------------------------------------------
 
-    async def submit(self, spec: TaskSpec) -> AsyncIterator[TaskUpdate]:
-        """A task from a local requester, to a local or a partner's agent."""
+    async def submit(self, spec: TaskSpec, *, stream: bool = True) -> AsyncIterator[TaskUpdate]:
+        """A task from a local requester, to a local or a partner's agent.
+
+        With stream=False the requester wants only the result: a partner is then asked with
+        one unary call instead of a stream of updates.
+        """
         spec = self._prepare(spec)
         flow: Callable[[], AsyncIterator[TaskUpdate]]
         if spec.target_org == self.org:
@@ -152,7 +156,7 @@ class Router(OutboundRoutes):
                 raise NotFound(f"agent {spec.agent!r} of {self.org!r} has no skill {spec.skill!r}")
             flow = lambda: self._run_local(spec, origin_org=self.org, peer_org=None)  # noqa: E731
         else:
-            flow = lambda: self._run_remote(spec)  # noqa: E731
+            flow = lambda: self._run_remote(spec, stream=stream)  # noqa: E731
         async for update in self._once(self.org, spec, flow, peer_org=None):
             yield update
 
@@ -441,8 +445,8 @@ class Router(OutboundRoutes):
                 duration_ms=(time.monotonic() - started) * 1000,
                 withheld_paths=tuple(p for p, a in spec.input_field_actions if a == "withheld"),
                 transformed=tuple((p, a) for p, a in spec.input_field_actions if a != "withheld"),
-                digest_before=digest(spec.input),
-                digest_after=digest(spec.input),
+                digest_before=(input_digest := digest(spec.input)),
+                digest_after=input_digest,
                 policy_version=decision.policy_version,
                 detail=_describe_claims(spec),
                 payload=spec.input if self.store_payloads else None,
@@ -515,7 +519,7 @@ class Router(OutboundRoutes):
             ReceiptBody(
                 task_id=spec.task_id,
                 responder_org=self.org,
-                result_digest=digest(filtered.output),
+                result_digest=(released_digest := digest(filtered.output)),
                 withheld_paths=filtered.withheld,
                 field_actions=filtered.transformed,
                 policy_version=filtered.policy_version,
@@ -537,7 +541,7 @@ class Router(OutboundRoutes):
                 withheld_paths=filtered.withheld,
                 transformed=filtered.transformed,
                 digest_before=digest(result.output),
-                digest_after=digest(filtered.output),
+                digest_after=released_digest,
                 policy_version=filtered.policy_version,
                 receipt=receipt,
                 payload=result.output if self.store_payloads else None,

@@ -128,7 +128,7 @@ class Gateway:
         """Rotated files: sign with the new key and trust the new CA set, without a restart."""
         fed = self.config.federation
         self.router.signer = Signer.from_files(fed.cert, fed.key)
-        self.router.verifier.ca_certificates = Verifier.from_pem(material.ca_pem).ca_certificates
+        self.router.verifier.trust(Verifier.from_pem(material.ca_pem).ca_certificates)
 
     async def start(self) -> BoundPorts:
         """Bind both listeners and start serving; returns the bound ports (port 0 picks one)."""

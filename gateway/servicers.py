@@ -358,7 +358,7 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
         try:
             spec = self._authorize_call(self._spec(request, context), context)
             last: TaskUpdate | None = None
-            async for last in self.router.submit(spec):
+            async for last in self.router.submit(spec, stream=False):
                 pass
             assert last is not None
             return result_to_pb(_final_result(last))

@@ -94,6 +94,16 @@ class Verifier:
         if not ca_certificates:
             raise ConfigError("the federation CA file holds no certificate")
         self.ca_certificates = ca_certificates
+        self._issued_by_ca: set[tuple[bytes, int]] = set()
+        self._generation = 0
+
+    def trust(self, ca_certificates: list[x509.Certificate]) -> None:
+        """Replace the trusted CA set (a rotation); earlier chain checks no longer count."""
+        if not ca_certificates:
+            raise ConfigError("the federation CA file holds no certificate")
+        self.ca_certificates = ca_certificates
+        self._generation += 1
+        self._issued_by_ca = set()
 
     @classmethod
     def from_file(cls, ca_path: str | Path) -> Verifier:
@@ -127,7 +137,14 @@ class Verifier:
             cert = x509.load_der_x509_certificate(signer_cert_der)
         except ValueError:
             raise Unauthenticated("the signer certificate is not a valid DER certificate") from None
-        self._check_issued_by_ca(cert)
+        # The chain check is the costly part and depends only on the certificate and the CA
+        # set, so it is remembered (and forgotten when the CA set is rotated).
+        trusted = (signer_cert_der, self._generation)
+        if trusted not in self._issued_by_ca:
+            self._check_issued_by_ca(cert)
+            if len(self._issued_by_ca) > 1024:
+                self._issued_by_ca.clear()
+            self._issued_by_ca.add(trusted)
         when = at or dt.datetime.now(dt.UTC)
         if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
             raise Unauthenticated(
