@@ -18,19 +18,39 @@ from participant_sdk._errors import (
     Unauthenticated,
     Unavailable,
 )
+from participant_sdk._patterns import (
+    AllRoutesFailed,
+    Answer,
+    FallbackResult,
+    FanOutFailed,
+    FanOutResult,
+    NoAgreement,
+    Quorum,
+    RetryPolicy,
+    majority,
+    quorum,
+)
 from participant_sdk._types import TaskContext, TaskError, TaskResult, TaskUpdate
 
 __all__ = [
     "Agent",
     "AgentWorker",
+    "AllRoutesFailed",
+    "Answer",
     "Cancelled",
     "Client",
     "DeadlineExceeded",
+    "FallbackResult",
+    "FanOutFailed",
+    "FanOutResult",
     "FedgateError",
     "InvalidArgument",
+    "NoAgreement",
     "NotFound",
     "PermissionDenied",
+    "Quorum",
     "ResourceExhausted",
+    "RetryPolicy",
     "SkillDefinitionError",
     "TaskContext",
     "TaskError",
@@ -39,5 +59,7 @@ __all__ = [
     "TaskUpdate",
     "Unauthenticated",
     "Unavailable",
+    "majority",
+    "quorum",
     "serve",
 ]

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
-from fedgate.convert import dict_to_struct, parse_target
+from fedgate.convert import dict_to_struct, parse_target, state_name
 from fedgate.v1 import fedgate_pb2 as pb
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
+from google.protobuf.message import DecodeError
 
+from participant_sdk import _patterns
 from participant_sdk._errors import FedgateError, InvalidArgument, TaskFailed, from_rpc_error
+from participant_sdk._patterns import FallbackResult, FanOutResult, RetryPolicy, Strategy
 from participant_sdk._types import TaskResult, TaskUpdate
 
 
@@ -22,12 +24,23 @@ class Client:
 
         async with Client("127.0.0.1:7400") as client:
             result = await client.call("insurer/claims.check", {"claim": {...}}, timeout=10)
+
+    `retry` is the default RetryPolicy of `call`, `call_first` and `fan_out`: by default
+    `RetryPolicy()`, a few attempts on UNAVAILABLE; `RetryPolicy(max_attempts=1)` turns it off.
     """
 
-    def __init__(self, gateway: str = "127.0.0.1:7400", *, requester: str = "", token: str | None = None) -> None:
+    def __init__(
+        self,
+        gateway: str = "127.0.0.1:7400",
+        *,
+        requester: str = "",
+        token: str | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self.gateway = gateway
         self.requester = requester
         self.token = token
+        self.retry = retry if retry is not None else RetryPolicy()
         self._channel = grpc.aio.insecure_channel(gateway)
         self._stub = pb_grpc.ParticipantStub(self._channel)
 
@@ -44,7 +57,8 @@ class Client:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
     def _request(self, target: str, data: dict[str, Any], timeout: float | None,
-                 task_id: str | None, idempotency_key: str | None) -> pb.TaskRequest:
+                 task_id: str | None, idempotency_key: str | None, purpose: str = "",
+                 roles: Sequence[str] = ()) -> pb.TaskRequest:
         try:
             org, agent, skill = parse_target(target)
         except ValueError as exc:
@@ -61,12 +75,15 @@ class Client:
                 requester=self.requester,
                 deadline_unix_ms=int((time.time() + timeout) * 1000) if timeout else 0,
                 idempotency_key=idempotency_key or "",
+                purpose=purpose,
+                roles=list(roles),
             )
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"task input is not JSON-serializable: {exc}") from None
         except (DecodeError, RecursionError):
             raise InvalidArgument(
-                "task input is nested too deeply to encode (a protobuf Struct carries at most 33 levels of nested objects)"
+                "task input is nested too deeply to encode "
+                "(a protobuf Struct carries at most 33 levels of nested objects)"
             ) from None
 
     async def call(
@@ -74,36 +91,103 @@ class Client:
         target: str,
         data: dict[str, Any],
         *,
-        timeout: float | None = 30.0,
+        timeout: float | None = 30.0,  # noqa: ASYNC109 - the deadline travels to the gateways
         task_id: str | None = None,
         idempotency_key: str | None = None,
+        retry: RetryPolicy | None = None,
+        purpose: str = "",
+        roles: Sequence[str] = (),
     ) -> TaskResult:
         """Run `org/agent.skill` with `data`; returns the completed result or raises.
 
         Raises TaskFailed when the task ends FAILED, CANCELED or REJECTED, and a FedgateError
         subclass (NotFound, PermissionDenied, DeadlineExceeded, ...) when the gateway refuses.
+        Transient failures (UNAVAILABLE) are retried by `retry` (default: the client's policy)
+        within `timeout`, with the same task id and idempotency key (the task id if none given).
+        `purpose` and `roles` are the requester's claims; our gateway signs them into the
+        delegation statement that the partner's policy conditions read.
         """
-        request = self._request(target, data, timeout, task_id, idempotency_key)
-        try:
-            message = await self._stub.SubmitTask(request, timeout=timeout, metadata=self._metadata())
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        result = TaskResult.from_pb(message)
+        task_id = task_id or str(uuid.uuid4())
+        # Every attempt carries the same key; without one, the task id is the key (as the
+        # gateway would take it), so a caller's own retry with the same task id is deduplicated.
+        request = self._request(
+            target, data, timeout, task_id, idempotency_key or task_id, purpose, roles
+        )
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        async def attempt(remaining: float | None) -> TaskResult:
+            try:
+                message = await self._stub.SubmitTask(
+                    request, timeout=remaining, metadata=self._metadata()
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc) from None
+            return TaskResult.from_pb(message)
+
+        result: TaskResult = await _patterns.call_with_retry(
+            attempt, retry or self.retry, deadline=deadline
+        )
         if not result.ok:
             raise TaskFailed(result)
         return result
+
+    async def call_first(
+        self,
+        targets: Sequence[str],
+        data: dict[str, Any],
+        *,
+        timeout: float | None = 30.0,  # noqa: ASYNC109 - the deadline travels to the gateways
+        route_timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        idempotency_key: str | None = None,
+    ) -> FallbackResult:
+        """Try each `org/agent.skill` in order, sharing `timeout`; the first that completes wins.
+
+        Moves on when a route is unavailable or refuses (UNAVAILABLE, PERMISSION_DENIED,
+        NOT_FOUND, RESOURCE_EXHAUSTED, or the task ended failed or rejected), and when a route
+        overruns `route_timeout` while the overall deadline still has time. Raises
+        AllRoutesFailed (carrying each (target, error)) when every route failed.
+        """
+        return await _patterns.call_first(
+            self, targets, data, timeout=timeout, route_timeout=route_timeout, retry=retry,
+            idempotency_key=idempotency_key,
+        )
+
+    async def fan_out(
+        self,
+        targets: Sequence[str],
+        data: dict[str, Any],
+        *,
+        strategy: Strategy = "all",
+        timeout: float | None = 30.0,  # noqa: ASYNC109 - the deadline travels to the gateways
+        retry: RetryPolicy | None = None,
+    ) -> FanOutResult:
+        """Call every target at once with `data` and resolve the answers with `strategy`.
+
+        Strategies: "first_success" (cancel the rest once one completes), "all" (report every
+        outcome), quorum(field, n) and majority(field) (agree on the value of an output field;
+        NoAgreement reports who said what when no single value reaches the quorum).
+        """
+        return await _patterns.fan_out(
+            self, targets, data, strategy=strategy, timeout=timeout, retry=retry
+        )
 
     async def stream(
         self,
         target: str,
         data: dict[str, Any],
         *,
-        timeout: float | None = 30.0,
+        timeout: float | None = 30.0,  # noqa: ASYNC109 - the deadline travels to the gateways
         task_id: str | None = None,
         idempotency_key: str | None = None,
+        purpose: str = "",
+        roles: Sequence[str] = (),
     ) -> AsyncIterator[TaskUpdate]:
-        """Run `org/agent.skill` and yield its state updates; the last one carries the result."""
-        request = self._request(target, data, timeout, task_id, idempotency_key)
+        """Run `org/agent.skill` and yield its state updates; the last one carries the result.
+
+        Not retried: updates already yielded cannot be taken back (use `call` for retries).
+        """
+        request = self._request(target, data, timeout, task_id, idempotency_key, purpose, roles)
         call = self._stub.StreamTask(request, timeout=timeout, metadata=self._metadata())
         try:
             async for message in call:
@@ -117,17 +201,20 @@ class Client:
         """Cancel a running task; returns its state afterwards."""
         try:
             response = await self._stub.CancelTask(
-                pb.CancelTaskRequest(task_id=task_id, reason=reason), timeout=10, metadata=self._metadata()
+                pb.CancelTaskRequest(task_id=task_id, reason=reason),
+                timeout=10,
+                metadata=self._metadata(),
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
-        from fedgate.convert import state_name
-
-        return state_name(response.state)
+        return str(state_name(response.state))
 
     async def get(self, task_id: str) -> TaskResult:
+        """A task's state and, once it ended, its result."""
         try:
-            message = await self._stub.GetTask(pb.GetTaskRequest(task_id=task_id), timeout=10, metadata=self._metadata())
+            message = await self._stub.GetTask(
+                pb.GetTaskRequest(task_id=task_id), timeout=10, metadata=self._metadata()
+            )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         return TaskResult.from_pb(message)

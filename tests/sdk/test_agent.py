@@ -1,4 +1,4 @@
-"""The participant SDK: definition-time checks, its public names, and running a skill without a gateway."""
+"""The participant SDK: definition-time checks, public names, running a skill without a gateway."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 import participant_sdk
-from participant_sdk import Agent, AgentWorker, Client, InvalidArgument, NotFound, SkillDefinitionError, TaskContext
+from participant_sdk import (
+    Agent,
+    AgentWorker,
+    Client,
+    InvalidArgument,
+    NotFound,
+    SkillDefinitionError,
+    TaskContext,
+)
 from participant_sdk.testing import run_skill
 
 SDK = Path(participant_sdk.__file__).resolve().parent
@@ -16,10 +24,12 @@ SDK = Path(participant_sdk.__file__).resolve().parent
 
 def test_public_names_are_pinned() -> None:
     assert sorted(participant_sdk.__all__) == [
-        "Agent", "AgentWorker", "Cancelled", "Client", "DeadlineExceeded", "FedgateError",
-        "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted",
-        "SkillDefinitionError", "TaskContext", "TaskError", "TaskFailed", "TaskResult",
-        "TaskUpdate", "Unauthenticated", "Unavailable", "serve",
+        "Agent", "AgentWorker", "AllRoutesFailed", "Answer", "Cancelled", "Client",
+        "DeadlineExceeded", "FallbackResult", "FanOutFailed", "FanOutResult", "FedgateError",
+        "InvalidArgument", "NoAgreement", "NotFound", "PermissionDenied", "Quorum",
+        "ResourceExhausted", "RetryPolicy", "SkillDefinitionError", "TaskContext", "TaskError",
+        "TaskFailed", "TaskResult", "TaskUpdate", "Unauthenticated", "Unavailable", "majority",
+        "quorum", "serve",
     ]
 
 
