@@ -174,6 +174,7 @@ class AgentWorker:
         self._jobs: dict[str, _Job] = {}
         self._finished: OrderedDict[str, _Job] = OrderedDict()
         self._remember_finished = remember_finished
+        self._client: Any = None
 
     async def run(self) -> None:
         """Connect, serve, and reconnect after any disconnect until `stop()`."""
@@ -198,6 +199,18 @@ class AgentWorker:
                 await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter
         finally:
             self._cancel_all()
+            if self._client is not None:
+                await self._client.close()
+                self._client = None
+
+    def client(self) -> Any:
+        """A Client on this worker's gateway and token, for skills that call onward."""
+        if self._client is None:
+            from participant_sdk._client import Client
+
+            self._client = Client(self.gateway, token=self.token or None,
+                                  requester=f"agent:{','.join(self.agents)}")
+        return self._client
 
     def stop(self) -> None:
         self._stopping = True

@@ -58,7 +58,7 @@ class Client:
 
     def _request(self, target: str, data: dict[str, Any], timeout: float | None,
                  task_id: str | None, idempotency_key: str | None, purpose: str = "",
-                 roles: Sequence[str] = ()) -> pb.TaskRequest:
+                 roles: Sequence[str] = (), parent_task_id: str = "") -> pb.TaskRequest:
         try:
             org, agent, skill = parse_target(target)
         except ValueError as exc:
@@ -77,6 +77,7 @@ class Client:
                 idempotency_key=idempotency_key or "",
                 purpose=purpose,
                 roles=list(roles),
+                parent_task_id=parent_task_id,
             )
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"task input is not JSON-serializable: {exc}") from None
@@ -97,6 +98,7 @@ class Client:
         retry: RetryPolicy | None = None,
         purpose: str = "",
         roles: Sequence[str] = (),
+        parent_task_id: str = "",
     ) -> TaskResult:
         """Run `org/agent.skill` with `data`; returns the completed result or raises.
 
@@ -111,7 +113,8 @@ class Client:
         # Every attempt carries the same key; without one, the task id is the key (as the
         # gateway would take it), so a caller's own retry with the same task id is deduplicated.
         request = self._request(
-            target, data, timeout, task_id, idempotency_key or task_id, purpose, roles
+            target, data, timeout, task_id, idempotency_key or task_id, purpose, roles,
+            parent_task_id,
         )
         deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -182,12 +185,14 @@ class Client:
         idempotency_key: str | None = None,
         purpose: str = "",
         roles: Sequence[str] = (),
+        parent_task_id: str = "",
     ) -> AsyncIterator[TaskUpdate]:
         """Run `org/agent.skill` and yield its state updates; the last one carries the result.
 
         Not retried: updates already yielded cannot be taken back (use `call` for retries).
         """
-        request = self._request(target, data, timeout, task_id, idempotency_key, purpose, roles)
+        request = self._request(target, data, timeout, task_id, idempotency_key, purpose, roles,
+                                parent_task_id)
         call = self._stub.StreamTask(request, timeout=timeout, metadata=self._metadata())
         try:
             async for message in call:

@@ -34,6 +34,8 @@ class TaskResult:
     receipt: dict[str, Any] | None = None
     responder_org: str = ""
     policy_version: str = ""
+    # Receipts of the organizations that handled sub-tasks on the way (multi-hop), in order.
+    provenance: tuple[dict[str, Any], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -46,23 +48,7 @@ class TaskResult:
     @classmethod
     def from_pb(cls, message: pb.TaskResult) -> TaskResult:
         error = message.error if message.HasField("error") else None
-        receipt = None
-        if message.HasField("receipt"):
-            r = message.receipt
-            # Same JSON shape as the gateways keep in their audit logs (bytes as base64).
-            receipt = {
-                "task_id": r.task_id,
-                "responder_org": r.responder_org,
-                "result_digest": r.result_digest.decode("ascii", "replace"),
-                "withheld_paths": list(r.withheld_paths),
-                "field_actions": [
-                    [a.path, ACTION_NAMES.get(a.action, "withheld")] for a in r.field_actions
-                ],
-                "policy_version": r.policy_version,
-                "signed_at_unix_ms": r.signed_at_unix_ms,
-                "signer_certificate": base64.b64encode(r.signer_certificate).decode("ascii"),
-                "signature": base64.b64encode(r.signature).decode("ascii"),
-            }
+        receipt = _receipt_json(message.receipt) if message.HasField("receipt") else None
         return cls(
             task_id=message.task_id,
             state=state_name(message.state),
@@ -74,7 +60,23 @@ class TaskResult:
             receipt=receipt,
             responder_org=message.responder_org,
             policy_version=message.policy_version,
+            provenance=tuple(_receipt_json(r) for r in message.provenance),
         )
+
+
+def _receipt_json(r: pb.Receipt) -> dict[str, Any]:
+    """A receipt in the JSON shape the gateways keep in their audit logs (bytes as base64)."""
+    return {
+        "task_id": r.task_id,
+        "responder_org": r.responder_org,
+        "result_digest": r.result_digest.decode("ascii", "replace"),
+        "withheld_paths": list(r.withheld_paths),
+        "field_actions": [[a.path, ACTION_NAMES.get(a.action, "withheld")] for a in r.field_actions],
+        "policy_version": r.policy_version,
+        "signed_at_unix_ms": r.signed_at_unix_ms,
+        "signer_certificate": base64.b64encode(r.signer_certificate).decode("ascii"),
+        "signature": base64.b64encode(r.signature).decode("ascii"),
+    }
 
 
 @dataclass(frozen=True)
@@ -120,3 +122,30 @@ class TaskContext:
         """Tell the requester the task is working, with a note (kept inside our organization)."""
         if self._send_progress is not None:
             await self._send_progress(message)
+
+    async def call(
+        self,
+        target: str,
+        data: dict[str, Any],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - bounded by this task's deadline
+        purpose: str = "",
+        roles: tuple[str, ...] = (),
+    ) -> TaskResult:
+        """Call another agent while serving this task (multi-hop).
+
+        This task's deadline bounds the call, canceling this task cancels it, our gateway's
+        send policy sees where the data came from (claim `origin`), and the callee's receipt
+        joins this task's provenance.
+        """
+        if self._calls is None:
+            from participant_sdk._errors import FedgateError
+
+            raise FedgateError("task.call needs a gateway: this task runs without one")
+        remaining = self.time_remaining
+        limit = remaining if timeout is None else min(timeout, remaining)
+        client = self._calls.client()
+        result: TaskResult = await client.call(
+            target, data, timeout=limit, purpose=purpose, roles=roles, parent_task_id=self.task_id
+        )
+        return result
