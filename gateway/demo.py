@@ -20,9 +20,9 @@ from rich.table import Table
 
 from gateway.audit import AuditRecord
 from gateway.local import LocalFederation, write_gateway_config
-from gateway.payload import digest
 from gateway.signing import SignedReceipt, verify_receipt
-from participant_sdk import Agent, AgentWorker, Client, TaskContext
+from gateway.tokens import token_authority
+from participant_sdk import Agent, AgentWorker, Client, TaskContext, majority
 
 PATIENT_RECORD: dict[str, Any] = {
     "patient": {
@@ -71,6 +71,12 @@ def _hospital_agents() -> list[Agent]:
         await task.progress("looking up the patient record")
         return PATIENT_RECORD
 
+    @records.skill
+    async def lab_summary(task: TaskContext, data: dict[str, Any]) -> dict[str, Any]:
+        """The latest lab result of a patient: asks the lab while serving the caller."""
+        lab = await task.call("lab/tests.latest", {"test": "HbA1c", "patient_id": data.get("patient_id")})
+        return {"lab": lab.output, "patient_id": data.get("patient_id")}
+
     return [records]
 
 
@@ -88,7 +94,31 @@ def _insurer_agents() -> list[Agent]:
             "fraud_score": 0.07,
         }
 
+    @claims.skill
+    async def review(task: TaskContext, data: dict[str, Any]) -> dict[str, Any]:
+        """A second opinion on a claim."""
+        return {"approved": True, "covered_amount": float(data.get("claim", {}).get("amount", 0))}
+
     return [claims]
+
+
+def _lab_agents(seen: list[dict[str, Any]]) -> list[Agent]:
+    tests = Agent("tests", description="Laboratory results")
+
+    @tests.skill
+    async def latest(task: TaskContext, data: dict[str, Any]) -> dict[str, Any]:
+        """The latest result of a test."""
+        seen.append(data)
+        return {"test": data.get("test"), "result": "6.1 %", "instrument": "analyzer-7"}
+
+    coverage = Agent("coverage", description="Coverage estimates")
+
+    @coverage.skill
+    async def estimate(task: TaskContext, data: dict[str, Any]) -> dict[str, Any]:
+        """A (stricter) estimate of whether a claim is covered."""
+        return {"approved": False, "covered_amount": 0}
+
+    return [tests, coverage]
 
 
 def _short_rule(rule: str | None) -> str:
@@ -155,12 +185,16 @@ def _audit_table(org: str, records: list[AuditRecord]) -> Table:
     return table
 
 
+ORGS = ("hospital", "insurer", "lab")
+PEERS = {"hospital": ["insurer", "lab"], "insurer": ["hospital"], "lab": ["hospital"]}
+
+
 async def run_demo(*, quiet: bool = False) -> int:
     console = Console(quiet=quiet, width=None if Console().is_terminal else 150)
     root = _repository_root()
     certs, policies = root / "certs_dev", root / "policies"
     console.print(Panel.fit(
-        "[bold]Fedgate demo[/]: a hospital and an insurer cooperate through their own gateways.\n"
+        "[bold]Fedgate demo[/]: a hospital, an insurer and a lab cooperate through their own gateways.\n"
         "Each gateway enforces its organization's sharing policy and writes its own audit log.\n"
         f"[dim]mTLS with the development certificates in {certs} (insecure, local use only)[/]"))
     with tempfile.TemporaryDirectory(prefix="fedgate-demo-") as tmp:
@@ -168,21 +202,17 @@ async def run_demo(*, quiet: bool = False) -> int:
             write_gateway_config(
                 Path(tmp) / org, org, cert=certs / f"{org}.crt", key=certs / f"{org}.key",
                 ca=certs / "ca.crt", model=policies / "model.conf", rules=policies / f"{org}.csv",
-                peers=[peer],
+                peers=PEERS[org], require_tokens=True,
             )
-            for org, peer in (("hospital", "insurer"), ("insurer", "hospital"))
+            for org in ORGS
         ]
         federation = LocalFederation(paths)
         await federation.start()
-        workers: list[tuple[AgentWorker, asyncio.Task[None]]] = []
+        demo = _Demo(console, federation)
         try:
-            ok = await _scenes(console, federation, workers)
+            ok = await demo.run()
         finally:
-            for worker, task in workers:
-                worker.stop()
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+            await demo.close()
             await federation.stop()
     console.print("[bold green]demo complete[/]" if ok else "[bold red]demo found a problem[/]")
     if quiet:
@@ -190,91 +220,170 @@ async def run_demo(*, quiet: bool = False) -> int:
     return 0 if ok else 1
 
 
-async def _scenes(console: Console, fed: LocalFederation, workers: list[tuple[AgentWorker, asyncio.Task[None]]]) -> bool:
-    gateways = Table(title="1. two gateways on this machine", title_justify="left")
-    for column in ("organization", "federation listener (mTLS)", "participant listener (SDK)"):
-        gateways.add_column(column)
-    for org in ("hospital", "insurer"):
-        gateways.add_row(org, fed.federation(org), fed.participant(org))
-    console.print(gateways)
+class _Demo:
+    """The scenes of the demo, in order; each returns whether what it showed held."""
 
-    for org, agents in (("hospital", _hospital_agents()), ("insurer", _insurer_agents())):
-        worker = AgentWorker(agents, fed.participant(org), instance_id=f"{org}-demo")
-        workers.append((worker, asyncio.ensure_future(worker.run())))
-        await asyncio.wait_for(worker.connected.wait(), 10)
-        console.print(f"2. [bold]{org}[/] registered agents through the SDK: "
-                      + ", ".join(f"{org}/{a.name}.{s}" for a in agents for s in a.skills))
+    def __init__(self, console: Console, fed: LocalFederation) -> None:
+        self.console = console
+        self.fed = fed
+        self.workers: list[tuple[AgentWorker, asyncio.Task[None]]] = []
+        self.clients: list[Client] = []
+        self.lab_seen: list[dict[str, Any]] = []
 
-    # Scene 3: the insurer's claims adjuster asks the hospital for a patient summary.
-    console.print("\n3. insurer's claims adjuster calls [bold]hospital/records.summary[/] for patient P-1001")
-    async with Client(fed.participant("insurer"), requester="claims-adjuster-7") as client:
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+        for worker, task in self.workers:
+            worker.stop()
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    def client(self, org: str, subject: str, calls: list[str]) -> Client:
+        """A requester with a real token issued by its own gateway."""
+        token = token_authority(self.fed[org].config).issue(subject, calls=calls)
+        client = Client(self.fed.participant(org), token=token)
+        self.clients.append(client)
+        return client
+
+    async def run(self) -> bool:
+        await self.start_agents()
+        checks = [
+            await self.scene_share(),
+            await self.scene_send(),
+            await self.scene_multi_hop(),
+            await self.scene_fallback_and_fan_out(),
+        ]
+        checks.append(await self.scene_audit())
+        return all(checks)
+
+    async def start_agents(self) -> None:
+        table = Table(title="1. three gateways on this machine", title_justify="left")
+        for column in ("organization", "federation listener (mTLS)", "participant listener (SDK)"):
+            table.add_column(column)
+        for org in ORGS:
+            table.add_row(org, self.fed.federation(org), self.fed.participant(org))
+        self.console.print(table)
+        for org, agents in (("hospital", _hospital_agents()), ("insurer", _insurer_agents()),
+                            ("lab", _lab_agents(self.lab_seen))):
+            # Each agent process holds a token that names the agents it may register (and, for
+            # the hospital's records agent, the lab skill it may call onward).
+            token = token_authority(self.fed[org].config).issue(
+                f"{org}-agents", agents=[a.name for a in agents],
+                calls=["lab/tests.latest"] if org == "hospital" else [],
+            )
+            worker = AgentWorker(agents, self.fed.participant(org), token=token, instance_id=f"{org}-demo")
+            self.workers.append((worker, asyncio.ensure_future(worker.run())))
+            await asyncio.wait_for(worker.connected.wait(), 10)
+            self.console.print(f"2. [bold]{org}[/] registered agents through the SDK with a signed token: "
+                               + ", ".join(f"{org}/{a.name}.{s}" for a in agents for s in a.skills))
+
+    async def scene_share(self) -> bool:
+        self.console.print("\n3. insurer's claims adjuster calls [bold]hospital/records.summary[/] for patient P-1001")
+        client = self.client("insurer", "claims-adjuster-7", ["hospital/records.*"])
         states = []
+        result = None
         async for update in client.stream("hospital/records.summary", {"patient_id": "P-1001"}, timeout=15):
             states.append(update.state)
             if update.final:
                 result = update.result
-    assert result is not None
-    console.print(f"   states seen by the insurer: {' -> '.join(states)}")
-    hospital_policy = fed["hospital"].router.current_policy()
-    assert hospital_policy is not None
-    explained = hospital_policy.filter("insurer", "records", "summary", "share", PATIENT_RECORD)
-    rules = {d.path: _short_rule(d.rule) for d in explained.decisions}
-    console.print(_exchange_table(
-        "   what the hospital's agent returned, and what its policy let leave",
-        PATIENT_RECORD, result.output, dict(result.field_actions), rules))
-    receipt_ok = _check_receipt(fed, result.receipt, result.output)
-    console.print(f"   signed receipt from hospital over the released result: "
-                  f"{'[green]verified[/]' if receipt_ok else '[red]INVALID[/]'}  "
-                  f"(policy {result.policy_version[:19]}…)")
-    console.print("   [dim]the same view from the command line: fedgate policy explain --peer insurer "
-                  "--agent records --skill summary --direction share --payload record.json[/]")
+        assert result is not None
+        self.console.print(f"   states seen by the insurer: {' -> '.join(states)}")
+        policy = self.fed["hospital"].router.current_policy()
+        assert policy is not None
+        explained = policy.filter("insurer", "records", "summary", "share", PATIENT_RECORD)
+        self.console.print(_exchange_table(
+            "   what the hospital's agent returned, and what its policy let leave",
+            PATIENT_RECORD, result.output, dict(result.field_actions),
+            {d.path: _short_rule(d.rule) for d in explained.decisions}))
+        receipt_ok = self.receipt_ok(result.receipt, "hospital", result.output)
+        self.console.print(f"   signed receipt from hospital over the released result: "
+                           f"{'[green]verified[/]' if receipt_ok else '[red]INVALID[/]'}  "
+                           f"(policy {result.policy_version[:19]}…)")
+        self.console.print("   [dim]the same view from the command line: fedgate policy explain --peer insurer "
+                           "--agent records --skill summary --direction share --payload record.json[/]")
+        left = json.dumps(result.output)
+        leaked = [v for v in ("Ada Lovelace", "12 Analytical Row", "INS-99887766", "123-45-6789") if v in left]
+        if leaked:
+            self.console.print(f"[red]withheld values left the hospital: {leaked}[/]")
+        return receipt_ok and not leaked
 
-    # Scene 4: the hospital sends a claim; its send policy filters the request first.
-    console.print("\n4. hospital calls [bold]insurer/claims.check[/] with a claim")
-    async with Client(fed.participant("hospital"), requester="billing-office") as client:
+    async def scene_send(self) -> bool:
+        self.console.print("\n4. hospital's billing office calls [bold]insurer/claims.check[/] with a claim")
+        client = self.client("hospital", "billing-office", ["insurer/claims.*", "lab/*"])
         claim = await client.call("insurer/claims.check", CLAIM, timeout=15)
-    sent = hospital_policy.filter("insurer", "claims", "check", "send", CLAIM)
-    console.print(_exchange_table(
-        "   the hospital's request, and what its policy let leave", CLAIM, sent.output,
-        dict(sent.transformed), {d.path: _short_rule(d.rule) for d in sent.decisions}))
-    console.print(f"   insurer answered: {json.dumps(claim.output)}")
-    console.print(f"   insurer's policy withheld from its answer: {', '.join(claim.withheld) or 'nothing'}")
+        policy = self.fed["hospital"].router.current_policy()
+        assert policy is not None
+        sent = policy.filter("insurer", "claims", "check", "send", CLAIM)
+        self.console.print(_exchange_table(
+            "   the hospital's request, and what its policy let leave", CLAIM, sent.output,
+            dict(sent.transformed), {d.path: _short_rule(d.rule) for d in sent.decisions}))
+        self.console.print(f"   insurer answered: {json.dumps(claim.output)}")
+        self.console.print(f"   insurer's policy withheld from its answer: {', '.join(claim.withheld) or 'nothing'}")
+        return claim.ok and "fraud_score" in claim.withheld
 
-    # Scene 5: both audit trails, a checkpoint exchange, and verification.
-    console.print("\n5. audit trails (paths and digests only: no withheld value is ever recorded)")
-    verified = True
-    for org in ("hospital", "insurer"):
-        console.print(_audit_table(org, fed[org].audit.query(limit=50)))
-    outcome = await fed["hospital"].exchange_checkpoints()
-    console.print(f"   signed chain heads exchanged: hospital <-> insurer {outcome['insurer']}")
-    for org in ("hospital", "insurer"):
-        gateway = fed[org]
-        report = gateway.audit.verify(org, gateway.router.verifier, heads=gateway_peer_heads(fed, org))
-        verified &= report.ok
-        state = "[green]intact[/]" if report.ok else f"[red]{report.problems[0]}[/]"
-        console.print(f"   {org}: {report.records} records, chain {state}, "
-                      f"{report.checkpoints_checked} signed checkpoints checked")
-    console.print("   [dim]auditors: fedgate audit list | show TASK | verify | export | reconcile[/]")
+    async def scene_multi_hop(self) -> bool:
+        self.console.print("\n5. multi-hop: insurer calls [bold]hospital/records.lab_summary[/]; the hospital's "
+                           "agent asks [bold]lab/tests.latest[/] while serving it")
+        client = self.client("insurer", "claims-adjuster-7", ["hospital/records.*"])
+        result = await client.call("hospital/records.lab_summary", {"patient_id": "P-1001"}, timeout=15)
+        sent_on = self.lab_seen[-1] if self.lab_seen else {}
+        self.console.print(f"   what reached the lab: {json.dumps(sent_on)}  "
+                           "[dim](the patient id stays home: the data came from the insurer, rule origin!=insurer)[/]")
+        self.console.print(f"   what the insurer got: {json.dumps(result.output)}")
+        chain = [f"{r['responder_org']} (signed receipt, withheld: {', '.join(r['withheld_paths']) or 'nothing'})"
+                 for r in (result.provenance + ((result.receipt,) if result.receipt else ()))]
+        self.console.print(f"   provenance: {' -> '.join(chain)}")
+        verified = all(self.receipt_ok(r, r["responder_org"], None) for r in result.provenance)
+        return result.ok and "patient_id" not in sent_on and verified and len(result.provenance) == 1
 
-    left = json.dumps(result.output)
-    leaked = [v for v in ("Ada Lovelace", "12 Analytical Row", "INS-99887766", "123-45-6789") if v in left]
-    if leaked:
-        console.print(f"[red]withheld values left the hospital: {leaked}[/]")
-    return receipt_ok and verified and not leaked and claim.ok
+    async def scene_fallback_and_fan_out(self) -> bool:
+        client = self.client("hospital", "billing-office", ["insurer/claims.*", "lab/*"])
+        self.console.print("\n6. fallback: hospital tries [bold]lab/claims.check[/], then [bold]insurer/claims.check[/]")
+        routed = await client.call_first(["lab/claims.check", "insurer/claims.check"], CLAIM, timeout=15)
+        for target, error in routed.attempts:
+            self.console.print(f"   {target}: [yellow]{type(error).__name__}[/]: {error}")
+        self.console.print(f"   {routed.target}: [green]answered[/] {json.dumps(routed.output)}")
+        self.console.print("\n7. fan-out: three agents of two organizations vote on [bold]approved[/] (majority)")
+        votes = await client.fan_out(
+            ["insurer/claims.check", "insurer/claims.review", "lab/coverage.estimate"], CLAIM,
+            strategy=majority("approved"), timeout=15)
+        self.console.print(f"   decision: approved = {votes.value}")
+        for value, targets in votes.conflicts.items():
+            self.console.print(f"   said {value}: {', '.join(targets)}")
+        return routed.target == "insurer/claims.check" and votes.value is True and bool(votes.conflicts)
+
+    async def scene_audit(self) -> bool:
+        self.console.print("\n8. audit trails (paths and digests only: no withheld value is ever recorded)")
+        for org in ORGS:
+            self.console.print(_audit_table(org, self.fed[org].audit.query(limit=50)))
+        for org in ORGS:
+            outcome = await self.fed[org].exchange_checkpoints()
+            self.console.print(f"   {org} exchanged signed chain heads: "
+                               + "; ".join(f"{peer} {what}" for peer, what in outcome.items()))
+        verified = True
+        for org in ORGS:
+            gateway = self.fed[org]
+            report = gateway.audit.verify(org, gateway.router.verifier, heads=gateway_peer_heads(self.fed, org))
+            verified &= report.ok
+            state = "[green]intact[/]" if report.ok else f"[red]{report.problems[0]}[/]"
+            self.console.print(f"   {org}: {report.records} records, chain {state}, "
+                               f"{report.checkpoints_checked} signed checkpoints checked")
+        self.console.print("   [dim]auditors: fedgate audit list | show TASK | verify | export | reconcile[/]")
+        return verified
+
+    def receipt_ok(self, receipt: dict[str, Any] | None, org: str, output: dict[str, Any] | None) -> bool:
+        if receipt is None:
+            return False
+        try:
+            verify_receipt(self.fed["insurer"].router.verifier, SignedReceipt.from_json(receipt),
+                           expected_org=org, released_output=output)
+        except Exception:
+            return False
+        return True
 
 
 def gateway_peer_heads(fed: LocalFederation, org: str) -> list[Any]:
     """The signed heads of `org` that its partners keep: what proves no tail was cut."""
     return [c for other, gw in fed.gateways.items() if other != org
             for c in gw.audit.peer_checkpoints(org)]
-
-
-def _check_receipt(fed: LocalFederation, receipt: dict[str, Any] | None, output: dict[str, Any]) -> bool:
-    if receipt is None:
-        return False
-    try:
-        verify_receipt(fed["insurer"].router.verifier, SignedReceipt.from_json(receipt),
-                       expected_org="hospital", released_output=output)
-    except Exception:
-        return False
-    return digest(output) == receipt["result_digest"]

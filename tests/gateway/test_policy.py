@@ -53,14 +53,15 @@ def hospital() -> Policy:
         MODEL,
         POLICIES / "hospital.csv",
         pseudonym_key=KEY,
-        known_agents={"records": ["summary"], "triage": ["assess"]},
+        known_agents={"records": ["summary", "lab_summary"], "triage": ["assess"]},
     )
 
 
 @pytest.fixture(scope="module")
 def insurer() -> Policy:
     return load_policy(
-        MODEL, POLICIES / "insurer.csv", pseudonym_key=KEY, known_agents={"claims": ["check"]}
+        MODEL, POLICIES / "insurer.csv", pseudonym_key=KEY,
+        known_agents={"claims": ["check", "review"]},
     )
 
 
@@ -297,7 +298,7 @@ def test_demo_policies_have_no_warnings(hospital: Policy, insurer: Policy) -> No
 
 def test_rules_read_like_casbins_own_file_adapter() -> None:
     """What we parse from a rules file is exactly what Casbin's file adapter reads."""
-    for name in ("hospital.csv", "insurer.csv"):
+    for name in ("hospital.csv", "insurer.csv", "lab.csv"):
         ours = load_policy(MODEL, POLICIES / name, pseudonym_key=KEY)
         enforcer = casbin.Enforcer(str(MODEL), str(POLICIES / name))
         theirs = {tuple(rule + [""] * (7 - len(rule))) for rule in enforcer.get_policy()}
