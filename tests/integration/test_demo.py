@@ -25,5 +25,7 @@ def test_demo_output_shows_the_story() -> None:
     for expected in ("*******6789", "pseudonymized", "withheld", "provenance: lab", "decision: approved = True",
                      "chain intact", "demo complete"):
         assert expected in out, expected
-    for secret in ("12 Analytical Row", "INS-99887766"):
-        assert out.count(secret) == 1, "a withheld value appears only in the 'inside' column"
+    # Withheld values appear only in the "inside the organization" column: the street in the
+    # patient record, the insurance id in the record and in the claim.
+    for secret, tables in (("12 Analytical Row", 1), ("INS-99887766", 2)):
+        assert out.count(secret) == tables, secret
