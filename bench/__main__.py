@@ -84,8 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as exc:
                 status = f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
                 traceback.print_exc()
-        summary.append((name, status, time.perf_counter() - started,
-                        verdict_lines(tee.copy.getvalue())))
+        summary.append(
+            (name, status, time.perf_counter() - started, verdict_lines(tee.copy.getvalue()))
+        )
     print(f"\n=== summary{' (quick)' if args.quick else ''} ===")
     print(bench_exchange.machine())
     missed = 0

@@ -70,8 +70,9 @@ def _verify_time(path: Path, count: int) -> float:
     now = time.time_ns() // 1_000_000
     step = 10_000
     for start in range(0, count, step):
-        records = chain_events([_event(i) for i in range(start, min(count, start + step))],
-                               head, prev, now)
+        records = chain_events(
+            [_event(i) for i in range(start, min(count, start + step))], head, prev, now
+        )
         store.insert_records(records)
         head, prev = records[-1].sequence, records[-1].record_hash
     started = time.perf_counter()
@@ -96,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     verify_count = 10_000 if args.quick else VERIFY_TARGET_RECORDS
 
     print(f"durable audit on SQLite (WAL, synchronous=FULL){' [quick]' if args.quick else ''}")
-    print(f"{'appenders':>9}  {'group commit':>14}  {'commits':>8}  {'1 commit/record':>16}"
-          f"  {'ratio':>6}  target >= {RATE_TARGET:,.0f}/s")
+    print(
+        f"{'appenders':>9}  {'group commit':>14}  {'commits':>8}  {'1 commit/record':>16}"
+        f"  {'ratio':>6}  target >= {RATE_TARGET:,.0f}/s"
+    )
     with tempfile.TemporaryDirectory(prefix="fedgate-bench-audit-") as tmp:
         directory = Path(tmp)
         for appenders in (1, 32, 256):
@@ -107,19 +110,29 @@ def main(argv: list[str] | None = None) -> int:
             baseline, _ = asyncio.run(
                 _throughput(directory / f"single-{appenders}.db", appenders, baseline_total, 1)
             )
-            verdict = "- (one caller waits for each fsync)" if appenders == 1 else _mark(
-                rate >= RATE_TARGET
+            verdict = (
+                "- (one caller waits for each fsync)"
+                if appenders == 1
+                else _mark(rate >= RATE_TARGET)
             )
-            print(f"{appenders:>9}  {rate:>12,.0f}/s  {commits:>8}  {baseline:>14,.0f}/s"
-                  f"  {rate / baseline:>5.1f}x  {verdict}")
+            print(
+                f"{appenders:>9}  {rate:>12,.0f}/s  {commits:>8}  {baseline:>14,.0f}/s"
+                f"  {rate / baseline:>5.1f}x  {verdict}"
+            )
         elapsed = _verify_time(directory / "verify.db", verify_count)
     scaled = elapsed * VERIFY_TARGET_RECORDS / verify_count
-    note = "" if verify_count == VERIFY_TARGET_RECORDS else (
-        f" (measured on {verify_count:,}, scaled to {VERIFY_TARGET_RECORDS:,}: {scaled:.2f} s)"
+    note = (
+        ""
+        if verify_count == VERIFY_TARGET_RECORDS
+        else (
+            f" (measured on {verify_count:,}, scaled to {VERIFY_TARGET_RECORDS:,}: {scaled:.2f} s)"
+        )
     )
-    print(f"verify {verify_count:,} records: {elapsed:.2f} s{note}; target "
-          f"{VERIFY_TARGET_RECORDS:,} in <= {VERIFY_TARGET_S:.0f} s: "
-          f"{_mark(scaled <= VERIFY_TARGET_S)}")
+    print(
+        f"verify {verify_count:,} records: {elapsed:.2f} s{note}; target "
+        f"{VERIFY_TARGET_RECORDS:,} in <= {VERIFY_TARGET_S:.0f} s: "
+        f"{_mark(scaled <= VERIFY_TARGET_S)}"
+    )
     return 0
 
 

@@ -83,8 +83,11 @@ def _forwarders(channel: grpc.aio.Channel) -> dict[str, Handler]:
     for name in METHODS:
         upstream = channel.unary_unary(method_path(name))  # no serializers: bytes pass through
 
-        async def forward(request: bytes, context: grpc.aio.ServicerContext,
-                          upstream: grpc.aio.UnaryUnaryMultiCallable = upstream) -> bytes:
+        async def forward(
+            request: bytes,
+            context: grpc.aio.ServicerContext,
+            upstream: grpc.aio.UnaryUnaryMultiCallable = upstream,
+        ) -> bytes:
             return await upstream(request, timeout=context.time_remaining())
 
         handlers[name] = forward
@@ -136,8 +139,11 @@ async def _run(args: argparse.Namespace, pem: dict[str, bytes]) -> int:
     agent: _AgentHandlers | None = None
     listen = _check_loopback(args.listen)
     if args.role == "agent":
-        agent = _AgentHandlers(b"r" * args.reply_bytes, b"b" * args.big_reply_bytes,
-                               PileUp(args.pile_up, args.slow_ms / 1000))
+        agent = _AgentHandlers(
+            b"r" * args.reply_bytes,
+            b"b" * args.big_reply_bytes,
+            PileUp(args.pile_up, args.slow_ms / 1000),
+        )
         server.add_generic_rpc_handlers(
             (_generic({"Echo": agent.echo, "Slow": agent.slow, "Big": agent.big}),)
         )
@@ -147,13 +153,16 @@ async def _run(args: argparse.Namespace, pem: dict[str, bytes]) -> int:
         channel = grpc.aio.insecure_channel(args.upstream, options=CHANNEL_OPTIONS)
         server.add_generic_rpc_handlers((_generic(_forwarders(channel)),))
         credentials = grpc.ssl_server_credentials(
-            [(pem["key"], pem["cert"])], root_certificates=pem["ca"],
+            [(pem["key"], pem["cert"])],
+            root_certificates=pem["ca"],
             require_client_auth=True,
         )
         port = server.add_secure_port(listen, credentials)
     else:  # front: plaintext from the requester; mutual TLS to the back relay
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=pem["ca"], private_key=pem["key"], certificate_chain=pem["cert"],
+            root_certificates=pem["ca"],
+            private_key=pem["key"],
+            certificate_chain=pem["cert"],
         )
         target = ("grpc.ssl_target_name_override", args.server_name)
         options = [*CHANNEL_OPTIONS, target]
@@ -185,21 +194,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cert")
     parser.add_argument("--key")
     parser.add_argument("--ca")
-    parser.add_argument("--server-name", default="beta.fedgate",
-                        help="name the back relay's certificate must carry (front), as a "
-                             "gateway verifies its peer (gateway.certs.org_dns_name)")
+    parser.add_argument(
+        "--server-name",
+        default="beta.fedgate",
+        help="name the back relay's certificate must carry (front), as a "
+        "gateway verifies its peer (gateway.certs.org_dns_name)",
+    )
     parser.add_argument("--reply-bytes", type=int, default=1024)
     parser.add_argument("--big-reply-bytes", type=int, default=1024 * 1024)
-    parser.add_argument("--slow-ms", type=float, default=500.0,
-                        help="Slow holds a call at most this long ...")
-    parser.add_argument("--pile-up", type=int, default=1000,
-                        help="... or until this many Slow calls are held at once")
+    parser.add_argument(
+        "--slow-ms", type=float, default=500.0, help="Slow holds a call at most this long ..."
+    )
+    parser.add_argument(
+        "--pile-up",
+        type=int,
+        default=1000,
+        help="... or until this many Slow calls are held at once",
+    )
     args = parser.parse_args(argv)
     if args.role != "agent" and not (args.upstream and args.cert and args.key and args.ca):
         parser.error(f"{args.role} needs --upstream, --cert, --key and --ca")
-    pem = {} if args.role == "agent" else {
-        name: Path(getattr(args, name)).read_bytes() for name in ("cert", "key", "ca")
-    }
+    pem = (
+        {}
+        if args.role == "agent"
+        else {name: Path(getattr(args, name)).read_bytes() for name in ("cert", "key", "ca")}
+    )
     return asyncio.run(_run(args, pem))
 
 

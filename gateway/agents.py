@@ -61,7 +61,9 @@ class AgentRegistry:
             self._instances.setdefault(name, []).append(instance)
         log.info("agent instance %s connected: %s", instance.instance_id, ", ".join(instance.cards))
 
-    def unregister(self, instance: AgentInstance, reason: str = "agent instance disconnected") -> None:
+    def unregister(
+        self, instance: AgentInstance, reason: str = "agent instance disconnected"
+    ) -> None:
         """Remove an instance and fail every task it still held."""
         instance.closed = True
         for name in instance.cards:
@@ -146,4 +148,6 @@ class AgentRegistry:
             if not finished and instance.tasks.pop(spec.task_id, None) is not None:
                 self._owner.pop(spec.task_id, None)
                 if not instance.closed:
-                    instance.outbox.put_nowait(CancelRequest(spec.task_id, "requester stopped waiting"))
+                    instance.outbox.put_nowait(
+                        CancelRequest(spec.task_id, "requester stopped waiting")
+                    )

@@ -220,7 +220,9 @@ class AuditStore(ABC):
                 log.warning(
                     "peer %s presented an audit head at sequence %d that contradicts its signed "
                     "head at sequence %d",
-                    checkpoint.org, checkpoint.sequence, latest.sequence,
+                    checkpoint.org,
+                    checkpoint.sequence,
+                    latest.sequence,
                 )
                 raise PermissionDenied(
                     f"peer {checkpoint.org!r} signed head {checkpoint.sequence}, behind or "
@@ -316,9 +318,7 @@ class AuditStore(ABC):
                 batch.append(next_item)
             await self._commit(batch)
 
-    async def _commit(
-        self, batch: list[tuple[AuditEvent, asyncio.Future[AuditRecord]]]
-    ) -> None:
+    async def _commit(self, batch: list[tuple[AuditEvent, asyncio.Future[AuditRecord]]]) -> None:
         events = [event for event, _ in batch]
         time_ms = max(_now_ms(), self._last_time_ms)  # never goes back, so a time cut is a prefix
         try:
@@ -644,4 +644,3 @@ class SqlAuditStore(AuditStore):
 def open_store(url: str, *, verifier: Verifier | None = None, **options: Any) -> SqlAuditStore:
     """The SQL audit store at `url` (not yet opened: `await store.start()`, or read from it)."""
     return SqlAuditStore(url, verifier=verifier, **options)
-

@@ -111,8 +111,9 @@ def read_bundle(path: str | Path) -> Bundle:
             except InvalidArgument as exc:
                 raise InvalidArgument(f"{where}: {exc.message}") from None
     if bundle is None:
-        raise InvalidArgument(f"{path}: empty file, not an audit bundle (export one with "
-                              "`fedgate audit export`)")
+        raise InvalidArgument(
+            f"{path}: empty file, not an audit bundle (export one with `fedgate audit export`)"
+        )
     return bundle
 
 
@@ -201,8 +202,11 @@ def reconcile(ours: Bundle, theirs: Bundle, verifier: Verifier | None) -> list[M
         if not report.ok:
             problem = report.problems[0]
             mismatches.append(
-                Mismatch("", f"{bundle.org}'s log does not verify at record {problem.sequence}: "
-                             f"{problem.message}")
+                Mismatch(
+                    "",
+                    f"{bundle.org}'s log does not verify at record {problem.sequence}: "
+                    f"{problem.message}",
+                )
             )
     our_tasks = _by_task(ours, theirs.org)
     their_tasks = _by_task(theirs, ours.org)
@@ -231,26 +235,38 @@ def _exchange(
         return found  # this task is not a request from `requester` to `responder`
     refused = _first(resp, "invoke_denied") or _first(resp, "rejected")
     if sent is not None and received is None and refused is None:
-        add(f"{requester} sent the request (record {sent.sequence}) but {responder} has no "
-            "record of receiving it")
+        add(
+            f"{requester} sent the request (record {sent.sequence}) but {responder} has no "
+            "record of receiving it"
+        )
     if received is not None and sent is None:
-        add(f"{responder} received a request from {requester} (record {received.sequence}) "
-            f"that {requester} has no record of sending")
+        add(
+            f"{responder} received a request from {requester} (record {received.sequence}) "
+            f"that {requester} has no record of sending"
+        )
     if sent is not None and received is not None and sent.digest_after != received_digest(received):
-        add(f"request digests differ: {requester} sent {sent.digest_after} (record "
+        add(
+            f"request digests differ: {requester} sent {sent.digest_after} (record "
             f"{sent.sequence}), {responder} received {received_digest(received)} (record "
-            f"{received.sequence})")
+            f"{received.sequence})"
+        )
     released, got = _first(resp, "result_released"), _first(req, "result_received")
     if released is not None and got is None:
-        add(f"{responder} released a result (record {released.sequence}) that {requester} has "
-            "no record of receiving")
+        add(
+            f"{responder} released a result (record {released.sequence}) that {requester} has "
+            "no record of receiving"
+        )
     if got is not None and released is None:
-        add(f"{requester} received a result (record {got.sequence}) that {responder} has no "
-            "record of releasing")
+        add(
+            f"{requester} received a result (record {got.sequence}) that {responder} has no "
+            "record of releasing"
+        )
     if released is not None and got is not None and released.digest_after != received_digest(got):
-        add(f"result digests differ: {responder} released {released.digest_after} (record "
+        add(
+            f"result digests differ: {responder} released {released.digest_after} (record "
             f"{released.sequence}), {requester} received {received_digest(got)} (record "
-            f"{got.sequence})")
+            f"{got.sequence})"
+        )
     if got is not None:
         problem = receipt_problem(got, responder, verifier)
         if problem:
@@ -272,6 +288,8 @@ def receipt_problem(record: AuditRecord, responder: str, verifier: Verifier | No
         return f"is invalid: it is for task {receipt.body.task_id!r}, not {record.task_id!r}"
     expected = record.digest_after if record.kind == "result_released" else received_digest(record)
     if expected is not None and receipt.body.result_digest != expected:
-        return (f"is invalid: it covers {receipt.body.result_digest} but the record's result is "
-                f"{expected}")
+        return (
+            f"is invalid: it covers {receipt.body.result_digest} but the record's result is "
+            f"{expected}"
+        )
     return None

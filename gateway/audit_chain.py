@@ -227,11 +227,21 @@ def normalize_event(event: AuditEvent) -> AuditEvent:
     )
     # A NUL character cannot be stored in PostgreSQL text: refuse it here, for this event alone,
     # rather than fail the whole batch it would be committed with.
-    texts = [normalized.task_id, normalized.peer_org, normalized.agent, normalized.skill,
-             normalized.decision, normalized.requester, normalized.status, normalized.detail,
-             normalized.digest_before or "", normalized.digest_after or "",
-             normalized.policy_version or "", *normalized.withheld_paths,
-             *(part for pair in normalized.transformed for part in pair)]
+    texts = [
+        normalized.task_id,
+        normalized.peer_org,
+        normalized.agent,
+        normalized.skill,
+        normalized.decision,
+        normalized.requester,
+        normalized.status,
+        normalized.detail,
+        normalized.digest_before or "",
+        normalized.digest_after or "",
+        normalized.policy_version or "",
+        *normalized.withheld_paths,
+        *(part for pair in normalized.transformed for part in pair),
+    ]
     if any("\x00" in text for text in texts):
         raise InvalidArgument("audit event fields must not contain NUL characters")
     return normalized

@@ -96,7 +96,9 @@ def record_values(record: AuditRecord) -> dict[str, Any]:
 
 _FIELDS = [f.name for f in dataclasses.fields(AuditRecord)]
 _WITHHELD, _TRANSFORMED, _DURATION = (
-    _FIELDS.index("withheld_paths"), _FIELDS.index("transformed"), _FIELDS.index("duration_ms")
+    _FIELDS.index("withheld_paths"),
+    _FIELDS.index("transformed"),
+    _FIELDS.index("duration_ms"),
 )
 _RECEIPT, _PAYLOAD = _FIELDS.index("receipt"), _FIELDS.index("payload")
 SELECTED_COLUMNS = [RECORDS.c[name] for name in _FIELDS]

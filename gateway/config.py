@@ -183,11 +183,19 @@ _PATH_KEYS = {
     "federation": ("cert", "key", "ca", "crl"),
     "policy": ("model", "rules", "tests", "pseudonym_key"),
 }
-_MUST_EXIST = {("federation", "cert"), ("federation", "key"), ("federation", "ca"),
-               ("federation", "crl"), ("policy", "model"), ("policy", "rules")}
+_MUST_EXIST = {
+    ("federation", "cert"),
+    ("federation", "key"),
+    ("federation", "ca"),
+    ("federation", "crl"),
+    ("policy", "model"),
+    ("policy", "rules"),
+}
 
 
-def load_config(path: str | os.PathLike[str], environ: dict[str, str] | None = None) -> GatewayConfig:
+def load_config(
+    path: str | os.PathLike[str], environ: dict[str, str] | None = None
+) -> GatewayConfig:
     """Read, override from the environment, validate and resolve a config file."""
     source = Path(path).resolve()
     label = str(path)

@@ -41,17 +41,27 @@ PATIENT_RECORD: dict[str, Any] = {
 }
 
 CLAIM: dict[str, Any] = {
-    "claim": {"amount": 1840.5, "procedure_code": "99214", "diagnosis_code": "J45.20",
-              "date_of_service": "2026-03-14"},
-    "patient": {"name": "Ada Lovelace", "ssn": "123-45-6789", "insurance_id": "INS-99887766",
-                "date_of_birth": "1985-12-10"},
+    "claim": {
+        "amount": 1840.5,
+        "procedure_code": "99214",
+        "diagnosis_code": "J45.20",
+        "date_of_service": "2026-03-14",
+    },
+    "patient": {
+        "name": "Ada Lovelace",
+        "ssn": "123-45-6789",
+        "insurance_id": "INS-99887766",
+        "date_of_birth": "1985-12-10",
+    },
 }
 
 
 def _repository_root() -> Path:
     """The folder holding certs_dev/ and policies/: the source checkout, else the current one."""
     for candidate in (Path(__file__).resolve().parents[1], Path.cwd()):
-        if (candidate / "certs_dev" / "ca.crt").is_file() and (candidate / "policies" / "model.conf").is_file():
+        if (candidate / "certs_dev" / "ca.crt").is_file() and (
+            candidate / "policies" / "model.conf"
+        ).is_file():
             return candidate
     raise FileNotFoundError(
         "certs_dev/ and policies/ not found: run `fedgate demo` from a clone of the Fedgate "
@@ -74,7 +84,9 @@ def _hospital_agents() -> list[Agent]:
     @records.skill
     async def lab_summary(task: TaskContext, data: dict[str, Any]) -> dict[str, Any]:
         """The latest lab result of a patient: asks the lab while serving the caller."""
-        lab = await task.call("lab/tests.latest", {"test": "HbA1c", "patient_id": data.get("patient_id")})
+        lab = await task.call(
+            "lab/tests.latest", {"test": "HbA1c", "patient_id": data.get("patient_id")}
+        )
         return {"lab": lab.output, "patient_id": data.get("patient_id")}
 
     return [records]
@@ -153,8 +165,13 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def _exchange_table(title: str, inside: dict[str, Any], left: dict[str, Any],
-                    actions: dict[str, str], rules: dict[str, str]) -> Table:
+def _exchange_table(
+    title: str,
+    inside: dict[str, Any],
+    left: dict[str, Any],
+    actions: dict[str, str],
+    rules: dict[str, str],
+) -> Table:
     table = Table(title=title, title_justify="left", show_lines=False)
     table.add_column("field")
     table.add_column("inside the organization")
@@ -165,19 +182,36 @@ def _exchange_table(title: str, inside: dict[str, Any], left: dict[str, Any],
     for path, value in _flatten(inside).items():
         action = actions.get(path, "as is" if path in released else "withheld")
         style = {"withheld": "red", "as is": "green"}.get(action, "yellow")
-        table.add_row(path, _show(value), _show(released.get(path)) if path in released else "—",
-                      f"[{style}]{action}[/]", rules.get(path, "no rule: default deny"))
+        table.add_row(
+            path,
+            _show(value),
+            _show(released.get(path)) if path in released else "—",
+            f"[{style}]{action}[/]",
+            rules.get(path, "no rule: default deny"),
+        )
     return table
 
 
 def _audit_table(org: str, records: list[AuditRecord]) -> Table:
     table = Table(title=f"audit log of {org}", title_justify="left")
-    for column in ("#", "event", "peer", "agent.skill", "decision", "fields withheld / transformed",
-                   "payload digest after policy", "receipt"):
+    for column in (
+        "#",
+        "event",
+        "peer",
+        "agent.skill",
+        "decision",
+        "fields withheld / transformed",
+        "payload digest after policy",
+        "receipt",
+    ):
         table.add_column(column)
     for r in records:
         table.add_row(
-            str(r.sequence), r.kind, r.peer_org, f"{r.agent}.{r.skill}", r.decision,
+            str(r.sequence),
+            r.kind,
+            r.peer_org,
+            f"{r.agent}.{r.skill}",
+            r.decision,
             f"{len(r.withheld_paths)} / {len(r.transformed)}",
             (r.digest_after or "—")[:23] + ("…" if r.digest_after else ""),
             "signed" if r.receipt else "—",
@@ -193,16 +227,27 @@ async def run_demo(*, quiet: bool = False) -> int:
     console = Console(quiet=quiet, width=None if Console().is_terminal else 150)
     root = _repository_root()
     certs, policies = root / "certs_dev", root / "policies"
-    console.print(Panel.fit(
-        "[bold]Fedgate demo[/]: a hospital, an insurer and a lab cooperate through their own gateways.\n"
-        "Each gateway enforces its organization's sharing policy and writes its own audit log.\n"
-        f"[dim]mTLS with the development certificates in {certs} (insecure, local use only)[/]"))
+    console.print(
+        Panel.fit(
+            "[bold]Fedgate demo[/]: a hospital, an insurer and a lab cooperate through their "
+            "own gateways.\n"
+            "Each gateway enforces its organization's sharing policy and writes its own "
+            "audit log.\n"
+            f"[dim]mTLS with the development certificates in {certs} (insecure, local use only)[/]"
+        )
+    )
     with tempfile.TemporaryDirectory(prefix="fedgate-demo-") as tmp:
         paths = [
             write_gateway_config(
-                Path(tmp) / org, org, cert=certs / f"{org}.crt", key=certs / f"{org}.key",
-                ca=certs / "ca.crt", model=policies / "model.conf", rules=policies / f"{org}.csv",
-                peers=PEERS[org], require_tokens=True,
+                Path(tmp) / org,
+                org,
+                cert=certs / f"{org}.crt",
+                key=certs / f"{org}.key",
+                ca=certs / "ca.crt",
+                model=policies / "model.conf",
+                rules=policies / f"{org}.csv",
+                peers=PEERS[org],
+                require_tokens=True,
             )
             for org in ORGS
         ]
@@ -264,26 +309,39 @@ class _Demo:
         for org in ORGS:
             table.add_row(org, self.fed.federation(org), self.fed.participant(org))
         self.console.print(table)
-        for org, agents in (("hospital", _hospital_agents()), ("insurer", _insurer_agents()),
-                            ("lab", _lab_agents(self.lab_seen))):
+        for org, agents in (
+            ("hospital", _hospital_agents()),
+            ("insurer", _insurer_agents()),
+            ("lab", _lab_agents(self.lab_seen)),
+        ):
             # Each agent process holds a token that names the agents it may register (and, for
             # the hospital's records agent, the lab skill it may call onward).
             token = token_authority(self.fed[org].config).issue(
-                f"{org}-agents", agents=[a.name for a in agents],
+                f"{org}-agents",
+                agents=[a.name for a in agents],
                 calls=["lab/tests.latest"] if org == "hospital" else [],
             )
-            worker = AgentWorker(agents, self.fed.participant(org), token=token, instance_id=f"{org}-demo")
+            worker = AgentWorker(
+                agents, self.fed.participant(org), token=token, instance_id=f"{org}-demo"
+            )
             self.workers.append((worker, asyncio.ensure_future(worker.run())))
             await asyncio.wait_for(worker.connected.wait(), 10)
-            self.console.print(f"2. [bold]{org}[/] registered agents through the SDK with a signed token: "
-                               + ", ".join(f"{org}/{a.name}.{s}" for a in agents for s in a.skills))
+            self.console.print(
+                f"2. [bold]{org}[/] registered agents through the SDK with a signed token: "
+                + ", ".join(f"{org}/{a.name}.{s}" for a in agents for s in a.skills)
+            )
 
     async def scene_share(self) -> bool:
-        self.console.print("\n3. insurer's claims adjuster calls [bold]hospital/records.summary[/] for patient P-1001")
+        self.console.print(
+            "\n3. insurer's claims adjuster calls [bold]hospital/records.summary[/] "
+            "for patient P-1001"
+        )
         client = self.client("insurer", "claims-adjuster-7", ["hospital/records.*"])
         states = []
         result = None
-        async for update in client.stream("hospital/records.summary", {"patient_id": "P-1001"}, timeout=15):
+        async for update in client.stream(
+            "hospital/records.summary", {"patient_id": "P-1001"}, timeout=15
+        ):
             states.append(update.state)
             if update.final:
                 result = update.result
@@ -292,92 +350,158 @@ class _Demo:
         policy = self.fed["hospital"].router.current_policy()
         assert policy is not None
         explained = policy.filter("insurer", "records", "summary", "share", PATIENT_RECORD)
-        self.console.print(_exchange_table(
-            "   what the hospital's agent returned, and what its policy let leave",
-            PATIENT_RECORD, result.output, dict(result.field_actions),
-            {d.path: _short_rule(d.rule) for d in explained.decisions}))
+        self.console.print(
+            _exchange_table(
+                "   what the hospital's agent returned, and what its policy let leave",
+                PATIENT_RECORD,
+                result.output,
+                dict(result.field_actions),
+                {d.path: _short_rule(d.rule) for d in explained.decisions},
+            )
+        )
         receipt_ok = self.receipt_ok(result.receipt, "hospital", result.output)
-        self.console.print(f"   signed receipt from hospital over the released result: "
-                           f"{'[green]verified[/]' if receipt_ok else '[red]INVALID[/]'}  "
-                           f"(policy {result.policy_version[:19]}…)")
-        self.console.print("   [dim]the same view from the command line: fedgate policy explain --peer insurer "
-                           "--agent records --skill summary --direction share --payload record.json[/]")
+        self.console.print(
+            f"   signed receipt from hospital over the released result: "
+            f"{'[green]verified[/]' if receipt_ok else '[red]INVALID[/]'}  "
+            f"(policy {result.policy_version[:19]}…)"
+        )
+        self.console.print(
+            "   [dim]the same view from the command line: fedgate policy explain --peer insurer "
+            "--agent records --skill summary --direction share --payload record.json[/]"
+        )
         left = json.dumps(result.output)
-        leaked = [v for v in ("Ada Lovelace", "12 Analytical Row", "INS-99887766", "123-45-6789") if v in left]
+        leaked = [
+            v
+            for v in ("Ada Lovelace", "12 Analytical Row", "INS-99887766", "123-45-6789")
+            if v in left
+        ]
         if leaked:
             self.console.print(f"[red]withheld values left the hospital: {leaked}[/]")
         return receipt_ok and not leaked
 
     async def scene_send(self) -> bool:
-        self.console.print("\n4. hospital's billing office calls [bold]insurer/claims.check[/] with a claim")
+        self.console.print(
+            "\n4. hospital's billing office calls [bold]insurer/claims.check[/] with a claim"
+        )
         client = self.client("hospital", "billing-office", ["insurer/claims.*", "lab/*"])
         claim = await client.call("insurer/claims.check", CLAIM, timeout=15)
         policy = self.fed["hospital"].router.current_policy()
         assert policy is not None
         sent = policy.filter("insurer", "claims", "check", "send", CLAIM)
-        self.console.print(_exchange_table(
-            "   the hospital's request, and what its policy let leave", CLAIM, sent.output,
-            dict(sent.transformed), {d.path: _short_rule(d.rule) for d in sent.decisions}))
+        self.console.print(
+            _exchange_table(
+                "   the hospital's request, and what its policy let leave",
+                CLAIM,
+                sent.output,
+                dict(sent.transformed),
+                {d.path: _short_rule(d.rule) for d in sent.decisions},
+            )
+        )
         self.console.print(f"   insurer answered: {json.dumps(claim.output)}")
-        self.console.print(f"   insurer's policy withheld from its answer: {', '.join(claim.withheld) or 'nothing'}")
+        self.console.print(
+            "   insurer's policy withheld from its answer: "
+            + (", ".join(claim.withheld) or "nothing")
+        )
         return claim.ok and "fraud_score" in claim.withheld
 
     async def scene_multi_hop(self) -> bool:
-        self.console.print("\n5. multi-hop: insurer calls [bold]hospital/records.lab_summary[/]; the hospital's "
-                           "agent asks [bold]lab/tests.latest[/] while serving it")
+        self.console.print(
+            "\n5. multi-hop: insurer calls [bold]hospital/records.lab_summary[/]; the hospital's "
+            "agent asks [bold]lab/tests.latest[/] while serving it"
+        )
         client = self.client("insurer", "claims-adjuster-7", ["hospital/records.*"])
-        result = await client.call("hospital/records.lab_summary", {"patient_id": "P-1001"}, timeout=15)
+        result = await client.call(
+            "hospital/records.lab_summary", {"patient_id": "P-1001"}, timeout=15
+        )
         sent_on = self.lab_seen[-1] if self.lab_seen else {}
-        self.console.print(f"   what reached the lab: {json.dumps(sent_on)}  "
-                           "[dim](the patient id stays home: the data came from the insurer, rule origin!=insurer)[/]")
+        self.console.print(
+            f"   what reached the lab: {json.dumps(sent_on)}  "
+            "[dim](the patient id stays home: the data came from the insurer, "
+            "rule origin!=insurer)[/]"
+        )
         self.console.print(f"   what the insurer got: {json.dumps(result.output)}")
-        chain = [f"{r['responder_org']} (signed receipt, withheld: {', '.join(r['withheld_paths']) or 'nothing'})"
-                 for r in (result.provenance + ((result.receipt,) if result.receipt else ()))]
+        chain = [
+            f"{r['responder_org']} (signed receipt, withheld: "
+            f"{', '.join(r['withheld_paths']) or 'nothing'})"
+            for r in (result.provenance + ((result.receipt,) if result.receipt else ()))
+        ]
         self.console.print(f"   provenance: {' -> '.join(chain)}")
         verified = all(self.receipt_ok(r, r["responder_org"], None) for r in result.provenance)
-        return result.ok and "patient_id" not in sent_on and verified and len(result.provenance) == 1
+        return (
+            result.ok and "patient_id" not in sent_on and verified and len(result.provenance) == 1
+        )
 
     async def scene_fallback_and_fan_out(self) -> bool:
         client = self.client("hospital", "billing-office", ["insurer/claims.*", "lab/*"])
-        self.console.print("\n6. fallback: hospital tries [bold]lab/claims.check[/], then [bold]insurer/claims.check[/]")
-        routed = await client.call_first(["lab/claims.check", "insurer/claims.check"], CLAIM, timeout=15)
+        self.console.print(
+            "\n6. fallback: hospital tries [bold]lab/claims.check[/], "
+            "then [bold]insurer/claims.check[/]"
+        )
+        routed = await client.call_first(
+            ["lab/claims.check", "insurer/claims.check"], CLAIM, timeout=15
+        )
         for target, error in routed.attempts:
             self.console.print(f"   {target}: [yellow]{type(error).__name__}[/]: {error}")
         self.console.print(f"   {routed.target}: [green]answered[/] {json.dumps(routed.output)}")
-        self.console.print("\n7. fan-out: three agents of two organizations vote on [bold]approved[/] (majority)")
+        self.console.print(
+            "\n7. fan-out: three agents of two organizations vote on [bold]approved[/] (majority)"
+        )
         votes = await client.fan_out(
-            ["insurer/claims.check", "insurer/claims.review", "lab/coverage.estimate"], CLAIM,
-            strategy=majority("approved"), timeout=15)
+            ["insurer/claims.check", "insurer/claims.review", "lab/coverage.estimate"],
+            CLAIM,
+            strategy=majority("approved"),
+            timeout=15,
+        )
         self.console.print(f"   decision: approved = {votes.value}")
         for value, targets in votes.conflicts.items():
             self.console.print(f"   said {value}: {', '.join(targets)}")
-        return routed.target == "insurer/claims.check" and votes.value is True and bool(votes.conflicts)
+        return (
+            routed.target == "insurer/claims.check"
+            and votes.value is True
+            and bool(votes.conflicts)
+        )
 
     async def scene_audit(self) -> bool:
-        self.console.print("\n8. audit trails (paths and digests only: no withheld value is ever recorded)")
+        self.console.print(
+            "\n8. audit trails (paths and digests only: no withheld value is ever recorded)"
+        )
         for org in ORGS:
             self.console.print(_audit_table(org, self.fed[org].audit.query(limit=50)))
         for org in ORGS:
             outcome = await self.fed[org].exchange_checkpoints()
-            self.console.print(f"   {org} exchanged signed chain heads: "
-                               + "; ".join(f"{peer} {what}" for peer, what in outcome.items()))
+            self.console.print(
+                f"   {org} exchanged signed chain heads: "
+                + "; ".join(f"{peer} {what}" for peer, what in outcome.items())
+            )
         verified = True
         for org in ORGS:
             gateway = self.fed[org]
-            report = gateway.audit.verify(org, gateway.router.verifier, heads=gateway_peer_heads(self.fed, org))
+            report = gateway.audit.verify(
+                org, gateway.router.verifier, heads=gateway_peer_heads(self.fed, org)
+            )
             verified &= report.ok
             state = "[green]intact[/]" if report.ok else f"[red]{report.problems[0]}[/]"
-            self.console.print(f"   {org}: {report.records} records, chain {state}, "
-                               f"{report.checkpoints_checked} signed checkpoints checked")
-        self.console.print("   [dim]auditors: fedgate audit list | show TASK | verify | export | reconcile[/]")
+            self.console.print(
+                f"   {org}: {report.records} records, chain {state}, "
+                f"{report.checkpoints_checked} signed checkpoints checked"
+            )
+        self.console.print(
+            "   [dim]auditors: fedgate audit list | show TASK | verify | export | reconcile[/]"
+        )
         return verified
 
-    def receipt_ok(self, receipt: dict[str, Any] | None, org: str, output: dict[str, Any] | None) -> bool:
+    def receipt_ok(
+        self, receipt: dict[str, Any] | None, org: str, output: dict[str, Any] | None
+    ) -> bool:
         if receipt is None:
             return False
         try:
-            verify_receipt(self.fed["insurer"].router.verifier, SignedReceipt.from_json(receipt),
-                           expected_org=org, released_output=output)
+            verify_receipt(
+                self.fed["insurer"].router.verifier,
+                SignedReceipt.from_json(receipt),
+                expected_org=org,
+                released_output=output,
+            )
         except Exception:
             return False
         return True
@@ -385,5 +509,9 @@ class _Demo:
 
 def gateway_peer_heads(fed: LocalFederation, org: str) -> list[Any]:
     """The signed heads of `org` that its partners keep: what proves no tail was cut."""
-    return [c for other, gw in fed.gateways.items() if other != org
-            for c in gw.audit.peer_checkpoints(org)]
+    return [
+        c
+        for other, gw in fed.gateways.items()
+        if other != org
+        for c in gw.audit.peer_checkpoints(org)
+    ]

@@ -59,7 +59,12 @@ def write_gateway_config(
 class LocalFederation:
     """Start, wire and stop several gateways in this event loop."""
 
-    def __init__(self, configs: Iterable[GatewayConfig | Path], *, audits: dict[str, AuditStore] | None = None) -> None:
+    def __init__(
+        self,
+        configs: Iterable[GatewayConfig | Path],
+        *,
+        audits: dict[str, AuditStore] | None = None,
+    ) -> None:
         loaded = [c if isinstance(c, GatewayConfig) else load_config(c) for c in configs]
         audits = audits or {}
         self.gateways = {c.org: Gateway(c, audit=audits.get(c.org)) for c in loaded}

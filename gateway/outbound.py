@@ -48,7 +48,11 @@ _STATUS_ERRORS: dict[grpc.StatusCode, type[FedgateError]] = {
     grpc.StatusCode.CANCELLED: Cancelled,
 }
 # Answers that say the peer itself is not working, as opposed to refusing this one task.
-_TRANSPORT_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+_TRANSPORT_FAILURES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+}
 
 
 class OutboundRoutes(RouterBase):
@@ -70,7 +74,9 @@ class OutboundRoutes(RouterBase):
             ttl_seconds=self.delegation_ttl,
         )
 
-    async def _run_remote(self, spec: TaskSpec, *, stream: bool = True) -> AsyncIterator[TaskUpdate]:
+    async def _run_remote(
+        self, spec: TaskSpec, *, stream: bool = True
+    ) -> AsyncIterator[TaskUpdate]:
         started = time.monotonic()
         peer = spec.target_org
         stub = self.peers.stub(peer)  # NotFound for an organization that is not a peer
@@ -151,11 +157,19 @@ class OutboundRoutes(RouterBase):
             if not isinstance(exc, AuditUnavailable):
                 with contextlib.suppress(Exception):
                     await self.audit.append(
-                        replace(base, kind="failed", decision="error", status=exc.status.name,
-                                detail=exc.message, payload=None,
-                                duration_ms=(time.monotonic() - started) * 1000)
+                        replace(
+                            base,
+                            kind="failed",
+                            decision="error",
+                            status=exc.status.name,
+                            detail=exc.message,
+                            payload=None,
+                            duration_ms=(time.monotonic() - started) * 1000,
+                        )
                     )
-            if isinstance(exc, (Unavailable, ResourceExhausted)) and not isinstance(exc, AuditUnavailable):
+            if isinstance(exc, (Unavailable, ResourceExhausted)) and not isinstance(
+                exc, AuditUnavailable
+            ):
                 # The peer did not run the task: forget the key so that a retry runs it.
                 forget = True
             final = final or error_result(spec, exc, peer)
@@ -224,8 +238,11 @@ class OutboundRoutes(RouterBase):
                         f"{receipt.body.result_digest}, but the output received digests to "
                         f"{output_digest}: the result was changed after {peer!r} released it"
                     )
-                check_limits(result.output, max_depth=self.limits.max_depth,
-                             max_fields=self.limits.max_fields)
+                check_limits(
+                    result.output,
+                    max_depth=self.limits.max_depth,
+                    max_fields=self.limits.max_fields,
+                )
             except (FedgateError, ValueError, KeyError, TypeError) as exc:
                 decision, output_digest = "receipt_invalid", None
                 detail = getattr(exc, "message", str(exc))
@@ -236,7 +253,8 @@ class OutboundRoutes(RouterBase):
                     responder_org=peer,
                 )
         kind = {TaskState.COMPLETED: "result_received", TaskState.CANCELED: "canceled"}.get(
-            result.state, "failed")
+            result.state, "failed"
+        )
         await self._record(
             AuditEvent(
                 kind=kind,

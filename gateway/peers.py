@@ -121,7 +121,9 @@ class PeerRegistry:
         health.probing = False
         if failure is None:
             elapsed = (self._clock() - started) * 1000
-            health.latency_ms = elapsed if not health.latency_ms else 0.8 * health.latency_ms + 0.2 * elapsed
+            health.latency_ms = (
+                elapsed if not health.latency_ms else 0.8 * health.latency_ms + 0.2 * elapsed
+            )
             if health.circuit != CLOSED:
                 log.info("circuit to %s closed", org)
             health.circuit = CLOSED
@@ -131,7 +133,9 @@ class PeerRegistry:
         health.last_error = failure
         if health.circuit == HALF_OPEN or health.consecutive_failures >= self.failure_threshold:
             if health.circuit != OPEN:
-                log.warning("circuit to %s opened after %d failures", org, health.consecutive_failures)
+                log.warning(
+                    "circuit to %s opened after %d failures", org, health.consecutive_failures
+                )
             health.circuit = OPEN
             health.opened_at = self._clock()
 

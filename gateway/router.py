@@ -68,7 +68,9 @@ log = logging.getLogger("fedgate.router")
 _PEER_ERROR_MESSAGES = {
     "agent_disconnected": "the agent instance disconnected mid-task",
     "skill_error": "the agent's skill reported an error",
-    "policy_refused": "the result could not be evaluated by the sharing policy and was not released",
+    "policy_refused": (
+        "the result could not be evaluated by the sharing policy and was not released"
+    ),
     "gateway_restarted": "the gateway restarted before the task finished",
     "no_agent": "no agent instance was available before the deadline",
 }
@@ -189,10 +191,15 @@ class Router(OutboundRoutes):
             if row.remote or spec is None or spec.remaining() <= 0:
                 reason = (
                     "the gateway restarted while waiting for the partner: ask it with GetTask"
-                    if row.remote else "the gateway restarted and the task's deadline has passed"
+                    if row.remote
+                    else "the gateway restarted and the task's deadline has passed"
                 )
-                result = TaskResult(row.task_id, TaskState.FAILED,
-                                    error=TaskError("gateway_restarted", reason), responder_org=self.org)
+                result = TaskResult(
+                    row.task_id,
+                    TaskState.FAILED,
+                    error=TaskError("gateway_restarted", reason),
+                    responder_org=self.org,
+                )
                 await self.tasks.finish(row.origin_org, row.key, result)
                 continue
             key = (row.origin_org, row.key)
@@ -212,15 +219,21 @@ class Router(OutboundRoutes):
         peer_org = None if row.origin_org == self.org else row.origin_org
         result: TaskResult | None = None
         try:
-            while not self.agents.instance_count(spec.agent) and spec.remaining() > 0:
+            # Recovery after a restart is rare: polling until an instance reconnects is enough.
+            while not self.agents.instance_count(spec.agent) and spec.remaining() > 0:  # noqa: ASYNC110
                 await asyncio.sleep(min(0.2, max(0.01, spec.remaining())))
             if not self.agents.instance_count(spec.agent):
-                result = TaskResult(spec.task_id, TaskState.FAILED, responder_org=self.org,
-                                    error=TaskError("no_agent", _PEER_ERROR_MESSAGES["no_agent"]))
+                result = TaskResult(
+                    spec.task_id,
+                    TaskState.FAILED,
+                    responder_org=self.org,
+                    error=TaskError("no_agent", _PEER_ERROR_MESSAGES["no_agent"]),
+                )
                 await self.tasks.finish(row.origin_org, row.key, result)
                 return
-            async for update in self._run_local(spec, origin_org=row.origin_org, peer_org=peer_org,
-                                                recovered=True):
+            async for update in self._run_local(
+                spec, origin_org=row.origin_org, peer_org=peer_org, recovered=True
+            ):
                 if update.state.final:
                     result = update.result
         except FedgateError as exc:
@@ -228,7 +241,9 @@ class Router(OutboundRoutes):
         finally:
             self._inflight.pop(key, None)
             if not future.done():
-                future.set_result(result or error_result(spec, Cancelled("recovery stopped"), self.org))
+                future.set_result(
+                    result or error_result(spec, Cancelled("recovery stopped"), self.org)
+                )
 
     async def stop_background(self) -> None:
         for task in list(self._background):
@@ -240,7 +255,9 @@ class Router(OutboundRoutes):
 
     def _prepare(self, spec: TaskSpec) -> TaskSpec:
         if self.draining:
-            raise Unavailable(f"the gateway of {self.org!r} is shutting down: retry on another replica")
+            raise Unavailable(
+                f"the gateway of {self.org!r} is shutting down: retry on another replica"
+            )
         validate_names(spec.target_org, spec.agent, spec.skill)
         if not spec.task_id:
             spec = replace(spec, task_id=new_task_id())
@@ -297,18 +314,28 @@ class Router(OutboundRoutes):
             self._inflight.pop(key, None)
             future.set_result(result or error_result(spec, Cancelled("stream closed"), self.org))
 
-    async def _answer_retry(self, spec: TaskSpec, result: TaskResult, peer_org: str | None) -> TaskUpdate:
+    async def _answer_retry(
+        self, spec: TaskSpec, result: TaskResult, peer_org: str | None
+    ) -> TaskUpdate:
         """The stored outcome of a task, for a retry with the same key (audited for a peer)."""
         if peer_org is not None and result.state is TaskState.COMPLETED:
             await self._record(
                 AuditEvent(
-                    kind="result_released", task_id=spec.task_id, peer_org=peer_org,
-                    agent=spec.agent, skill=spec.skill, direction="inbound", decision="allowed",
-                    requester=spec.requester, status=result.state.value,
+                    kind="result_released",
+                    task_id=spec.task_id,
+                    peer_org=peer_org,
+                    agent=spec.agent,
+                    skill=spec.skill,
+                    direction="inbound",
+                    decision="allowed",
+                    requester=spec.requester,
+                    status=result.state.value,
                     withheld_paths=tuple(p for p, a in result.field_actions if a == "withheld"),
                     transformed=tuple((p, a) for p, a in result.field_actions if a != "withheld"),
-                    digest_after=digest(result.output), policy_version=result.policy_version or None,
-                    detail="retry: the stored result was sent again", receipt=result.receipt,
+                    digest_after=digest(result.output),
+                    policy_version=result.policy_version or None,
+                    detail="retry: the stored result was sent again",
+                    receipt=result.receipt,
                 )
             )
         result = replace(result, task_id=spec.task_id)
@@ -367,9 +394,15 @@ class Router(OutboundRoutes):
                     # Progress notes are free text written by the agent: they stay inside.
                     yield update if peer_org is None else replace(update, message="")
                     continue
-                result = update.result or TaskResult(spec.task_id, update.state, responder_org=self.org)
-                result = replace(result, task_id=spec.task_id, responder_org=self.org,
-                                 provenance=tuple(running.provenance))
+                result = update.result or TaskResult(
+                    spec.task_id, update.state, responder_org=self.org
+                )
+                result = replace(
+                    result,
+                    task_id=spec.task_id,
+                    responder_org=self.org,
+                    provenance=tuple(running.provenance),
+                )
                 if peer_org is not None:
                     releasing = True  # from here on _release records the outcome
                     result = await self._release(spec, peer_org, policy, result, started, running)
@@ -427,7 +460,9 @@ class Router(OutboundRoutes):
             )
             raise error
         try:
-            check_limits(spec.input, max_depth=self.limits.max_depth, max_fields=self.limits.max_fields)
+            check_limits(
+                spec.input, max_depth=self.limits.max_depth, max_fields=self.limits.max_fields
+            )
         except PayloadLimitExceeded as exc:
             await self.audit_rejection(spec, peer_org, exc, started=started)
             raise
@@ -503,7 +538,9 @@ class Router(OutboundRoutes):
                     requester=spec.requester,
                     status=TaskState.FAILED.value,
                     duration_ms=duration,
-                    digest_before=digest(result.output) if isinstance(exc, PermissionDenied) else None,
+                    digest_before=digest(result.output)
+                    if isinstance(exc, PermissionDenied)
+                    else None,
                     detail=f"policy_refused: {exc.message}",
                 )
             )

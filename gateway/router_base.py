@@ -61,7 +61,9 @@ def error_result(spec: TaskSpec, exc: BaseException, responder_org: str) -> Task
     else:
         code, message = "canceled", "the requester went away before the task ended"
     state = TaskState.CANCELED if code in ("canceled", "cancelled") else TaskState.FAILED
-    return TaskResult(spec.task_id, state, error=TaskError(code, message), responder_org=responder_org)
+    return TaskResult(
+        spec.task_id, state, error=TaskError(code, message), responder_org=responder_org
+    )
 
 
 class RouterBase:
@@ -111,12 +113,12 @@ class RouterBase:
     def in_flight(self) -> int:
         return len(self._running)
 
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no task runs; False if some still run after `timeout` seconds."""
+    async def wait_idle(self, grace: float) -> bool:
+        """Wait until no task runs; False if some still run after `grace` seconds."""
         if self._idle.is_set():
             return True
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), grace)
         except TimeoutError:
             return False
         return True
@@ -124,7 +126,9 @@ class RouterBase:
     def current_policy(self) -> Policy | None:
         return self.policy.current if self.policy is not None else None
 
-    def _start(self, spec: TaskSpec, origin_org: str, *, remote: bool, claims: Claims = None) -> Running:
+    def _start(
+        self, spec: TaskSpec, origin_org: str, *, remote: bool, claims: Claims = None
+    ) -> Running:
         running = Running(spec, origin_org, remote, claims)
         self._running[spec.task_id] = running
         self._idle.clear()
@@ -136,7 +140,9 @@ class RouterBase:
             self._idle.set()
         if result is not None:
             self._finished[running.spec.task_id] = (running.origin_org, result)
-            self._recent[(running.origin_org, running.spec.idempotency_key or running.spec.task_id)] = result
+            self._recent[
+                (running.origin_org, running.spec.idempotency_key or running.spec.task_id)
+            ] = result
             while len(self._finished) > self._finished_capacity:
                 self._finished.popitem(last=False)
             while len(self._recent) > self._finished_capacity:
@@ -183,7 +189,9 @@ class RouterBase:
                 )
             )
         except Exception:
-            log.warning("could not audit a rejection for peer %s (audit store unavailable)", peer_org)
+            log.warning(
+                "could not audit a rejection for peer %s (audit store unavailable)", peer_org
+            )
 
     def _filter(
         self,
@@ -213,7 +221,9 @@ class RouterBase:
     async def _finish_task(self, origin_org: str, spec: TaskSpec, result: TaskResult) -> None:
         """Keep a task's final result in the task table; an outage there must not hide it."""
         try:
-            await asyncio.shield(self.tasks.finish(origin_org, spec.idempotency_key or spec.task_id, result))
+            await asyncio.shield(
+                self.tasks.finish(origin_org, spec.idempotency_key or spec.task_id, result)
+            )
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -224,7 +234,9 @@ class RouterBase:
         self._recent.pop((origin_org, spec.idempotency_key or spec.task_id), None)
         self._finished.pop(spec.task_id, None)
         try:
-            await asyncio.shield(self.tasks.forget(origin_org, spec.idempotency_key or spec.task_id))
+            await asyncio.shield(
+                self.tasks.forget(origin_org, spec.idempotency_key or spec.task_id)
+            )
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -262,7 +274,9 @@ class RouterBase:
                             ),
                         )
                         return
-                    raise DeadlineExceeded(f"task {spec.task_id} for {spec.target} passed its deadline")
+                    raise DeadlineExceeded(
+                        f"task {spec.task_id} for {spec.target} passed its deadline"
+                    )
                 try:
                     update = next_update.result()
                 except StopAsyncIteration:

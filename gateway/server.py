@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,17 +15,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from gateway.agents import AgentRegistry
 from gateway.audit import AuditStore, open_store
 from gateway.config import GatewayConfig
+from gateway.delegation import DelegationVerifier
 from gateway.errors import ConfigError, FedgateError, PermissionDenied
+from gateway.limits import PeerLimiter
 from gateway.peers import PeerRegistry
 from gateway.policy import PolicyHolder, load_or_create_pseudonym_key, load_policy
 from gateway.router import Limits, Router
-from gateway.delegation import DelegationVerifier
-from gateway.limits import PeerLimiter
 from gateway.servicers import FederationServicer, ParticipantServicer, add_servicer
-from gateway.tokens import token_authority
 from gateway.signing import Signer, Verifier
 from gateway.task_store import SqlTaskStore, TaskStore
 from gateway.tls import ReloadingTls, TlsFiles, TlsMaterial
+from gateway.tokens import token_authority
 from gateway.wire import checkpoint_from_pb, checkpoint_to_pb
 
 log = logging.getLogger("fedgate.server")
@@ -78,7 +77,9 @@ class Gateway:
         )
         self.policy = build_policy(config)
         verifier = Verifier.from_file(fed.ca)
-        self.audit = audit if audit is not None else open_store(config.audit_database_url, verifier=verifier)
+        self.audit = (
+            audit if audit is not None else open_store(config.audit_database_url, verifier=verifier)
+        )
         if self.audit.verifier is None:
             self.audit.verifier = verifier
         self.router = Router(
@@ -93,7 +94,9 @@ class Gateway:
             store_payloads=config.audit.store_payloads,
             tasks=tasks if tasks is not None else SqlTaskStore(config.tasks_database_url),
         )
-        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.health = (
+            health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        )
         self._federation = grpc.aio.server(options=_server_options(config))
         self._participant = grpc.aio.server(options=_server_options(config))
         limits = config.limits
@@ -152,7 +155,9 @@ class Gateway:
         self.ports = BoundPorts(fed_port, part_port)
         log.info(
             "gateway of %r serving: federation on port %d (mTLS), participants on port %d",
-            self.config.org, fed_port, part_port,
+            self.config.org,
+            fed_port,
+            part_port,
         )
         return self.ports
 
@@ -162,13 +167,17 @@ class Gateway:
         self.router.draining = True
         await _set_serving(self.health, False)
         if not await self.router.wait_idle(grace):
-            log.warning("%d tasks still running after the %.0fs grace period", self.router.in_flight, grace)
+            log.warning(
+                "%d tasks still running after the %.0fs grace period", self.router.in_flight, grace
+            )
         for task in (self._watch, self._exchange):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        for instance in {i for card in self.agents.cards() for i in self.agents._instances.get(card.name, [])}:
+        for instance in {
+            i for card in self.agents.cards() for i in self.agents._instances.get(card.name, [])
+        }:
             instance.outbox.put_nowait(None)
         await self.router.stop_background()
         await self._federation.stop(1.0)
@@ -178,15 +187,19 @@ class Gateway:
         await self.audit.close()
 
     async def exchange_checkpoints(self) -> dict[str, str]:
-        """Send our signed audit head to every peer and keep theirs; returns what happened per peer."""
+        """Send our signed audit head to every peer and keep theirs; report per peer."""
         outcome: dict[str, str] = {}
         ours = await self.audit.checkpoint(self.router.signer)
         for org in self.peers.names:
             try:
-                reply = await self.peers.stub(org).ExchangeCheckpoint(checkpoint_to_pb(ours), timeout=10)
+                reply = await self.peers.stub(org).ExchangeCheckpoint(
+                    checkpoint_to_pb(ours), timeout=10
+                )
                 theirs = checkpoint_from_pb(reply)
                 if theirs.org != org:
-                    raise PermissionDenied(f"checkpoint from {org!r} names organization {theirs.org!r}")
+                    raise PermissionDenied(
+                        f"checkpoint from {org!r} names organization {theirs.org!r}"
+                    )
                 await self.audit.store_peer_checkpoint(theirs)
                 outcome[org] = f"exchanged: ours #{ours.sequence}, theirs #{theirs.sequence}"
             except grpc.aio.AioRpcError as exc:
@@ -209,13 +222,19 @@ class Gateway:
             try:
                 policy = self.policy.reload()
             except FedgateError as exc:
-                log.error("policy reload refused, the previous policy keeps serving: %s", exc.message)
+                log.error(
+                    "policy reload refused, the previous policy keeps serving: %s", exc.message
+                )
             else:
                 log.info("policy reloaded: version %s", policy.version)
 
 
 async def _set_serving(servicer: health.HealthServicer, serving: bool) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     for service in ("", "fedgate.v1.Federation", "fedgate.v1.Participant"):
         result = servicer.set(service, status)
         if asyncio.iscoroutine(result):
@@ -235,10 +254,12 @@ async def serve(config: GatewayConfig) -> int:
     loop.add_signal_handler(signal.SIGHUP, gateway.reload_policy)
     try:
         await stop.wait()
-        log.info("stopping: no new tasks; waiting up to %.0fs for in-flight ones",
-                 config.gateway.shutdown_grace_seconds)
+        log.info(
+            "stopping: no new tasks; waiting up to %.0fs for in-flight ones",
+            config.gateway.shutdown_grace_seconds,
+        )
         await gateway.stop()
     finally:
         with contextlib.suppress(OSError):
-            Path(pid_file).unlink()
+            os.unlink(pid_file)
     return 0

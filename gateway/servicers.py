@@ -88,20 +88,32 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
         self.limiter = limiter
         self.delegations = delegations
 
-    async def _admit(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[str, TaskSpec, Any, Any]:
+    async def _admit(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> tuple[str, TaskSpec, Any, Any]:
         """Identity, limits, request shape and the delegation statement of an inbound task.
 
         Returns the peer, the task, the permit (release it when the task ends) and the claims.
         """
         org = await self._peer(context, request)
         started = time.monotonic()
-        spec = TaskSpec(task_id=getattr(request, "task_id", "") or "-", target_org="", agent="",
-                        skill="", input={})
+        spec = TaskSpec(
+            task_id=getattr(request, "task_id", "") or "-",
+            target_org="",
+            agent="",
+            skill="",
+            input={},
+        )
         try:
             _check_decoded(request)
-            spec = TaskSpec(task_id=request.task_id or "-", target_org=request.target_org,
-                            agent=request.agent, skill=request.skill, input={},
-                            requester=request.requester)
+            spec = TaskSpec(
+                task_id=request.task_id or "-",
+                target_org=request.target_org,
+                agent=request.agent,
+                skill=request.skill,
+                input={},
+                requester=request.requester,
+            )
             permit = self.limiter.acquire(org)
         except FedgateError as exc:
             await self.router.audit_rejection(spec, org, exc, started=started)
@@ -114,15 +126,18 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
                     "the task carries no delegation statement of who asked: the sending gateway "
                     "must sign one (Fedgate 0.1 and later do)"
                 )
-            delegation = self.delegations.verify(request.delegation, peer_org=org, task_id=request.task_id)
+            delegation = self.delegations.verify(
+                request.delegation, peer_org=org, task_id=request.task_id
+            )
             spec = self._spec(request, context)
         except FedgateError as exc:
             permit.release()
             await self.router.audit_rejection(spec, org, exc, started=started)
             raise
         # Who asked is what the signed statement says, not the request body.
-        spec = replace(spec, requester=delegation.subject, purpose=delegation.purpose,
-                       roles=delegation.roles)
+        spec = replace(
+            spec, requester=delegation.subject, purpose=delegation.purpose, roles=delegation.roles
+        )
         return org, spec, permit, delegation.claims()
 
     async def _peer(self, context: grpc.aio.ServicerContext, request: Any = None) -> str:
@@ -143,18 +158,26 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
             raise error
         claimed = getattr(request, "sender_org", "")
         if claimed and claimed != org:
-            log.warning("a request from %s claimed sender %r in its body; ignored", org, claimed[:64])
+            log.warning(
+                "a request from %s claimed sender %r in its body; ignored", org, claimed[:64]
+            )
         return org
 
-    async def ListAgents(self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext) -> pb.ListAgentsResponse:
+    async def ListAgents(
+        self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAgentsResponse:
         try:
             org = await self._peer(context)
-            return pb.ListAgentsResponse(agents=[card_to_pb(c) for c in self.router.cards_for_peer(org)])
+            return pb.ListAgentsResponse(
+                agents=[card_to_pb(c) for c in self.router.cards_for_peer(org)]
+            )
         except FedgateError as exc:
             await _abort(context, exc)
             raise  # unreachable: abort raises
 
-    async def StreamTask(self, request: pb.TaskRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TaskUpdate]:
+    async def StreamTask(
+        self, request: pb.TaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TaskUpdate]:
         try:
             org, spec, permit, claims = await self._admit(request, context)
             with permit:
@@ -163,20 +186,24 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
         except FedgateError as exc:
             await _abort(context, exc)
 
-    async def SubmitTask(self, request: pb.TaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskResult:
+    async def SubmitTask(
+        self, request: pb.TaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TaskResult:
         try:
             org, spec, permit, claims = await self._admit(request, context)
             with permit:
                 last: TaskUpdate | None = None
-                async for last in self.router.serve_peer(spec, org, claims):
-                    pass
+                async for update in self.router.serve_peer(spec, org, claims):
+                    last = update
             assert last is not None
             return result_to_pb(_final_result(last))
         except FedgateError as exc:
             await _abort(context, exc)
             raise
 
-    async def CancelTask(self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext) -> pb.CancelTaskResponse:
+    async def CancelTask(
+        self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelTaskResponse:
         try:
             org = await self._peer(context)
             _check_decoded(request)
@@ -186,7 +213,9 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
             await _abort(context, exc)
             raise
 
-    async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskResult:
+    async def GetTask(
+        self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TaskResult:
         try:
             org = await self._peer(context)
             _check_decoded(request)
@@ -195,7 +224,9 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
             await _abort(context, exc)
             raise
 
-    async def ExchangeCheckpoint(self, request: pb.SignedCheckpoint, context: grpc.aio.ServicerContext) -> pb.SignedCheckpoint:
+    async def ExchangeCheckpoint(
+        self, request: pb.SignedCheckpoint, context: grpc.aio.ServicerContext
+    ) -> pb.SignedCheckpoint:
         try:
             org = await self._peer(context)
             _check_decoded(request)
@@ -229,7 +260,7 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
     def _bearer(self, context: grpc.aio.ServicerContext) -> str:
         for key, value in context.invocation_metadata() or ():
             if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                return value[len("Bearer "):].strip()
+                return value[len("Bearer ") :].strip()
         return ""
 
     def _claims(self, context: grpc.aio.ServicerContext, token: str = "") -> TokenClaims | None:
@@ -251,7 +282,9 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
         self.tokens.check_call(claims, spec.target_org, spec.agent, spec.skill)
         # The authenticated subject is who asked; the request's own name is kept beside it.
         said = spec.requester
-        requester = claims.subject if not said or said == claims.subject else f"{claims.subject}/{said}"
+        requester = (
+            claims.subject if not said or said == claims.subject else f"{claims.subject}/{said}"
+        )
         return replace(spec, requester=requester[:255])
 
     async def Connect(
@@ -261,7 +294,11 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
             return
-        if isinstance(first, Malformed) or first.WhichOneof("kind") != "register" or not first.register.cards:
+        if (
+            isinstance(first, Malformed)
+            or first.WhichOneof("kind") != "register"
+            or not first.register.cards
+        ):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "the first message on Connect must register at least one agent card",
@@ -335,18 +372,24 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
         instance_id = register.instance_id[:128] or uuid.uuid4().hex
         return AgentInstance(instance_id=instance_id, cards=cards)
 
-    async def _read_updates(self, instance: AgentInstance, requests: AsyncIterator[pb.AgentMessage]) -> None:
+    async def _read_updates(
+        self, instance: AgentInstance, requests: AsyncIterator[pb.AgentMessage]
+    ) -> None:
         async for message in requests:
             if isinstance(message, Malformed) or message.WhichOneof("kind") != "update":
                 continue
             try:
                 update = update_from_pb(message.update)
             except FedgateError:
-                log.warning("agent instance %s sent an update with an unknown state", instance.instance_id)
+                log.warning(
+                    "agent instance %s sent an update with an unknown state", instance.instance_id
+                )
                 continue
             self.agents.deliver(instance, update)
 
-    async def StreamTask(self, request: pb.TaskRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TaskUpdate]:
+    async def StreamTask(
+        self, request: pb.TaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TaskUpdate]:
         try:
             spec = self._authorize_call(self._spec(request, context), context)
             async for update in self.router.submit(spec):
@@ -354,29 +397,37 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
         except FedgateError as exc:
             await _abort(context, exc)
 
-    async def SubmitTask(self, request: pb.TaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskResult:
+    async def SubmitTask(
+        self, request: pb.TaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TaskResult:
         try:
             spec = self._authorize_call(self._spec(request, context), context)
             last: TaskUpdate | None = None
-            async for last in self.router.submit(spec, stream=False):
-                pass
+            async for update in self.router.submit(spec, stream=False):
+                last = update
             assert last is not None
             return result_to_pb(_final_result(last))
         except FedgateError as exc:
             await _abort(context, exc)
             raise
 
-    async def CancelTask(self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext) -> pb.CancelTaskResponse:
+    async def CancelTask(
+        self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelTaskResponse:
         try:
             _check_decoded(request)
             self._claims(context)
-            state = await self.router.cancel(request.task_id, request.reason, origin_org=self.router.org)
+            state = await self.router.cancel(
+                request.task_id, request.reason, origin_org=self.router.org
+            )
             return pb.CancelTaskResponse(state=state_to_pb(state))
         except FedgateError as exc:
             await _abort(context, exc)
             raise
 
-    async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskResult:
+    async def GetTask(
+        self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TaskResult:
         try:
             _check_decoded(request)
             self._claims(context)
@@ -399,7 +450,9 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
             ]
         )
 
-    async def ListPeers(self, request: pb.ListPeersRequest, context: grpc.aio.ServicerContext) -> pb.ListPeersResponse:
+    async def ListPeers(
+        self, request: pb.ListPeersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPeersResponse:
         peers = self.router.peers
         return pb.ListPeersResponse(
             peers=[
@@ -462,7 +515,9 @@ def add_servicer(server: grpc.aio.Server, service_name: str, servicer: object) -
             request_deserializer=_safe_decoder(request_type),
             response_serializer=response_type.SerializeToString,
         )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
 
 
 __all__ = ["FederationServicer", "Malformed", "ParticipantServicer", "TaskState", "add_servicer"]

@@ -86,20 +86,32 @@ def result_from_json(data: dict[str, Any]) -> TaskResult:
 
 def spec_to_json(spec: TaskSpec) -> dict[str, Any]:
     return {
-        "task_id": spec.task_id, "target_org": spec.target_org, "agent": spec.agent,
-        "skill": spec.skill, "input": spec.input, "requester": spec.requester,
-        "deadline": spec.deadline, "idempotency_key": spec.idempotency_key,
-        "delegation": spec.delegation, "parent_task_id": spec.parent_task_id,
+        "task_id": spec.task_id,
+        "target_org": spec.target_org,
+        "agent": spec.agent,
+        "skill": spec.skill,
+        "input": spec.input,
+        "requester": spec.requester,
+        "deadline": spec.deadline,
+        "idempotency_key": spec.idempotency_key,
+        "delegation": spec.delegation,
+        "parent_task_id": spec.parent_task_id,
         "input_field_actions": [list(a) for a in spec.input_field_actions],
     }
 
 
 def spec_from_json(data: dict[str, Any]) -> TaskSpec:
     return TaskSpec(
-        task_id=data["task_id"], target_org=data["target_org"], agent=data["agent"],
-        skill=data["skill"], input=data["input"], requester=data.get("requester", ""),
-        deadline=float(data["deadline"]), idempotency_key=data.get("idempotency_key", ""),
-        delegation=data.get("delegation", ""), parent_task_id=data.get("parent_task_id", ""),
+        task_id=data["task_id"],
+        target_org=data["target_org"],
+        agent=data["agent"],
+        skill=data["skill"],
+        input=data["input"],
+        requester=data.get("requester", ""),
+        deadline=float(data["deadline"]),
+        idempotency_key=data.get("idempotency_key", ""),
+        delegation=data.get("delegation", ""),
+        parent_task_id=data.get("parent_task_id", ""),
         input_field_actions=tuple((p, a) for p, a in data.get("input_field_actions", [])),
     )
 
@@ -143,15 +155,31 @@ class MemoryTaskStore(TaskStore):
         if key in self.rows:
             return self.rows[key]
         now = int(time.time() * 1000)
-        self.rows[key] = TaskRow(origin_org, key[1], spec.task_id, spec.target, spec.requester,
-                                 remote, TaskState.WORKING, spec, None, now, now)
+        self.rows[key] = TaskRow(
+            origin_org,
+            key[1],
+            spec.task_id,
+            spec.target,
+            spec.requester,
+            remote,
+            TaskState.WORKING,
+            spec,
+            None,
+            now,
+            now,
+        )
         return None
 
     async def finish(self, origin_org: str, key: str, result: TaskResult) -> None:
         row = self.rows.get((origin_org, key))
         if row is not None:
-            self.rows[(origin_org, key)] = replace(row, state=result.state, spec=None, result=result,
-                                                   updated_ms=int(time.time() * 1000))
+            self.rows[(origin_org, key)] = replace(
+                row,
+                state=result.state,
+                spec=None,
+                result=result,
+                updated_ms=int(time.time() * 1000),
+            )
 
     async def forget(self, origin_org: str, key: str) -> None:
         self.rows.pop((origin_org, key), None)
@@ -160,8 +188,10 @@ class MemoryTaskStore(TaskStore):
         return self.rows.get((origin_org, key))
 
     async def by_task_id(self, origin_org: str, task_id: str) -> TaskRow | None:
-        return next((r for r in self.rows.values()
-                     if r.origin_org == origin_org and r.task_id == task_id), None)
+        return next(
+            (r for r in self.rows.values() if r.origin_org == origin_org and r.task_id == task_id),
+            None,
+        )
 
     async def unfinished(self) -> list[TaskRow]:
         return [r for r in self.rows.values() if not r.final]
@@ -189,11 +219,17 @@ TASKS = TaskRowModel.__table__  # type: ignore[attr-defined]
 
 def _row(model: Any) -> TaskRow:
     return TaskRow(
-        origin_org=model.origin_org, key=model.key, task_id=model.task_id, target=model.target,
-        requester=model.requester, remote=bool(model.remote), state=TaskState(model.state),
+        origin_org=model.origin_org,
+        key=model.key,
+        task_id=model.task_id,
+        target=model.target,
+        requester=model.requester,
+        remote=bool(model.remote),
+        state=TaskState(model.state),
         spec=spec_from_json(json.loads(model.spec_json)) if model.spec_json else None,
         result=result_from_json(json.loads(model.result_json)) if model.result_json else None,
-        created_ms=model.created_ms, updated_ms=model.updated_ms,
+        created_ms=model.created_ms,
+        updated_ms=model.updated_ms,
     )
 
 
@@ -237,10 +273,16 @@ class SqlTaskStore(TaskStore):
         finish = (
             update(TASKS)
             .where(TASKS.c.origin_org == bindparam("o"), TASKS.c.key == bindparam("k"))
-            .values(state=bindparam("state"), spec_json=None, result_json=bindparam("result"),
-                    updated_ms=bindparam("now"))
+            .values(
+                state=bindparam("state"),
+                spec_json=None,
+                result_json=bindparam("result"),
+                updated_ms=bindparam("now"),
+            )
         )
-        forget = delete(TASKS).where(TASKS.c.origin_org == bindparam("o"), TASKS.c.key == bindparam("k"))
+        forget = delete(TASKS).where(
+            TASKS.c.origin_org == bindparam("o"), TASKS.c.key == bindparam("k")
+        )
         outcomes: list[Any] = []
         with self._db().begin() as connection:
             for kind, args in ops:
@@ -287,20 +329,33 @@ class SqlTaskStore(TaskStore):
         now = int(time.time() * 1000)
         key = task_key(origin_org, spec)[1]
         row = {
-            "origin_org": origin_org, "key": key, "task_id": spec.task_id, "target": spec.target,
-            "requester": spec.requester, "remote": remote, "state": TaskState.WORKING.value,
-            "spec_json": json.dumps(spec_to_json(spec)), "result_json": None,
-            "created_ms": now, "updated_ms": now,
+            "origin_org": origin_org,
+            "key": key,
+            "task_id": spec.task_id,
+            "target": spec.target,
+            "requester": spec.requester,
+            "remote": remote,
+            "state": TaskState.WORKING.value,
+            "spec_json": json.dumps(spec_to_json(spec)),
+            "result_json": None,
+            "created_ms": now,
+            "updated_ms": now,
         }
         if await self._submit("accept", row):
             return None
         return await self.get(origin_org, key)
 
     async def finish(self, origin_org: str, key: str, result: TaskResult) -> None:
-        await self._submit("finish", {
-            "o": origin_org, "k": key, "state": result.state.value,
-            "result": json.dumps(result_to_json(result)), "now": int(time.time() * 1000),
-        })
+        await self._submit(
+            "finish",
+            {
+                "o": origin_org,
+                "k": key,
+                "state": result.state.value,
+                "result": json.dumps(result_to_json(result)),
+                "now": int(time.time() * 1000),
+            },
+        )
 
     async def forget(self, origin_org: str, key: str) -> None:
         await self._submit("forget", {"o": origin_org, "k": key})
@@ -331,7 +386,7 @@ class SqlTaskStore(TaskStore):
 
     async def close(self) -> None:
         if self._writer is not None:
-            while self._queue is not None and not self._queue.empty():
+            while self._queue is not None and not self._queue.empty():  # noqa: ASYNC110 - drain
                 await asyncio.sleep(0.01)
             self._writer.cancel()
             with contextlib.suppress(BaseException):

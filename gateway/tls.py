@@ -60,7 +60,11 @@ def read_material(files: TlsFiles) -> TlsMaterial:
     """Read and sanity-check the certificate, key, CA and optional revocation list."""
     stamp = _stamp(files)
     try:
-        cert_pem, key_pem, ca_pem = files.cert.read_bytes(), files.key.read_bytes(), files.ca.read_bytes()
+        cert_pem, key_pem, ca_pem = (
+            files.cert.read_bytes(),
+            files.key.read_bytes(),
+            files.ca.read_bytes(),
+        )
     except OSError as exc:
         raise ConfigError(f"{exc.filename}: cannot read: {exc.strerror}") from None
     for label, pem, marker in (

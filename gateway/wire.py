@@ -66,11 +66,17 @@ def _actions_from_pb(actions: Any) -> tuple[tuple[str, str], ...]:
 
 
 def spec_from_pb(
-    message: pb.TaskRequest, *, default_deadline: float, max_deadline: float, time_remaining: float | None
+    message: pb.TaskRequest,
+    *,
+    default_deadline: float,
+    max_deadline: float,
+    time_remaining: float | None,
 ) -> TaskSpec:
-    """A TaskSpec from a request, with its deadline bounded by the gateway's limits and the call's."""
+    """A TaskSpec from a request, its deadline bounded by the gateway's limits and the call's."""
     now = time.time()
-    deadline = message.deadline_unix_ms / 1000 if message.deadline_unix_ms > 0 else now + default_deadline
+    deadline = (
+        message.deadline_unix_ms / 1000 if message.deadline_unix_ms > 0 else now + default_deadline
+    )
     deadline = min(deadline, now + max_deadline)
     if time_remaining is not None:
         deadline = min(deadline, now + time_remaining)
@@ -143,7 +149,9 @@ def result_from_pb(message: pb.TaskResult) -> TaskResult:
 
 
 def update_to_pb(update: TaskUpdate) -> pb.TaskUpdate:
-    message = pb.TaskUpdate(task_id=update.task_id, state=state_to_pb(update.state), message=update.message)
+    message = pb.TaskUpdate(
+        task_id=update.task_id, state=state_to_pb(update.state), message=update.message
+    )
     if update.result is not None:
         message.result.CopyFrom(result_to_pb(update.result))
     return message

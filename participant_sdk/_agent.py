@@ -9,8 +9,8 @@ import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,10 +40,10 @@ class SkillSpec:
 class Agent:
     """A named agent and its skills.
 
-        triage = Agent("triage", description="Routes patients")
+    triage = Agent("triage", description="Routes patients")
 
-        @triage.skill(input_schema={...}, output_schema={...})
-        async def assess(task: TaskContext, data: dict) -> dict: ...
+    @triage.skill(input_schema={...}, output_schema={...})
+    async def assess(task: TaskContext, data: dict) -> dict: ...
     """
 
     def __init__(self, name: str, *, description: str = "", version: str = "") -> None:
@@ -80,7 +80,8 @@ class Agent:
                     f"skill {skill_name!r} must be an async function (async def)"
                 )
             params = [
-                p for p in inspect.signature(func).parameters.values()
+                p
+                for p in inspect.signature(func).parameters.values()
                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
             ]
             if len(params) != 2:
@@ -119,7 +120,9 @@ class Agent:
         )
 
 
-async def run_skill_function(spec: SkillSpec, context: TaskContext, data: dict[str, Any]) -> dict[str, Any]:
+async def run_skill_function(
+    spec: SkillSpec, context: TaskContext, data: dict[str, Any]
+) -> dict[str, Any]:
     """Call a skill and check that it returned a JSON object."""
     output = await spec.function(context, data)
     if not isinstance(output, dict):
@@ -185,12 +188,15 @@ class AgentWorker:
                     await self._session()
                     attempt = 0
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,
-                                      grpc.StatusCode.PERMISSION_DENIED,
-                                      grpc.StatusCode.UNAUTHENTICATED):
+                    if exc.code() in (
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        grpc.StatusCode.UNAUTHENTICATED,
+                    ):
                         raise from_rpc_error(exc) from None
-                    log.info("gateway %s unavailable (%s); reconnecting", self.gateway,
-                             exc.code().name)
+                    log.info(
+                        "gateway %s unavailable (%s); reconnecting", self.gateway, exc.code().name
+                    )
                 self.connected.clear()
                 if self._stopping:
                     break
@@ -208,8 +214,9 @@ class AgentWorker:
         if self._client is None:
             from participant_sdk._client import Client
 
-            self._client = Client(self.gateway, token=self.token or None,
-                                  requester=f"agent:{','.join(self.agents)}")
+            self._client = Client(
+                self.gateway, token=self.token or None, requester=f"agent:{','.join(self.agents)}"
+            )
         return self._client
 
     def stop(self) -> None:
@@ -294,7 +301,9 @@ class AgentWorker:
         deadline = request.deadline_unix_ms / 1000 if request.deadline_unix_ms else time.time() + 30
 
         async def progress(message: str) -> None:
-            self._send(pb.TaskUpdate(task_id=job.task_id, state=pb.TASK_STATE_WORKING, message=message))
+            self._send(
+                pb.TaskUpdate(task_id=job.task_id, state=pb.TASK_STATE_WORKING, message=message)
+            )
 
         context = TaskContext(
             task_id=request.task_id,
@@ -321,8 +330,13 @@ class AgentWorker:
 
         async def execute() -> None:
             if spec is None:
-                finish(_failed(job.task_id, "unknown_skill",
-                               f"this instance has no skill {request.agent}.{request.skill}"))
+                finish(
+                    _failed(
+                        job.task_id,
+                        "unknown_skill",
+                        f"this instance has no skill {request.agent}.{request.skill}",
+                    )
+                )
                 return
             self._send(pb.TaskUpdate(task_id=job.task_id, state=pb.TASK_STATE_WORKING))
             try:
@@ -335,7 +349,9 @@ class AgentWorker:
             except asyncio.CancelledError:
                 finish(_failed(job.task_id, "canceled", "canceled", pb.TASK_STATE_CANCELED))
             except Exception as exc:
-                log.warning("skill %s.%s failed: %s", request.agent, request.skill, type(exc).__name__)
+                log.warning(
+                    "skill %s.%s failed: %s", request.agent, request.skill, type(exc).__name__
+                )
                 finish(_failed(job.task_id, "skill_error", f"{type(exc).__name__}: {exc}"))
 
         self._jobs[key] = job
@@ -348,8 +364,12 @@ class AgentWorker:
                 job.task.cancel()
 
 
-def _failed(task_id: str, code: str, message: str, state: int = pb.TASK_STATE_FAILED) -> pb.TaskResult:
-    return pb.TaskResult(task_id=task_id, state=state, error=pb.TaskError(code=code, message=message))
+def _failed(
+    task_id: str, code: str, message: str, state: int = pb.TASK_STATE_FAILED
+) -> pb.TaskResult:
+    return pb.TaskResult(
+        task_id=task_id, state=state, error=pb.TaskError(code=code, message=message)
+    )
 
 
 async def serve(

@@ -56,9 +56,17 @@ class Client:
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
-    def _request(self, target: str, data: dict[str, Any], timeout: float | None,
-                 task_id: str | None, idempotency_key: str | None, purpose: str = "",
-                 roles: Sequence[str] = (), parent_task_id: str = "") -> pb.TaskRequest:
+    def _request(
+        self,
+        target: str,
+        data: dict[str, Any],
+        timeout: float | None,
+        task_id: str | None,
+        idempotency_key: str | None,
+        purpose: str = "",
+        roles: Sequence[str] = (),
+        parent_task_id: str = "",
+    ) -> pb.TaskRequest:
         try:
             org, agent, skill = parse_target(target)
         except ValueError as exc:
@@ -113,7 +121,13 @@ class Client:
         # Every attempt carries the same key; without one, the task id is the key (as the
         # gateway would take it), so a caller's own retry with the same task id is deduplicated.
         request = self._request(
-            target, data, timeout, task_id, idempotency_key or task_id, purpose, roles,
+            target,
+            data,
+            timeout,
+            task_id,
+            idempotency_key or task_id,
+            purpose,
+            roles,
             parent_task_id,
         )
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -152,7 +166,12 @@ class Client:
         AllRoutesFailed (carrying each (target, error)) when every route failed.
         """
         return await _patterns.call_first(
-            self, targets, data, timeout=timeout, route_timeout=route_timeout, retry=retry,
+            self,
+            targets,
+            data,
+            timeout=timeout,
+            route_timeout=route_timeout,
+            retry=retry,
             idempotency_key=idempotency_key,
         )
 
@@ -191,8 +210,9 @@ class Client:
 
         Not retried: updates already yielded cannot be taken back (use `call` for retries).
         """
-        request = self._request(target, data, timeout, task_id, idempotency_key, purpose, roles,
-                                parent_task_id)
+        request = self._request(
+            target, data, timeout, task_id, idempotency_key, purpose, roles, parent_task_id
+        )
         call = self._stub.StreamTask(request, timeout=timeout, metadata=self._metadata())
         try:
             async for message in call:

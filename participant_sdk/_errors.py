@@ -1,16 +1,16 @@
 """Errors the SDK raises: one per gRPC status a gateway answers with, plus TaskFailed.
 
-    FedgateError
-    ├── InvalidArgument      INVALID_ARGUMENT
-    ├── NotFound             NOT_FOUND
-    ├── PermissionDenied     PERMISSION_DENIED
-    ├── Unauthenticated      UNAUTHENTICATED
-    ├── ResourceExhausted    RESOURCE_EXHAUSTED
-    ├── Unavailable          UNAVAILABLE
-    ├── DeadlineExceeded     DEADLINE_EXCEEDED
-    ├── Cancelled            CANCELLED
-    ├── SkillDefinitionError (at decoration time: a bad skill signature or a duplicate name)
-    └── TaskFailed           the task ended FAILED, CANCELED or REJECTED (carries the result)
+FedgateError
+├── InvalidArgument      INVALID_ARGUMENT
+├── NotFound             NOT_FOUND
+├── PermissionDenied     PERMISSION_DENIED
+├── Unauthenticated      UNAUTHENTICATED
+├── ResourceExhausted    RESOURCE_EXHAUSTED
+├── Unavailable          UNAVAILABLE
+├── DeadlineExceeded     DEADLINE_EXCEEDED
+├── Cancelled            CANCELLED
+├── SkillDefinitionError (at decoration time: a bad skill signature or a duplicate name)
+└── TaskFailed           the task ended FAILED, CANCELED or REJECTED (carries the result)
 """
 
 from __future__ import annotations
@@ -82,8 +82,14 @@ class TaskFailed(FedgateError):
 _BY_STATUS: dict[grpc.StatusCode, type[FedgateError]] = {
     cls.status: cls
     for cls in (
-        InvalidArgument, NotFound, PermissionDenied, Unauthenticated, ResourceExhausted,
-        Unavailable, DeadlineExceeded, Cancelled,
+        InvalidArgument,
+        NotFound,
+        PermissionDenied,
+        Unauthenticated,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        Cancelled,
     )
     if cls.status is not None
 }

@@ -71,7 +71,9 @@ def _receipt_json(r: pb.Receipt) -> dict[str, Any]:
         "responder_org": r.responder_org,
         "result_digest": r.result_digest.decode("ascii", "replace"),
         "withheld_paths": list(r.withheld_paths),
-        "field_actions": [[a.path, ACTION_NAMES.get(a.action, "withheld")] for a in r.field_actions],
+        "field_actions": [
+            [a.path, ACTION_NAMES.get(a.action, "withheld")] for a in r.field_actions
+        ],
         "policy_version": r.policy_version,
         "signed_at_unix_ms": r.signed_at_unix_ms,
         "signer_certificate": base64.b64encode(r.signer_certificate).decode("ascii"),

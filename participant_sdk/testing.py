@@ -1,6 +1,6 @@
 """Run a skill without a gateway, for an agent developer's own tests.
 
-    result = await run_skill(triage, "assess", {"symptoms": ["fever"]}, requester_org="insurer")
+result = await run_skill(triage, "assess", {"symptoms": ["fever"]}, requester_org="insurer")
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ async def run_skill(
     *,
     requester_org: str = "local",
     requester: str = "test",
-    timeout: float = 30.0,
+    timeout: float = 30.0,  # noqa: ASYNC109 - sets the task's deadline, as a gateway would
 ) -> dict[str, Any]:
     """Call one skill of `agent` directly, with a TaskContext like the gateway would give."""
     spec = agent.skills.get(skill)

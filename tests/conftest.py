@@ -40,7 +40,9 @@ def build_pki(root: Path) -> Pki:
         write_pair(issue_gateway_cert(ca, org), root / f"{org}.crt", root / f"{org}.key")
     rogue = create_ca("Rogue CA")
     write_pair(rogue, root / "rogue-ca.crt", root / "rogue-ca.key")
-    write_pair(issue_gateway_cert(rogue, "insurer"), root / "rogue-insurer.crt", root / "rogue-insurer.key")
+    write_pair(
+        issue_gateway_cert(rogue, "insurer"), root / "rogue-insurer.crt", root / "rogue-insurer.key"
+    )
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
     write_pair(
         issue_gateway_cert(ca, "insurer", days=1, not_before=past),

@@ -77,9 +77,11 @@ def _open(config: GatewayConfig) -> Iterator[SqlAuditStore]:
     url = config.audit_database_url
     parsed = make_url(url)
     database = parsed.database or ""
-    if parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:") and not Path(
-        database
-    ).is_file():
+    if (
+        parsed.get_backend_name() == "sqlite"
+        and database not in ("", ":memory:")
+        and not Path(database).is_file()
+    ):
         raise NotFound(
             f"no audit log at {database}: check [audit] database_url and [gateway] "
             f"data_dir in {config.source} (the gateway creates the log when it first serves)"
@@ -182,8 +184,17 @@ def list_records(
         click.echo("no audit records match" + (f" on page {page}" if page > 1 else ""))
         return
     table = Table(title=f"audit log of {config.org} (page {page})")
-    for column in ("seq", "time (UTC)", "event", "peer", "agent.skill", "decision", "status",
-                   "task", "withheld"):
+    for column in (
+        "seq",
+        "time (UTC)",
+        "event",
+        "peer",
+        "agent.skill",
+        "decision",
+        "status",
+        "task",
+        "withheld",
+    ):
         table.add_column(column, overflow="fold")
     for record in records:
         table.add_row(
@@ -225,15 +236,18 @@ def show(config_path: str, task_id: str, as_json: bool) -> None:
     checks = [_receipt_check(record, config.org, verifier) for record in records]
     if as_json:
         _echo_json(
-            [{**record.to_json(), "receipt_check": check}
-             for record, check in zip(records, checks, strict=True)]
+            [
+                {**record.to_json(), "receipt_check": check}
+                for record, check in zip(records, checks, strict=True)
+            ]
         )
         return
     console = _console()
     console.print(f"[bold]task {task_id}[/bold]: {len(records)} events in the log of {config.org}")
     for record, check in zip(records, checks, strict=True):
-        table = Table(show_header=False, title=f"#{record.sequence} {record.kind}",
-                      title_justify="left")
+        table = Table(
+            show_header=False, title=f"#{record.sequence} {record.kind}", title_justify="left"
+        )
         table.add_column("field", style="bold")
         table.add_column("value", overflow="fold")
         rows: list[tuple[str, str]] = [
@@ -274,13 +288,15 @@ def _print_report(report: VerifyReport, org: str, as_json: bool) -> None:
                 "head_sequence": report.head_sequence,
                 "head_hash": report.head_hash,
                 "checkpoints_checked": report.checkpoints_checked,
-                "problems": [{"sequence": p.sequence, "message": p.message}
-                             for p in report.problems],
+                "problems": [
+                    {"sequence": p.sequence, "message": p.message} for p in report.problems
+                ],
             }
         )
     elif report.ok:
-        span = (f" (sequence {report.first_sequence}..{report.head_sequence})"
-                if report.records else "")
+        span = (
+            f" (sequence {report.first_sequence}..{report.head_sequence})" if report.records else ""
+        )
         click.echo(
             f"audit log of {org} is intact: {report.records} records{span}, head "
             f"{report.head_sequence} {report.head_hash}, {report.checkpoints_checked} signed "
@@ -288,8 +304,9 @@ def _print_report(report: VerifyReport, org: str, as_json: bool) -> None:
         )
     else:
         first = report.problems[0]
-        click.echo(f"audit log of {org} FAILED verification at record {first.sequence}: "
-                   f"{first.message}")
+        click.echo(
+            f"audit log of {org} FAILED verification at record {first.sequence}: {first.message}"
+        )
         for problem in report.problems[1:]:
             click.echo(f"  also at record {problem.sequence}: {problem.message}")
     if not report.ok:
@@ -298,14 +315,24 @@ def _print_report(report: VerifyReport, org: str, as_json: bool) -> None:
 
 @audit.command("verify")
 @config_option
-@click.option("--bundle", type=click.Path(dir_okay=False),
-              help="Verify an exported bundle offline instead of the configured store.")
-@click.option("--ca", type=click.Path(dir_okay=False),
-              help="Federation CA to check signatures with (default: [federation] ca, or for a "
-                   "bundle the CA it carries).")
-@click.option("--head", "heads", multiple=True, type=click.Path(dir_okay=False),
-              help="A signed head of ours kept by a partner (JSON): detects a cut tail. "
-                   "Repeatable.")
+@click.option(
+    "--bundle",
+    type=click.Path(dir_okay=False),
+    help="Verify an exported bundle offline instead of the configured store.",
+)
+@click.option(
+    "--ca",
+    type=click.Path(dir_okay=False),
+    help="Federation CA to check signatures with (default: [federation] ca, or for a "
+    "bundle the CA it carries).",
+)
+@click.option(
+    "--head",
+    "heads",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="A signed head of ours kept by a partner (JSON): detects a cut tail. Repeatable.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def verify(
     config_path: str, bundle: str | None, ca: str | None, heads: tuple[str, ...], as_json: bool
@@ -319,8 +346,11 @@ def verify(
         else:
             verifier = Verifier.from_pem(exported.ca_pem, label=f"{bundle} (CA in the bundle)")
             if not as_json:
-                click.echo("note: signatures checked against the CA carried in the bundle; pass "
-                           "--ca with the federation CA you trust", err=True)
+                click.echo(
+                    "note: signatures checked against the CA carried in the bundle; pass "
+                    "--ca with the federation CA you trust",
+                    err=True,
+                )
         report = verify_bundle(exported, verifier, heads=signed_heads)
         _print_report(report, exported.org, as_json)
         return
@@ -365,8 +395,7 @@ def _write_out(out: str | None, write: Any) -> int:
 
 @audit.command("export")
 @config_option
-@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="File to write (default: stdout).")
 def export(config_path: str, fmt: str, out: str | None) -> None:
     """Export a bundle that `fedgate audit verify --bundle` checks offline."""
@@ -382,13 +411,21 @@ def export(config_path: str, fmt: str, out: str | None) -> None:
         count = _write_out(
             out,
             lambda handle: write_bundle(
-                handle, org=config.org, ca_pem=ca_pem, gateway_cert_pem=cert_pem,
-                records=records, anchor=anchor, checkpoint=head,
+                handle,
+                org=config.org,
+                ca_pem=ca_pem,
+                gateway_cert_pem=cert_pem,
+                records=records,
+                anchor=anchor,
+                checkpoint=head,
             ),
         )
     if out is not None:
-        click.echo(f"exported {count} records of {config.org} to {out} (head {head.sequence} "
-                   f"{head.head_hash})", err=True)
+        click.echo(
+            f"exported {count} records of {config.org} to {out} (head {head.sequence} "
+            f"{head.head_hash})",
+            err=True,
+        )
 
 
 # ---- reconcile ----
@@ -397,29 +434,37 @@ def export(config_path: str, fmt: str, out: str | None) -> None:
 @audit.command("reconcile")
 @click.argument("ours", type=click.Path(dir_okay=False))
 @click.argument("theirs", type=click.Path(dir_okay=False))
-@click.option("--ca", type=click.Path(dir_okay=False),
-              help="Federation CA (default: the CA carried in OURS).")
+@click.option(
+    "--ca", type=click.Path(dir_okay=False), help="Federation CA (default: the CA carried in OURS)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def reconcile_command(ours: str, theirs: str, ca: str | None, as_json: bool) -> None:
     """Match two organizations' exported logs exchange by exchange; exit 1 on any mismatch."""
     our_bundle, their_bundle = read_bundle(ours), read_bundle(theirs)
-    verifier = (Verifier.from_file(ca) if ca is not None
-                else Verifier.from_pem(our_bundle.ca_pem, label=f"{ours} (CA in the bundle)"))
+    verifier = (
+        Verifier.from_file(ca)
+        if ca is not None
+        else Verifier.from_pem(our_bundle.ca_pem, label=f"{ours} (CA in the bundle)")
+    )
     mismatches = reconcile(our_bundle, their_bundle, verifier)
     tasks = {r.task_id for r in our_bundle.records if r.peer_org == their_bundle.org}
     tasks |= {r.task_id for r in their_bundle.records if r.peer_org == our_bundle.org}
     if as_json:
-        _echo_json({
-            "ours": our_bundle.org,
-            "theirs": their_bundle.org,
-            "exchanges": len(tasks),
-            "mismatches": [{"task_id": m.task_id, "message": m.message} for m in mismatches],
-        })
+        _echo_json(
+            {
+                "ours": our_bundle.org,
+                "theirs": their_bundle.org,
+                "exchanges": len(tasks),
+                "mismatches": [{"task_id": m.task_id, "message": m.message} for m in mismatches],
+            }
+        )
     elif not mismatches:
         click.echo(f"{our_bundle.org} and {their_bundle.org} agree on all {len(tasks)} exchanges")
     else:
-        table = Table(title=f"{len(mismatches)} mismatches between {our_bundle.org} and "
-                            f"{their_bundle.org} ({len(tasks)} exchanges)")
+        table = Table(
+            title=f"{len(mismatches)} mismatches between {our_bundle.org} and "
+            f"{their_bundle.org} ({len(tasks)} exchanges)"
+        )
         table.add_column("task", overflow="fold")
         table.add_column("mismatch", overflow="fold")
         for mismatch in mismatches:
@@ -435,12 +480,20 @@ def reconcile_command(ours: str, theirs: str, ca: str | None, as_json: bool) -> 
 @audit.command("prune")
 @config_option
 @click.option("--before", help="Remove records older than this date (ISO 8601).")
-@click.option("--older-than-days", type=click.FloatRange(min=0, min_open=True),
-              help="Remove records older than this many days (default: [audit] retention_days).")
-@click.option("--archive", required=True, type=click.Path(dir_okay=False),
-              help="Bundle file to archive the removed records to (must not exist).")
-def prune(config_path: str, before: str | None, older_than_days: float | None,
-          archive: str) -> None:
+@click.option(
+    "--older-than-days",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Remove records older than this many days (default: [audit] retention_days).",
+)
+@click.option(
+    "--archive",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Bundle file to archive the removed records to (must not exist).",
+)
+def prune(
+    config_path: str, before: str | None, older_than_days: float | None, archive: str
+) -> None:
     """Archive and delete old records, leaving a signed retention checkpoint at the cut."""
     config = read_config(config_path)
     if before is not None and older_than_days is not None:
@@ -478,8 +531,13 @@ def prune(config_path: str, before: str | None, older_than_days: float | None,
         _write_out(
             archive,
             lambda handle: write_bundle(
-                handle, org=config.org, ca_pem=ca_pem, gateway_cert_pem=cert_pem,
-                records=records, anchor=anchor, checkpoint=cut_checkpoint,
+                handle,
+                org=config.org,
+                ca_pem=ca_pem,
+                gateway_cert_pem=cert_pem,
+                records=records,
+                anchor=anchor,
+                checkpoint=cut_checkpoint,
             ),
         )
         removed = store.prune(cut_checkpoint)

@@ -31,13 +31,19 @@ def _org_name(ctx: click.Context, param: click.Parameter, value: str | tuple[str
 
 
 @click.command()
-@click.option("--org", required=True, callback=_org_name, help="Your organization's name, e.g. hospital.")
-@click.option("--dir", "directory", default=".", type=click.Path(file_okay=False), show_default=True)
+@click.option(
+    "--org", required=True, callback=_org_name, help="Your organization's name, e.g. hospital."
+)
+@click.option(
+    "--dir", "directory", default=".", type=click.Path(file_okay=False), show_default=True
+)
 @click.option("--federation-listen", default="127.0.0.1:7443", show_default=True)
 @click.option("--participant-listen", default="127.0.0.1:7400", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing fedgate.toml.")
-def init(org: str, directory: str, federation_listen: str, participant_listen: str, force: bool) -> None:
-    """Create a starter fedgate.toml, a data folder, a deny-all policy and development certificates."""
+def init(
+    org: str, directory: str, federation_listen: str, participant_listen: str, force: bool
+) -> None:
+    """Create a starter fedgate.toml, data folder, deny-all policy and development certificates."""
     from gateway.policy import load_or_create_pseudonym_key
 
     root = Path(directory)
@@ -97,13 +103,19 @@ rules = "policies/{org}.csv"
     )
     click.echo(f"created {config_path} for organization {org!r}")
     click.echo(f"development certificates in {certs} ({DEV_WARNING})")
-    click.echo(f"next: add partners under [peers.NAME], write rules in {rules}, then `fedgate serve`")
+    click.echo(
+        f"next: add partners under [peers.NAME], write rules in {rules}, then `fedgate serve`"
+    )
 
 
 @click.command()
 @config_option
-@click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+)
 def serve(config_path: str, log_level: str) -> None:
     """Run this organization's gateway until SIGTERM (in-flight tasks get a grace period)."""
     from gateway.server import serve as run
@@ -133,7 +145,9 @@ def certs_ca(out: str, days: int) -> None:
 @certs.command("issue")
 @click.option("--org", required=True, callback=_org_name)
 @click.option("--ca-dir", default="certs", type=click.Path(file_okay=False), show_default=True)
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Default: the CA folder.")
+@click.option(
+    "--out", default=None, type=click.Path(file_okay=False), help="Default: the CA folder."
+)
 @click.option("--days", default=825, show_default=True, type=click.IntRange(1, 3650))
 def certs_issue(org: str, ca_dir: str, out: str | None, days: int) -> None:
     """Issue a gateway certificate for ORG, signed by the federation CA."""
@@ -141,18 +155,30 @@ def certs_issue(org: str, ca_dir: str, out: str | None, days: int) -> None:
     try:
         ca = IssuedCert((ca_path / "ca.crt").read_bytes(), (ca_path / "ca.key").read_bytes())
     except FileNotFoundError as exc:
-        raise ConfigError(f"{exc.filename}: not found: create a CA first with `fedgate certs ca`") from None
+        raise ConfigError(
+            f"{exc.filename}: not found: create a CA first with `fedgate certs ca`"
+        ) from None
     target = Path(out or ca_dir)
     write_pair(issue_gateway_cert(ca, org, days=days), target / f"{org}.crt", target / f"{org}.key")
     click.echo(f"wrote {target / f'{org}.crt'} and {target / f'{org}.key'}")
 
 
 @certs.command("revoke")
-@click.option("--cert", "cert_path", required=True, type=click.Path(dir_okay=False, exists=True),
-              help="The certificate to revoke.")
+@click.option(
+    "--cert",
+    "cert_path",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="The certificate to revoke.",
+)
 @click.option("--ca-dir", default="certs", type=click.Path(file_okay=False), show_default=True)
-@click.option("--crl", "crl_path", default=None, type=click.Path(dir_okay=False),
-              help="The federation's revocation list (default: CA_DIR/federation.crl); extended.")
+@click.option(
+    "--crl",
+    "crl_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The federation's revocation list (default: CA_DIR/federation.crl); extended.",
+)
 def certs_revoke(cert_path: str, ca_dir: str, crl_path: str | None) -> None:
     """Revoke a gateway certificate: add it to the federation's CRL (gateways re-read it)."""
     from gateway.certs import load_cert, revocation_list, revoked_serials
@@ -166,14 +192,22 @@ def certs_revoke(cert_path: str, ca_dir: str, crl_path: str | None) -> None:
     serials = revoked_serials(target.read_bytes()) if target.exists() else []
     cert = load_cert(Path(cert_path).read_bytes())
     target.write_bytes(revocation_list(ca, [*serials, cert.serial_number]))
-    click.echo(f"revoked serial {cert.serial_number:x}; {target} now lists {len(set(serials)) + 1} "
-               "certificates: point [federation] crl at it on every gateway")
+    click.echo(
+        f"revoked serial {cert.serial_number:x}; {target} now lists {len(set(serials)) + 1} "
+        "certificates: point [federation] crl at it on every gateway"
+    )
 
 
 @certs.command("dev")
 @click.option("--out", default="certs_dev", type=click.Path(file_okay=False), show_default=True)
-@click.option("--org", "orgs", multiple=True, default=("hospital", "insurer"), callback=_org_name,
-              show_default=True)
+@click.option(
+    "--org",
+    "orgs",
+    multiple=True,
+    default=("hospital", "insurer"),
+    callback=_org_name,
+    show_default=True,
+)
 def certs_dev(out: str, orgs: tuple[str, ...]) -> None:
     """Write a complete, clearly marked INSECURE development set (CA and one cert per org)."""
     target = Path(out)
@@ -182,7 +216,8 @@ def certs_dev(out: str, orgs: tuple[str, ...]) -> None:
     for org in orgs:
         write_pair(issue_gateway_cert(ca, org), target / f"{org}.crt", target / f"{org}.key")
     (target / "README.md").write_text(
-        f"# {DEV_WARNING}\n\nMade by `fedgate certs dev` on {dt.date.today()}. These keys are public "
+        f"# {DEV_WARNING}\n\nMade by `fedgate certs dev` on {dt.date.today()}. "
+        "These keys are public "
         "(committed to the repository): never use them outside a local demo or test.\n"
     )
     click.echo(f"wrote a development federation ({', '.join(orgs)}) to {target}")
@@ -229,7 +264,12 @@ def agents(config_path: str, address: str | None, as_json: bool) -> None:
     for column in ("agent", "skills", "instances", "in flight"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["agent"], ", ".join(row["skills"]), str(row["instances"]), str(row["tasks_in_flight"]))
+        table.add_row(
+            row["agent"],
+            ", ".join(row["skills"]),
+            str(row["instances"]),
+            str(row["tasks_in_flight"]),
+        )
     Console().print(table if rows else "no agents are connected")
 
 
@@ -248,7 +288,9 @@ def peers(config_path: str, address: str | None, as_json: bool) -> None:
 
     async def fetch() -> pb.ListPeersResponse:
         async with grpc.aio.insecure_channel(target) as channel:
-            return await pb_grpc.ParticipantStub(channel).ListPeers(pb.ListPeersRequest(), timeout=5)
+            return await pb_grpc.ParticipantStub(channel).ListPeers(
+                pb.ListPeersRequest(), timeout=5
+            )
 
     try:
         response = asyncio.run(fetch())
@@ -258,9 +300,13 @@ def peers(config_path: str, address: str | None, as_json: bool) -> None:
         ) from None
     rows = [
         {
-            "org": p.org, "address": p.address, "circuit": p.circuit,
-            "latency_ms": round(p.latency_ms, 1), "in_flight": p.in_flight,
-            "consecutive_failures": p.consecutive_failures, "last_error": p.last_error,
+            "org": p.org,
+            "address": p.address,
+            "circuit": p.circuit,
+            "latency_ms": round(p.latency_ms, 1),
+            "in_flight": p.in_flight,
+            "consecutive_failures": p.consecutive_failures,
+            "last_error": p.last_error,
         }
         for p in response.peers
     ]
@@ -272,16 +318,22 @@ def peers(config_path: str, address: str | None, as_json: bool) -> None:
         table.add_column(column, overflow="fold")
     for row in rows:
         style = {"closed": "green", "open": "red"}.get(str(row["circuit"]), "yellow")
-        table.add_row(str(row["org"]), str(row["address"]), f"[{style}]{row['circuit']}[/]",
-                      f"{row['latency_ms']} ms", str(row["in_flight"]),
-                      str(row["consecutive_failures"]), str(row["last_error"]) or "—")
+        table.add_row(
+            str(row["org"]),
+            str(row["address"]),
+            f"[{style}]{row['circuit']}[/]",
+            f"{row['latency_ms']} ms",
+            str(row["in_flight"]),
+            str(row["consecutive_failures"]),
+            str(row["last_error"]) or "—",
+        )
     Console().print(table if rows else "no peers are configured")
 
 
 @click.command()
 @click.option("--quiet", is_flag=True, help="Print only the summary.")
 def demo(quiet: bool) -> None:
-    """Two organizations, their agents, a sharing policy, a cross-org exchange and the audit trail."""
+    """Three organizations, their agents and policies, cross-org exchanges, the audit trails."""
     from gateway.demo import run_demo
 
     sys.exit(asyncio.run(run_demo(quiet=quiet)))
@@ -303,8 +355,11 @@ def policy_reload(config_path: str) -> None:
     if config.policy is None:
         raise ConfigError(f"{config.source}: [policy] is missing: there is no policy to reload")
     # Check first, so an invalid policy is reported here and not only in the gateway's log.
-    policy = load_policy(config.policy.model, config.policy.rules,
-                         pseudonym_key=load_or_create_pseudonym_key(config.pseudonym_key_path))
+    policy = load_policy(
+        config.policy.model,
+        config.policy.rules,
+        pseudonym_key=load_or_create_pseudonym_key(config.pseudonym_key_path),
+    )
     pid_file = config.data_dir / "fedgate.pid"
     try:
         pid = int(pid_file.read_text().strip())

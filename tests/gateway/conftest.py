@@ -59,8 +59,10 @@ def audit_pki(tmp_path_factory: pytest.TempPathFactory) -> AuditPki:
 def _postgres_url() -> str:
     url = os.environ.get(AUDIT_PG_ENV)
     if not url:
-        pytest.skip(f"PostgreSQL tests need {AUDIT_PG_ENV} (e.g. "
-                    "postgresql+psycopg://postgres@127.0.0.1:5432/test)")
+        pytest.skip(
+            f"PostgreSQL tests need {AUDIT_PG_ENV} (e.g. "
+            "postgresql+psycopg://postgres@127.0.0.1:5432/test)"
+        )
     return url
 
 
@@ -124,7 +126,7 @@ def _write_config(directory: Path, pki: AuditPki, org: str, database_url: str) -
         f"""
 [gateway]
 org = "{org}"
-data_dir = "{directory / (org + '-data')}"
+data_dir = "{directory / (org + "-data")}"
 
 [federation]
 cert = "{cert}"

@@ -87,8 +87,14 @@ async def test_append_returns_chained_record(any_store: AuditStore) -> None:
 async def test_records_round_trip_exactly(any_store: AuditStore) -> None:
     """What append returned is what a read gives back, so the stored hash verifies."""
     written = await any_store.append(
-        _event(1, duration_ms=3, receipt={"n": 1.0, "nested": {"k": [True, None]}}, payload=None,
-               digest_before=None, policy_version=None)
+        _event(
+            1,
+            duration_ms=3,
+            receipt={"n": 1.0, "nested": {"k": [True, None]}},
+            payload=None,
+            digest_before=None,
+            policy_version=None,
+        )
     )
     (read,) = any_store.records()
     assert read == written
@@ -235,8 +241,10 @@ async def test_outage_fails_closed_then_recovers(
     caplog.set_level(logging.INFO, logger="fedgate.audit")
     with _writes_blocked(audit_db_url):
         results = await asyncio.gather(
-            *(audit_store.append(_event(10 + i, payload={"ssn": "s3cr3t-value"}))
-              for i in range(5)),
+            *(
+                audit_store.append(_event(10 + i, payload={"ssn": "s3cr3t-value"}))
+                for i in range(5)
+            ),
             return_exceptions=True,
         )
         assert all(isinstance(r, AuditUnavailable) for r in results), results
@@ -330,8 +338,9 @@ async def test_peer_checkpoint_with_bad_signature_is_refused(
 ) -> None:
     import dataclasses
 
-    forged = dataclasses.replace(sign_checkpoint(audit_pki.signer("beta"), 5, "aa" * 32),
-                                 sequence=6)
+    forged = dataclasses.replace(
+        sign_checkpoint(audit_pki.signer("beta"), 5, "aa" * 32), sequence=6
+    )
     with pytest.raises(Unauthenticated, match="does not verify"):
         await any_store.store_peer_checkpoint(forged)
     assert any_store.peer_checkpoints() == []

@@ -71,25 +71,60 @@ def exchange(
     output_full, released = {"a": task_id, "name": "x"}, {"a": task_id}
     receipt = sign_receipt(
         receipt_signer or responder,
-        ReceiptBody(task_id, (receipt_signer or responder).org, digest(released),
-                    withheld_paths=("name",), policy_version="p1"),
+        ReceiptBody(
+            task_id,
+            (receipt_signer or responder).org,
+            digest(released),
+            withheld_paths=("name",),
+            policy_version="p1",
+        ),
     ).to_json()
     base = {"task_id": task_id, "agent": "triage", "skill": "assess", "requester": "nurse"}
     ours = [
-        AuditEvent("request_sent", peer_org=responder.org, direction="outbound",
-                   decision="partial", withheld_paths=("ssn",), digest_before=digest(request_full),
-                   digest_after=digest(request_sent), **base),
-        AuditEvent("result_received", peer_org=responder.org, direction="outbound",
-                   decision="allowed", status="completed", digest_after=digest(released),
-                   receipt=receipt, withheld_paths=("name",), **base),
+        AuditEvent(
+            "request_sent",
+            peer_org=responder.org,
+            direction="outbound",
+            decision="partial",
+            withheld_paths=("ssn",),
+            digest_before=digest(request_full),
+            digest_after=digest(request_sent),
+            **base,
+        ),
+        AuditEvent(
+            "result_received",
+            peer_org=responder.org,
+            direction="outbound",
+            decision="allowed",
+            status="completed",
+            digest_after=digest(released),
+            receipt=receipt,
+            withheld_paths=("name",),
+            **base,
+        ),
     ]
     theirs = [
-        AuditEvent("request_received", peer_org=requester, direction="inbound", decision="allowed",
-                   digest_before=received_digest or digest(request_sent),
-                   digest_after=digest(request_sent), **base),
-        AuditEvent("result_released", peer_org=requester, direction="inbound", decision="partial",
-                   status="completed", withheld_paths=("name",), digest_before=digest(output_full),
-                   digest_after=digest(released), receipt=receipt, **base),
+        AuditEvent(
+            "request_received",
+            peer_org=requester,
+            direction="inbound",
+            decision="allowed",
+            digest_before=received_digest or digest(request_sent),
+            digest_after=digest(request_sent),
+            **base,
+        ),
+        AuditEvent(
+            "result_released",
+            peer_org=requester,
+            direction="inbound",
+            decision="partial",
+            status="completed",
+            withheld_paths=("name",),
+            digest_before=digest(output_full),
+            digest_after=digest(released),
+            receipt=receipt,
+            **base,
+        ),
     ]
     return ([e for e in ours if e.kind not in drop], [e for e in theirs if e.kind not in drop])
 
@@ -101,10 +136,10 @@ def _fill(orgs: dict[str, tuple[Path, str]], audit_pki: Any, *, mismatched: bool
     plans: list[dict[str, Any]] = [{} for _ in range(3)]
     if mismatched:
         plans += [
-            {"received_digest": digest({"other": 1})},        # task-3: request digests differ
-            {"receipt_signer": audit_pki.signer("alpha")},   # task-4: receipt of the wrong org
+            {"received_digest": digest({"other": 1})},  # task-3: request digests differ
+            {"receipt_signer": audit_pki.signer("alpha")},  # task-4: receipt of the wrong org
             {"drop": ("request_received", "result_released")},  # task-5: missing at beta
-            {"drop": ("result_received",)},                  # task-6: result never received
+            {"drop": ("result_received",)},  # task-6: result never received
         ]
     for i, plan in enumerate(plans):
         ours, theirs = exchange(f"task-{i}", beta, **plan)
@@ -123,15 +158,27 @@ def test_list_table_json_filters_and_paging(orgs, audit_pki) -> None:
     result = run("list", "--config", config)
     assert result.exit_code == 0, result.output
     assert "request_sent" in result.output and "task-2" in result.output
-    data = json.loads(run("list", "--config", config, "--json", "--kind", "result_received")
-                      .output)
+    data = json.loads(run("list", "--config", config, "--json", "--kind", "result_received").output)
     assert [r["task_id"] for r in data] == ["task-0", "task-1", "task-2"]
-    page = json.loads(run("list", "--config", config, "--json", "--limit", "2", "--page", "2")
-                      .output)
+    page = json.loads(
+        run("list", "--config", config, "--json", "--limit", "2", "--page", "2").output
+    )
     assert [r["sequence"] for r in page] == [3, 4]
     assert json.loads(run("list", "--config", config, "--json", "--peer", "gamma").output) == []
-    recent = run("list", "--config", config, "--json", "--since", "2020-01-01",
-                 "--until", "2999-01-01T00:00:00Z", "--task", "task-1", "--decision", "partial")
+    recent = run(
+        "list",
+        "--config",
+        config,
+        "--json",
+        "--since",
+        "2020-01-01",
+        "--until",
+        "2999-01-01T00:00:00Z",
+        "--task",
+        "task-1",
+        "--decision",
+        "partial",
+    )
     assert [r["kind"] for r in json.loads(recent.output)] == ["request_sent"]
 
 
@@ -245,8 +292,9 @@ def test_export_then_verify_bundle_offline(orgs, audit_pki, tmp_path: Path) -> N
     assert verified.exit_code == 0, verified.output
     assert "intact: 6 records" in verified.output
     assert run("verify", "--bundle", str(bundle)).exit_code == 0  # CA carried in the bundle
-    rogue = run("verify", "--bundle", str(bundle), "--ca",
-                str(audit_pki.directory / "rogue-ca.crt"))
+    rogue = run(
+        "verify", "--bundle", str(bundle), "--ca", str(audit_pki.directory / "rogue-ca.crt")
+    )
     assert rogue.exit_code == 1 and "not issued by the federation CA" in rogue.output
     # change one record in the file
     record = json.loads(lines[2])
@@ -308,8 +356,9 @@ def test_reconcile_reports_every_mismatch(orgs, audit_pki, tmp_path: Path) -> No
     assert "receipt kept by alpha" in by_task["task-4"][0] and "is invalid" in by_task["task-4"][0]
     assert any("beta has no record of receiving it" in m for m in by_task["task-5"])
     assert any("alpha received a result" in m for m in by_task["task-5"])
-    assert any("released a result" in m and "no record of receiving" in m
-               for m in by_task["task-6"])
+    assert any(
+        "released a result" in m and "no record of receiving" in m for m in by_task["task-6"]
+    )
     table = run("reconcile", ours, theirs)
     assert table.exit_code == 1 and "mismatches between alpha and beta" in table.output
 
@@ -352,8 +401,9 @@ def test_prune_archives_and_the_log_still_verifies(
     _append_all(url, [e for i in range(2) for e in exchange(f"new-{i}", beta)[0]])
     assert run("checkpoint", "--config", str(config)).exit_code == 0
     archive = tmp_path / "archive-2020.jsonl"
-    result = run("prune", "--config", str(config), "--before", "2021-01-01",
-                 "--archive", str(archive))
+    result = run(
+        "prune", "--config", str(config), "--before", "2021-01-01", "--archive", str(archive)
+    )
     assert result.exit_code == 0, result.output
     assert "archived and removed 6 records (sequence 1..6)" in result.output
     verified = run("verify", "--config", str(config))
@@ -365,17 +415,24 @@ def test_prune_archives_and_the_log_still_verifies(
     bundle = tmp_path / "after.jsonl"
     assert run("export", "--config", str(config), "--out", str(bundle)).exit_code == 0
     assert run("verify", "--bundle", str(bundle)).exit_code == 0
-    again = run("prune", "--config", str(config), "--before", "2021-01-01",
-                "--archive", str(tmp_path / "second.jsonl"))
+    again = run(
+        "prune",
+        "--config",
+        str(config),
+        "--before",
+        "2021-01-01",
+        "--archive",
+        str(tmp_path / "second.jsonl"),
+    )
     assert again.exit_code == 0 and "nothing to prune" in again.output
-    exists = run("prune", "--config", str(config), "--older-than-days", "1",
-                 "--archive", str(archive))
+    exists = run(
+        "prune", "--config", str(config), "--older-than-days", "1", "--archive", str(archive)
+    )
     assert exists.exit_code == 2 and "already exists" in exists.output
 
 
 def test_prune_needs_a_cut(orgs, tmp_path: Path) -> None:
-    result = run("prune", "--config", str(orgs["alpha"][0]), "--archive",
-                 str(tmp_path / "a.jsonl"))
+    result = run("prune", "--config", str(orgs["alpha"][0]), "--archive", str(tmp_path / "a.jsonl"))
     assert result.exit_code == 2 and "no cut given" in result.output
 
 
@@ -386,8 +443,15 @@ def test_prune_refuses_a_tampered_log(orgs, audit_pki, tmp_path: Path) -> None:
     with engine.begin() as connection:
         connection.execute(sa.text("DELETE FROM audit_record WHERE sequence = 2"))
     engine.dispose()
-    result = run("prune", "--config", str(config), "--before", "2999-01-01",
-                 "--archive", str(tmp_path / "a.jsonl"))
+    result = run(
+        "prune",
+        "--config",
+        str(config),
+        "--before",
+        "2999-01-01",
+        "--archive",
+        str(tmp_path / "a.jsonl"),
+    )
     assert result.exit_code == 2 and "does not verify (record 2" in result.output
 
 

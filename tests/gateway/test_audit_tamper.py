@@ -132,10 +132,16 @@ async def test_rewritten_chain_is_caught_by_the_signed_checkpoint(filled, audit_
     records = list(store.records())
     changed = dataclasses.replace(records[2], detail="never happened")
     events = [_event(r.sequence) for r in records[3:]]
-    rewritten = [make_record(
-        AuditEvent(**{f.name: getattr(changed, f.name) for f in dataclasses.fields(AuditEvent)}),
-        3, changed.time_ms, records[1].record_hash,
-    )]
+    rewritten = [
+        make_record(
+            AuditEvent(
+                **{f.name: getattr(changed, f.name) for f in dataclasses.fields(AuditEvent)}
+            ),
+            3,
+            changed.time_ms,
+            records[1].record_hash,
+        )
+    ]
     rewritten += chain_events(events, 3, rewritten[0].record_hash, records[3].time_ms)
     _sql(store, "DELETE FROM audit_record WHERE sequence >= 3")
     for record in rewritten:

@@ -57,10 +57,15 @@ def test_valid_config_resolves_paths_relative_to_the_file(tmp_path: Path, pki: P
         ({"org": '"Hospital!"'}, "gateway.org: 'Hospital!' is not a valid organization name"),
         ({"listen": '"nowhere"'}, "federation.listen: expected HOST:PORT"),
         ({"deadline": "-1"}, "gateway.default_deadline_seconds: Input should be greater than 0"),
-        ({"deadline": '"soon"'}, "gateway.default_deadline_seconds: Input should be a valid number"),
+        (
+            {"deadline": '"soon"'},
+            "gateway.default_deadline_seconds: Input should be a valid number",
+        ),
     ],
 )
-def test_bad_values_name_file_key_and_problem(tmp_path: Path, pki: Pki, overrides: dict[str, str], expected: str) -> None:
+def test_bad_values_name_file_key_and_problem(
+    tmp_path: Path, pki: Pki, overrides: dict[str, str], expected: str
+) -> None:
     path = _write(tmp_path, pki, **overrides)
     with pytest.raises(ConfigError) as info:
         load_config(path)
@@ -90,17 +95,26 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
 
 def test_environment_overrides_a_key(tmp_path: Path, pki: Pki) -> None:
     path = _write(tmp_path, pki)
-    config = load_config(path, environ={"FEDGATE_AUDIT_DATABASE_URL": "sqlite:////tmp/x.db",
-                                        "FEDGATE_GATEWAY_DEFAULT_DEADLINE_SECONDS": "5"})
+    config = load_config(
+        path,
+        environ={
+            "FEDGATE_AUDIT_DATABASE_URL": "sqlite:////tmp/x.db",
+            "FEDGATE_GATEWAY_DEFAULT_DEADLINE_SECONDS": "5",
+        },
+    )
     assert config.audit_database_url == "sqlite:////tmp/x.db"
     assert config.gateway.default_deadline_seconds == 5
 
 
-def test_serve_with_a_missing_certificate_exits_nonzero_with_one_line(tmp_path: Path, pki: Pki) -> None:
+def test_serve_with_a_missing_certificate_exits_nonzero_with_one_line(
+    tmp_path: Path, pki: Pki
+) -> None:
     path = _write(tmp_path, pki, key='"certs/nope.key"')
     result = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

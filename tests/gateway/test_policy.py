@@ -60,7 +60,9 @@ def hospital() -> Policy:
 @pytest.fixture(scope="module")
 def insurer() -> Policy:
     return load_policy(
-        MODEL, POLICIES / "insurer.csv", pseudonym_key=KEY,
+        MODEL,
+        POLICIES / "insurer.csv",
+        pseudonym_key=KEY,
         known_agents={"claims": ["check", "review"]},
     )
 

@@ -85,7 +85,9 @@ def test_wrong_output_digest_is_refused(audit_pki) -> None:
     receipt = sign_receipt(audit_pki.signer("beta"), _body())
     with pytest.raises(Unauthenticated, match="result was changed after the responder released"):
         verify_receipt(
-            audit_pki.verifier(), receipt, expected_org="beta",
+            audit_pki.verifier(),
+            receipt,
+            expected_org="beta",
             released_output={**OUTPUT, "diagnosis": "cold"},
         )
 
@@ -97,8 +99,11 @@ def test_signer_refuses_to_sign_as_another_org(audit_pki) -> None:
 
 def test_expired_certificate_is_refused(tmp_path: Path, audit_pki) -> None:
     old = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
-    write_pair(issue_gateway_cert(audit_pki.ca, "beta", days=1, not_before=old),
-               tmp_path / "old.crt", tmp_path / "old.key")
+    write_pair(
+        issue_gateway_cert(audit_pki.ca, "beta", days=1, not_before=old),
+        tmp_path / "old.crt",
+        tmp_path / "old.key",
+    )
     signer = Signer.from_files(tmp_path / "old.crt", tmp_path / "old.key")
     receipt = sign_receipt(signer, _body())  # signed now, after the certificate expired
     with pytest.raises(Unauthenticated, match="was not valid at"):
@@ -107,8 +112,11 @@ def test_expired_certificate_is_refused(tmp_path: Path, audit_pki) -> None:
 
 def test_signature_made_while_valid_still_verifies_later(tmp_path: Path, audit_pki) -> None:
     start = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
-    write_pair(issue_gateway_cert(audit_pki.ca, "beta", days=1, not_before=start),
-               tmp_path / "old.crt", tmp_path / "old.key")
+    write_pair(
+        issue_gateway_cert(audit_pki.ca, "beta", days=1, not_before=start),
+        tmp_path / "old.crt",
+        tmp_path / "old.key",
+    )
     signer = Signer.from_files(tmp_path / "old.crt", tmp_path / "old.key")
     signed_then = int((start + dt.timedelta(hours=1)).timestamp() * 1000)
     receipt = sign_receipt(signer, dataclasses.replace(_body(), signed_at_unix_ms=signed_then))

@@ -45,9 +45,16 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 def _spec(task_id: str, key: str = "") -> TaskSpec:
-    return TaskSpec(task_id=task_id, target_org="hospital", agent="echo", skill="say",
-                    input={"n": 1, "who": "ada"}, requester="tester", deadline=time.time() + 60,
-                    idempotency_key=key)
+    return TaskSpec(
+        task_id=task_id,
+        target_org="hospital",
+        agent="echo",
+        skill="say",
+        input={"n": 1, "who": "ada"},
+        requester="tester",
+        deadline=time.time() + 60,
+        idempotency_key=key,
+    )
 
 
 async def test_accept_once_then_conflict_returns_the_existing_row(store: TaskStore) -> None:
@@ -55,13 +62,22 @@ async def test_accept_once_then_conflict_returns_the_existing_row(store: TaskSto
     existing = await store.accept("insurer", _spec("t-2", "k-1"), remote=False)
     assert existing is not None and existing.task_id == "t-1" and not existing.final
     assert existing.spec is not None and existing.spec.input == {"n": 1, "who": "ada"}
-    assert await store.accept("lab", _spec("t-3", "k-1"), remote=False) is None, "keys are per origin"
+    assert await store.accept("lab", _spec("t-3", "k-1"), remote=False) is None, (
+        "keys are per origin"
+    )
 
 
 async def test_finish_keeps_the_result_and_drops_the_input(store: TaskStore) -> None:
     await store.accept("insurer", _spec("t-1"), remote=True)
-    result = TaskResult("t-1", TaskState.COMPLETED, output={"ok": True}, field_actions=(("a.b", "withheld"),),
-                        receipt={"sig": "x"}, responder_org="hospital", policy_version="sha256:1")
+    result = TaskResult(
+        "t-1",
+        TaskState.COMPLETED,
+        output={"ok": True},
+        field_actions=(("a.b", "withheld"),),
+        receipt={"sig": "x"},
+        responder_org="hospital",
+        policy_version="sha256:1",
+    )
     await store.finish("insurer", "t-1", result)
     row = await store.get("insurer", "t-1")
     assert row is not None and row.final and row.spec is None and row.result == result
@@ -72,7 +88,9 @@ async def test_finish_keeps_the_result_and_drops_the_input(store: TaskStore) -> 
 async def test_unfinished_and_forget(store: TaskStore) -> None:
     await store.accept("insurer", _spec("t-1"), remote=False)
     await store.accept("insurer", _spec("t-2"), remote=True)
-    await store.finish("insurer", "t-2", TaskResult("t-2", TaskState.FAILED, error=TaskError("x", "y")))
+    await store.finish(
+        "insurer", "t-2", TaskResult("t-2", TaskState.FAILED, error=TaskError("x", "y"))
+    )
     assert [r.task_id for r in await store.unfinished()] == ["t-1"]
     await store.forget("insurer", "t-1")
     assert await store.get("insurer", "t-1") is None
@@ -80,6 +98,7 @@ async def test_unfinished_and_forget(store: TaskStore) -> None:
 
 
 async def test_concurrent_accepts_of_one_key_let_exactly_one_through(store: TaskStore) -> None:
-    outcomes = await asyncio.gather(*(store.accept("insurer", _spec(f"t-{i}", "same"), remote=False)
-                                      for i in range(20)))
+    outcomes = await asyncio.gather(
+        *(store.accept("insurer", _spec(f"t-{i}", "same"), remote=False) for i in range(20))
+    )
     assert sum(o is None for o in outcomes) == 1

@@ -118,8 +118,14 @@ def claims_agent() -> Agent:
     return claims
 
 
-def configs(tmp: Path, pki: Pki, *, hospital_rules: str = HOSPITAL_RULES,
-            insurer_rules: str = INSURER_RULES, extra: str = "") -> list[Path]:
+def configs(
+    tmp: Path,
+    pki: Pki,
+    *,
+    hospital_rules: str = HOSPITAL_RULES,
+    insurer_rules: str = INSURER_RULES,
+    extra: str = "",
+) -> list[Path]:
     paths = []
     for org, rules, peers in (
         ("hospital", hospital_rules, ["insurer"]),
@@ -129,16 +135,24 @@ def configs(tmp: Path, pki: Pki, *, hospital_rules: str = HOSPITAL_RULES,
         rules_path.write_text(rules)
         paths.append(
             write_gateway_config(
-                tmp / org, org, cert=pki.cert(org), key=pki.key(org), ca=pki.ca,
-                model=MODEL, rules=rules_path, peers=peers, extra=extra,
+                tmp / org,
+                org,
+                cert=pki.cert(org),
+                key=pki.key(org),
+                ca=pki.ca,
+                model=MODEL,
+                rules=rules_path,
+                peers=peers,
+                extra=extra,
             )
         )
     return paths
 
 
 @contextlib.asynccontextmanager
-async def serving(address: str, *agents: Agent, instance_id: str | None = None,
-                  token: str | None = None) -> AsyncIterator[AgentWorker]:
+async def serving(
+    address: str, *agents: Agent, instance_id: str | None = None, token: str | None = None
+) -> AsyncIterator[AgentWorker]:
     """Serve agents against a gateway for the duration of the block."""
     worker = AgentWorker(agents, address, instance_id=instance_id, max_backoff=0.2, token=token)
     task = asyncio.ensure_future(worker.run())
@@ -152,16 +166,21 @@ async def serving(address: str, *agents: Agent, instance_id: str | None = None,
             await task
 
 
-def federation_channel(pki: Pki, address: str, *, cert: str | None, target_org: str,
-                       ca: Path | None = None) -> grpc.aio.Channel:
+def federation_channel(
+    pki: Pki, address: str, *, cert: str | None, target_org: str, ca: Path | None = None
+) -> grpc.aio.Channel:
     """A raw federation channel presenting `cert` (or none) to a gateway of `target_org`."""
     root = (ca or pki.ca).read_bytes()
     if cert is None:
         creds = grpc.ssl_channel_credentials(root_certificates=root)
     else:
         cert_pem, key_pem = pki.pem(cert)
-        creds = grpc.ssl_channel_credentials(root_certificates=root, private_key=key_pem, certificate_chain=cert_pem)
-    return grpc.aio.secure_channel(address, creds, [("grpc.ssl_target_name_override", org_dns_name(target_org))])
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=root, private_key=key_pem, certificate_chain=cert_pem
+        )
+    return grpc.aio.secure_channel(
+        address, creds, [("grpc.ssl_target_name_override", org_dns_name(target_org))]
+    )
 
 
 def federation_stub(channel: grpc.aio.Channel) -> pb_grpc.FederationStub:
@@ -182,13 +201,27 @@ def stock_agent(name: str, *, in_stock: bool, price: float = 10.0) -> Agent:
     return stock
 
 
-def delegation(pki: Pki, org: str, audience: str, task_id: str, *, subject: str = "tester",
-               roles: tuple[str, ...] = (), purpose: str = "", ttl: float = 300) -> str:
+def delegation(
+    pki: Pki,
+    org: str,
+    audience: str,
+    task_id: str,
+    *,
+    subject: str = "tester",
+    roles: tuple[str, ...] = (),
+    purpose: str = "",
+    ttl: float = 300,
+) -> str:
     """A signed statement of who asked, as `org`'s gateway would send it."""
     from gateway.delegation import issue_delegation
     from gateway.signing import Signer
 
     return issue_delegation(
-        Signer.from_files(pki.cert(org), pki.key(org)), audience_org=audience, subject=subject,
-        roles=roles, purpose=purpose, task_id=task_id, ttl_seconds=ttl,
+        Signer.from_files(pki.cert(org), pki.key(org)),
+        audience_org=audience,
+        subject=subject,
+        roles=roles,
+        purpose=purpose,
+        task_id=task_id,
+        ttl_seconds=ttl,
     )

@@ -32,10 +32,13 @@ def assert_chains_verify(fed: LocalFederation) -> None:
 
 
 async def test_success_leaves_four_records_with_matching_digests(fed: LocalFederation) -> None:
-    async with serving(fed.participant("hospital"), records_agent()), Client(
-        fed.participant("insurer"), requester="adjuster-7"
-    ) as client:
-        result = await client.call("hospital/records.summary", {"patient_id": "P-1"}, timeout=10, task_id="ok-1")
+    async with (
+        serving(fed.participant("hospital"), records_agent()),
+        Client(fed.participant("insurer"), requester="adjuster-7") as client,
+    ):
+        result = await client.call(
+            "hospital/records.summary", {"patient_id": "P-1"}, timeout=10, task_id="ok-1"
+        )
     assert kinds(fed, "insurer", "ok-1") == ["request_sent", "result_received"]
     assert kinds(fed, "hospital", "ok-1") == ["request_received", "result_released"]
     sent, received = sorted(fed["insurer"].audit.query(task_id="ok-1"), key=lambda r: r.sequence)
@@ -52,8 +55,13 @@ async def test_success_leaves_four_records_with_matching_digests(fed: LocalFeder
 
 
 async def test_no_withheld_value_reaches_either_audit_log(fed: LocalFederation) -> None:
-    async with serving(fed.participant("hospital"), records_agent()), Client(fed.participant("insurer")) as client:
-        await client.call("hospital/records.summary", {"patient_id": "P-1"}, timeout=10, task_id="leak-1")
+    async with (
+        serving(fed.participant("hospital"), records_agent()),
+        Client(fed.participant("insurer")) as client,
+    ):
+        await client.call(
+            "hospital/records.summary", {"patient_id": "P-1"}, timeout=10, task_id="leak-1"
+        )
     for org in ("hospital", "insurer"):
         text = repr(fed[org].audit.query(task_id="leak-1"))
         for secret in ("Ada Lovelace", "123-45-6789", "INS-99887766", "12 Analytical Row"):
@@ -61,7 +69,10 @@ async def test_no_withheld_value_reaches_either_audit_log(fed: LocalFederation) 
 
 
 async def test_denied_invoke_is_recorded_on_both_sides(fed: LocalFederation) -> None:
-    async with serving(fed.participant("hospital"), echo_agent("triage")), Client(fed.participant("insurer")) as client:
+    async with (
+        serving(fed.participant("hospital"), echo_agent("triage")),
+        Client(fed.participant("insurer")) as client,
+    ):
         with pytest.raises(PermissionDenied):
             await client.call("hospital/triage.say", {}, timeout=5, task_id="deny-1")
     assert kinds(fed, "hospital", "deny-1") == ["invoke_denied"]
@@ -80,7 +91,10 @@ async def test_unknown_agent_is_recorded_with_its_real_reason(fed: LocalFederati
 
 
 async def test_agent_failure_is_recorded_on_both_sides(fed: LocalFederation) -> None:
-    async with serving(fed.participant("hospital"), boom_agent()), Client(fed.participant("insurer")) as client:
+    async with (
+        serving(fed.participant("hospital"), boom_agent()),
+        Client(fed.participant("insurer")) as client,
+    ):
         with pytest.raises(TaskFailed):
             await client.call("hospital/boom.fail", {}, timeout=5, task_id="boom-1")
     assert kinds(fed, "hospital", "boom-1") == ["request_received", "failed"]
@@ -90,8 +104,13 @@ async def test_agent_failure_is_recorded_on_both_sides(fed: LocalFederation) -> 
 
 
 async def test_cancel_is_recorded_on_both_sides(fed: LocalFederation) -> None:
-    async with serving(fed.participant("hospital"), slow_agent()), Client(fed.participant("insurer")) as client:
-        updates = client.stream("hospital/slow.wait", {"seconds": 30}, timeout=20, task_id="cancel-1")
+    async with (
+        serving(fed.participant("hospital"), slow_agent()),
+        Client(fed.participant("insurer")) as client,
+    ):
+        updates = client.stream(
+            "hospital/slow.wait", {"seconds": 30}, timeout=20, task_id="cancel-1"
+        )
         await anext(updates)
         await client.cancel("cancel-1")
         _ = [u async for u in updates]
@@ -104,7 +123,10 @@ async def test_cancel_is_recorded_on_both_sides(fed: LocalFederation) -> None:
 
 
 async def test_deadline_is_recorded_on_both_sides(fed: LocalFederation) -> None:
-    async with serving(fed.participant("hospital"), slow_agent()), Client(fed.participant("insurer")) as client:
+    async with (
+        serving(fed.participant("hospital"), slow_agent()),
+        Client(fed.participant("insurer")) as client,
+    ):
         with pytest.raises(DeadlineExceeded):
             await client.call("hospital/slow.wait", {"seconds": 30}, timeout=1, task_id="late-1")
     await asyncio.sleep(0.2)
@@ -131,7 +153,10 @@ async def test_outbound_over_the_limits_is_refused_and_recorded(fed: LocalFedera
 async def test_failing_store_refuses_exchanges_then_recovers(tmp_path: Path, pki: Pki) -> None:
     store = MemoryAuditStore()
     async with LocalFederation(configs(tmp_path, pki), audits={"hospital": store}) as fed:
-        async with serving(fed.participant("hospital"), echo_agent()), Client(fed.participant("insurer")) as client:
+        async with (
+            serving(fed.participant("hospital"), echo_agent()),
+            Client(fed.participant("insurer")) as client,
+        ):
             store.fail_writes = True
             with pytest.raises(Unavailable, match="audit store cannot be written"):
                 await client.call("hospital/echo.say", {"n": 1}, timeout=5, task_id="down-1")
@@ -157,9 +182,12 @@ async def test_failing_requester_store_sends_nothing(tmp_path: Path, pki: Pki) -
         seen.append(task.task_id)
         return {}
 
-    async with LocalFederation(configs(tmp_path, pki), audits={"insurer": store}) as fed:
-        async with serving(fed.participant("hospital"), echo), Client(fed.participant("insurer")) as client:
-            store.fail_writes = True
-            with pytest.raises(Unavailable, match="audit store cannot be written"):
-                await client.call("hospital/echo.say", {}, timeout=5, task_id="quiet-1")
+    async with (
+        LocalFederation(configs(tmp_path, pki), audits={"insurer": store}) as fed,
+        serving(fed.participant("hospital"), echo),
+        Client(fed.participant("insurer")) as client,
+    ):
+        store.fail_writes = True
+        with pytest.raises(Unavailable, match="audit store cannot be written"):
+            await client.call("hospital/echo.say", {}, timeout=5, task_id="quiet-1")
     assert seen == [], "no request leaves without its durable request_sent record"

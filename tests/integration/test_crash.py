@@ -26,12 +26,20 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _config(tmp: Path, pki: Pki, org: str, peer: str, ports: dict[str, tuple[int, int]], rules: str) -> Path:
+def _config(
+    tmp: Path, pki: Pki, org: str, peer: str, ports: dict[str, tuple[int, int]], rules: str
+) -> Path:
     rules_path = tmp / f"{org}.csv"
     rules_path.write_text(rules)
     path = write_gateway_config(
-        tmp / org, org, cert=pki.cert(org), key=pki.key(org), ca=pki.ca, model=MODEL,
-        rules=rules_path, peers=[peer],
+        tmp / org,
+        org,
+        cert=pki.cert(org),
+        key=pki.key(org),
+        ca=pki.ca,
+        model=MODEL,
+        rules=rules_path,
+        peers=[peer],
     )
     fed_port, part_port = ports[org]
     text = path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{fed_port}"', 1)
@@ -43,8 +51,14 @@ def _config(tmp: Path, pki: Pki, org: str, peer: str, ports: dict[str, tuple[int
 
 async def _spawn(config: Path) -> asyncio.subprocess.Process:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
-        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "serve",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
     )
     assert process.stderr is not None
     while True:
@@ -52,8 +66,11 @@ async def _spawn(config: Path) -> asyncio.subprocess.Process:
         assert line, "gateway exited before it was ready"
         if "serving: federation on port" in line:
             # Keep draining stderr so the process never blocks on a full pipe.
-            asyncio.ensure_future(_drain(process.stderr))
+            _DRAINS.add(asyncio.ensure_future(_drain(process.stderr)))
             return process
+
+
+_DRAINS: set[asyncio.Future[None]] = set()
 
 
 async def _drain(stream: asyncio.StreamReader) -> None:
@@ -78,9 +95,10 @@ async def test_kill_9_under_load_loses_no_completed_exchange(tmp_path: Path, pki
         return {"n": data.get("n")}
 
     try:
-        async with serving(f"127.0.0.1:{ports['hospital'][1]}", echo), Client(
-            f"127.0.0.1:{ports['insurer'][1]}"
-        ) as client:
+        async with (
+            serving(f"127.0.0.1:{ports['hospital'][1]}", echo),
+            Client(f"127.0.0.1:{ports['insurer'][1]}") as client,
+        ):
             stop = asyncio.Event()
 
             async def load(worker: int) -> None:
@@ -116,20 +134,26 @@ async def test_kill_9_under_load_loses_no_completed_exchange(tmp_path: Path, pki
                 await process.wait()
 
     verifier = Verifier.from_file(pki.ca)
-    for org, want in (("hospital", {"request_received", "result_released"}),
-                      ("insurer", {"request_sent", "result_received"})):
+    for org, want in (
+        ("hospital", {"request_received", "result_released"}),
+        ("insurer", {"request_sent", "result_received"}),
+    ):
         store = open_store(f"sqlite:///{tmp_path / org / 'data' / 'audit.db'}")
         kinds: dict[str, set[str]] = {}
         for record in store.records():
             kinds.setdefault(record.task_id, set()).add(record.kind)
         missing = [t for t in completed if not want <= kinds.get(t, set())]
-        assert not missing, f"{org} lost records of {len(missing)} completed exchanges: {missing[:5]}"
+        assert not missing, (
+            f"{org} lost records of {len(missing)} completed exchanges: {missing[:5]}"
+        )
         report = store.verify(org, verifier)
         assert report.ok, report.problems
 
 
 @pytest.mark.slow
-async def test_accepted_task_survives_kill_9_and_is_collected_later(tmp_path: Path, pki: Pki) -> None:
+async def test_accepted_task_survives_kill_9_and_is_collected_later(
+    tmp_path: Path, pki: Pki
+) -> None:
     ports = {org: (_free_port(), _free_port()) for org in ("hospital", "insurer")}
     hospital_cfg = _config(tmp_path, pki, "hospital", "insurer", ports, HOSPITAL_RULES)
     participant = f"127.0.0.1:{ports['hospital'][1]}"
@@ -146,7 +170,9 @@ async def test_accepted_task_survives_kill_9_and_is_collected_later(tmp_path: Pa
     processes = [process]
     try:
         async with serving(participant, slow) as worker, Client(participant) as client:
-            updates = client.stream("hospital/slow.wait", {"n": 42}, timeout=60, task_id="durable-1")
+            updates = client.stream(
+                "hospital/slow.wait", {"n": 42}, timeout=60, task_id="durable-1"
+            )
             assert (await anext(updates)).state == "working"
             os.kill(process.pid, signal.SIGKILL)
             await process.wait()
@@ -164,7 +190,9 @@ async def test_accepted_task_survives_kill_9_and_is_collected_later(tmp_path: Pa
             assert worker.connections >= 2, "the agent reconnected to the restarted gateway"
         assert result is not None and result.state == "completed"
         assert result.output == {"done": 42}
-        assert runs == ["durable-1"], "the gateway dispatched it again and the agent re-attached: it ran once"
+        assert runs == ["durable-1"], (
+            "the gateway dispatched it again and the agent re-attached: it ran once"
+        )
     finally:
         for p in processes:
             if p.returncode is None:

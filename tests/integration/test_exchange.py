@@ -31,9 +31,10 @@ from tests.integration.federation import (
 
 
 async def test_insurer_calls_hospital_and_policy_shapes_the_result(fed: LocalFederation) -> None:
-    async with serving(fed.participant("hospital"), records_agent()), Client(
-        fed.participant("insurer"), requester="adjuster-7"
-    ) as client:
+    async with (
+        serving(fed.participant("hospital"), records_agent()),
+        Client(fed.participant("insurer"), requester="adjuster-7") as client,
+    ):
         result = await client.call("hospital/records.summary", {"patient_id": "P-1"}, timeout=10)
     patient = result.output["patient"]
     assert result.responder_org == "hospital"
@@ -63,7 +64,10 @@ async def test_hospital_calls_insurer_with_filtered_request(fed: LocalFederation
 
     rules_allow_inspect = fed["hospital"].policy
     assert rules_allow_inspect is not None
-    async with serving(fed.participant("insurer"), claims), Client(fed.participant("hospital")) as client:
+    async with (
+        serving(fed.participant("insurer"), claims),
+        Client(fed.participant("hospital")) as client,
+    ):
         result = await client.call(
             "insurer/claims.check",
             {"claim": {"amount": 420}, "patient": {"name": "Ada", "insurance_id": "INS-1"}},
@@ -84,7 +88,10 @@ async def test_agent_sees_only_what_the_send_policy_lets_out(fed: LocalFederatio
         received.append({"data": data, "org": task.requester_org})
         return {"approved": True}
 
-    async with serving(fed.participant("insurer"), claims), Client(fed.participant("hospital")) as client:
+    async with (
+        serving(fed.participant("insurer"), claims),
+        Client(fed.participant("hospital")) as client,
+    ):
         await client.call(
             "insurer/claims.check",
             {"claim": {"amount": 1}, "patient": {"name": "Ada Lovelace", "insurance_id": "INS-1"}},
@@ -98,9 +105,12 @@ async def test_agent_sees_only_what_the_send_policy_lets_out(fed: LocalFederatio
 
 
 async def test_both_directions_and_streamed_state_updates(fed: LocalFederation) -> None:
-    async with serving(fed.participant("hospital"), echo_agent()), serving(
-        fed.participant("insurer"), echo_agent()
-    ), Client(fed.participant("hospital")) as h, Client(fed.participant("insurer")) as i:
+    async with (
+        serving(fed.participant("hospital"), echo_agent()),
+        serving(fed.participant("insurer"), echo_agent()),
+        Client(fed.participant("hospital")) as h,
+        Client(fed.participant("insurer")) as i,
+    ):
         states = [u.state async for u in i.stream("hospital/echo.say", {"x": 1}, timeout=10)]
         back = await h.call("insurer/echo.say", {"y": 2}, timeout=10)
         local = [u async for u in h.stream("hospital/echo.say", {"z": 3}, timeout=10)]
@@ -112,16 +122,20 @@ async def test_both_directions_and_streamed_state_updates(fed: LocalFederation) 
 
 
 async def test_peer_never_sees_agent_progress_text(fed: LocalFederation) -> None:
-    async with serving(fed.participant("hospital"), echo_agent()), Client(fed.participant("insurer")) as client:
+    async with (
+        serving(fed.participant("hospital"), echo_agent()),
+        Client(fed.participant("insurer")) as client,
+    ):
         updates = [u async for u in client.stream("hospital/echo.say", {}, timeout=10)]
     assert all(u.message == "" for u in updates)
 
 
 async def test_deadline_that_passes_across_hops(fed: LocalFederation) -> None:
     cancelled: list[str] = []
-    async with serving(fed.participant("hospital"), slow_agent(cancelled)), Client(
-        fed.participant("insurer")
-    ) as client:
+    async with (
+        serving(fed.participant("hospital"), slow_agent(cancelled)),
+        Client(fed.participant("insurer")) as client,
+    ):
         with pytest.raises(DeadlineExceeded):
             await client.call("hospital/slow.wait", {"seconds": 30}, timeout=1.0)
         for _ in range(100):
@@ -140,7 +154,10 @@ async def test_deadline_in_the_request_body_travels(fed: LocalFederation) -> Non
         channel = grpc.aio.insecure_channel(fed.participant("insurer"))
         stub = pb_grpc.ParticipantStub(channel)
         request = pb.TaskRequest(
-            target_org="hospital", agent="slow", skill="wait", input=dict_to_struct({"seconds": 30}),
+            target_org="hospital",
+            agent="slow",
+            skill="wait",
+            input=dict_to_struct({"seconds": 30}),
             deadline_unix_ms=int((time.time() + 1.0) * 1000),
         )
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -153,7 +170,9 @@ async def test_deadline_in_the_request_body_travels(fed: LocalFederation) -> Non
 async def test_agent_that_disconnects_mid_task_fails_the_task(fed: LocalFederation) -> None:
     async with Client(fed.participant("insurer")) as client:
         async with serving(fed.participant("hospital"), slow_agent()) as worker:
-            call = asyncio.ensure_future(client.call("hospital/slow.wait", {"seconds": 30}, timeout=20))
+            call = asyncio.ensure_future(
+                client.call("hospital/slow.wait", {"seconds": 30}, timeout=20)
+            )
             for _ in range(100):
                 if fed["hospital"].agents.in_flight("slow"):
                     break
@@ -168,9 +187,11 @@ async def test_agent_that_disconnects_mid_task_fails_the_task(fed: LocalFederati
 
 
 async def test_skill_error_reaches_a_peer_as_a_code_not_its_text(fed: LocalFederation) -> None:
-    async with serving(fed.participant("hospital"), boom_agent()), Client(fed.participant("insurer")) as peer, Client(
-        fed.participant("hospital")
-    ) as local:
+    async with (
+        serving(fed.participant("hospital"), boom_agent()),
+        Client(fed.participant("insurer")) as peer,
+        Client(fed.participant("hospital")) as local,
+    ):
         with pytest.raises(TaskFailed) as remote_info:
             await peer.call("hospital/boom.fail", {}, timeout=10)
         with pytest.raises(TaskFailed) as local_info:
@@ -183,9 +204,11 @@ async def test_skill_error_reaches_a_peer_as_a_code_not_its_text(fed: LocalFeder
 
 
 async def test_instances_of_one_agent_share_its_tasks(fed: LocalFederation) -> None:
-    async with serving(fed.participant("hospital"), echo_agent(), instance_id="a"), serving(
-        fed.participant("hospital"), echo_agent(), instance_id="b"
-    ), Client(fed.participant("insurer")) as client:
+    async with (
+        serving(fed.participant("hospital"), echo_agent(), instance_id="a"),
+        serving(fed.participant("hospital"), echo_agent(), instance_id="b"),
+        Client(fed.participant("insurer")) as client,
+    ):
         assert fed["hospital"].agents.instance_count("echo") == 2
         slow = [client.call("hospital/echo.say", {"n": n}, timeout=10) for n in range(20)]
         results = await asyncio.gather(*slow)
@@ -208,9 +231,11 @@ async def test_tasks_are_spread_over_instances(fed: LocalFederation) -> None:
 
         return agent
 
-    async with serving(fed.participant("hospital"), counting("a"), instance_id="a"), serving(
-        fed.participant("hospital"), counting("b"), instance_id="b"
-    ), Client(fed.participant("hospital")) as client:
+    async with (
+        serving(fed.participant("hospital"), counting("a"), instance_id="a"),
+        serving(fed.participant("hospital"), counting("b"), instance_id="b"),
+        Client(fed.participant("hospital")) as client,
+    ):
         await asyncio.gather(*(client.call("hospital/echo.say", {}, timeout=10) for _ in range(10)))
     assert hits["a"] >= 3 and hits["b"] >= 3, hits
 
@@ -228,7 +253,10 @@ async def test_unknown_local_agent_is_not_found(fed: LocalFederation) -> None:
 
 
 async def test_unknown_skill_of_a_local_agent_is_not_found(fed: LocalFederation) -> None:
-    async with serving(fed.participant("hospital"), echo_agent()), Client(fed.participant("hospital")) as client:
+    async with (
+        serving(fed.participant("hospital"), echo_agent()),
+        Client(fed.participant("hospital")) as client,
+    ):
         with pytest.raises(NotFound, match="has no skill 'shout'"):
             await client.call("hospital/echo.shout", {}, timeout=5)
 
@@ -247,7 +275,9 @@ async def test_malformed_target_is_invalid_argument(
     async with grpc.aio.insecure_channel(fed.participant("hospital")) as channel:
         stub = pb_grpc.ParticipantStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.SubmitTask(pb.TaskRequest(target_org=target_org, agent=agent, skill=skill), timeout=5)
+            await stub.SubmitTask(
+                pb.TaskRequest(target_org=target_org, agent=agent, skill=skill), timeout=5
+            )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fragment in (info.value.details() or "")
 
@@ -260,9 +290,10 @@ async def test_sdk_refuses_a_malformed_target_before_sending(fed: LocalFederatio
 
 async def test_remote_unknown_agent_and_denied_invoke_look_the_same(fed: LocalFederation) -> None:
     """Seen from a peer, an agent that is not shared and one that does not exist are one answer."""
-    async with serving(fed.participant("hospital"), echo_agent("triage")), Client(
-        fed.participant("insurer")
-    ) as client:
+    async with (
+        serving(fed.participant("hospital"), echo_agent("triage")),
+        Client(fed.participant("insurer")) as client,
+    ):
         with pytest.raises(PermissionDenied) as denied:
             await client.call("hospital/triage.say", {}, timeout=5)
         with pytest.raises(PermissionDenied) as missing:
@@ -276,8 +307,12 @@ async def test_discovery_lists_only_the_cards_a_peer_may_invoke(fed: LocalFedera
     from tests.integration.federation import federation_channel
 
     async with serving(fed.participant("hospital"), records_agent(), echo_agent("triage")):
-        channel = federation_channel(pki, fed.federation("hospital"), cert="insurer", target_org="hospital")
-        response = await pb_grpc.FederationStub(channel).ListAgents(pb.ListAgentsRequest(), timeout=5)
+        channel = federation_channel(
+            pki, fed.federation("hospital"), cert="insurer", target_org="hospital"
+        )
+        response = await pb_grpc.FederationStub(channel).ListAgents(
+            pb.ListAgentsRequest(), timeout=5
+        )
         await channel.close()
     names = {card.name: [s.name for s in card.skills] for card in response.agents}
     assert names == {"records": ["summary"]}
@@ -287,10 +322,13 @@ async def test_discovery_lists_only_the_cards_a_peer_may_invoke(fed: LocalFedera
 
 async def test_cancel_travels_to_the_remote_agent(fed: LocalFederation) -> None:
     cancelled: list[str] = []
-    async with serving(fed.participant("hospital"), slow_agent(cancelled)), Client(
-        fed.participant("insurer")
-    ) as client:
-        updates = client.stream("hospital/slow.wait", {"seconds": 30}, timeout=20, task_id="task-cancel-1")
+    async with (
+        serving(fed.participant("hospital"), slow_agent(cancelled)),
+        Client(fed.participant("insurer")) as client,
+    ):
+        updates = client.stream(
+            "hospital/slow.wait", {"seconds": 30}, timeout=20, task_id="task-cancel-1"
+        )
         first = await anext(updates)
         assert first.state == "working"
         assert await client.cancel("task-cancel-1", "changed my mind") == "canceled"
@@ -304,7 +342,10 @@ async def test_cancel_travels_to_the_remote_agent(fed: LocalFederation) -> None:
 
 
 async def test_get_task_returns_the_final_result(fed: LocalFederation) -> None:
-    async with serving(fed.participant("hospital"), echo_agent()), Client(fed.participant("insurer")) as client:
+    async with (
+        serving(fed.participant("hospital"), echo_agent()),
+        Client(fed.participant("insurer")) as client,
+    ):
         await client.call("hospital/echo.say", {"a": 1}, timeout=10, task_id="task-get-1")
         result = await client.get("task-get-1")
         with pytest.raises(NotFound):
@@ -331,8 +372,10 @@ async def test_agent_reconnects_after_gateway_restart(tmp_path, pki) -> None:  #
     first = Gateway(load_config(paths[0]))
     ports = await first.start()
     address = f"127.0.0.1:{ports.participant}"
-    text = paths[0].read_text().replace(
-        '[participant]\nlisten = "127.0.0.1:0"', f'[participant]\nlisten = "{address}"'
+    text = (
+        paths[0]
+        .read_text()
+        .replace('[participant]\nlisten = "127.0.0.1:0"', f'[participant]\nlisten = "{address}"')
     )
     paths[0].write_text(text)
     second: Gateway | None = None

@@ -33,12 +33,25 @@ p, hospital, tests, run, share, result, allow
 @pytest.fixture
 async def three(tmp_path: Path, pki: Pki) -> AsyncIterator[LocalFederation]:
     paths = []
-    for org, rules, peers in (("hospital", HOSPITAL, ["insurer", "lab"]), ("insurer", INSURER, ["hospital"]),
-                              ("lab", LAB, ["hospital"])):
+    for org, rules, peers in (
+        ("hospital", HOSPITAL, ["insurer", "lab"]),
+        ("insurer", INSURER, ["hospital"]),
+        ("lab", LAB, ["hospital"]),
+    ):
         rules_path = tmp_path / f"{org}.csv"
         rules_path.write_text(rules)
-        paths.append(write_gateway_config(tmp_path / org, org, cert=pki.cert(org), key=pki.key(org),
-                                          ca=pki.ca, model=MODEL, rules=rules_path, peers=peers))
+        paths.append(
+            write_gateway_config(
+                tmp_path / org,
+                org,
+                cert=pki.cert(org),
+                key=pki.key(org),
+                ca=pki.ca,
+                model=MODEL,
+                rules=rules_path,
+                peers=peers,
+            )
+        )
     async with LocalFederation(paths) as fed:
         yield fed
 
@@ -64,44 +77,67 @@ def relay_agent() -> Agent:
 
     @records.skill
     async def relay(task: TaskContext, data: dict) -> dict:
-        lab = await task.call("lab/tests.run", {"sample": data["sample"], "patient_id": data["patient_id"]})
+        lab = await task.call(
+            "lab/tests.run", {"sample": data["sample"], "patient_id": data["patient_id"]}
+        )
         return {"lab": lab.output, "via": "hospital"}
 
     return records
 
 
-async def test_result_carries_provenance_and_policy_sees_the_origin(three: LocalFederation, pki: Pki) -> None:
+async def test_result_carries_provenance_and_policy_sees_the_origin(
+    three: LocalFederation, pki: Pki
+) -> None:
     seen: list[dict] = []
-    async with serving(three.participant("lab"), lab_agent(seen, [])), serving(
-        three.participant("hospital"), relay_agent()
-    ), Client(three.participant("insurer")) as client:
+    async with (
+        serving(three.participant("lab"), lab_agent(seen, [])),
+        serving(three.participant("hospital"), relay_agent()),
+        Client(three.participant("insurer")) as client,
+    ):
         deadline = time.time() + 10
-        result = await client.call("hospital/records.relay", {"sample": "S-1", "patient_id": "P-9"}, timeout=10)
+        result = await client.call(
+            "hospital/records.relay", {"sample": "S-1", "patient_id": "P-9"}, timeout=10
+        )
     assert result.output == {"lab": {"result": "negative"}, "via": "hospital"}
     (lab_call,) = seen
-    assert lab_call["data"] == {"sample": "S-1"}, "data from insurer did not go on to lab with its id"
+    assert lab_call["data"] == {"sample": "S-1"}, (
+        "data from insurer did not go on to lab with its id"
+    )
     assert lab_call["org"] == "hospital"
     assert lab_call["deadline"] <= deadline + 0.5, "the deadline travelled along"
     assert result.receipt is not None and result.receipt["responder_org"] == "hospital"
     (lab_receipt,) = result.provenance
-    assert lab_receipt["responder_org"] == "lab" and lab_receipt["withheld_paths"] == ["lab_internal"]
-    verify_receipt(Verifier.from_file(pki.ca), SignedReceipt.from_json(lab_receipt), expected_org="lab")
+    assert lab_receipt["responder_org"] == "lab" and lab_receipt["withheld_paths"] == [
+        "lab_internal"
+    ]
+    verify_receipt(
+        Verifier.from_file(pki.ca), SignedReceipt.from_json(lab_receipt), expected_org="lab"
+    )
 
 
 async def test_own_data_may_go_on_with_its_id(three: LocalFederation) -> None:
     seen: list[dict] = []
-    async with serving(three.participant("lab"), lab_agent(seen, [])), Client(three.participant("hospital")) as client:
+    async with (
+        serving(three.participant("lab"), lab_agent(seen, [])),
+        Client(three.participant("hospital")) as client,
+    ):
         await client.call("lab/tests.run", {"sample": "S-2", "patient_id": "P-1"}, timeout=10)
     assert seen[0]["data"] == {"sample": "S-2", "patient_id": "P-1"}
 
 
 async def test_cancel_travels_down_every_hop(three: LocalFederation) -> None:
     cancelled: list[str] = []
-    async with serving(three.participant("lab"), lab_agent([], cancelled, delay=30)), serving(
-        three.participant("hospital"), relay_agent()
-    ), Client(three.participant("insurer")) as client:
-        updates = client.stream("hospital/records.relay", {"sample": "S", "patient_id": "P"}, timeout=20,
-                                task_id="hop-cancel-1")
+    async with (
+        serving(three.participant("lab"), lab_agent([], cancelled, delay=30)),
+        serving(three.participant("hospital"), relay_agent()),
+        Client(three.participant("insurer")) as client,
+    ):
+        updates = client.stream(
+            "hospital/records.relay",
+            {"sample": "S", "patient_id": "P"},
+            timeout=20,
+            task_id="hop-cancel-1",
+        )
         await anext(updates)
         for _ in range(100):
             if three["lab"].router.in_flight:

@@ -31,15 +31,25 @@ def counting_agent(calls: list[str], delay: float = 0.2) -> Agent:
 
 
 def _request(pki: Pki, task_id: str, key: str, n: int) -> pb.TaskRequest:
-    return pb.TaskRequest(task_id=task_id, target_org="hospital", agent="echo", skill="say",
-                          input=dict_to_struct({"n": n}), idempotency_key=key,
-                          delegation=delegation(pki, "insurer", "hospital", task_id))
+    return pb.TaskRequest(
+        task_id=task_id,
+        target_org="hospital",
+        agent="echo",
+        skill="say",
+        input=dict_to_struct({"n": n}),
+        idempotency_key=key,
+        delegation=delegation(pki, "insurer", "hospital", task_id),
+    )
 
 
-async def test_concurrent_duplicates_run_once_and_share_the_result(fed: LocalFederation, pki: Pki) -> None:
+async def test_concurrent_duplicates_run_once_and_share_the_result(
+    fed: LocalFederation, pki: Pki
+) -> None:
     calls: list[str] = []
     async with serving(fed.participant("hospital"), counting_agent(calls)):
-        channel = federation_channel(pki, fed.federation("hospital"), cert="insurer", target_org="hospital")
+        channel = federation_channel(
+            pki, fed.federation("hospital"), cert="insurer", target_org="hospital"
+        )
         stub = pb_grpc.FederationStub(channel)
         results = await asyncio.gather(
             *(stub.SubmitTask(_request(pki, "dup-1", "key-dup-1", 7), timeout=10) for _ in range(5))
@@ -50,44 +60,66 @@ async def test_concurrent_duplicates_run_once_and_share_the_result(fed: LocalFed
     assert len({r.receipt.signature for r in results}) == 1, "every duplicate gets the same receipt"
 
 
-async def test_retry_after_completion_gets_the_stored_result(fed: LocalFederation, pki: Pki) -> None:
+async def test_retry_after_completion_gets_the_stored_result(
+    fed: LocalFederation, pki: Pki
+) -> None:
     calls: list[str] = []
     async with serving(fed.participant("hospital"), counting_agent(calls, delay=0)):
-        channel = federation_channel(pki, fed.federation("hospital"), cert="insurer", target_org="hospital")
+        channel = federation_channel(
+            pki, fed.federation("hospital"), cert="insurer", target_org="hospital"
+        )
         stub = pb_grpc.FederationStub(channel)
         first = await stub.SubmitTask(_request(pki, "again-1", "key-again-1", 1), timeout=10)
         second = await stub.SubmitTask(_request(pki, "again-1", "key-again-1", 1), timeout=10)
         await channel.close()
     assert calls == ["again-1"]
     assert second.output == first.output and second.receipt == first.receipt
-    kinds = [r.kind for r in sorted(fed["hospital"].audit.query(task_id="again-1"), key=lambda r: r.sequence)]
+    kinds = [
+        r.kind
+        for r in sorted(fed["hospital"].audit.query(task_id="again-1"), key=lambda r: r.sequence)
+    ]
     assert kinds == ["request_received", "result_released", "result_released"]
     (retry,) = [r for r in fed["hospital"].audit.query(task_id="again-1") if "retry" in r.detail]
-    assert retry.receipt == fed["hospital"].audit.query(task_id="again-1", kind="result_released")[0].receipt
+    assert (
+        retry.receipt
+        == fed["hospital"].audit.query(task_id="again-1", kind="result_released")[0].receipt
+    )
 
 
-async def test_same_key_from_another_organization_is_another_task(fed: LocalFederation, pki: Pki) -> None:
+async def test_same_key_from_another_organization_is_another_task(
+    fed: LocalFederation, pki: Pki
+) -> None:
     """Keys are per origin: a peer cannot read another peer's stored result by guessing a key."""
     calls: list[str] = []
-    async with serving(fed.participant("hospital"), counting_agent(calls, delay=0)), Client(
-        fed.participant("hospital")
-    ) as local:
-        channel = federation_channel(pki, fed.federation("hospital"), cert="insurer", target_org="hospital")
-        await pb_grpc.FederationStub(channel).SubmitTask(_request(pki, "k-1", "shared-key", 1), timeout=10)
+    async with (
+        serving(fed.participant("hospital"), counting_agent(calls, delay=0)),
+        Client(fed.participant("hospital")) as local,
+    ):
+        channel = federation_channel(
+            pki, fed.federation("hospital"), cert="insurer", target_org="hospital"
+        )
+        await pb_grpc.FederationStub(channel).SubmitTask(
+            _request(pki, "k-1", "shared-key", 1), timeout=10
+        )
         await channel.close()
-        await local.call("hospital/echo.say", {"n": 2}, timeout=10, task_id="k-2", idempotency_key="shared-key")
+        await local.call(
+            "hospital/echo.say", {"n": 2}, timeout=10, task_id="k-2", idempotency_key="shared-key"
+        )
     assert calls == ["k-1", "k-2"]
 
 
 async def test_sdk_retry_reuses_the_key_and_the_agent_runs_once(fed: LocalFederation) -> None:
     calls: list[str] = []
-    async with serving(fed.participant("hospital"), counting_agent(calls, delay=0)), Client(
-        fed.participant("insurer")
-    ) as client:
-        first = await client.call("hospital/echo.say", {"n": 3}, timeout=10, task_id="sdk-1",
-                                  idempotency_key="sdk-key-1")
-        again = await client.call("hospital/echo.say", {"n": 3}, timeout=10, task_id="sdk-1",
-                                  idempotency_key="sdk-key-1")
+    async with (
+        serving(fed.participant("hospital"), counting_agent(calls, delay=0)),
+        Client(fed.participant("insurer")) as client,
+    ):
+        first = await client.call(
+            "hospital/echo.say", {"n": 3}, timeout=10, task_id="sdk-1", idempotency_key="sdk-key-1"
+        )
+        again = await client.call(
+            "hospital/echo.say", {"n": 3}, timeout=10, task_id="sdk-1", idempotency_key="sdk-key-1"
+        )
     assert calls == ["sdk-1"] and again.output == first.output
 
 
@@ -108,18 +140,22 @@ async def test_task_fails_over_to_another_instance_when_one_dies(fed: LocalFeder
 
         return echo
 
-    async with Client(fed.participant("insurer")) as client:
-        async with serving(fed.participant("hospital"), agent("doomed"), instance_id="doomed") as doomed:
-            call = asyncio.ensure_future(client.call("hospital/echo.say", {}, timeout=20, task_id="fo-1"))
-            for _ in range(100):
-                if started:
-                    break
-                await asyncio.sleep(0.02)
-            assert started == ["doomed"]
-            async with serving(fed.participant("hospital"), agent("healthy"), instance_id="healthy"):
-                release.set()
-                doomed.stop()
-                result = await asyncio.wait_for(call, 15)
+    async with (
+        Client(fed.participant("insurer")) as client,
+        serving(fed.participant("hospital"), agent("doomed"), instance_id="doomed") as doomed,
+    ):
+        call = asyncio.ensure_future(
+            client.call("hospital/echo.say", {}, timeout=20, task_id="fo-1")
+        )
+        for _ in range(100):
+            if started:
+                break
+            await asyncio.sleep(0.02)
+        assert started == ["doomed"]
+        async with serving(fed.participant("hospital"), agent("healthy"), instance_id="healthy"):
+            release.set()
+            doomed.stop()
+            result = await asyncio.wait_for(call, 15)
     assert result.output == {"served_by": "healthy"}
     assert started == ["doomed", "healthy"]
 
@@ -136,10 +172,14 @@ async def test_circuit_opens_after_failures_and_fails_fast(tmp_path: Path, pki: 
         for _ in range(2):
             with pytest.raises(Unavailable, match="'lab' at 127.0.0.1:9 is unreachable"):
                 await client.call("lab/echo.say", {}, timeout=5)
-        with pytest.raises(Unavailable, match="circuit to organization 'lab' is open after 2 failures"):
+        with pytest.raises(
+            Unavailable, match="circuit to organization 'lab' is open after 2 failures"
+        ):
             await client.call("lab/echo.say", {}, timeout=5)
         async with grpc.aio.insecure_channel(fed.participant("insurer")) as channel:
-            peers = await pb_grpc.ParticipantStub(channel).ListPeers(pb.ListPeersRequest(), timeout=5)
+            peers = await pb_grpc.ParticipantStub(channel).ListPeers(
+                pb.ListPeersRequest(), timeout=5
+            )
     status = {p.org: p for p in peers.peers}
     assert status["lab"].circuit == "open" and status["lab"].consecutive_failures == 2
     assert "unreachable" in status["lab"].last_error
@@ -152,9 +192,15 @@ def test_half_open_probe_closes_or_reopens_the_circuit(pki: Pki) -> None:
 
     now = [100.0]
     tls = ReloadingTls(TlsFiles(pki.cert("hospital"), pki.key("hospital"), pki.ca))
-    peers = PeerRegistry("hospital", {"lab": PeerSection(address="127.0.0.1:9")}, tls,
-                         max_message_bytes=1 << 20, failure_threshold=1, reset_seconds=5,
-                         clock=lambda: now[0])
+    peers = PeerRegistry(
+        "hospital",
+        {"lab": PeerSection(address="127.0.0.1:9")},
+        tls,
+        max_message_bytes=1 << 20,
+        failure_threshold=1,
+        reset_seconds=5,
+        clock=lambda: now[0],
+    )
     peers.record("lab", peers.admit("lab"), failure="down")
     with pytest.raises(Exception, match="is open after 1 failures"):
         peers.admit("lab")

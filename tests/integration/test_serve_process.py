@@ -20,8 +20,14 @@ PORTS = re.compile(r"federation on port (\d+) \(mTLS\), participants on port (\d
 
 async def _start(config: Path) -> tuple[asyncio.subprocess.Process, int]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
-        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "serve",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
     )
     assert process.stderr is not None
     while True:
@@ -33,13 +39,17 @@ async def _start(config: Path) -> tuple[asyncio.subprocess.Process, int]:
 
 
 @pytest.mark.slow
-async def test_sigterm_lets_in_flight_tasks_finish_then_exits_zero(tmp_path: Path, pki: Pki) -> None:
+async def test_sigterm_lets_in_flight_tasks_finish_then_exits_zero(
+    tmp_path: Path, pki: Pki
+) -> None:
     hospital_config = configs(tmp_path, pki)[0]
     process, port = await _start(hospital_config)
     address = f"127.0.0.1:{port}"
     try:
         async with serving(address, slow_agent()), Client(address) as client:
-            in_flight = asyncio.ensure_future(client.call("hospital/slow.wait", {"seconds": 1.5}, timeout=20))
+            in_flight = asyncio.ensure_future(
+                client.call("hospital/slow.wait", {"seconds": 1.5}, timeout=20)
+            )
             await asyncio.sleep(0.5)
             os.kill(process.pid, signal.SIGTERM)
             await asyncio.sleep(0.3)
@@ -62,8 +72,15 @@ async def test_policy_reload_command_reaches_the_running_gateway(tmp_path: Path,
         rules = tmp_path / "hospital.csv"
         rules.write_text(rules.read_text() + "p, insurer, extra, *, invoke, *, allow\n")
         reload = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.cli", "policy", "reload", "--config", str(hospital_config),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "policy",
+            "reload",
+            "--config",
+            str(hospital_config),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(reload.communicate(), 30)
         assert reload.returncode == 0, err.decode()
@@ -76,8 +93,15 @@ async def test_policy_reload_command_reaches_the_running_gateway(tmp_path: Path,
                 break
         rules.write_text("p, insurer, x, y, invoke, *, frobnicate\n")
         broken = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.cli", "policy", "reload", "--config", str(hospital_config),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "policy",
+            "reload",
+            "--config",
+            str(hospital_config),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         _, err = await asyncio.wait_for(broken.communicate(), 30)
         assert broken.returncode == 2
@@ -99,21 +123,36 @@ async def test_agents_and_peers_commands_read_a_running_gateway(tmp_path: Path, 
             outputs = {}
             for command in ("agents", "peers"):
                 run = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "gateway.cli", command, "--address", address, "--json",
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                    sys.executable,
+                    "-m",
+                    "gateway.cli",
+                    command,
+                    "--address",
+                    address,
+                    "--json",
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
                 )
                 out, err = await asyncio.wait_for(run.communicate(), 30)
                 assert run.returncode == 0, err.decode()
                 outputs[command] = json.loads(out)
-        assert outputs["agents"] == [{"agent": "slow", "skills": ["wait"], "instances": 1, "tasks_in_flight": 0}]
+        assert outputs["agents"] == [
+            {"agent": "slow", "skills": ["wait"], "instances": 1, "tasks_in_flight": 0}
+        ]
         (peer,) = outputs["peers"]
         assert peer["org"] == "insurer" and peer["circuit"] == "closed"
     finally:
         process.terminate()
         assert await asyncio.wait_for(process.wait(), 30) == 0
     down = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "peers", "--address", address,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "peers",
+        "--address",
+        address,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, err = await asyncio.wait_for(down.communicate(), 30)
     assert down.returncode == 2 and "is `fedgate serve` running?" in err.decode()

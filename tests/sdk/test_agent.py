@@ -24,12 +24,35 @@ SDK = Path(participant_sdk.__file__).resolve().parent
 
 def test_public_names_are_pinned() -> None:
     assert sorted(participant_sdk.__all__) == [
-        "Agent", "AgentWorker", "AllRoutesFailed", "Answer", "Cancelled", "Client",
-        "DeadlineExceeded", "FallbackResult", "FanOutFailed", "FanOutResult", "FedgateError",
-        "InvalidArgument", "NoAgreement", "NotFound", "PermissionDenied", "Quorum",
-        "ResourceExhausted", "RetryPolicy", "SkillDefinitionError", "TaskContext", "TaskError",
-        "TaskFailed", "TaskResult", "TaskUpdate", "Unauthenticated", "Unavailable", "majority",
-        "quorum", "serve",
+        "Agent",
+        "AgentWorker",
+        "AllRoutesFailed",
+        "Answer",
+        "Cancelled",
+        "Client",
+        "DeadlineExceeded",
+        "FallbackResult",
+        "FanOutFailed",
+        "FanOutResult",
+        "FedgateError",
+        "InvalidArgument",
+        "NoAgreement",
+        "NotFound",
+        "PermissionDenied",
+        "Quorum",
+        "ResourceExhausted",
+        "RetryPolicy",
+        "SkillDefinitionError",
+        "TaskContext",
+        "TaskError",
+        "TaskFailed",
+        "TaskResult",
+        "TaskUpdate",
+        "Unauthenticated",
+        "Unavailable",
+        "majority",
+        "quorum",
+        "serve",
     ]
 
 
@@ -38,8 +61,11 @@ def test_sdk_never_imports_the_gateway() -> None:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = (
-                [a.name for a in node.names] if isinstance(node, ast.Import)
-                else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
             )
             assert not any(n == "gateway" or n.startswith("gateway.") for n in names), path
 
@@ -93,7 +119,9 @@ async def test_run_skill_without_a_gateway() -> None:
         return {"urgent": "fever" in data["symptoms"], "asked_by": task.requester_org}
 
     assert await run_skill(agent, "assess", {"symptoms": ["fever"]}, requester_org="insurer") == {
-        "urgent": True, "asked_by": "insurer"}
+        "urgent": True,
+        "asked_by": "insurer",
+    }
     assert agent.card().skills[0].description == "Rate urgency."
     with pytest.raises(NotFound):
         await run_skill(agent, "nope", {})

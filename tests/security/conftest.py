@@ -17,17 +17,21 @@ from tests.conftest import Pki, ca_pair
 from tests.integration.federation import HOSPITAL_RULES, INSURER_RULES, MODEL, echo_agent, serving
 
 LAB_RULES = "p, hospital, echo, *, send, **, allow\n"
-SECURE_HOSPITAL_RULES = HOSPITAL_RULES + """\
+SECURE_HOSPITAL_RULES = (
+    HOSPITAL_RULES
+    + """\
 p, lab, echo, *, invoke, *, allow
 p, lab, echo, *, share, **, allow
 p, insurer, records, summary, share, diagnoses[].description, allow, purpose=treatment
 """
+)
 
 
 async def assert_still_serving_and_audit_intact(fed: LocalFederation) -> None:
-    async with serving(fed.participant("insurer"), echo_agent()), Client(
-        fed.participant("insurer")
-    ) as client:
+    async with (
+        serving(fed.participant("insurer"), echo_agent()),
+        Client(fed.participant("insurer")) as client,
+    ):
         result = await client.call("insurer/echo.say", {"still": "serving"}, timeout=10)
     assert result.output["echo"] == {"still": "serving"}
     for org, gateway in fed.gateways.items():
@@ -41,16 +45,28 @@ async def secure_fed(tmp_path: Path, pki: Pki) -> AsyncIterator[LocalFederation]
     crl.write_bytes(revocation_list(ca_pair(pki), []))
     paths = []
     for org, rules, peers, extra in (
-        ("hospital", SECURE_HOSPITAL_RULES, ["insurer", "lab"],
-         "[limits]\npeer_rate_per_second = 5\npeer_burst = 10\npeer_max_concurrent_tasks = 8\n"),
+        (
+            "hospital",
+            SECURE_HOSPITAL_RULES,
+            ["insurer", "lab"],
+            "[limits]\npeer_rate_per_second = 5\npeer_burst = 10\npeer_max_concurrent_tasks = 8\n",
+        ),
         ("insurer", INSURER_RULES, ["hospital"], ""),
         ("lab", LAB_RULES, ["hospital"], ""),
     ):
         rules_path = tmp_path / f"{org}.csv"
         rules_path.write_text(rules)
         path = write_gateway_config(
-            tmp_path / org, org, cert=pki.cert(org), key=pki.key(org), ca=pki.ca, model=MODEL,
-            rules=rules_path, peers=peers, extra=extra, require_tokens=(org == "hospital"),
+            tmp_path / org,
+            org,
+            cert=pki.cert(org),
+            key=pki.key(org),
+            ca=pki.ca,
+            model=MODEL,
+            rules=rules_path,
+            peers=peers,
+            extra=extra,
+            require_tokens=(org == "hospital"),
         )
         if org == "hospital":
             text = path.read_text().replace(f'ca = "{pki.ca}"', f'ca = "{pki.ca}"\ncrl = "{crl}"')

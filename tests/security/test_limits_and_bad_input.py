@@ -41,16 +41,26 @@ def _nested_struct(depth: int) -> bytes:
     return struct
 
 
-def _request_bytes(pki: Pki, task_id: str, *, input_bytes: bytes = b"", extra: bytes = b"") -> bytes:
-    base = pb.TaskRequest(task_id=task_id, target_org="hospital", agent="echo", skill="say",
-                          delegation=delegation(pki, "lab", "hospital", task_id)).SerializeToString()
+def _request_bytes(
+    pki: Pki, task_id: str, *, input_bytes: bytes = b"", extra: bytes = b""
+) -> bytes:
+    base = pb.TaskRequest(
+        task_id=task_id,
+        target_org="hospital",
+        agent="echo",
+        skill="say",
+        delegation=delegation(pki, "lab", "hospital", task_id),
+    ).SerializeToString()
     return base + (_field(5, 2, input_bytes) if input_bytes else b"") + extra
 
 
 async def _raw_submit(pki: Pki, fed: LocalFederation, payload: bytes) -> grpc.aio.AioRpcError:
     channel = federation_channel(pki, fed.federation("hospital"), cert="lab", target_org="hospital")
-    call = channel.unary_unary("/fedgate.v1.Federation/SubmitTask",
-                               request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    call = channel.unary_unary(
+        "/fedgate.v1.Federation/SubmitTask",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
     try:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call(payload, timeout=10)
@@ -60,7 +70,9 @@ async def _raw_submit(pki: Pki, fed: LocalFederation, payload: bytes) -> grpc.ai
 
 
 async def test_payload_nested_ten_thousand_deep(secure_fed: LocalFederation, pki: Pki) -> None:
-    error = await _raw_submit(pki, secure_fed, _request_bytes(pki, "deep-1", input_bytes=_nested_struct(10_000)))
+    error = await _raw_submit(
+        pki, secure_fed, _request_bytes(pki, "deep-1", input_bytes=_nested_struct(10_000))
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "TaskRequest message could not be decoded" in (error.details() or "")
     # Undecodable, so it has no task id: the rejection is recorded against the peer.
@@ -68,12 +80,18 @@ async def test_payload_nested_ten_thousand_deep(secure_fed: LocalFederation, pki
     assert record.status == "INVALID_ARGUMENT" and "could not be decoded" in record.detail
 
 
-async def test_payload_nested_past_the_gateway_limit_but_decodable(secure_fed: LocalFederation, pki: Pki) -> None:
-    error = await _raw_submit(pki, secure_fed, _request_bytes(pki, "deep-2", input_bytes=_nested_struct(40)))
+async def test_payload_nested_past_the_gateway_limit_but_decodable(
+    secure_fed: LocalFederation, pki: Pki
+) -> None:
+    error = await _raw_submit(
+        pki, secure_fed, _request_bytes(pki, "deep-2", input_bytes=_nested_struct(40))
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_payload_with_a_hundred_thousand_fields(secure_fed: LocalFederation, pki: Pki) -> None:
+async def test_payload_with_a_hundred_thousand_fields(
+    secure_fed: LocalFederation, pki: Pki
+) -> None:
     wide = dict_to_struct({f"f{i}": i for i in range(100_000)}).SerializeToString()
     token = hospital_tokens(secure_fed).issue("echo", agents=["echo"])
     async with serving(secure_fed.participant("hospital"), echo_agent(), token=token):
@@ -84,7 +102,9 @@ async def test_payload_with_a_hundred_thousand_fields(secure_fed: LocalFederatio
     assert record.kind == "rejected" and record.status == "INVALID_ARGUMENT"
 
 
-async def test_oversized_message_is_resource_exhausted(secure_fed: LocalFederation, pki: Pki) -> None:
+async def test_oversized_message_is_resource_exhausted(
+    secure_fed: LocalFederation, pki: Pki
+) -> None:
     big = dict_to_struct({"blob": "x" * (5 * 1024 * 1024)}).SerializeToString()
     error = await _raw_submit(pki, secure_fed, _request_bytes(pki, "big-1", input_bytes=big))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -100,21 +120,32 @@ async def test_invalid_utf8_in_a_string_field(secure_fed: LocalFederation, pki: 
 async def test_wrong_wire_type_for_a_protocol_field(secure_fed: LocalFederation, pki: Pki) -> None:
     # task_id (a string, field 1) sent as a varint, and the deadline (int64) as bytes: the
     # decoder keeps them as unknown fields, so the task has no id and the gateway says so.
-    payload = (_field(1, 0, _varint(7)) + _field(8, 2, b"soon")
-               + pb.TaskRequest(target_org="hospital", agent="echo", skill="say",
-                                delegation=delegation(pki, "lab", "hospital", "x")).SerializeToString())
+    payload = (
+        _field(1, 0, _varint(7))
+        + _field(8, 2, b"soon")
+        + pb.TaskRequest(
+            target_org="hospital",
+            agent="echo",
+            skill="say",
+            delegation=delegation(pki, "lab", "hospital", "x"),
+        ).SerializeToString()
+    )
     error = await _raw_submit(pki, secure_fed, payload)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "must carry its task id" in (error.details() or "")
 
 
-async def test_a_flooding_peer_is_limited_and_the_other_peer_is_served(secure_fed: LocalFederation) -> None:
+async def test_a_flooding_peer_is_limited_and_the_other_peer_is_served(
+    secure_fed: LocalFederation,
+) -> None:
     token = hospital_tokens(secure_fed).issue("echo", agents=["echo"])
     flood_outcomes: list[str] = []
     insurer_outcomes: list[str] = []
-    async with serving(secure_fed.participant("hospital"), echo_agent(), token=token), Client(
-        secure_fed.participant("lab")
-    ) as lab, Client(secure_fed.participant("insurer")) as insurer:
+    async with (
+        serving(secure_fed.participant("hospital"), echo_agent(), token=token),
+        Client(secure_fed.participant("lab")) as lab,
+        Client(secure_fed.participant("insurer")) as insurer,
+    ):
 
         async def flood(n: int) -> None:
             try:
@@ -134,5 +165,7 @@ async def test_a_flooding_peer_is_limited_and_the_other_peer_is_served(secure_fe
     assert refused, "the flooding peer was limited"
     assert any("organization 'lab'" in o for o in refused)
     assert insurer_outcomes == ["ok"] * 6, "the other peer was served throughout"
-    statuses = {r.status for r in secure_fed["hospital"].audit.query(peer="lab", kind="rejected", limit=500)}
+    statuses = {
+        r.status for r in secure_fed["hospital"].audit.query(peer="lab", kind="rejected", limit=500)
+    }
     assert "RESOURCE_EXHAUSTED" in statuses

@@ -14,8 +14,12 @@ from tests.conftest import Pki
 from tests.integration.federation import delegation, echo_agent, federation_channel, serving
 
 
-async def _list(pki: Pki, fed: LocalFederation, *, cert: str | None, ca=None) -> pb.ListAgentsResponse:  # type: ignore[no-untyped-def]
-    channel = federation_channel(pki, fed.federation("hospital"), cert=cert, target_org="hospital", ca=ca)
+async def _list(
+    pki: Pki, fed: LocalFederation, *, cert: str | None, ca=None
+) -> pb.ListAgentsResponse:  # type: ignore[no-untyped-def]
+    channel = federation_channel(
+        pki, fed.federation("hospital"), cert=cert, target_org="hospital", ca=ca
+    )
     try:
         return await pb_grpc.FederationStub(channel).ListAgents(pb.ListAgentsRequest(), timeout=3)
     finally:
@@ -32,7 +36,9 @@ async def _still_serving(pki: Pki, fed: LocalFederation) -> None:
     [None, "rogue-insurer", "expired-insurer", "future-insurer"],
     ids=["no-client-cert", "rogue-ca", "expired", "not-yet-valid"],
 )
-async def test_bad_client_certificate_is_refused_at_the_handshake(fed: LocalFederation, pki: Pki, cert: str | None) -> None:
+async def test_bad_client_certificate_is_refused_at_the_handshake(
+    fed: LocalFederation, pki: Pki, cert: str | None
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await _list(pki, fed, cert=cert)
     # The TLS handshake fails: the client sees the connection refused, never a reply.
@@ -40,16 +46,22 @@ async def test_bad_client_certificate_is_refused_at_the_handshake(fed: LocalFede
     await _still_serving(pki, fed)
 
 
-async def test_server_of_another_organization_is_refused_by_the_client(fed: LocalFederation, pki: Pki) -> None:
+async def test_server_of_another_organization_is_refused_by_the_client(
+    fed: LocalFederation, pki: Pki
+) -> None:
     """Dialing 'insurer' but reaching hospital's gateway fails: the server must be insurer.fedgate."""
-    channel = federation_channel(pki, fed.federation("hospital"), cert="insurer", target_org="insurer")
+    channel = federation_channel(
+        pki, fed.federation("hospital"), cert="insurer", target_org="insurer"
+    )
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await pb_grpc.FederationStub(channel).ListAgents(pb.ListAgentsRequest(), timeout=3)
     await channel.close()
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_certified_organization_that_is_not_a_peer_is_permission_denied(fed: LocalFederation, pki: Pki) -> None:
+async def test_certified_organization_that_is_not_a_peer_is_permission_denied(
+    fed: LocalFederation, pki: Pki
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await _list(pki, fed, cert="mallory")
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -59,7 +71,9 @@ async def test_certified_organization_that_is_not_a_peer_is_permission_denied(fe
     await _still_serving(pki, fed)
 
 
-async def test_certificate_whose_san_disagrees_with_its_organization(fed: LocalFederation, pki: Pki) -> None:
+async def test_certificate_whose_san_disagrees_with_its_organization(
+    fed: LocalFederation, pki: Pki
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await _list(pki, fed, cert="mismatch-insurer")
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -69,10 +83,17 @@ async def test_certificate_whose_san_disagrees_with_its_organization(fed: LocalF
 async def test_body_claiming_another_sender_changes_nothing(fed: LocalFederation, pki: Pki) -> None:
     """insurer's certificate, a body that says 'lab': the agent and the audit log see insurer."""
     async with serving(fed.participant("hospital"), echo_agent()):
-        channel = federation_channel(pki, fed.federation("hospital"), cert="insurer", target_org="hospital")
+        channel = federation_channel(
+            pki, fed.federation("hospital"), cert="insurer", target_org="hospital"
+        )
         request = pb.TaskRequest(
-            task_id="spoof-1", target_org="hospital", agent="echo", skill="say",
-            input=dict_to_struct({"hello": "world"}), sender_org="lab", requester="someone@lab",
+            task_id="spoof-1",
+            target_org="hospital",
+            agent="echo",
+            skill="say",
+            input=dict_to_struct({"hello": "world"}),
+            sender_org="lab",
+            requester="someone@lab",
             delegation=delegation(pki, "insurer", "hospital", "spoof-1", subject="adjuster"),
         )
         result = await pb_grpc.FederationStub(channel).SubmitTask(request, timeout=5)
@@ -84,9 +105,16 @@ async def test_body_claiming_another_sender_changes_nothing(fed: LocalFederation
 
 
 async def test_task_for_another_organization_is_not_found(fed: LocalFederation, pki: Pki) -> None:
-    channel = federation_channel(pki, fed.federation("hospital"), cert="insurer", target_org="hospital")
-    request = pb.TaskRequest(task_id="t-wrong-org", target_org="lab", agent="echo", skill="say",
-                             delegation=delegation(pki, "insurer", "hospital", "t-wrong-org"))
+    channel = federation_channel(
+        pki, fed.federation("hospital"), cert="insurer", target_org="hospital"
+    )
+    request = pb.TaskRequest(
+        task_id="t-wrong-org",
+        target_org="lab",
+        agent="echo",
+        skill="say",
+        delegation=delegation(pki, "insurer", "hospital", "t-wrong-org"),
+    )
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await pb_grpc.FederationStub(channel).SubmitTask(request, timeout=5)
     await channel.close()
@@ -98,6 +126,9 @@ async def test_participant_calls_still_work_after_refusals(fed: LocalFederation,
     for cert in (None, "rogue-insurer", "mallory"):
         with pytest.raises(grpc.aio.AioRpcError):
             await _list(pki, fed, cert=cert)
-    async with serving(fed.participant("hospital"), echo_agent()), Client(fed.participant("insurer")) as client:
+    async with (
+        serving(fed.participant("hospital"), echo_agent()),
+        Client(fed.participant("insurer")) as client,
+    ):
         result = await client.call("hospital/echo.say", {"ok": True}, timeout=10)
     assert result.output["echo"] == {"ok": True}

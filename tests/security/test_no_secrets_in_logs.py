@@ -12,13 +12,16 @@ from tests.integration.federation import PATIENT, boom_agent, records_agent, ser
 from tests.security.conftest import hospital_tokens
 
 
-async def test_logs_hold_no_secret(secure_fed: LocalFederation, caplog: pytest.LogCaptureFixture) -> None:
+async def test_logs_hold_no_secret(
+    secure_fed: LocalFederation, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     authority = hospital_tokens(secure_fed)
     token = authority.issue("records-service", agents=["records", "boom"])
-    async with serving(secure_fed.participant("hospital"), records_agent(), boom_agent(), token=token), Client(
-        secure_fed.participant("insurer")
-    ) as client:
+    async with (
+        serving(secure_fed.participant("hospital"), records_agent(), boom_agent(), token=token),
+        Client(secure_fed.participant("insurer")) as client,
+    ):
         await client.call("hospital/records.summary", {"patient_id": "P-77-SECRET"}, timeout=10)
         with pytest.raises(TaskFailed):
             await client.call("hospital/boom.fail", {"card": "4111-1111-1111-1111"}, timeout=10)
@@ -27,8 +30,14 @@ async def test_logs_hold_no_secret(secure_fed: LocalFederation, caplog: pytest.L
             await bad.call("insurer/claims.check", {"ssn": "999-88-7777"}, timeout=5)
     authority.revoke(authority.list()[-1].token_id)
     secrets = [
-        token, token.split(".")[2], "P-77-SECRET", "4111-1111-1111-1111", "999-88-7777",
-        "secret internal detail 4242", PATIENT["patient"]["ssn"], PATIENT["patient"]["name"],
+        token,
+        token.split(".")[2],
+        "P-77-SECRET",
+        "4111-1111-1111-1111",
+        "999-88-7777",
+        "secret internal detail 4242",
+        PATIENT["patient"]["ssn"],
+        PATIENT["patient"]["name"],
         authority.key_path.read_text().splitlines()[1],
         secure_fed["hospital"].config.federation.key.read_text().splitlines()[1],
     ]

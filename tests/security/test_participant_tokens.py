@@ -32,13 +32,23 @@ def _segment(value: dict) -> str:
 
 def _payload(fed: LocalFederation, **changes: object) -> dict:
     now = int(time.time())
-    claims = {"iss": "fedgate:hospital", "aud": "fedgate:hospital:participant", "sub": "mallory",
-              "jti": "f" * 32, "iat": now, "exp": now + 3600, "agents": ["*"], "calls": ["*/*.*"]}
+    claims = {
+        "iss": "fedgate:hospital",
+        "aud": "fedgate:hospital:participant",
+        "sub": "mallory",
+        "jti": "f" * 32,
+        "iat": now,
+        "exp": now + 3600,
+        "agents": ["*"],
+        "calls": ["*/*.*"],
+    }
     claims.update(changes)
     return claims
 
 
-async def _register(fed: LocalFederation, token: str | None, agent: str = "records") -> grpc.StatusCode:
+async def _register(
+    fed: LocalFederation, token: str | None, agent: str = "records"
+) -> grpc.StatusCode:
     """Try to register an agent with a raw Connect stream; returns how the gateway answered."""
     async with grpc.aio.insecure_channel(fed.participant("hospital")) as channel:
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -69,7 +79,9 @@ async def test_agent_with_a_token_that_names_it_registers(secure_fed: LocalFeder
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_registering_an_agent_the_token_does_not_name_is_denied(secure_fed: LocalFederation) -> None:
+async def test_registering_an_agent_the_token_does_not_name_is_denied(
+    secure_fed: LocalFederation,
+) -> None:
     token = hospital_tokens(secure_fed).issue("echo-service", agents=["echo"])
     assert await _register(secure_fed, token, "records") == grpc.StatusCode.PERMISSION_DENIED
     assert "may not register agent 'records'" in _register.details  # type: ignore[attr-defined]
@@ -78,8 +90,18 @@ async def test_registering_an_agent_the_token_does_not_name_is_denied(secure_fed
         await asyncio.wait_for(worker.run(), 10)
 
 
-@pytest.mark.parametrize("kind", ["missing", "garbage", "alg-none", "hs256-public-key", "expired",
-                                  "wrong-audience", "other-gateway"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "missing",
+        "garbage",
+        "alg-none",
+        "hs256-public-key",
+        "expired",
+        "wrong-audience",
+        "other-gateway",
+    ],
+)
 async def test_bad_tokens_are_unauthenticated(secure_fed: LocalFederation, kind: str) -> None:
     authority = hospital_tokens(secure_fed)
     public_pem = (
@@ -95,7 +117,9 @@ async def test_bad_tokens_are_unauthenticated(secure_fed: LocalFederation, kind:
         token = f"{_segment({'alg': 'none', 'typ': TOKEN_TYPE})}.{_segment(_payload(secure_fed))}."
         expected = "uses algorithm 'none'"
     elif kind == "hs256-public-key":
-        signing_input = f"{_segment({'alg': 'HS256', 'typ': TOKEN_TYPE})}.{_segment(_payload(secure_fed))}"
+        signing_input = (
+            f"{_segment({'alg': 'HS256', 'typ': TOKEN_TYPE})}.{_segment(_payload(secure_fed))}"
+        )
         mac = hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest()
         token, expected = f"{signing_input}.{_b64(mac)}", "uses algorithm 'HS256'"
     elif kind == "expired":
@@ -119,7 +143,9 @@ def _sign(authority, payload: dict) -> str:  # type: ignore[no-untyped-def]
     import jwt
 
     key = serialization.load_pem_private_key(authority.key_path.read_bytes(), password=None)
-    return jwt.encode(payload, key, algorithm="ES256", headers={"typ": TOKEN_TYPE, "kid": authority.key_id})
+    return jwt.encode(
+        payload, key, algorithm="ES256", headers={"typ": TOKEN_TYPE, "kid": authority.key_id}
+    )
 
 
 async def test_call_outside_the_token_is_denied(secure_fed: LocalFederation) -> None:
@@ -129,17 +155,23 @@ async def test_call_outside_the_token_is_denied(secure_fed: LocalFederation) -> 
             await client.call("insurer/echo.say", {}, timeout=5)
 
 
-async def test_revoked_token_stops_working_at_once_even_on_an_open_stream(secure_fed: LocalFederation) -> None:
+async def test_revoked_token_stops_working_at_once_even_on_an_open_stream(
+    secure_fed: LocalFederation,
+) -> None:
     authority = hospital_tokens(secure_fed)
     token = authority.issue("echo-service", agents=["echo"], calls=["hospital/echo.say"])
-    worker = AgentWorker([echo_agent()], secure_fed.participant("hospital"), token=token, max_backoff=0.2)
+    worker = AgentWorker(
+        [echo_agent()], secure_fed.participant("hospital"), token=token, max_backoff=0.2
+    )
     task = asyncio.ensure_future(worker.run())
     try:
         await asyncio.wait_for(worker.connected.wait(), 10)
         async with Client(secure_fed.participant("hospital"), token=token) as client:
             assert (await client.call("hospital/echo.say", {}, timeout=5)).ok
             token_id = authority.list()[-1].token_id
-            token_authority(secure_fed["hospital"].config).revoke(token_id)  # as `fedgate tokens revoke` would
+            token_authority(secure_fed["hospital"].config).revoke(
+                token_id
+            )  # as `fedgate tokens revoke` would
             with pytest.raises(Unauthenticated, match="revoked"):
                 await client.call("hospital/echo.say", {}, timeout=5)
         with pytest.raises(Unauthenticated, match="revoked"):
@@ -155,9 +187,10 @@ async def test_requester_identity_comes_from_the_token(secure_fed: LocalFederati
     token = hospital_tokens(secure_fed).issue("billing-office", calls=["insurer/echo.say"])
     from tests.integration.federation import serving
 
-    async with serving(secure_fed.participant("insurer"), echo_agent()), Client(
-        secure_fed.participant("hospital"), token=token, requester="clerk-3"
-    ) as client:
+    async with (
+        serving(secure_fed.participant("insurer"), echo_agent()),
+        Client(secure_fed.participant("hospital"), token=token, requester="clerk-3") as client,
+    ):
         await client.call("insurer/echo.say", {}, timeout=5, task_id="who-1")
     (sent,) = secure_fed["hospital"].audit.query(task_id="who-1", kind="request_sent")
     (received,) = secure_fed["insurer"].audit.query(task_id="who-1", kind="request_received")

@@ -23,7 +23,9 @@ async def _list_as(pki: Pki, fed: LocalFederation, cert: str) -> pb.ListAgentsRe
         await channel.close()
 
 
-async def test_revoked_certificate_is_refused_without_restart(secure_fed: LocalFederation, pki: Pki) -> None:
+async def test_revoked_certificate_is_refused_without_restart(
+    secure_fed: LocalFederation, pki: Pki
+) -> None:
     assert isinstance(await _list_as(pki, secure_fed, "lab"), pb.ListAgentsResponse)
     crl_path = secure_fed["hospital"].config.federation.crl
     assert crl_path is not None
@@ -39,12 +41,17 @@ async def test_revoked_certificate_is_refused_without_restart(secure_fed: LocalF
     assert isinstance(await _list_as(pki, secure_fed, "insurer"), pb.ListAgentsResponse)
 
 
-async def test_self_signed_client_certificate_fails_the_handshake(secure_fed: LocalFederation, pki: Pki, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_self_signed_client_certificate_fails_the_handshake(
+    secure_fed: LocalFederation, pki: Pki, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     from gateway.certs import create_ca, issue_gateway_cert, write_pair
 
     own_ca = create_ca("insurer's own")
-    write_pair(issue_gateway_cert(own_ca, "insurer"), pki.root / "selfmade-insurer.crt",
-               pki.root / "selfmade-insurer.key")
+    write_pair(
+        issue_gateway_cert(own_ca, "insurer"),
+        pki.root / "selfmade-insurer.crt",
+        pki.root / "selfmade-insurer.key",
+    )
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await _list_as(pki, secure_fed, "selfmade-insurer")
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -58,11 +65,24 @@ def test_certs_revoke_command_extends_the_list(tmp_path, pki: Pki) -> None:  # t
 
     crl = tmp_path / "federation.crl"
     for org in ("lab", "mallory"):
-        result = CliRunner().invoke(main, ["certs", "revoke", "--cert", str(pki.cert(org)),
-                                           "--ca-dir", str(pki.root), "--crl", str(crl)])
+        result = CliRunner().invoke(
+            main,
+            [
+                "certs",
+                "revoke",
+                "--cert",
+                str(pki.cert(org)),
+                "--ca-dir",
+                str(pki.root),
+                "--crl",
+                str(crl),
+            ],
+        )
         assert result.exit_code == 0, result.output
     serials = {load_cert(pki.cert(o).read_bytes()).serial_number for o in ("lab", "mallory")}
     assert set(revoked_serials(crl.read_bytes())) == serials
-    missing = CliRunner().invoke(main, ["certs", "revoke", "--cert", str(pki.cert("lab")),
-                                        "--ca-dir", str(tmp_path / "nope")])
+    missing = CliRunner().invoke(
+        main,
+        ["certs", "revoke", "--cert", str(pki.cert("lab")), "--ca-dir", str(tmp_path / "nope")],
+    )
     assert missing.exit_code == 2 and "revoking needs the federation CA" in missing.output
