@@ -280,8 +280,8 @@ class Router(OutboundRoutes):
         key = task_key(origin_org, spec)
         pending = self._inflight.get(key)
         if pending is not None:
-            result = await asyncio.wait_for(asyncio.shield(pending), max(0.001, spec.remaining()))
-            yield await self._answer_retry(spec, result, peer_org)
+            earlier = await asyncio.wait_for(asyncio.shield(pending), max(0.001, spec.remaining()))
+            yield await self._answer_retry(spec, earlier, peer_org)
             return
         if spec.task_id in self._running:
             raise InvalidArgument(f"task id {spec.task_id!r} is already running under another key")
@@ -306,7 +306,7 @@ class Router(OutboundRoutes):
                         f"{self.org!r} and is being recovered: ask for it again later"
                     ) from None
                 result = duplicate.row.result
-                yield await self._answer_retry(spec, result, peer_org)
+                yield await self._answer_retry(spec, duplicate.row.result, peer_org)
         except FedgateError as exc:
             result = result or error_result(spec, exc, self.org)
             raise

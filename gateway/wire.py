@@ -46,11 +46,11 @@ class AgentCard:
         return next((s for s in self.skills if s.name == name), None)
 
 
-def state_to_pb(state: TaskState) -> int:
+def state_to_pb(state: TaskState) -> pb.TaskState:
     return _STATE_TO_PB[state]
 
 
-def state_from_pb(value: int) -> TaskState:
+def state_from_pb(value: pb.TaskState) -> TaskState:
     try:
         return _STATE_FROM_PB[value]
     except KeyError:

@@ -12,7 +12,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import grpc
 from fedgate.convert import dict_to_struct, struct_to_dict
@@ -56,6 +56,19 @@ class Agent:
         self.version = version
         self.skills: dict[str, SkillSpec] = {}
 
+    @overload
+    def skill(self, function: SkillFunction, /) -> SkillFunction: ...
+
+    @overload
+    def skill(
+        self,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        input_schema: dict[str, Any] | None = None,
+        output_schema: dict[str, Any] | None = None,
+    ) -> Callable[[SkillFunction], SkillFunction]: ...
+
     def skill(
         self,
         function: SkillFunction | None = None,
@@ -64,7 +77,7 @@ class Agent:
         description: str | None = None,
         input_schema: dict[str, Any] | None = None,
         output_schema: dict[str, Any] | None = None,
-    ) -> Any:
+    ) -> SkillFunction | Callable[[SkillFunction], SkillFunction]:
         """Register an async function `(task, input) -> dict` as a skill; checked right here."""
 
         def register(func: SkillFunction) -> SkillFunction:
@@ -365,7 +378,7 @@ class AgentWorker:
 
 
 def _failed(
-    task_id: str, code: str, message: str, state: int = pb.TASK_STATE_FAILED
+    task_id: str, code: str, message: str, state: pb.TaskState = pb.TASK_STATE_FAILED
 ) -> pb.TaskResult:
     return pb.TaskResult(
         task_id=task_id, state=state, error=pb.TaskError(code=code, message=message)

@@ -238,9 +238,10 @@ def agents(config_path: str, address: str | None, as_json: bool) -> None:
 
     async def fetch() -> pb.ListConnectedAgentsResponse:
         async with grpc.aio.insecure_channel(target) as channel:
-            return await pb_grpc.ParticipantStub(channel).ListConnectedAgents(
-                pb.ListAgentsRequest(), timeout=5
-            )
+            response: pb.ListConnectedAgentsResponse = await pb_grpc.ParticipantStub(
+                channel
+            ).ListConnectedAgents(pb.ListAgentsRequest(), timeout=5)
+            return response
 
     try:
         response = asyncio.run(fetch())
@@ -288,9 +289,10 @@ def peers(config_path: str, address: str | None, as_json: bool) -> None:
 
     async def fetch() -> pb.ListPeersResponse:
         async with grpc.aio.insecure_channel(target) as channel:
-            return await pb_grpc.ParticipantStub(channel).ListPeers(
+            response: pb.ListPeersResponse = await pb_grpc.ParticipantStub(channel).ListPeers(
                 pb.ListPeersRequest(), timeout=5
             )
+            return response
 
     try:
         response = asyncio.run(fetch())

@@ -12,7 +12,7 @@ FINAL_STATES = frozenset(
     {pb.TASK_STATE_COMPLETED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELED, pb.TASK_STATE_REJECTED}
 )
 
-STATE_NAMES = {
+STATE_NAMES: dict[int, str] = {
     pb.TASK_STATE_UNSPECIFIED: "unspecified",
     pb.TASK_STATE_SUBMITTED: "submitted",
     pb.TASK_STATE_WORKING: "working",
@@ -24,7 +24,7 @@ STATE_NAMES = {
     pb.TASK_STATE_AUTH_REQUIRED: "auth-required",
 }
 
-ACTION_NAMES = {
+ACTION_NAMES: dict[pb.FieldActionKind, str] = {
     pb.FIELD_ACTION_KIND_WITHHELD: "withheld",
     pb.FIELD_ACTION_KIND_MASKED: "masked",
     pb.FIELD_ACTION_KIND_PSEUDONYMIZED: "pseudonymized",
