@@ -16,7 +16,6 @@ from typing import Any
 
 import grpc
 
-from gateway.audit import AuditEvent
 from gateway.delegation import issue_delegation
 from gateway.errors import (
     AuditUnavailable,
@@ -101,15 +100,12 @@ class OutboundRoutes(RouterBase):
             purpose="",
             roles=(),
         )
-        base = AuditEvent(
-            kind="request_sent",
-            task_id=spec.task_id,
-            peer_org=peer,
-            agent=spec.agent,
-            skill=spec.skill,
+        base = self._event(
+            "request_sent",
+            spec,
+            peer,
             direction="outbound",
             decision="partial" if actions else "allowed",
-            requester=spec.requester,
             status=TaskState.SUBMITTED.value,
             withheld_paths=filtered.withheld,
             transformed=filtered.transformed,
@@ -119,15 +115,17 @@ class OutboundRoutes(RouterBase):
             payload=spec.input if self.store_payloads else None,
         )
         transport_failure: str | None = None
-        accepted = forget = False
+        accepted = forget = resumable = False
         final: TaskResult | None = None
         running = None
         call = None
         try:
             await self._record(replace(base, duration_ms=(time.monotonic() - started) * 1000))
             existing = await self.tasks.accept(self.org, spec, remote=True)
-            if existing is not None:
+            if existing is not None and (existing.result is not None or not existing.remote):
                 raise DuplicateTask(existing)
+            # New, or an outbound task whose connection broke: send it (again); the peer runs
+            # a key once and answers a repeat with its stored result.
             accepted = True
             running = self._start(spec, self.org, remote=True)
             if parent is not None:
@@ -152,27 +150,32 @@ class OutboundRoutes(RouterBase):
                 return
             raise Unavailable(f"organization {peer!r} closed the task stream without a result")
         except FedgateError as exc:
+            # Decide the outcome before any await: the requester's deadline may cancel us there.
+            final = final or error_result(spec, exc, peer)
             if isinstance(exc, PeerUnreachable):
-                transport_failure = exc.message
-            if not isinstance(exc, AuditUnavailable):
-                with contextlib.suppress(Exception):
-                    await self.audit.append(
-                        replace(
-                            base,
-                            kind="failed",
-                            decision="error",
-                            status=exc.status.name,
-                            detail=exc.message,
-                            payload=None,
-                            duration_ms=(time.monotonic() - started) * 1000,
-                        )
-                    )
-            if isinstance(exc, (Unavailable, ResourceExhausted)) and not isinstance(
+                # The peer may have accepted the task before the connection broke: keep the
+                # key open, so a retry resumes it (the peer runs its key once) or GetTask asks.
+                transport_failure, resumable = exc.message, True
+            elif isinstance(exc, (Unavailable, ResourceExhausted)) and not isinstance(
                 exc, AuditUnavailable
             ):
-                # The peer did not run the task: forget the key so that a retry runs it.
+                # The peer refused before running the task: forget the key so a retry runs it.
                 forget = True
-            final = final or error_result(spec, exc, peer)
+            if not isinstance(exc, AuditUnavailable):
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(
+                        self.audit.append(
+                            replace(
+                                base,
+                                kind="failed",
+                                decision="error",
+                                status=exc.status.name,
+                                detail=exc.message,
+                                payload=None,
+                                duration_ms=(time.monotonic() - started) * 1000,
+                            )
+                        )
+                    )
             raise
         except asyncio.CancelledError as exc:
             final = final or error_result(spec, exc, peer)
@@ -184,10 +187,10 @@ class OutboundRoutes(RouterBase):
             if parent is not None:
                 parent.children.discard(spec.task_id)
             if running is not None:
-                self._finish(running, final)
+                self._finish(running, None if resumable else final)
             if accepted and forget:
                 await self._forget_task(self.org, spec)
-            elif accepted and final is not None:
+            elif accepted and final is not None and not resumable:
                 await self._finish_task(self.org, spec, final)
 
     async def _peer_result(self, peer: str, call: Any) -> AsyncIterator[TaskUpdate]:
@@ -256,15 +259,12 @@ class OutboundRoutes(RouterBase):
             result.state, "failed"
         )
         await self._record(
-            AuditEvent(
-                kind=kind,
-                task_id=spec.task_id,
-                peer_org=peer,
-                agent=spec.agent,
-                skill=spec.skill,
+            self._event(
+                kind,
+                spec,
+                peer,
                 direction="outbound",
                 decision=decision,
-                requester=spec.requester,
                 status=result.state.value,
                 duration_ms=(time.monotonic() - started) * 1000,
                 withheld_paths=tuple(p for p, a in result.field_actions if a == "withheld"),

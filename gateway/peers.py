@@ -92,6 +92,13 @@ class PeerRegistry:
         self.health.setdefault(org, PeerHealth())
         self._channels.pop(org, None)
 
+    def redial(self, org: str) -> None:
+        """Dial afresh next time instead of waiting out a broken channel's reconnect backoff:
+        a partner that restarted is reachable again at once (its circuit limits the retries)."""
+        broken = self._channels.pop(org, None)
+        if broken is not None:
+            self._retired.append(broken.channel)
+
     def admit(self, org: str) -> float:
         """Let a call to `org` through the breaker (returns its start time) or fail fast."""
         self._require(org)
@@ -131,6 +138,7 @@ class PeerRegistry:
             return
         health.consecutive_failures += 1
         health.last_error = failure
+        self.redial(org)
         if health.circuit == HALF_OPEN or health.consecutive_failures >= self.failure_threshold:
             if health.circuit != OPEN:
                 log.warning(

@@ -30,7 +30,6 @@ from dataclasses import replace
 import grpc
 from fedgate.v1 import fedgate_pb2 as pb
 
-from gateway.audit import AuditEvent
 from gateway.errors import (
     AuditUnavailable,
     Cancelled,
@@ -58,7 +57,7 @@ from gateway.tasks import (
     validate_names,
     validate_task_id,
 )
-from gateway.wire import AgentCard
+from gateway.wire import AgentCard, result_from_pb
 
 __all__ = ["Limits", "Router"]
 
@@ -115,8 +114,27 @@ class Router(OutboundRoutes):
             return finished[1]
         row = await self.tasks.by_task_id(origin_org, task_id)
         if row is not None:
+            if row.result is None and row.remote:
+                return await self._ask_peer(row)
             return row.result or TaskResult(task_id, TaskState.WORKING)
         raise NotFound(f"task {task_id!r} is not known to the gateway of {self.org!r}")
+
+    async def _ask_peer(self, row: TaskRow) -> TaskResult:
+        """An outbound task whose connection broke: what does the partner say about it now?"""
+        peer = row.target.partition("/")[0]
+        try:
+            message = await self.peers.stub(peer).GetTask(
+                pb.GetTaskRequest(task_id=row.task_id), timeout=5
+            )
+        except (grpc.aio.AioRpcError, FedgateError):
+            self.peers.redial(peer)
+            return TaskResult(row.task_id, TaskState.WORKING, responder_org=peer)
+        answer = result_from_pb(message)
+        if answer.state is not TaskState.COMPLETED:
+            return replace(answer, responder_org=peer)
+        # A completed result is only as good as its receipt; the requester collects it (and we
+        # record it) by calling again with the same key.
+        return TaskResult(row.task_id, TaskState.WORKING, responder_org=peer)
 
     async def cancel(self, task_id: str, reason: str, *, origin_org: str) -> TaskState:
         """Cancel a running task the asking organization submitted, and its sub-tasks."""
@@ -320,15 +338,12 @@ class Router(OutboundRoutes):
         """The stored outcome of a task, for a retry with the same key (audited for a peer)."""
         if peer_org is not None and result.state is TaskState.COMPLETED:
             await self._record(
-                AuditEvent(
-                    kind="result_released",
-                    task_id=spec.task_id,
-                    peer_org=peer_org,
-                    agent=spec.agent,
-                    skill=spec.skill,
+                self._event(
+                    "result_released",
+                    spec,
+                    peer_org,
                     direction="inbound",
                     decision="allowed",
-                    requester=spec.requester,
                     status=result.state.value,
                     withheld_paths=tuple(p for p, a in result.field_actions if a == "withheld"),
                     transformed=tuple((p, a) for p, a in result.field_actions if a != "withheld"),
@@ -410,9 +425,12 @@ class Router(OutboundRoutes):
                 yield TaskUpdate(spec.task_id, result.state, result=result)
                 return
         except FedgateError as exc:
-            if peer_org is not None and not isinstance(exc, AuditUnavailable):
-                await self.audit_rejection(spec, peer_org, exc, started=started, kind="failed")
+            # Decide the outcome before any await: the requester's deadline may cancel us there.
             final = final or error_result(spec, exc, self.org)
+            if peer_org is not None and not isinstance(exc, AuditUnavailable):
+                await asyncio.shield(
+                    self.audit_rejection(spec, peer_org, exc, started=started, kind="failed")
+                )
             raise
         except asyncio.CancelledError as exc:
             if peer_org is not None and not releasing:
@@ -443,15 +461,12 @@ class Router(OutboundRoutes):
             )
             why = "no agent instance has this skill" if not exists else "no invoke rule allows it"
             await self._record(
-                AuditEvent(
-                    kind="invoke_denied",
-                    task_id=spec.task_id,
-                    peer_org=peer_org,
-                    agent=spec.agent,
-                    skill=spec.skill,
+                self._event(
+                    "invoke_denied",
+                    spec,
+                    peer_org,
                     direction="inbound",
                     decision="denied",
-                    requester=spec.requester,
                     status=error.status.name,
                     duration_ms=(time.monotonic() - started) * 1000,
                     policy_version=policy.version if policy else None,
@@ -467,15 +482,12 @@ class Router(OutboundRoutes):
             await self.audit_rejection(spec, peer_org, exc, started=started)
             raise
         await self._record(
-            AuditEvent(
-                kind="request_received",
-                task_id=spec.task_id,
-                peer_org=peer_org,
-                agent=spec.agent,
-                skill=spec.skill,
+            self._event(
+                "request_received",
+                spec,
+                peer_org,
                 direction="inbound",
                 decision="allowed",
-                requester=spec.requester,
                 status=TaskState.SUBMITTED.value,
                 duration_ms=(time.monotonic() - started) * 1000,
                 withheld_paths=tuple(p for p, a in spec.input_field_actions if a == "withheld"),
@@ -508,15 +520,12 @@ class Router(OutboundRoutes):
                 spec.task_id, result.state, error=TaskError(code, message), responder_org=self.org
             )
             await self._record(
-                AuditEvent(
-                    kind="canceled" if result.state is TaskState.CANCELED else "failed",
-                    task_id=spec.task_id,
-                    peer_org=peer_org,
-                    agent=spec.agent,
-                    skill=spec.skill,
+                self._event(
+                    "canceled" if result.state is TaskState.CANCELED else "failed",
+                    spec,
+                    peer_org,
                     direction="inbound",
                     decision="error",
-                    requester=spec.requester,
                     status=result.state.value,
                     duration_ms=duration,
                     detail=code,
@@ -527,15 +536,12 @@ class Router(OutboundRoutes):
             filtered = self._filter(policy, peer_org, spec, "share", result.output, running.claims)
         except FedgateError as exc:
             await self._record(
-                AuditEvent(
-                    kind="failed",
-                    task_id=spec.task_id,
-                    peer_org=peer_org,
-                    agent=spec.agent,
-                    skill=spec.skill,
+                self._event(
+                    "failed",
+                    spec,
+                    peer_org,
                     direction="inbound",
                     decision="denied",
-                    requester=spec.requester,
                     status=TaskState.FAILED.value,
                     duration_ms=duration,
                     digest_before=digest(result.output)
@@ -564,15 +570,12 @@ class Router(OutboundRoutes):
             ),
         ).to_json()
         await self._record(
-            AuditEvent(
-                kind="result_released",
-                task_id=spec.task_id,
-                peer_org=peer_org,
-                agent=spec.agent,
-                skill=spec.skill,
+            self._event(
+                "result_released",
+                spec,
+                peer_org,
                 direction="inbound",
                 decision="partial" if actions else "allowed",
-                requester=spec.requester,
                 status=TaskState.COMPLETED.value,
                 duration_ms=duration,
                 withheld_paths=filtered.withheld,

@@ -161,6 +161,18 @@ class RouterBase:
                 "until it recovers"
             ) from None
 
+    def _event(self, kind: str, spec: TaskSpec, peer_org: str, **fields: Any) -> AuditEvent:
+        """An audit event about `spec` and `peer_org`; `fields` fill in the rest."""
+        return AuditEvent(
+            kind=kind,
+            task_id=spec.task_id or "-",
+            peer_org=peer_org,
+            agent=spec.agent,
+            skill=spec.skill,
+            requester=spec.requester,
+            **fields,
+        )
+
     async def audit_rejection(
         self,
         spec: TaskSpec,
@@ -174,15 +186,12 @@ class RouterBase:
         """Best effort: a rejection is recorded, but a store outage must not hide the refusal."""
         try:
             await self.audit.append(
-                AuditEvent(
-                    kind=kind,
-                    task_id=spec.task_id or "-",
-                    peer_org=peer_org,
-                    agent=spec.agent,
-                    skill=spec.skill,
+                self._event(
+                    kind,
+                    spec,
+                    peer_org,
                     direction=direction,
                     decision="denied",
-                    requester=spec.requester,
                     status=exc.status.name,
                     duration_ms=(time.monotonic() - started) * 1000,
                     detail=exc.message,
@@ -250,6 +259,7 @@ class RouterBase:
         deadline = loop.time() + spec.remaining()
         iterator = updates.__aiter__()
         cancel_wait = asyncio.ensure_future(running.cancel.wait())
+        next_update: asyncio.Future[TaskUpdate] | None = None
         try:
             while True:
                 next_update = asyncio.ensure_future(iterator.__anext__())
@@ -259,9 +269,6 @@ class RouterBase:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if next_update not in done:
-                    next_update.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
-                        await next_update
                     if cancel_wait in done:
                         yield TaskUpdate(
                             spec.task_id,
@@ -285,6 +292,13 @@ class RouterBase:
                 if update.state.final:
                     return
         finally:
+            # However we leave (final update, deadline, cancel, or our own caller going away),
+            # stop the pending read first, so that the source's own cleanup runs: the agent
+            # registry then tells the agent to stop, and a peer call is cancelled.
             cancel_wait.cancel()
+            if next_update is not None and not next_update.done():
+                next_update.cancel()
+                with contextlib.suppress(BaseException):
+                    await next_update
             with contextlib.suppress(Exception):
                 await iterator.aclose()  # type: ignore[attr-defined]

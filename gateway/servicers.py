@@ -50,8 +50,13 @@ async def _abort(context: grpc.aio.ServicerContext, exc: FedgateError) -> None:
     await context.abort(exc.status, exc.message)
 
 
-def _final_result(update: TaskUpdate) -> TaskResult:
-    return update.result or TaskResult(update.task_id, update.state)
+async def _result_of(updates: AsyncIterator[TaskUpdate]) -> pb.TaskResult:
+    """Run a task to its end for a unary call: the result of its last (final) update."""
+    last: TaskUpdate | None = None
+    async for update in updates:
+        last = update
+    assert last is not None, "a task's updates end with a final one"
+    return result_to_pb(last.result or TaskResult(last.task_id, last.state))
 
 
 class _Base:
@@ -192,11 +197,7 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
         try:
             org, spec, permit, claims = await self._admit(request, context)
             with permit:
-                last: TaskUpdate | None = None
-                async for update in self.router.serve_peer(spec, org, claims):
-                    last = update
-            assert last is not None
-            return result_to_pb(_final_result(last))
+                return await _result_of(self.router.serve_peer(spec, org, claims))
         except FedgateError as exc:
             await _abort(context, exc)
             raise
@@ -402,11 +403,7 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
     ) -> pb.TaskResult:
         try:
             spec = self._authorize_call(self._spec(request, context), context)
-            last: TaskUpdate | None = None
-            async for update in self.router.submit(spec, stream=False):
-                last = update
-            assert last is not None
-            return result_to_pb(_final_result(last))
+            return await _result_of(self.router.submit(spec, stream=False))
         except FedgateError as exc:
             await _abort(context, exc)
             raise

@@ -6,7 +6,9 @@ import asyncio
 import datetime as dt
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import click
 import grpc
@@ -223,6 +225,22 @@ def certs_dev(out: str, orgs: tuple[str, ...]) -> None:
     click.echo(f"wrote a development federation ({', '.join(orgs)}) to {target}")
 
 
+def _ask_gateway(target: str, request: Callable[[Any], Awaitable[Any]]) -> Any:
+    """One call to a running gateway's participant listener, with a clear error if it is down."""
+    from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
+
+    async def ask() -> Any:
+        async with grpc.aio.insecure_channel(target) as channel:
+            return await request(pb_grpc.ParticipantStub(channel))
+
+    try:
+        return asyncio.run(ask())
+    except grpc.aio.AioRpcError as exc:
+        raise ConfigError(
+            f"gateway at {target} did not answer ({exc.code().name}): is `fedgate serve` running?"
+        ) from None
+
+
 @click.command()
 @config_option
 @click.option("--address", default=None, help="Participant listener (default: from the config).")
@@ -232,23 +250,12 @@ def agents(config_path: str, address: str | None, as_json: bool) -> None:
     import json
 
     from fedgate.v1 import fedgate_pb2 as pb
-    from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
     target = address or read_config(config_path).participant.listen
 
-    async def fetch() -> pb.ListConnectedAgentsResponse:
-        async with grpc.aio.insecure_channel(target) as channel:
-            response: pb.ListConnectedAgentsResponse = await pb_grpc.ParticipantStub(
-                channel
-            ).ListConnectedAgents(pb.ListAgentsRequest(), timeout=5)
-            return response
-
-    try:
-        response = asyncio.run(fetch())
-    except grpc.aio.AioRpcError as exc:
-        raise ConfigError(
-            f"gateway at {target} did not answer ({exc.code().name}): is `fedgate serve` running?"
-        ) from None
+    response: pb.ListConnectedAgentsResponse = _ask_gateway(
+        target, lambda stub: stub.ListConnectedAgents(pb.ListAgentsRequest(), timeout=5)
+    )
     rows = [
         {
             "agent": a.card.name,
@@ -283,23 +290,12 @@ def peers(config_path: str, address: str | None, as_json: bool) -> None:
     import json
 
     from fedgate.v1 import fedgate_pb2 as pb
-    from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
     target = address or read_config(config_path).participant.listen
 
-    async def fetch() -> pb.ListPeersResponse:
-        async with grpc.aio.insecure_channel(target) as channel:
-            response: pb.ListPeersResponse = await pb_grpc.ParticipantStub(channel).ListPeers(
-                pb.ListPeersRequest(), timeout=5
-            )
-            return response
-
-    try:
-        response = asyncio.run(fetch())
-    except grpc.aio.AioRpcError as exc:
-        raise ConfigError(
-            f"gateway at {target} did not answer ({exc.code().name}): is `fedgate serve` running?"
-        ) from None
+    response: pb.ListPeersResponse = _ask_gateway(
+        target, lambda stub: stub.ListPeers(pb.ListPeersRequest(), timeout=5)
+    )
     rows = [
         {
             "org": p.org,

@@ -1,0 +1,475 @@
+"""Chaos: kill gateways mid-stream, stall an agent past its deadline, lock the audit store.
+
+Each scenario runs two real `fedgate serve` subprocesses (hospital responds, insurer requests)
+and checks the promises that must survive the fault:
+
+* a defined state: every call returns a result or raises a typed SDK error in bounded time, and
+  afterwards `get` on the requester's gateway reports a final state for each task (NotFound is
+  allowed only where noted: a task the insurer forgot because its call ended UNAVAILABLE, so that
+  a retry with the same key can run it);
+* at most once: the agent counts its executions per idempotency key, and none ran twice;
+* no audit record lost: an exchange the requester saw complete has request_sent and
+  result_received in the insurer's log, request_received and result_released in the hospital's,
+  and both hash chains verify after the chaos, restarts included.
+
+Product bugs this suite found (each now fixed, and kept here as a regression test):
+test_requester_gateway_keeps_a_task_its_partner_accepted,
+test_responder_cancels_the_skill_when_the_requesting_gateway_dies,
+test_deadline_exceeded_task_reaches_a_final_state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from typing import Any
+
+import pytest
+
+from participant_sdk import (
+    DeadlineExceeded,
+    FedgateError,
+    NotFound,
+    RetryPolicy,
+    TaskFailed,
+    Unavailable,
+)
+from tests.chaos.conftest import (
+    FINAL,
+    ChaosFederation,
+    Executions,
+    bounded,
+    counting_agent,
+    executions_in_file,
+    final_states,
+)
+from tests.integration.federation import serving
+
+TARGET = "hospital/slow.wait"
+
+pytestmark = pytest.mark.slow
+
+
+async def _drain(updates: Any) -> tuple[str, Any]:
+    """Read a stream to its end: ('completed'|state, result) or ('error', the SDK error)."""
+    last = None
+    try:
+        async for update in updates:
+            last = update
+    except FedgateError as exc:
+        return "error", exc
+    assert last is not None and last.final, f"stream ended without a final update: {last}"
+    return last.state, last.result
+
+
+async def _until(predicate: Any, seconds: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not predicate():
+        if loop.time() > deadline:
+            pytest.fail(f"{what}: not reached within {seconds}s")
+        await asyncio.sleep(0.02)
+
+
+async def _state_after(client: Any, task_id: str, seconds: float) -> str:
+    """`get` until the task is final or `seconds` pass: its state, or 'not_found'."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        try:
+            state = (await bounded(client.get(task_id), 10, f"get {task_id}")).state
+        except NotFound:
+            return "not_found"
+        if state in FINAL or loop.time() > deadline:
+            return state
+        await asyncio.sleep(0.1)
+
+
+async def _stream_until_working(
+    client: Any, keys: list[str], task_ids: list[str], executions: Executions, seconds: float
+) -> list[Any]:
+    """Open one stream per key and wait until both gateways accepted it and its skill runs."""
+    streams = [
+        client.stream(
+            TARGET,
+            {"key": key, "seconds": seconds},
+            timeout=12,
+            task_id=task_id,
+            idempotency_key=key,
+        )
+        for task_id, key in zip(task_ids, keys, strict=True)
+    ]
+    for updates in streams:
+        first = await bounded(anext(updates), 10, "first update")
+        assert first.state == "working"
+    await _until(lambda: set(keys) <= set(executions.runs), 5, "every skill started")
+    return streams
+
+
+async def test_kill_9_responder_gateway_mid_stream(chaos: ChaosFederation) -> None:
+    """kill -9 the hospital's gateway while 4 streamed tasks run on its agent; restart it.
+
+    Each stream ends UNAVAILABLE at once. The insurer keeps the tasks open (its `get` says
+    "working": the partner accepted them and is unreachable). The restarted hospital recovers the accepted tasks
+    from its task table and dispatches them again; the agent, still running the skills,
+    re-attaches by idempotency key. `call` with the same task id and key then collects each
+    result: every task completes, each skill ran once, and every exchange is in both logs.
+    """
+    executions = Executions()
+    keys = [f"s1-key-{n}" for n in range(4)]  # < 5: the insurer's circuit to hospital stays closed
+    task_ids = [f"s1-task-{n}" for n in range(4)]
+    async with (
+        serving(chaos.hospital.participant, counting_agent(executions)) as worker,
+        chaos.client() as client,
+    ):
+        streams = await _stream_until_working(client, keys, task_ids, executions, 2.5)
+        await chaos.hospital.kill_9()
+        broken = await bounded(asyncio.gather(*(_drain(s) for s in streams)), 10, "broken streams")
+        for outcome, value in broken:
+            assert outcome == "error" and isinstance(value, Unavailable), (outcome, value)
+        # The partner accepted these tasks and may still run them: while it is unreachable the
+        # requester's gateway keeps them open ("working"), so a retry with the key resumes them.
+        for task_id in task_ids:
+            assert (await bounded(client.get(task_id), 10, "get")).state == "working"
+
+        await chaos.hospital.restart()
+        await _until(lambda: worker.connections >= 2, 10, "agent reconnected")
+        # Collect with `call` under the same task id and key: the retry the SDK documents.
+        results = await bounded(
+            asyncio.gather(
+                *(
+                    client.call(
+                        TARGET,
+                        {"key": key, "seconds": 2.5},
+                        timeout=8,
+                        task_id=task_id,
+                        idempotency_key=key,
+                        retry=RetryPolicy(max_attempts=10, max_backoff=0.5),
+                    )
+                    for task_id, key in zip(task_ids, keys, strict=True)
+                ),
+                return_exceptions=True,
+            ),
+            12,
+            "collect after restart",
+        )
+        for task_id, key, result in zip(task_ids, keys, results, strict=True):
+            assert not isinstance(result, BaseException), (task_id, result)
+            assert result.state == "completed" and result.output["key"] == key
+        assert await final_states(client, task_ids) == {t: "completed" for t in task_ids}
+    assert set(executions.runs) == set(keys)
+    assert not executions.twice(), f"ran twice for one key: {executions.twice()}"
+    assert sorted(executions.finished) == keys, "each skill ran to its end once, not cancelled"
+    chaos.assert_audit(task_ids)
+
+
+async def test_requester_gateway_keeps_a_task_its_partner_accepted(
+    chaos: ChaosFederation,
+) -> None:
+    executions = Executions()
+    async with (
+        serving(chaos.hospital.participant, counting_agent(executions)),
+        chaos.client() as client,
+    ):
+        streams = await _stream_until_working(client, ["s1x-key"], ["s1x-task"], executions, 5)
+        await chaos.hospital.kill_9()
+        outcome, _ = await bounded(_drain(streams[0]), 10, "broken stream")
+        assert outcome == "error"
+        state = await _state_after(client, "s1x-task", 0)
+        assert state != "not_found", "the partner accepted this task and is running it"
+
+
+async def test_kill_9_requester_gateway_mid_stream(chaos: ChaosFederation) -> None:
+    """kill -9 the insurer's gateway while 3 streamed tasks run; the agent is its own process.
+
+    The requester's streams end UNAVAILABLE. The hospital sees the requesting gateway's stream
+    close, records each exchange as `canceled`, and tells the agent to stop each skill.
+    The restarted insurer recovers its outbound rows as failed "gateway_restarted"; `get` says
+    so, and a retry with the same key answers that stored outcome without running anything.
+    """
+    run_log = chaos.tmp / "agent-runs.txt"
+    await chaos.spawn_agent(run_log)
+    keys = [f"s2-key-{n}" for n in range(3)]
+    task_ids = [f"s2-task-{n}" for n in range(3)]
+    async with chaos.client() as client:
+        streams = [
+            client.stream(
+                TARGET,
+                {"key": key, "seconds": 2.0},
+                timeout=12,
+                task_id=task_id,
+                idempotency_key=key,
+            )
+            for task_id, key in zip(task_ids, keys, strict=True)
+        ]
+        for updates in streams:
+            assert (await bounded(anext(updates), 10, "first update")).state == "working"
+        await _until(
+            lambda: len(executions_in_file(run_log).runs) == len(keys), 5, "every skill started"
+        )
+        await chaos.insurer.kill_9()
+        broken = await bounded(asyncio.gather(*(_drain(s) for s in streams)), 10, "broken streams")
+        for outcome, value in broken:
+            assert outcome == "error" and isinstance(value, Unavailable), (outcome, value)
+
+        # The responder saw the requester's stream close, recorded how each exchange ended
+        # ("canceled"), and stopped the skills.
+        def hospital_ended() -> bool:
+            kinds = chaos.audit_kinds("hospital")
+            return all("canceled" in kinds.get(t, set()) for t in task_ids)
+
+        await _until(hospital_ended, 5, "hospital recorded how each exchange ended")
+        await _until(
+            lambda: sorted(executions_in_file(run_log).cancelled) == keys,
+            5,
+            "the orphaned skills were told to stop",
+        )
+
+        await chaos.insurer.restart()
+        # The insurer's task table recovers its outbound tasks as failed "gateway_restarted".
+        assert await final_states(client, task_ids) == {t: "failed" for t in task_ids}
+        for task_id in task_ids:
+            result = await bounded(client.get(task_id), 10, "get")
+            assert result.state == "failed"
+            assert result.error is not None and result.error.code == "gateway_restarted"
+        # A retry with the same key answers the stored outcome: nothing runs again.
+        for task_id, key in zip(task_ids, keys, strict=True):
+            try:
+                again = await bounded(
+                    client.call(
+                        TARGET,
+                        {"key": key, "seconds": 2.0},
+                        timeout=5,
+                        task_id=task_id,
+                        idempotency_key=key,
+                    ),
+                    10,
+                    "retry",
+                )
+                outcome: Any = again.state
+            except FedgateError as exc:
+                outcome = exc
+            assert isinstance(outcome, TaskFailed), outcome
+            assert outcome.result.error is not None
+            assert outcome.result.error.code == "gateway_restarted"
+        # The federation works again after the restart.
+        fresh = await bounded(
+            client.call(
+                TARGET,
+                {"key": "s2-fresh", "seconds": 0.0},
+                timeout=8,
+                task_id="s2-fresh",
+                idempotency_key="s2-fresh",
+            ),
+            12,
+            "call after restart",
+        )
+        assert fresh.state == "completed" and fresh.output["key"] == "s2-fresh"
+    executions = executions_in_file(run_log)
+    assert set(executions.runs) == {*keys, "s2-fresh"}
+    assert not executions.twice(), f"ran twice for one key: {executions.twice()}"
+    kinds = chaos.assert_audit(["s2-fresh"])
+    for task_id in task_ids:
+        assert "request_received" in kinds["hospital"][task_id]
+        assert "request_sent" in kinds["insurer"][task_id]
+
+
+async def test_responder_cancels_the_skill_when_the_requesting_gateway_dies(
+    chaos: ChaosFederation,
+) -> None:
+    executions = Executions()
+    async with (
+        serving(chaos.hospital.participant, counting_agent(executions)),
+        chaos.client() as client,
+    ):
+        streams = await _stream_until_working(client, ["s2x-key"], ["s2x-task"], executions, 4)
+        await chaos.insurer.kill_9()
+        outcome, _ = await bounded(_drain(streams[0]), 10, "broken stream")
+        assert outcome == "error"
+        for _ in range(50):  # 2.5 s
+            if executions.cancelled or executions.finished:
+                break
+            await asyncio.sleep(0.05)
+        assert executions.cancelled == ["s2x-key"], (
+            f"skill not cancelled 2.5 s after the requester's gateway died "
+            f"(cancelled={executions.cancelled}, finished={executions.finished})"
+        )
+
+
+async def _stall(
+    chaos: ChaosFederation, client: Any, executions: Executions, key: str, task_id: str
+) -> None:
+    """One call whose skill sleeps 6 s under a 1.5 s deadline: DeadlineExceeded, in time."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(DeadlineExceeded):
+        await bounded(
+            client.call(
+                TARGET,
+                {"key": key, "seconds": 6},
+                timeout=1.5,
+                task_id=task_id,
+                idempotency_key=key,
+            ),
+            5,
+            "stalled call",
+        )
+    assert loop.time() - started < 4
+    await _until(lambda: key in executions.cancelled, 5, "the stalled skill was cancelled")
+
+
+async def _retry_same_key(client: Any, key: str, task_id: str) -> Any:
+    """The same call again (same task id and key): its result, or the SDK error it raised."""
+    try:
+        return await bounded(
+            client.call(
+                TARGET, {"key": key, "seconds": 6}, timeout=3, task_id=task_id, idempotency_key=key
+            ),
+            8,
+            "retry",
+        )
+    except FedgateError as exc:
+        return exc
+
+
+async def test_agent_stalls_past_its_deadline(chaos: ChaosFederation) -> None:
+    """A skill that outlives the deadline: DeadlineExceeded, cancelled, audited, not run again."""
+    executions = Executions()
+    key, task_id = "s3-key", "s3-task"
+    async with (
+        serving(chaos.hospital.participant, counting_agent(executions)),
+        chaos.client() as client,
+    ):
+        await _stall(chaos, client, executions, key, task_id)
+
+        def failure_recorded() -> bool:
+            kinds = {
+                org: chaos.audit_kinds(org).get(task_id, set()) for org in ("hospital", "insurer")
+            }
+            return "failed" in kinds["hospital"] and "failed" in kinds["insurer"]
+
+        await _until(failure_recorded, 5, "both sides recorded the failure")
+        # A retry with the same key never runs the skill again: it gets the stored failure.
+        outcome = await _retry_same_key(client, key, task_id)
+        assert isinstance(outcome, TaskFailed), outcome
+        await asyncio.sleep(0.3)
+    assert executions.runs[key] == 1, executions.runs
+    assert not executions.finished
+    kinds = chaos.assert_audit([])
+    assert {"request_received", "failed"} <= kinds["hospital"][task_id]
+    assert {"request_sent", "failed"} <= kinds["insurer"][task_id]
+    assert "result_released" not in kinds["hospital"][task_id]
+    assert "result_received" not in kinds["insurer"][task_id]
+
+
+async def test_deadline_exceeded_task_reaches_a_final_state(chaos: ChaosFederation) -> None:
+    executions = Executions()
+    key, task_id = "s3x-key", "s3x-task"
+    async with (
+        serving(chaos.hospital.participant, counting_agent(executions)),
+        chaos.client() as client,
+    ):
+        await _stall(chaos, client, executions, key, task_id)
+        state = await _state_after(client, task_id, 3)
+        assert state == "failed", f"insurer's get still says {state!r} 3 s after the deadline"
+        outcome = await _retry_same_key(client, key, task_id)
+        assert isinstance(outcome, TaskFailed), outcome
+        assert outcome.result.state == "failed"
+    assert executions.runs[key] == 1
+
+
+async def test_audit_store_locked_then_released(chaos: ChaosFederation) -> None:
+    """The hospital's audit DB is locked for 6 s (longer than its 5 s busy timeout) under load.
+
+    Observed: while locked, the hospital fails closed (UNAVAILABLE, "audit store cannot be
+    written") and nothing completes; the SDK retries with the same key and most calls complete
+    once the lock is gone. A call whose skill had run but whose `result_released` could not be
+    committed ends TaskFailed with code "unavailable": the hospital keeps that failed outcome
+    for the key, so the retry answers it instead of running the skill again.
+    """
+    executions = Executions()
+    outcomes: dict[str, tuple[str, float, Any]] = {}
+    loop = asyncio.get_running_loop()
+    retry = RetryPolicy(max_attempts=6, max_backoff=0.5)
+    async with (
+        serving(chaos.hospital.participant, counting_agent(executions)),
+        chaos.client(retry=retry) as client,
+    ):
+
+        async def one(task_id: str) -> None:
+            try:
+                result = await bounded(
+                    client.call(
+                        TARGET,
+                        {"key": task_id, "seconds": 0.05},
+                        timeout=9,
+                        task_id=task_id,
+                        idempotency_key=task_id,
+                    ),
+                    14,
+                    f"call {task_id}",
+                )
+                outcomes[task_id] = (result.state, loop.time(), None)
+            except FedgateError as exc:
+                outcomes[task_id] = (type(exc).__name__, loop.time(), exc)
+
+        await one("s4-warmup")
+        assert outcomes["s4-warmup"][0] == "completed"
+        stop = asyncio.Event()
+
+        async def load(worker: int) -> None:
+            for n in range(1000):
+                if stop.is_set():
+                    return
+                await one(f"s4-w{worker}-{n}")
+                await asyncio.sleep(0.05)
+
+        workers = [asyncio.ensure_future(load(w)) for w in range(4)]
+        await asyncio.sleep(0.5)
+        lock = sqlite3.connect(chaos.hospital.audit_db, timeout=0.1, isolation_level=None)
+        try:
+            for _ in range(50):  # the gateway may hold the write lock for a moment
+                try:
+                    lock.execute("BEGIN EXCLUSIVE")
+                    break
+                except sqlite3.OperationalError:
+                    await asyncio.sleep(0.02)
+            else:
+                pytest.fail("could not lock the hospital's audit database")
+            locked_at = loop.time()
+            await asyncio.sleep(6.0)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                lock.execute("ROLLBACK")
+            lock.close()
+        released_at = loop.time()
+        await asyncio.sleep(1.0)
+        stop.set()
+        await bounded(asyncio.gather(*workers), 20, "load workers")
+        # After the release, new calls complete.
+        after = [f"s4-after-{n}" for n in range(4)]
+        await bounded(asyncio.gather(*(one(t) for t in after)), 15, "calls after release")
+        assert all(outcomes[t][0] == "completed" for t in after), {t: outcomes[t] for t in after}
+        # Fail closed: nothing completed while the hospital could not write its audit log.
+        during = [
+            t
+            for t, (state, at, _) in outcomes.items()
+            if state == "completed" and locked_at + 0.5 < at < released_at - 0.1
+        ]
+        assert not during, f"completed while the audit store was locked: {during}"
+        assert any("audit store cannot be written" in line for line in chaos.hospital.log)
+        for state, _, exc in outcomes.values():
+            assert state in ("completed", "Unavailable", "TaskFailed"), exc
+            if state == "TaskFailed":
+                assert exc.result.error is not None and exc.result.error.code == "unavailable"
+        states = await final_states(client, list(outcomes))
+        for task_id, (state, _, _) in outcomes.items():
+            if state == "completed":
+                assert states[task_id] == "completed", (task_id, states[task_id])
+            elif state == "Unavailable":
+                assert states[task_id] in ("failed", "not_found"), (task_id, states[task_id])
+            else:
+                assert states[task_id] == "failed", (task_id, states[task_id])
+    assert not executions.twice(), f"ran twice for one key: {executions.twice()}"
+    chaos.assert_audit([t for t, (state, _, _) in outcomes.items() if state == "completed"])
