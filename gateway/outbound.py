@@ -199,13 +199,22 @@ class OutboundRoutes(RouterBase):
             message = await call
         except grpc.aio.AioRpcError as exc:
             raise self._peer_error(peer, exc) from None
-        result = result_from_pb(message)
+        try:
+            result = result_from_pb(message)
+        except (ValueError, FedgateError) as exc:
+            yield _unreadable(message.task_id, peer, exc)
+            return
         yield TaskUpdate(result.task_id, result.state, result=result)
 
     async def _peer_updates(self, peer: str, call: Any) -> AsyncIterator[TaskUpdate]:
         try:
             async for message in call:
-                yield update_from_pb(message)
+                try:
+                    update = update_from_pb(message)
+                except (ValueError, FedgateError) as exc:
+                    yield _unreadable(message.task_id, peer, exc)
+                    return
+                yield update
         except grpc.aio.AioRpcError as exc:
             raise self._peer_error(peer, exc) from None
 
@@ -277,3 +286,18 @@ class OutboundRoutes(RouterBase):
             )
         )
         return replace(result, task_id=spec.task_id, responder_org=peer)
+
+
+def _unreadable(task_id: str, peer: str, exc: Exception) -> TaskUpdate:
+    """A partner's answer that cannot be read (an unknown state, a non-finite number)."""
+    detail = getattr(exc, "message", None) or str(exc)
+    return TaskUpdate(
+        task_id,
+        TaskState.FAILED,
+        result=TaskResult(
+            task_id,
+            TaskState.FAILED,
+            error=TaskError("invalid_result", f"the answer of {peer!r} cannot be read: {detail}"),
+            responder_org=peer,
+        ),
+    )

@@ -21,7 +21,7 @@ from gateway.delegation import DelegationVerifier
 from gateway.errors import FedgateError, InvalidArgument, PermissionDenied, Unauthenticated
 from gateway.limits import PeerLimiter
 from gateway.router import Router
-from gateway.tasks import TaskResult, TaskSpec, TaskState, TaskUpdate, validate_names
+from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate, validate_names
 from gateway.tls import ReloadingTls, peer_identity
 from gateway.tokens import TokenAuthority, TokenClaims
 from gateway.wire import (
@@ -386,6 +386,20 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
                     "agent instance %s sent an update with an unknown state", instance.instance_id
                 )
                 continue
+            except ValueError as exc:
+                # An output JSON cannot carry (NaN, infinity): the task fails, the gateway does not.
+                task_id = message.update.task_id
+                update = TaskUpdate(
+                    task_id,
+                    TaskState.FAILED,
+                    result=TaskResult(
+                        task_id,
+                        TaskState.FAILED,
+                        error=TaskError(
+                            "skill_error", f"the skill's output is not valid JSON: {exc}"
+                        ),
+                    ),
+                )
             self.agents.deliver(instance, update)
 
     async def StreamTask(

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from fedgate.v1 import fedgate_pb2 as pb
 
@@ -48,9 +49,29 @@ def normalize_numbers(value: Any) -> Any:
     return value
 
 
+def _from_value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return {key: _from_value(item) for key, item in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_from_value(item) for item in value.list_value.values]
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise ValueError(
+                f"a number in the payload is not finite ({number}): JSON cannot carry it"
+            )
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+    if kind == "bool_value":
+        return value.bool_value
+    return None
+
+
 def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as a plain dict with JSON-like numbers."""
-    return normalize_numbers(json_format.MessageToDict(message))  # type: ignore[no-any-return]
+    """A Struct as a plain dict with JSON-like numbers; ValueError for NaN or infinity."""
+    return {key: _from_value(item) for key, item in message.fields.items()}
 
 
 def dict_to_struct(value: dict[str, Any] | None) -> struct_pb2.Struct:

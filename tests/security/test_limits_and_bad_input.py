@@ -169,3 +169,34 @@ async def test_a_flooding_peer_is_limited_and_the_other_peer_is_served(
         r.status for r in secure_fed["hospital"].audit.query(peer="lab", kind="rejected", limit=500)
     }
     assert "RESOURCE_EXHAUSTED" in statuses
+
+
+async def test_non_finite_numbers_are_refused_not_crashed_on(
+    secure_fed: LocalFederation, pki: Pki
+) -> None:
+    """NaN and infinity are not JSON: a request carrying one is INVALID_ARGUMENT, and audited."""
+    nan_input = pb.TaskRequest(
+        input=dict_to_struct({"dose": float("nan")})
+    ).input.SerializeToString()
+    error = await _raw_submit(pki, secure_fed, _request_bytes(pki, "nan-1", input_bytes=nan_input))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not finite" in (error.details() or "")
+
+
+async def test_agent_output_with_nan_fails_the_task_cleanly(secure_fed: LocalFederation) -> None:
+    from participant_sdk import Agent, TaskFailed
+
+    odd = Agent("echo")
+
+    @odd.skill
+    async def say(task, data):  # type: ignore[no-untyped-def]
+        return {"dose": float("inf")}
+
+    token = hospital_tokens(secure_fed).issue("echo", agents=["echo"])
+    async with (
+        serving(secure_fed.participant("hospital"), odd, token=token),
+        Client(secure_fed.participant("insurer")) as client,
+    ):
+        with pytest.raises(TaskFailed) as info:
+            await client.call("hospital/echo.say", {}, timeout=10)
+    assert info.value.result.error is not None and info.value.result.error.code == "skill_error"
