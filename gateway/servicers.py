@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -57,6 +58,38 @@ async def _result_of(updates: AsyncIterator[TaskUpdate]) -> pb.TaskResult:
         last = update
     assert last is not None, "a task's updates end with a final one"
     return result_to_pb(last.result or TaskResult(last.task_id, last.state))
+
+
+def _maps_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A unary handler's FedgateError becomes its gRPC status and message."""
+
+    @functools.wraps(method)
+    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except FedgateError as exc:
+            await _abort(context, exc)
+            raise  # abort raises; this keeps type checkers honest
+
+    return handler
+
+
+def _maps_stream_errors(
+    method: Callable[..., AsyncIterator[Any]],
+) -> Callable[..., AsyncIterator[Any]]:
+    """A streaming handler's FedgateError becomes its gRPC status and message."""
+
+    @functools.wraps(method)
+    async def handler(
+        self: Any, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        try:
+            async for message in method(self, request, context):
+                yield message
+        except FedgateError as exc:
+            await _abort(context, exc)
+
+    return handler
 
 
 class _Base:
@@ -168,80 +201,63 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
             )
         return org
 
+    @_maps_errors
     async def ListAgents(
         self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAgentsResponse:
-        try:
-            org = await self._peer(context)
-            return pb.ListAgentsResponse(
-                agents=[card_to_pb(c) for c in self.router.cards_for_peer(org)]
-            )
-        except FedgateError as exc:
-            await _abort(context, exc)
-            raise  # unreachable: abort raises
+        org = await self._peer(context)
+        return pb.ListAgentsResponse(
+            agents=[card_to_pb(c) for c in self.router.cards_for_peer(org)]
+        )
 
+    @_maps_stream_errors
     async def StreamTask(
         self, request: pb.TaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TaskUpdate]:
-        try:
-            org, spec, permit, claims = await self._admit(request, context)
-            with permit:
-                async for update in self.router.serve_peer(spec, org, claims):
-                    yield update_to_pb(update)
-        except FedgateError as exc:
-            await _abort(context, exc)
+        org, spec, permit, claims = await self._admit(request, context)
+        with permit:
+            async for update in self.router.serve_peer(spec, org, claims):
+                yield update_to_pb(update)
 
+    @_maps_errors
     async def SubmitTask(
         self, request: pb.TaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.TaskResult:
-        try:
-            org, spec, permit, claims = await self._admit(request, context)
-            with permit:
-                return await _result_of(self.router.serve_peer(spec, org, claims))
-        except FedgateError as exc:
-            await _abort(context, exc)
-            raise
+        org, spec, permit, claims = await self._admit(request, context)
+        with permit:
+            return await _result_of(self.router.serve_peer(spec, org, claims))
 
+    @_maps_errors
     async def CancelTask(
         self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelTaskResponse:
-        try:
-            org = await self._peer(context)
-            _check_decoded(request)
-            state = await self.router.cancel(request.task_id, request.reason, origin_org=org)
-            return pb.CancelTaskResponse(state=state_to_pb(state))
-        except FedgateError as exc:
-            await _abort(context, exc)
-            raise
+        org = await self._peer(context)
+        _check_decoded(request)
+        state = await self.router.cancel(request.task_id, request.reason, origin_org=org)
+        return pb.CancelTaskResponse(state=state_to_pb(state))
 
+    @_maps_errors
     async def GetTask(
         self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.TaskResult:
-        try:
-            org = await self._peer(context)
-            _check_decoded(request)
-            return result_to_pb(await self.router.get(request.task_id, origin_org=org))
-        except FedgateError as exc:
-            await _abort(context, exc)
-            raise
+        org = await self._peer(context)
+        _check_decoded(request)
+        return result_to_pb(await self.router.get(request.task_id, origin_org=org))
 
+    @_maps_errors
     async def ExchangeCheckpoint(
         self, request: pb.SignedCheckpoint, context: grpc.aio.ServicerContext
     ) -> pb.SignedCheckpoint:
-        try:
-            org = await self._peer(context)
-            _check_decoded(request)
-            theirs = checkpoint_from_pb(request)
-            if theirs.org != org:
-                raise PermissionDenied(
-                    f"checkpoint names organization {theirs.org!r} but the caller is {org!r}"
-                )
-            await self.router.audit.store_peer_checkpoint(theirs)
-            ours = await self.router.audit.checkpoint(self.router.signer)
-            return checkpoint_to_pb(ours)
-        except FedgateError as exc:
-            await _abort(context, exc)
-            raise
+        org = await self._peer(context)
+        _check_decoded(request)
+        theirs = checkpoint_from_pb(request)
+        if theirs.org != org:
+            raise PermissionDenied(
+                f"checkpoint names organization {theirs.org!r} but the caller is {org!r}"
+            )
+        await self.router.audit.store_peer_checkpoint(theirs)
+        ours = await self.router.audit.checkpoint(self.router.signer)
+        return checkpoint_to_pb(ours)
 
 
 class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
@@ -402,50 +418,39 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
                 )
             self.agents.deliver(instance, update)
 
+    @_maps_stream_errors
     async def StreamTask(
         self, request: pb.TaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TaskUpdate]:
-        try:
-            spec = self._authorize_call(self._spec(request, context), context)
-            async for update in self.router.submit(spec):
-                yield update_to_pb(update)
-        except FedgateError as exc:
-            await _abort(context, exc)
+        spec = self._authorize_call(self._spec(request, context), context)
+        async for update in self.router.submit(spec):
+            yield update_to_pb(update)
 
+    @_maps_errors
     async def SubmitTask(
         self, request: pb.TaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.TaskResult:
-        try:
-            spec = self._authorize_call(self._spec(request, context), context)
-            return await _result_of(self.router.submit(spec, stream=False))
-        except FedgateError as exc:
-            await _abort(context, exc)
-            raise
+        spec = self._authorize_call(self._spec(request, context), context)
+        return await _result_of(self.router.submit(spec, stream=False))
 
+    @_maps_errors
     async def CancelTask(
         self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelTaskResponse:
-        try:
-            _check_decoded(request)
-            self._claims(context)
-            state = await self.router.cancel(
-                request.task_id, request.reason, origin_org=self.router.org
-            )
-            return pb.CancelTaskResponse(state=state_to_pb(state))
-        except FedgateError as exc:
-            await _abort(context, exc)
-            raise
+        _check_decoded(request)
+        self._claims(context)
+        state = await self.router.cancel(
+            request.task_id, request.reason, origin_org=self.router.org
+        )
+        return pb.CancelTaskResponse(state=state_to_pb(state))
 
+    @_maps_errors
     async def GetTask(
         self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.TaskResult:
-        try:
-            _check_decoded(request)
-            self._claims(context)
-            return result_to_pb(await self.router.get(request.task_id, origin_org=self.router.org))
-        except FedgateError as exc:
-            await _abort(context, exc)
-            raise
+        _check_decoded(request)
+        self._claims(context)
+        return result_to_pb(await self.router.get(request.task_id, origin_org=self.router.org))
 
     async def ListConnectedAgents(
         self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext
