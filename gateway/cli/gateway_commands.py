@@ -108,6 +108,10 @@ rules = "policies/{org}.csv"
     click.echo(
         f"next: add partners under [peers.NAME], write rules in {rules}, then `fedgate serve`"
     )
+    click.echo(
+        "agents and requesters need a token: `fedgate tokens issue --subject NAME --agent AGENT` "
+        "or `--call ORG/AGENT.SKILL`"
+    )
 
 
 @click.command()
