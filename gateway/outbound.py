@@ -89,6 +89,8 @@ class OutboundRoutes(RouterBase):
             claims = {"origin": parent.origin_org}
         try:
             filtered = self._filter(policy, peer, spec, "send", spec.input, claims)
+            delegation = self.delegation_for(spec)  # refuses a bad purpose or role
+            # Last: from here on every path reports back to the peer's circuit breaker.
             call_started = self.peers.admit(peer)  # fails fast while the peer's circuit is open
         except FedgateError as exc:
             await self.audit_rejection(spec, peer, exc, started=started, direction="outbound")
@@ -96,7 +98,7 @@ class OutboundRoutes(RouterBase):
         actions = tuple((p, "withheld") for p in filtered.withheld) + filtered.transformed
         outbound = replace(
             spec.with_input(filtered.output, actions),
-            delegation=self.delegation_for(spec),
+            delegation=delegation,
             purpose="",
             roles=(),
         )
@@ -177,7 +179,8 @@ class OutboundRoutes(RouterBase):
                         )
                     )
             raise
-        except asyncio.CancelledError as exc:
+        except BaseException as exc:
+            # Cancelled, or closed (GeneratorExit) when our requester went away at a yield.
             final = final or error_result(spec, exc, peer)
             raise
         finally:

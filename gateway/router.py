@@ -75,6 +75,16 @@ _PEER_ERROR_MESSAGES = {
 }
 
 
+def _owned(requester: str, owner: str | None) -> bool:
+    """Whether a task's requester ('subject' or 'subject/name') belongs to `owner` (None: any)."""
+    return owner is None or requester.partition("/")[0] == owner
+
+
+def claims_of(spec: TaskSpec) -> dict[str, str | tuple[str, ...]]:
+    """The delegated claims of an inbound task, as the policy sees them (see gateway.delegation)."""
+    return {"role": spec.roles, "purpose": spec.purpose, "subject": spec.requester}
+
+
 def _describe_claims(spec: TaskSpec) -> str:
     """The delegated claims of who asked, as kept in the audit record."""
     parts = []
@@ -104,20 +114,23 @@ class Router(OutboundRoutes):
                 visible.append(replace(card, skills=skills))
         return visible
 
-    async def get(self, task_id: str, *, origin_org: str) -> TaskResult:
-        """State of a task the asking organization submitted (from memory, else the task table)."""
+    async def get(self, task_id: str, *, origin_org: str, owner: str | None = None) -> TaskResult:
+        """State of a task the asking organization (and, given, requester) submitted."""
+        unknown = NotFound(f"task {task_id!r} is not known to the gateway of {self.org!r}")
         running = self._running.get(task_id)
         if running is not None and running.origin_org == origin_org:
+            if not _owned(running.spec.requester, owner):
+                raise unknown
             return TaskResult(task_id, TaskState.WORKING)
         finished = self._finished.get(task_id)
-        if finished is not None and finished[0] == origin_org:
-            return finished[1]
+        if finished is not None and finished[0] == origin_org and _owned(finished[1], owner):
+            return finished[2]
         row = await self.tasks.by_task_id(origin_org, task_id)
-        if row is not None:
+        if row is not None and _owned(row.requester, owner):
             if row.result is None and row.remote:
                 return await self._ask_peer(row)
             return row.result or TaskResult(task_id, TaskState.WORKING)
-        raise NotFound(f"task {task_id!r} is not known to the gateway of {self.org!r}")
+        raise unknown
 
     async def _ask_peer(self, row: TaskRow) -> TaskResult:
         """An outbound task whose connection broke: what does the partner say about it now?"""
@@ -136,11 +149,18 @@ class Router(OutboundRoutes):
         # record it) by calling again with the same key.
         return TaskResult(row.task_id, TaskState.WORKING, responder_org=peer)
 
-    async def cancel(self, task_id: str, reason: str, *, origin_org: str) -> TaskState:
-        """Cancel a running task the asking organization submitted, and its sub-tasks."""
+    async def cancel(
+        self, task_id: str, reason: str, *, origin_org: str, owner: str | None = None
+    ) -> TaskState:
+        """Cancel a running task the asking organization (and requester) submitted, and its
+        sub-tasks."""
         running = self._running.get(task_id)
-        if running is None or running.origin_org != origin_org:
-            result = await self.get(task_id, origin_org=origin_org)
+        if (
+            running is None
+            or running.origin_org != origin_org
+            or not _owned(running.spec.requester, owner)
+        ):
+            result = await self.get(task_id, origin_org=origin_org, owner=owner)
             return result.state
         running.reason = reason or "canceled by the requester"
         for child in list(running.children):
@@ -206,9 +226,14 @@ class Router(OutboundRoutes):
         rows = await self.tasks.unfinished()
         for row in rows:
             spec = row.spec
+            if row.remote and spec is not None and spec.remaining() > 0:
+                # Sent to a partner before the restart: the partner holds the task. GetTask asks
+                # it, and a retry with the key resumes it (the partner runs a key once).
+                continue
             if row.remote or spec is None or spec.remaining() <= 0:
                 reason = (
-                    "the gateway restarted while waiting for the partner: ask it with GetTask"
+                    "the gateway restarted and the task's deadline passed before it could ask "
+                    "the partner again"
                     if row.remote
                     else "the gateway restarted and the task's deadline has passed"
                 )
@@ -249,8 +274,23 @@ class Router(OutboundRoutes):
                 )
                 await self.tasks.finish(row.origin_org, row.key, result)
                 return
+            claims = claims_of(spec) if peer_org is not None else None
+            policy = self.current_policy()
+            if peer_org is not None and (
+                policy is None
+                or not policy.may_invoke(peer_org, spec.agent, spec.skill, claims).allowed
+            ):
+                # The policy changed while we were down: the task is refused, not run.
+                result = TaskResult(
+                    spec.task_id,
+                    TaskState.FAILED,
+                    responder_org=self.org,
+                    error=TaskError("policy_refused", _PEER_ERROR_MESSAGES["policy_refused"]),
+                )
+                await self.tasks.finish(row.origin_org, row.key, result)
+                return
             async for update in self._run_local(
-                spec, origin_org=row.origin_org, peer_org=peer_org, recovered=True
+                spec, origin_org=row.origin_org, peer_org=peer_org, claims=claims, recovered=True
             ):
                 if update.state.final:
                     result = update.result
@@ -298,10 +338,17 @@ class Router(OutboundRoutes):
         key = task_key(origin_org, spec)
         pending = self._inflight.get(key)
         if pending is not None:
-            earlier = await asyncio.wait_for(asyncio.shield(pending), max(0.001, spec.remaining()))
+            try:
+                earlier = await asyncio.wait_for(
+                    asyncio.shield(pending), max(0.001, spec.remaining())
+                )
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"task {spec.task_id} passed its deadline while its first attempt still ran"
+                ) from None
             yield await self._answer_retry(spec, earlier, peer_org)
             return
-        if spec.task_id in self._running:
+        if spec.task_id in self._running or spec.task_id in self._claimed_ids:
             raise InvalidArgument(f"task id {spec.task_id!r} is already running under another key")
         recent = self._recent.get(key)
         if recent is not None:
@@ -309,6 +356,7 @@ class Router(OutboundRoutes):
             return
         future: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
+        self._claimed_ids.add(spec.task_id)  # before any await: one task id, one key
         result: TaskResult | None = None
         try:
             try:
@@ -330,6 +378,7 @@ class Router(OutboundRoutes):
             raise
         finally:
             self._inflight.pop(key, None)
+            self._claimed_ids.discard(spec.task_id)
             future.set_result(result or error_result(spec, Cancelled("stream closed"), self.org))
 
     async def _answer_retry(
@@ -432,14 +481,15 @@ class Router(OutboundRoutes):
                     self.audit_rejection(spec, peer_org, exc, started=started, kind="failed")
                 )
             raise
-        except asyncio.CancelledError as exc:
+        except BaseException as exc:
+            # Cancelled, or closed (GeneratorExit) when the requester's stream went away while
+            # we waited at a yield. Decide the outcome before any await, then record it.
+            final = final or error_result(spec, exc, self.org)
             if peer_org is not None and not releasing:
-                # The requester's gateway went away mid-task: record how the exchange ended.
                 gone = Cancelled("the requesting gateway closed the task stream")
                 await asyncio.shield(
                     self.audit_rejection(spec, peer_org, gone, started=started, kind="canceled")
                 )
-            final = final or error_result(spec, exc, self.org)
             raise
         finally:
             self._finish(running, final)

@@ -17,7 +17,7 @@ from gateway.errors import AuditUnavailable, DeadlineExceeded, FedgateError, Per
 from gateway.peers import PeerRegistry
 from gateway.policy import FilterResult, Policy, PolicyHolder
 from gateway.signing import Signer, Verifier
-from gateway.task_store import MemoryTaskStore, TaskKey, TaskRow, TaskStore
+from gateway.task_store import MemoryTaskStore, TaskKey, TaskRow, TaskStore, task_key
 from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
 
 log = logging.getLogger("fedgate.router")
@@ -58,8 +58,10 @@ def error_result(spec: TaskSpec, exc: BaseException, responder_org: str) -> Task
     """The result kept for a task that ended with an error instead of a result."""
     if isinstance(exc, FedgateError):
         code, message = exc.status.name.lower(), exc.message
-    else:
+    elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         code, message = "canceled", "the requester went away before the task ended"
+    else:
+        code, message = "internal", f"the gateway failed: {type(exc).__name__}"
     state = TaskState.CANCELED if code in ("canceled", "cancelled") else TaskState.FAILED
     return TaskResult(
         spec.task_id, state, error=TaskError(code, message), responder_org=responder_org
@@ -100,9 +102,10 @@ class RouterBase:
         self.draining = False
         self._running: dict[str, Running] = {}
         self._inflight: dict[TaskKey, asyncio.Future[TaskResult]] = {}
+        self._claimed_ids: set[str] = set()
         # Recent outcomes, for GetTask and retries without a database read; the task table
         # holds them all.
-        self._finished: OrderedDict[str, tuple[str, TaskResult]] = OrderedDict()
+        self._finished: OrderedDict[str, tuple[str, str, TaskResult]] = OrderedDict()
         self._recent: OrderedDict[TaskKey, TaskResult] = OrderedDict()
         self._finished_capacity = finished_capacity
         self._idle = asyncio.Event()
@@ -139,10 +142,12 @@ class RouterBase:
         if not self._running:
             self._idle.set()
         if result is not None:
-            self._finished[running.spec.task_id] = (running.origin_org, result)
-            self._recent[
-                (running.origin_org, running.spec.idempotency_key or running.spec.task_id)
-            ] = result
+            self._finished[running.spec.task_id] = (
+                running.origin_org,
+                running.spec.requester,
+                result,
+            )
+            self._recent[task_key(running.origin_org, running.spec)] = result
             while len(self._finished) > self._finished_capacity:
                 self._finished.popitem(last=False)
             while len(self._recent) > self._finished_capacity:
@@ -230,9 +235,7 @@ class RouterBase:
     async def _finish_task(self, origin_org: str, spec: TaskSpec, result: TaskResult) -> None:
         """Keep a task's final result in the task table; an outage there must not hide it."""
         try:
-            await asyncio.shield(
-                self.tasks.finish(origin_org, spec.idempotency_key or spec.task_id, result)
-            )
+            await asyncio.shield(self.tasks.finish(*task_key(origin_org, spec), result))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -240,12 +243,10 @@ class RouterBase:
 
     async def _forget_task(self, origin_org: str, spec: TaskSpec) -> None:
         """Drop a task that never ran, so that a retry with its key runs it."""
-        self._recent.pop((origin_org, spec.idempotency_key or spec.task_id), None)
+        self._recent.pop(task_key(origin_org, spec), None)
         self._finished.pop(spec.task_id, None)
         try:
-            await asyncio.shield(
-                self.tasks.forget(origin_org, spec.idempotency_key or spec.task_id)
-            )
+            await asyncio.shield(self.tasks.forget(*task_key(origin_org, spec)))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -300,5 +301,7 @@ class RouterBase:
                 next_update.cancel()
                 with contextlib.suppress(BaseException):
                     await next_update
+            elif next_update is not None and not next_update.cancelled():
+                next_update.exception()  # retrieved: a read that failed as we left is not news
             with contextlib.suppress(Exception):
                 await iterator.aclose()  # type: ignore[attr-defined]

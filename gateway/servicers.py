@@ -438,9 +438,12 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
         self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelTaskResponse:
         _check_decoded(request)
-        self._claims(context)
+        claims = self._claims(context)
         state = await self.router.cancel(
-            request.task_id, request.reason, origin_org=self.router.org
+            request.task_id,
+            request.reason,
+            origin_org=self.router.org,
+            owner=claims.subject if claims is not None else None,
         )
         return pb.CancelTaskResponse(state=state_to_pb(state))
 
@@ -449,8 +452,11 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
         self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.TaskResult:
         _check_decoded(request)
-        self._claims(context)
-        return result_to_pb(await self.router.get(request.task_id, origin_org=self.router.org))
+        claims = self._claims(context)
+        owner = claims.subject if claims is not None else None
+        return result_to_pb(
+            await self.router.get(request.task_id, origin_org=self.router.org, owner=owner)
+        )
 
     async def ListConnectedAgents(
         self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext

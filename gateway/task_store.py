@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import threading
 import time
@@ -34,7 +35,14 @@ TaskKey = tuple[str, str]  # (origin_org, idempotency key or task id)
 
 
 def task_key(origin_org: str, spec: TaskSpec) -> TaskKey:
-    return (origin_org, spec.idempotency_key or spec.task_id)
+    """(origin, key): the key covers who asked, what, and the idempotency key (or task id).
+
+    A key reused by another requester, or for another agent skill, is another task: it never
+    answers with someone else's stored result. Hashed, so any length of names fits the column.
+    """
+    owner = spec.requester.partition("/")[0]  # the token's subject, without the name it added
+    material = "\x00".join((owner, spec.target, spec.idempotency_key or spec.task_id))
+    return (origin_org, hashlib.sha256(material.encode()).hexdigest())
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,9 @@ def spec_to_json(spec: TaskSpec) -> dict[str, Any]:
         "idempotency_key": spec.idempotency_key,
         "delegation": spec.delegation,
         "parent_task_id": spec.parent_task_id,
+        # Who asked and why: a recovered task is released under the same claims.
+        "purpose": spec.purpose,
+        "roles": list(spec.roles),
         "input_field_actions": [list(a) for a in spec.input_field_actions],
     }
 
@@ -113,6 +124,8 @@ def spec_from_json(data: dict[str, Any]) -> TaskSpec:
         idempotency_key=data.get("idempotency_key", ""),
         delegation=data.get("delegation", ""),
         parent_task_id=data.get("parent_task_id", ""),
+        purpose=data.get("purpose", ""),
+        roles=tuple(data.get("roles", ())),
         input_field_actions=tuple((p, a) for p, a in data.get("input_field_actions", [])),
     )
 
@@ -205,8 +218,8 @@ class TaskRowModel(SQLModel, table=True):
     origin_org: str = Field(sa_column=Column(String(63), primary_key=True))
     key: str = Field(sa_column=Column(String(255), primary_key=True))
     task_id: str = Field(sa_column=Column(String(128), nullable=False))
-    target: str = Field(sa_column=Column(String(255), nullable=False))
-    requester: str = Field(default="", sa_column=Column(String(255), nullable=False))
+    target: str = Field(sa_column=Column(Text, nullable=False))
+    requester: str = Field(default="", sa_column=Column(Text, nullable=False))
     remote: bool = False
     state: str = Field(sa_column=Column(String(32), nullable=False, index=True))
     spec_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from gateway.task_store import MemoryTaskStore, SqlTaskStore, TaskStore
+from gateway.task_store import MemoryTaskStore, SqlTaskStore, TaskStore, task_key
 from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState
 
 PG = os.environ.get("FEDGATE_TEST_DATABASE_URL")
@@ -69,6 +69,7 @@ async def test_accept_once_then_conflict_returns_the_existing_row(store: TaskSto
 
 async def test_finish_keeps_the_result_and_drops_the_input(store: TaskStore) -> None:
     await store.accept("insurer", _spec("t-1"), remote=True)
+    key = task_key("insurer", _spec("t-1"))[1]
     result = TaskResult(
         "t-1",
         TaskState.COMPLETED,
@@ -78,8 +79,8 @@ async def test_finish_keeps_the_result_and_drops_the_input(store: TaskStore) -> 
         responder_org="hospital",
         policy_version="sha256:1",
     )
-    await store.finish("insurer", "t-1", result)
-    row = await store.get("insurer", "t-1")
+    await store.finish("insurer", key, result)
+    row = await store.get("insurer", key)
     assert row is not None and row.final and row.spec is None and row.result == result
     assert (await store.by_task_id("insurer", "t-1")) == row
     assert await store.unfinished() == []
@@ -89,11 +90,13 @@ async def test_unfinished_and_forget(store: TaskStore) -> None:
     await store.accept("insurer", _spec("t-1"), remote=False)
     await store.accept("insurer", _spec("t-2"), remote=True)
     await store.finish(
-        "insurer", "t-2", TaskResult("t-2", TaskState.FAILED, error=TaskError("x", "y"))
+        "insurer",
+        task_key("insurer", _spec("t-2"))[1],
+        TaskResult("t-2", TaskState.FAILED, error=TaskError("x", "y")),
     )
     assert [r.task_id for r in await store.unfinished()] == ["t-1"]
-    await store.forget("insurer", "t-1")
-    assert await store.get("insurer", "t-1") is None
+    await store.forget("insurer", task_key("insurer", _spec("t-1"))[1])
+    assert await store.get("insurer", task_key("insurer", _spec("t-1"))[1]) is None
     assert await store.accept("insurer", _spec("t-1"), remote=False) is None
 
 
@@ -102,3 +105,14 @@ async def test_concurrent_accepts_of_one_key_let_exactly_one_through(store: Task
         *(store.accept("insurer", _spec(f"t-{i}", "same"), remote=False) for i in range(20))
     )
     assert sum(o is None for o in outcomes) == 1
+
+
+def test_a_key_is_per_requester_and_target() -> None:
+    """The same idempotency key from another requester, or for another skill, is another task."""
+    base = _spec("t-1", "order-42")
+    other_requester = TaskSpec(**{**base.__dict__, "requester": "weather-bot"})
+    other_target = TaskSpec(**{**base.__dict__, "skill": "shout"})
+    same_subject = TaskSpec(**{**base.__dict__, "requester": "tester/clerk-3"})
+    keys = {task_key("hospital", s)[1] for s in (base, other_requester, other_target)}
+    assert len(keys) == 3
+    assert task_key("hospital", same_subject) == task_key("hospital", base), "by token subject"
