@@ -446,7 +446,12 @@ class Router(OutboundRoutes):
         if not recovered:
             if peer_org is not None:
                 await self._admit_peer(spec, peer_org, policy, started, claims)
-            existing = await self.tasks.accept(origin_org, spec, remote=False)
+            try:
+                existing = await self.tasks.accept(origin_org, spec, remote=False)
+            except FedgateError as exc:
+                if peer_org is not None:
+                    await self.audit_rejection(spec, peer_org, exc, started=started, kind="failed")
+                raise
             if existing is not None:
                 raise DuplicateTask(existing)
         running = self._start(spec, origin_org, remote=False, claims=claims)

@@ -8,7 +8,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from gateway.agents import AgentRegistry
@@ -188,18 +188,29 @@ class RouterBase:
         kind: str = "rejected",
         direction: str = "inbound",
     ) -> None:
-        """Best effort: a rejection is recorded, but a store outage must not hide the refusal."""
+        """Best effort: a rejection is recorded, but a store outage must not hide the refusal.
+
+        The names in a refused request are unverified and may be huge: the record keeps a
+        bounded prefix of each, so refusals cannot fill the audit store.
+        """
+        bounded = replace(
+            spec,
+            task_id=spec.task_id[:128],
+            agent=spec.agent[:64],
+            skill=spec.skill[:64],
+            requester=spec.requester[:256],
+        )
         try:
             await self.audit.append(
                 self._event(
                     kind,
-                    spec,
-                    peer_org,
+                    bounded,
+                    peer_org[:64],
                     direction=direction,
                     decision="denied",
                     status=exc.status.name,
                     duration_ms=(time.monotonic() - started) * 1000,
-                    detail=exc.message,
+                    detail=exc.message[:1000],
                 )
             )
         except Exception:

@@ -48,7 +48,10 @@ async def _abort(context: grpc.aio.ServicerContext, exc: FedgateError) -> None:
     # The marker tells a calling gateway that we answered (e.g. UNAVAILABLE because our audit
     # store is down), as opposed to a transport failure that counts against our circuit.
     context.set_trailing_metadata(((ERROR_MARKER, type(exc).__name__),))
-    await context.abort(exc.status, exc.message)
+    # gRPC carries the message in metadata (16 KiB at most): a message quoting unverified
+    # input must never grow past that and turn a clear refusal into a broken stream.
+    message = exc.message if len(exc.message) <= 2000 else exc.message[:2000] + "…"
+    await context.abort(exc.status, message)
 
 
 async def _result_of(updates: AsyncIterator[TaskUpdate]) -> pb.TaskResult:
@@ -179,7 +182,14 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
         return org, spec, permit, delegation.claims()
 
     async def _peer(self, context: grpc.aio.ServicerContext, request: Any = None) -> str:
-        org = peer_identity(context, self.tls.material.revoked_serials)
+        try:
+            org = peer_identity(context, self.tls.material.revoked_serials)
+        except FedgateError as exc:
+            # A revoked or inconsistent certificate: refused, and recorded (the organization it
+            # names is in the message; it is not proven, so the record's peer is "-").
+            spec = TaskSpec(task_id="-", target_org="", agent="", skill="", input={})
+            await self.router.audit_rejection(spec, "-", exc, started=time.monotonic())
+            raise
         if org not in self.router.peers:
             error = PermissionDenied(
                 f"organization {org!r} is not a peer of {self.router.org!r}: the operator must add "
@@ -378,7 +388,10 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
     def _instance(self, register: pb.RegisterAgents) -> AgentInstance:
         cards = {}
         for message in register.cards:
-            card = card_from_pb(message, org=self.router.org)
+            try:
+                card = card_from_pb(message, org=self.router.org)
+            except ValueError as exc:
+                raise InvalidArgument(f"an agent card's schema is not valid JSON: {exc}") from None
             if not card.skills:
                 raise InvalidArgument(f"agent card {card.name!r} declares no skill")
             for skill in card.skills:

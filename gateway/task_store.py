@@ -16,6 +16,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -29,7 +30,10 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Field, SQLModel
 
 from gateway.db import create_store_engine, is_sqlite
+from gateway.errors import Unavailable
 from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState
+
+log = logging.getLogger("fedgate.tasks")
 
 TaskKey = tuple[str, str]  # (origin_org, idempotency key or task id)
 
@@ -247,6 +251,14 @@ def _row(model: Any) -> TaskRow:
     )
 
 
+def _unavailable(exc: BaseException) -> Unavailable:
+    log.error("task table cannot be written (%s)", type(exc).__name__)
+    return Unavailable(
+        f"the task table cannot be written: {type(exc).__name__}; tasks are refused until it "
+        "recovers"
+    )
+
+
 class SqlTaskStore(TaskStore):
     """The task table in SQLite or PostgreSQL, written by one thread that group-commits.
 
@@ -324,10 +336,17 @@ class SqlTaskStore(TaskStore):
                 batch.append(self._queue.get_nowait())
             try:
                 outcomes = await asyncio.to_thread(self._write_batch, [(k, a) for k, a, _ in batch])
-            except Exception as exc:
-                for _, _, future in batch:
+            except Exception:
+                # One bad row must not fail the others: write each on its own.
+                for kind, args, future in batch:
+                    try:
+                        (outcome,) = await asyncio.to_thread(self._write_batch, [(kind, args)])
+                    except Exception as exc:
+                        if not future.done():
+                            future.set_exception(_unavailable(exc))
+                        continue
                     if not future.done():
-                        future.set_exception(exc)
+                        future.set_result(outcome)
                 continue
             for (_, _, future), outcome in zip(batch, outcomes, strict=True):
                 if not future.done():

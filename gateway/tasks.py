@@ -96,16 +96,21 @@ def new_task_id() -> str:
     return str(uuid.uuid4())
 
 
+def shown(value: str, limit: int = 64) -> str:
+    """An unverified name as quoted in an error message: bounded, so a huge one stays small."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")
+
+
 def validate_names(org: str, agent: str, skill: str) -> None:
     """Refuse a target whose parts are not valid names, naming the bad part."""
     if not ORG_NAME.match(org):
         raise InvalidArgument(
-            f"malformed target organization {org!r}: lowercase letters, digits and hyphens"
+            f"malformed target organization {shown(org)}: lowercase letters, digits and hyphens"
         )
     if not AGENT_NAME.match(agent):
-        raise InvalidArgument(f"malformed agent name {agent!r}: letters, digits, '-' and '_'")
+        raise InvalidArgument(f"malformed agent name {shown(agent)}: letters, digits, '-' and '_'")
     if not AGENT_NAME.match(skill):
-        raise InvalidArgument(f"malformed skill name {skill!r}: letters, digits, '-' and '_'")
+        raise InvalidArgument(f"malformed skill name {shown(skill)}: letters, digits, '-' and '_'")
 
 
 def validate_task_id(task_id: str) -> None:

@@ -200,3 +200,36 @@ async def test_agent_output_with_nan_fails_the_task_cleanly(secure_fed: LocalFed
         with pytest.raises(TaskFailed) as info:
             await client.call("hospital/echo.say", {}, timeout=10)
     assert info.value.result.error is not None and info.value.result.error.code == "skill_error"
+
+
+async def test_agent_card_with_a_non_finite_schema_is_refused(secure_fed: LocalFederation) -> None:
+    from participant_sdk import Agent, AgentWorker, InvalidArgument
+
+    odd = Agent("echo")
+
+    @odd.skill(input_schema={"maximum": float("nan")})
+    async def say(task, data):  # type: ignore[no-untyped-def]
+        return {}
+
+    token = hospital_tokens(secure_fed).issue("echo", agents=["echo"])
+    worker = AgentWorker([odd], secure_fed.participant("hospital"), token=token)
+    with pytest.raises(InvalidArgument, match="schema is not valid JSON"):
+        await asyncio.wait_for(worker.run(), 10)
+
+
+async def test_huge_names_in_a_refused_request_are_bounded_in_the_audit_log(
+    secure_fed: LocalFederation, pki: Pki
+) -> None:
+    huge = "a" * 200_000
+    payload = pb.TaskRequest(
+        task_id="huge-1",
+        target_org="hospital",
+        agent=huge,
+        skill="say",
+        requester=huge,
+        delegation=delegation(pki, "lab", "hospital", "huge-1"),
+    ).SerializeToString()
+    error = await _raw_submit(pki, secure_fed, payload)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (record,) = secure_fed["hospital"].audit.query(task_id="huge-1")
+    assert len(record.agent) <= 64 and len(record.requester) <= 256 and len(record.detail) <= 1000

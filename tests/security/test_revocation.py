@@ -37,6 +37,10 @@ async def test_revoked_certificate_is_refused_without_restart(
         await _list_as(pki, secure_fed, "lab")
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert f"organization 'lab' (serial {serial:x}) is revoked" in (info.value.details() or "")
+    refused = [
+        r for r in secure_fed["hospital"].audit.query(kind="rejected") if "revoked" in r.detail
+    ]
+    assert refused and refused[0].status == "UNAUTHENTICATED", "the refusal is audited"
     # insurer's certificate is not on the list and keeps working
     assert isinstance(await _list_as(pki, secure_fed, "insurer"), pb.ListAgentsResponse)
 
