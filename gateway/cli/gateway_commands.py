@@ -128,6 +128,8 @@ def serve(config_path: str, log_level: str) -> None:
 
     config = read_config(config_path)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Casbin logs its model and rules at INFO on every (re)load: noise in a gateway's log.
+    logging.getLogger("casbin").setLevel(max(logging.WARNING, logging.getLevelName(log_level)))
     sys.exit(asyncio.run(run(config)))
 
 
