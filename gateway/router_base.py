@@ -58,8 +58,9 @@ def error_result(spec: TaskSpec, exc: BaseException, responder_org: str) -> Task
     """The result kept for a task that ended with an error instead of a result."""
     if isinstance(exc, FedgateError):
         code, message = exc.status.name.lower(), exc.message
-    elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)) and spec.remaining() <= 0:
-        # The requester's own deadline fired with the task's: that is the deadline, not a cancel.
+    elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)) and spec.remaining() <= 0.05:
+        # The requester's own gRPC deadline fired with the task's: that is the deadline, not a
+        # cancel. The two are computed a few milliseconds apart, hence the small tolerance.
         code, message = "deadline_exceeded", f"task {spec.task_id} passed its deadline"
     elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         code, message = "canceled", "the requester went away before the task ended"
