@@ -292,8 +292,17 @@ class AgentWorker:
 
     def _assign(self, assignment: pb.TaskAssignment) -> None:
         request = assignment.request
-        # Keys are per requesting organization, as at the gateway.
-        key = f"{assignment.requester_org}/{request.idempotency_key or request.task_id}"
+        # Scoped as at the gateway: the requesting organization, who asked there (the token's
+        # subject), the skill, and the idempotency key.
+        owner = request.requester.partition("/")[0]
+        key = "\x00".join(
+            (
+                assignment.requester_org,
+                owner,
+                f"{request.agent}.{request.skill}",
+                request.idempotency_key or request.task_id,
+            )
+        )
         finished = self._finished.get(key)
         if finished is not None and finished.final is not None:
             # Handed again after a reconnect: the skill already ran; send its result again.
