@@ -214,3 +214,36 @@ def test_half_open_probe_closes_or_reopens_the_circuit(pki: Pki) -> None:
     now[0] += 5
     peers.record("lab", peers.admit("lab"), failure=None)
     assert peers.health["lab"].circuit == "closed" and peers.health["lab"].consecutive_failures == 0
+
+
+async def test_a_retry_that_outlives_its_deadline_is_deadline_exceeded(
+    fed: LocalFederation,
+) -> None:
+    from participant_sdk import DeadlineExceeded
+
+    calls: list[str] = []
+    async with (
+        serving(fed.participant("hospital"), counting_agent(calls, delay=2.0)),
+        Client(fed.participant("insurer")) as client,
+    ):
+        first = asyncio.ensure_future(
+            client.call(
+                "hospital/echo.say",
+                {"n": 1},
+                timeout=10,
+                task_id="slow-1",
+                idempotency_key="slow-key",
+            )
+        )
+        await asyncio.sleep(0.3)
+        with pytest.raises(DeadlineExceeded, match="first attempt still ran"):
+            await client.call(
+                "hospital/echo.say",
+                {"n": 1},
+                timeout=0.5,
+                task_id="slow-1",
+                idempotency_key="slow-key",
+                retry=None,
+            )
+        assert (await first).ok
+    assert calls == ["slow-1"]
