@@ -90,6 +90,11 @@ class AgentRegistry:
         instance.outbox.put_nowait(None)
         log.info("agent instance %s disconnected", instance.instance_id)
 
+    def close_all(self) -> None:
+        """Close every instance's stream (at shutdown); the SDK reconnects to the next gateway."""
+        for instance in {i for group in self._instances.values() for i in group}:
+            instance.outbox.put_nowait(None)
+
     def card(self, agent: str) -> AgentCard | None:
         group = self._instances.get(agent)
         return group[-1].cards[agent] if group else None

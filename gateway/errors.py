@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import grpc
 
+# Trailing metadata key a gateway sets on every refusal it sends: a calling gateway can tell
+# "the peer answered UNAVAILABLE" from a transport failure that counts against its circuit.
+ERROR_MARKER = "fedgate-error"
+
 
 class FedgateError(Exception):
     """Base of every error the gateway raises on purpose."""

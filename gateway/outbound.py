@@ -18,6 +18,7 @@ import grpc
 
 from gateway.delegation import issue_delegation
 from gateway.errors import (
+    ERROR_MARKER,
     AuditUnavailable,
     Cancelled,
     DeadlineExceeded,
@@ -190,7 +191,8 @@ class OutboundRoutes(RouterBase):
             if parent is not None:
                 parent.children.discard(spec.task_id)
             if running is not None:
-                self._finish(running, None if resumable else final)
+                # A forgotten or resumable task keeps no outcome: a retry runs or resumes it.
+                self._finish(running, None if (resumable or forget) else final)
             if accepted and forget:
                 await self._forget_task(self.org, spec)
             elif accepted and final is not None and not resumable:
@@ -224,7 +226,7 @@ class OutboundRoutes(RouterBase):
     def _peer_error(self, peer: str, exc: grpc.aio.AioRpcError) -> FedgateError:
         code = exc.code()
         details = exc.details() or code.name
-        answered = any(key == "fedgate-error" for key, _ in (exc.trailing_metadata() or ()))
+        answered = any(key == ERROR_MARKER for key, _ in (exc.trailing_metadata() or ()))
         if code in _TRANSPORT_FAILURES and not answered:
             return PeerUnreachable(
                 f"organization {peer!r} at {self.peers.address(peer)} is unreachable: {details}"

@@ -258,8 +258,6 @@ class RouterBase:
 
     async def _forget_task(self, origin_org: str, spec: TaskSpec) -> None:
         """Drop a task that never ran, so that a retry with its key runs it."""
-        self._recent.pop(task_key(origin_org, spec), None)
-        self._finished.pop(spec.task_id, None)
         try:
             await asyncio.shield(self.tasks.forget(*task_key(origin_org, spec)))
         except asyncio.CancelledError:

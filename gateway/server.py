@@ -175,10 +175,7 @@ class Gateway:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        for instance in {
-            i for card in self.agents.cards() for i in self.agents._instances.get(card.name, [])
-        }:
-            instance.outbox.put_nowait(None)
+        self.agents.close_all()
         await self.router.stop_background()
         await self._federation.stop(1.0)
         await self._participant.stop(1.0)

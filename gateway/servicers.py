@@ -19,7 +19,13 @@ from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 from gateway.agents import AgentInstance, AgentRegistry, Assignment, CancelRequest
 from gateway.config import GatewayConfig
 from gateway.delegation import DelegationVerifier
-from gateway.errors import FedgateError, InvalidArgument, PermissionDenied, Unauthenticated
+from gateway.errors import (
+    ERROR_MARKER,
+    FedgateError,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+)
 from gateway.limits import PeerLimiter
 from gateway.router import Router
 from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate, validate_names
@@ -41,17 +47,24 @@ from gateway.wire import (
 log = logging.getLogger("fedgate.servicers")
 
 
-ERROR_MARKER = "fedgate-error"
-
-
 async def _abort(context: grpc.aio.ServicerContext, exc: FedgateError) -> None:
-    # The marker tells a calling gateway that we answered (e.g. UNAVAILABLE because our audit
-    # store is down), as opposed to a transport failure that counts against our circuit.
     context.set_trailing_metadata(((ERROR_MARKER, type(exc).__name__),))
     # gRPC carries the message in metadata (16 KiB at most): a message quoting unverified
     # input must never grow past that and turn a clear refusal into a broken stream.
     message = exc.message if len(exc.message) <= 2000 else exc.message[:2000] + "…"
     await context.abort(exc.status, message)
+
+
+def _refused_spec(request: Any) -> TaskSpec:
+    """What a refused request names (unverified, possibly undecodable), for its audit record."""
+    return TaskSpec(
+        task_id=getattr(request, "task_id", "") or "-",
+        target_org=getattr(request, "target_org", ""),
+        agent=getattr(request, "agent", ""),
+        skill=getattr(request, "skill", ""),
+        input={},
+        requester=getattr(request, "requester", ""),
+    )
 
 
 async def _result_of(updates: AsyncIterator[TaskUpdate]) -> pb.TaskResult:
@@ -138,23 +151,9 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
         """
         org = await self._peer(context, request)
         started = time.monotonic()
-        spec = TaskSpec(
-            task_id=getattr(request, "task_id", "") or "-",
-            target_org="",
-            agent="",
-            skill="",
-            input={},
-        )
+        spec = _refused_spec(request)
         try:
             _check_decoded(request)
-            spec = TaskSpec(
-                task_id=request.task_id or "-",
-                target_org=request.target_org,
-                agent=request.agent,
-                skill=request.skill,
-                input={},
-                requester=request.requester,
-            )
             permit = self.limiter.acquire(org)
         except FedgateError as exc:
             await self.router.audit_rejection(spec, org, exc, started=started)
@@ -187,22 +186,18 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
         except FedgateError as exc:
             # A revoked or inconsistent certificate: refused, and recorded (the organization it
             # names is in the message; it is not proven, so the record's peer is "-").
-            spec = TaskSpec(task_id="-", target_org="", agent="", skill="", input={})
-            await self.router.audit_rejection(spec, "-", exc, started=time.monotonic())
+            await self.router.audit_rejection(
+                _refused_spec(None), "-", exc, started=time.monotonic()
+            )
             raise
         if org not in self.router.peers:
             error = PermissionDenied(
                 f"organization {org!r} is not a peer of {self.router.org!r}: the operator must add "
                 f"it under [peers.{org}] in fedgate.toml"
             )
-            spec = TaskSpec(
-                task_id=getattr(request, "task_id", "") or "-",
-                target_org=getattr(request, "target_org", ""),
-                agent=getattr(request, "agent", ""),
-                skill=getattr(request, "skill", ""),
-                input={},
+            await self.router.audit_rejection(
+                _refused_spec(request), org, error, started=time.monotonic()
             )
-            await self.router.audit_rejection(spec, org, error, started=time.monotonic())
             raise error
         claimed = getattr(request, "sender_org", "")
         if claimed and claimed != org:

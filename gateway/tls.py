@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -84,16 +85,23 @@ class ReloadingTls:
     def __init__(self, files: TlsFiles) -> None:
         self.files = files
         self._material = read_material(files)
+        self._checked = time.monotonic()
         # Called with the new material after a reload (the signer and verifier follow it).
         self.on_reload: list[Callable[[TlsMaterial], None]] = []
 
     @property
     def material(self) -> TlsMaterial:
-        self.refresh()
+        """The current material; read on every call, so the files are checked at most once a
+        second here (a new handshake always checks them)."""
+        self.refresh(force=False)
         return self._material
 
-    def refresh(self) -> bool:
+    def refresh(self, *, force: bool = True) -> bool:
         """Reload if the files changed; a broken new set is logged and the old one kept."""
+        now = time.monotonic()
+        if not force and now - self._checked < 1.0:
+            return False
+        self._checked = now
         stamp = _stamp(self.files)
         if not stamp or stamp == self._material.stamp:
             return False

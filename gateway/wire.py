@@ -6,11 +6,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fedgate.convert import ACTION_KINDS, ACTION_NAMES, dict_to_struct, struct_to_dict
+from fedgate.convert import (
+    ACTION_KINDS,
+    dict_to_struct,
+    field_actions_from_pb,
+    receipt_json,
+    struct_to_dict,
+)
 from fedgate.v1 import fedgate_pb2 as pb
 
 from gateway.errors import InvalidArgument
-from gateway.signing import ReceiptBody, SignedCheckpoint, SignedReceipt
+from gateway.signing import SignedCheckpoint, SignedReceipt
 from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
 
 _STATE_TO_PB = {
@@ -61,10 +67,6 @@ def _actions_to_pb(actions: tuple[tuple[str, str], ...]) -> list[pb.FieldAction]
     return [pb.FieldAction(path=path, action=ACTION_KINDS[action]) for path, action in actions]
 
 
-def _actions_from_pb(actions: Any) -> tuple[tuple[str, str], ...]:
-    return tuple((a.path, ACTION_NAMES.get(a.action, "withheld")) for a in actions)
-
-
 def spec_from_pb(
     message: pb.TaskRequest,
     *,
@@ -90,7 +92,7 @@ def spec_from_pb(
         deadline=deadline,
         idempotency_key=message.idempotency_key,
         delegation=message.delegation,
-        input_field_actions=_actions_from_pb(message.input_field_actions),
+        input_field_actions=field_actions_from_pb(message.input_field_actions),
         parent_task_id=message.parent_task_id,
         purpose=message.purpose,
         roles=tuple(message.roles),
@@ -139,7 +141,7 @@ def result_from_pb(message: pb.TaskResult) -> TaskResult:
         task_id=message.task_id,
         state=state_from_pb(message.state),
         output=struct_to_dict(message.output),
-        field_actions=_actions_from_pb(message.field_actions),
+        field_actions=field_actions_from_pb(message.field_actions),
         error=TaskError(error.code, error.message) if error is not None else None,
         receipt=receipt_from_pb(message.receipt) if message.HasField("receipt") else None,
         responder_org=message.responder_org,
@@ -185,19 +187,7 @@ def receipt_to_pb(receipt: dict[str, Any]) -> pb.Receipt:
 
 def receipt_from_pb(message: pb.Receipt) -> dict[str, Any]:
     """The JSON form of a received receipt, as verified and kept in the audit log."""
-    return SignedReceipt(
-        ReceiptBody(
-            task_id=message.task_id,
-            responder_org=message.responder_org,
-            result_digest=message.result_digest.decode("ascii", "replace"),
-            withheld_paths=tuple(message.withheld_paths),
-            field_actions=_actions_from_pb(message.field_actions),
-            policy_version=message.policy_version,
-            signed_at_unix_ms=message.signed_at_unix_ms,
-        ),
-        message.signer_certificate,
-        message.signature,
-    ).to_json()
+    return receipt_json(message)
 
 
 def checkpoint_to_pb(checkpoint: SignedCheckpoint) -> pb.SignedCheckpoint:

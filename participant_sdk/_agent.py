@@ -19,6 +19,7 @@ from fedgate.convert import dict_to_struct, struct_to_dict
 from fedgate.v1 import fedgate_pb2 as pb
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
+from participant_sdk._client import Client
 from participant_sdk._errors import SkillDefinitionError, from_rpc_error
 from participant_sdk._types import TaskContext
 
@@ -225,8 +226,6 @@ class AgentWorker:
     def client(self) -> Any:
         """A Client on this worker's gateway and token, for skills that call onward."""
         if self._client is None:
-            from participant_sdk._client import Client
-
             self._client = Client(
                 self.gateway, token=self.token or None, requester=f"agent:{','.join(self.agents)}"
             )

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedgate.convert import ACTION_NAMES, state_name, struct_to_dict
+from fedgate.convert import field_actions_from_pb, receipt_json, state_name, struct_to_dict
 from fedgate.v1 import fedgate_pb2 as pb
+
+from participant_sdk._errors import FedgateError
 
 FINAL_STATES = frozenset({"completed", "failed", "canceled", "rejected"})
 
@@ -48,37 +49,18 @@ class TaskResult:
     @classmethod
     def from_pb(cls, message: pb.TaskResult) -> TaskResult:
         error = message.error if message.HasField("error") else None
-        receipt = _receipt_json(message.receipt) if message.HasField("receipt") else None
+        receipt = receipt_json(message.receipt) if message.HasField("receipt") else None
         return cls(
             task_id=message.task_id,
             state=state_name(message.state),
             output=struct_to_dict(message.output),
-            field_actions=tuple(
-                (a.path, ACTION_NAMES.get(a.action, "withheld")) for a in message.field_actions
-            ),
+            field_actions=field_actions_from_pb(message.field_actions),
             error=TaskError(error.code, error.message) if error is not None else None,
             receipt=receipt,
             responder_org=message.responder_org,
             policy_version=message.policy_version,
-            provenance=tuple(_receipt_json(r) for r in message.provenance),
+            provenance=tuple(receipt_json(r) for r in message.provenance),
         )
-
-
-def _receipt_json(r: pb.Receipt) -> dict[str, Any]:
-    """A receipt in the JSON shape the gateways keep in their audit logs (bytes as base64)."""
-    return {
-        "task_id": r.task_id,
-        "responder_org": r.responder_org,
-        "result_digest": r.result_digest.decode("ascii", "replace"),
-        "withheld_paths": list(r.withheld_paths),
-        "field_actions": [
-            [a.path, ACTION_NAMES.get(a.action, "withheld")] for a in r.field_actions
-        ],
-        "policy_version": r.policy_version,
-        "signed_at_unix_ms": r.signed_at_unix_ms,
-        "signer_certificate": base64.b64encode(r.signer_certificate).decode("ascii"),
-        "signature": base64.b64encode(r.signature).decode("ascii"),
-    }
 
 
 @dataclass(frozen=True)
@@ -141,8 +123,6 @@ class TaskContext:
         joins this task's provenance.
         """
         if self._calls is None:
-            from participant_sdk._errors import FedgateError
-
             raise FedgateError("task.call needs a gateway: this task runs without one")
         remaining = self.time_remaining
         limit = remaining if timeout is None else min(timeout, remaining)

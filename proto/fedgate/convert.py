@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from google.protobuf import struct_pb2
 
 from fedgate.v1 import fedgate_pb2 as pb
-
-FINAL_STATES = frozenset(
-    {pb.TASK_STATE_COMPLETED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELED, pb.TASK_STATE_REJECTED}
-)
 
 STATE_NAMES: dict[int, str] = {
     pb.TASK_STATE_UNSPECIFIED: "unspecified",
@@ -34,21 +32,6 @@ ACTION_NAMES: dict[pb.FieldActionKind, str] = {
 ACTION_KINDS = {name: kind for kind, name in ACTION_NAMES.items()}
 
 
-def normalize_numbers(value: Any) -> Any:
-    """Turn integral floats into ints, as JSON would, so both sides digest the same bytes.
-
-    google.protobuf.Struct carries every number as a double; without this a 3 sent becomes 3.0
-    received and a digest computed on either side would differ.
-    """
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {key: normalize_numbers(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [normalize_numbers(item) for item in value]
-    return value
-
-
 def _from_value(value: struct_pb2.Value) -> Any:
     kind = value.WhichOneof("kind")
     if kind == "struct_value":
@@ -67,6 +50,26 @@ def _from_value(value: struct_pb2.Value) -> Any:
     if kind == "bool_value":
         return value.bool_value
     return None
+
+
+def field_actions_from_pb(actions: Iterable[pb.FieldAction]) -> tuple[tuple[str, str], ...]:
+    """(path, action) pairs; an action this version does not know counts as withheld."""
+    return tuple((a.path, ACTION_NAMES.get(a.action, "withheld")) for a in actions)
+
+
+def receipt_json(message: pb.Receipt) -> dict[str, Any]:
+    """A receipt in the JSON form the gateways keep in their audit logs (bytes as base64)."""
+    return {
+        "task_id": message.task_id,
+        "responder_org": message.responder_org,
+        "result_digest": message.result_digest.decode("ascii", "replace"),
+        "withheld_paths": list(message.withheld_paths),
+        "field_actions": [list(pair) for pair in field_actions_from_pb(message.field_actions)],
+        "policy_version": message.policy_version,
+        "signed_at_unix_ms": message.signed_at_unix_ms,
+        "signer_certificate": base64.b64encode(message.signer_certificate).decode("ascii"),
+        "signature": base64.b64encode(message.signature).decode("ascii"),
+    }
 
 
 def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:

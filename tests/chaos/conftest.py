@@ -27,6 +27,7 @@ from gateway.signing import Verifier
 from participant_sdk import Agent, Client, FedgateError, NotFound, RetryPolicy, TaskContext
 from tests.conftest import Pki
 from tests.integration.federation import HOSPITAL_RULES, INSURER_RULES, MODEL
+from tests.processes import spawn_gateway
 
 REPO = Path(__file__).resolve().parents[2]
 FINAL = frozenset({"completed", "failed", "canceled", "rejected"})
@@ -101,28 +102,14 @@ class Gateway:
 
     async def start(self) -> None:
         assert self.process is None or self.process.returncode is not None, "already running"
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "serve",
-            "--config",
-            str(self.config),
-            stderr=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.DEVNULL,
-            cwd=REPO,
+        process, _, _ = await spawn_gateway(
+            self.config, on_line=self.log.append, cwd=REPO, drain=False
         )
         self.process = process
         self.starts += 1
         assert process.stderr is not None
-        while True:
-            line = (await bounded(process.stderr.readline(), 30, f"{self.org} start")).decode()
-            assert line, f"{self.org} gateway exited before it was ready: {list(self.log)[-20:]}"
-            self.log.append(line.rstrip())
-            if "serving: federation on port" in line:
-                # Keep draining stderr so the process never blocks on a full pipe.
-                self.drain = asyncio.ensure_future(self._drain(process.stderr))
-                return
+        # Keep draining stderr (into the log) so the process never blocks on a full pipe.
+        self.drain = asyncio.ensure_future(self._drain(process.stderr))
 
     async def _drain(self, stream: asyncio.StreamReader) -> None:
         with contextlib.suppress(Exception):

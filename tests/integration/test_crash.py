@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from gateway.signing import Verifier
 from participant_sdk import Agent, Client, FedgateError
 from tests.conftest import Pki
 from tests.integration.federation import HOSPITAL_RULES, INSURER_RULES, MODEL, serving
+from tests.processes import spawn_gateway
 
 
 def _free_port() -> int:
@@ -50,32 +50,8 @@ def _config(
 
 
 async def _spawn(config: Path) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "serve",
-        "--config",
-        str(config),
-        stderr=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-    )
-    assert process.stderr is not None
-    while True:
-        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
-        assert line, "gateway exited before it was ready"
-        if "serving: federation on port" in line:
-            # Keep draining stderr so the process never blocks on a full pipe.
-            _DRAINS.add(asyncio.ensure_future(_drain(process.stderr)))
-            return process
-
-
-_DRAINS: set[asyncio.Future[None]] = set()
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.readline():
-        pass
+    process, _, _ = await spawn_gateway(config)
+    return process
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import sys
 from pathlib import Path
@@ -14,28 +13,12 @@ import pytest
 from participant_sdk import Client, Unavailable
 from tests.conftest import Pki
 from tests.integration.federation import configs, serving, slow_agent
-
-PORTS = re.compile(r"federation on port (\d+) \(mTLS\), participants on port (\d+)")
+from tests.processes import spawn_gateway
 
 
 async def _start(config: Path) -> tuple[asyncio.subprocess.Process, int]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "serve",
-        "--config",
-        str(config),
-        stderr=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-    )
-    assert process.stderr is not None
-    while True:
-        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
-        assert line, "fedgate serve exited before it was ready"
-        match = PORTS.search(line)
-        if match:
-            return process, int(match.group(2))
+    process, _, participant_port = await spawn_gateway(config, drain=False)
+    return process, participant_port
 
 
 @pytest.mark.slow
