@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from gateway.local import write_gateway_config
+from tests.conftest import Pki
+from tests.integration.federation import MODEL
 
 READY = re.compile(r"federation on port (\d+) \(mTLS\), participants on port (\d+)")
 _DRAINS: set[asyncio.Future[None]] = set()
@@ -56,3 +61,34 @@ async def _drain(stream: asyncio.StreamReader, on_line: Callable[[str], None] | 
         while line := await stream.readline():
             if on_line is not None:
                 on_line(line.decode(errors="replace").rstrip())
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for processes that must restart on the same one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def fixed_port_config(
+    tmp: Path, pki: Pki, org: str, peer: str, ports: dict[str, tuple[int, int]], rules: str
+) -> Path:
+    """A fedgate.toml for `org` on fixed (federation, participant) ports, peered with `peer`."""
+    rules_path = tmp / f"{org}.csv"
+    rules_path.write_text(rules)
+    path = write_gateway_config(
+        tmp / org,
+        org,
+        cert=pki.cert(org),
+        key=pki.key(org),
+        ca=pki.ca,
+        model=MODEL,
+        rules=rules_path,
+        peers=[peer],
+    )
+    fed_port, part_port = ports[org]
+    text = path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{fed_port}"', 1)
+    text = text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{part_port}"', 1)
+    text = text.replace('address = "127.0.0.1:1"', f'address = "127.0.0.1:{ports[peer][0]}"')
+    path.write_text(text)
+    return path

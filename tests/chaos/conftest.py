@@ -12,7 +12,6 @@ import collections
 import contextlib
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,12 +21,11 @@ from typing import Any, TypeVar
 import pytest
 
 from gateway.audit import open_store
-from gateway.local import write_gateway_config
 from gateway.signing import Verifier
 from participant_sdk import Agent, Client, FedgateError, NotFound, RetryPolicy, TaskContext
 from tests.conftest import Pki
-from tests.integration.federation import HOSPITAL_RULES, INSURER_RULES, MODEL
-from tests.processes import spawn_gateway
+from tests.integration.federation import HOSPITAL_RULES, INSURER_RULES
+from tests.processes import fixed_port_config, free_port, spawn_gateway
 
 REPO = Path(__file__).resolve().parents[2]
 FINAL = frozenset({"completed", "failed", "canceled", "rejected"})
@@ -37,12 +35,6 @@ COMPLETED_RECORDS = {
     "insurer": {"request_sent", "result_received"},
 }
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def bounded(awaitable: Awaitable[T], seconds: float, what: str) -> T:
@@ -134,24 +126,8 @@ class Gateway:
 def _gateway(
     tmp: Path, pki: Pki, org: str, peer: str, rules: str, ports: dict[str, tuple[int, int]]
 ) -> Gateway:
-    rules_path = tmp / f"{org}.csv"
-    rules_path.write_text(rules)
-    path = write_gateway_config(
-        tmp / org,
-        org,
-        cert=pki.cert(org),
-        key=pki.key(org),
-        ca=pki.ca,
-        model=MODEL,
-        rules=rules_path,
-        peers=[peer],
-    )
+    path = fixed_port_config(tmp, pki, org, peer, ports, rules)
     fed_port, part_port = ports[org]
-    text = path.read_text()
-    text = text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{fed_port}"', 1)
-    text = text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{part_port}"', 1)
-    text = text.replace('address = "127.0.0.1:1"', f'address = "127.0.0.1:{ports[peer][0]}"')
-    path.write_text(text)
     return Gateway(org, tmp / org, path, fed_port, part_port)
 
 

@@ -6,47 +6,16 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
 
 from gateway.audit import open_store
-from gateway.local import write_gateway_config
 from gateway.signing import Verifier
 from participant_sdk import Agent, Client, FedgateError
 from tests.conftest import Pki
-from tests.integration.federation import HOSPITAL_RULES, INSURER_RULES, MODEL, serving
-from tests.processes import spawn_gateway
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _config(
-    tmp: Path, pki: Pki, org: str, peer: str, ports: dict[str, tuple[int, int]], rules: str
-) -> Path:
-    rules_path = tmp / f"{org}.csv"
-    rules_path.write_text(rules)
-    path = write_gateway_config(
-        tmp / org,
-        org,
-        cert=pki.cert(org),
-        key=pki.key(org),
-        ca=pki.ca,
-        model=MODEL,
-        rules=rules_path,
-        peers=[peer],
-    )
-    fed_port, part_port = ports[org]
-    text = path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{fed_port}"', 1)
-    text = text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{part_port}"', 1)
-    text = text.replace('address = "127.0.0.1:1"', f'address = "127.0.0.1:{ports[peer][0]}"')
-    path.write_text(text)
-    return path
+from tests.integration.federation import HOSPITAL_RULES, INSURER_RULES, serving
+from tests.processes import fixed_port_config, free_port, spawn_gateway
 
 
 async def _spawn(config: Path) -> asyncio.subprocess.Process:
@@ -56,9 +25,9 @@ async def _spawn(config: Path) -> asyncio.subprocess.Process:
 
 @pytest.mark.slow
 async def test_kill_9_under_load_loses_no_completed_exchange(tmp_path: Path, pki: Pki) -> None:
-    ports = {org: (_free_port(), _free_port()) for org in ("hospital", "insurer")}
-    hospital_cfg = _config(tmp_path, pki, "hospital", "insurer", ports, HOSPITAL_RULES)
-    insurer_cfg = _config(tmp_path, pki, "insurer", "hospital", ports, INSURER_RULES)
+    ports = {org: (free_port(), free_port()) for org in ("hospital", "insurer")}
+    hospital_cfg = fixed_port_config(tmp_path, pki, "hospital", "insurer", ports, HOSPITAL_RULES)
+    insurer_cfg = fixed_port_config(tmp_path, pki, "insurer", "hospital", ports, INSURER_RULES)
     hospital = await _spawn(hospital_cfg)
     insurer = await _spawn(insurer_cfg)
     processes = [hospital, insurer]
@@ -130,8 +99,8 @@ async def test_kill_9_under_load_loses_no_completed_exchange(tmp_path: Path, pki
 async def test_accepted_task_survives_kill_9_and_is_collected_later(
     tmp_path: Path, pki: Pki
 ) -> None:
-    ports = {org: (_free_port(), _free_port()) for org in ("hospital", "insurer")}
-    hospital_cfg = _config(tmp_path, pki, "hospital", "insurer", ports, HOSPITAL_RULES)
+    ports = {org: (free_port(), free_port()) for org in ("hospital", "insurer")}
+    hospital_cfg = fixed_port_config(tmp_path, pki, "hospital", "insurer", ports, HOSPITAL_RULES)
     participant = f"127.0.0.1:{ports['hospital'][1]}"
     runs: list[str] = []
     slow = Agent("slow")
