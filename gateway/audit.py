@@ -1,17 +1,23 @@
 """The audit store: a durable, hash-chained record of every event of every exchange.
 
 `AuditStore` is the contract the gateway core calls; `SqlAuditStore` keeps the log in SQLite
-(WAL, synchronous=FULL: the embedded default) or PostgreSQL through SQLModel, and
-`MemoryAuditStore` is its in-memory twin for tests (it can be told to fail, to simulate an
-outage). Tables and row conversions live in gateway.audit_rows, the records and the hash chain
-in gateway.audit_chain, exported bundles and reconciliation in gateway.audit_bundle.
+(WAL, synchronous=FULL: the embedded default) or PostgreSQL, and `MemoryAuditStore` is its
+in-memory twin for tests (it can be told to fail, to simulate an outage). Tables and row
+conversions live in gateway.audit_rows, the records and the hash chain in gateway.audit_chain,
+exported bundles and reconciliation in gateway.audit_bundle.
 
 Group commit: `append` puts (event, future) on a queue; one writer task drains it, numbers and
-chains a batch and writes it in one transaction in a worker thread, and resolves the futures only
-after the commit. So durability costs one fsync per batch, not per record, and the event loop
-never blocks on the disk. If a commit fails, every waiting append raises AuditUnavailable, the
-chain head is forgotten (re-read from the store on the next attempt) and `healthy` goes False;
-the next append tries again, so the gateway recovers by itself when the store is back.
+chains a batch and writes it in one transaction, and resolves the futures only after the commit.
+So durability costs one fsync per batch, not per record, and the event loop never blocks on the
+disk. If a commit fails, every waiting append raises AuditUnavailable, the chain head is
+forgotten (re-read from the store on the next attempt) and `healthy` goes False; the next append
+tries again, so the gateway recovers by itself when the store is back.
+
+In `SqlAuditStore` the batch is chained and written on the store's one writer thread
+(gateway.db.WriterThread): one executemany of prebuilt SQL on a persistent DB-API connection,
+then commit, then one hand-off back to the event loop for the whole batch. A failed transaction
+discards that connection; the next batch connects again. Reads, checkpoints and the command
+line go through the SQLAlchemy engine.
 
 Single writer: sequence numbers and the chain head are owned by the one writer task of one
 process. Several gateway replicas on one PostgreSQL (later work) would each need to take the head
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import threading
 import time
@@ -53,14 +60,16 @@ from gateway.audit_chain import (
 )
 from gateway.audit_rows import (
     CHECKPOINTS,
+    INSERT_RECORD_SQL,
     RECORDS,
     SELECTED_COLUMNS,
     checkpoint_from_row,
     checkpoint_values,
     record_from_row,
+    record_row,
     record_values,
 )
-from gateway.db import create_store_engine
+from gateway.db import WriterThread, create_store_engine, driver_sql, group_commit
 from gateway.errors import AuditUnavailable, ConfigError, FedgateError, PermissionDenied
 from gateway.signing import SignedCheckpoint, Signer, Verifier, sign_checkpoint, verify_checkpoint
 
@@ -135,7 +144,7 @@ class AuditStore(ABC):
             self._closed = False
             self._queue = asyncio.Queue()
             self._writer = asyncio.get_running_loop().create_task(
-                self._write_loop(), name="fedgate-audit-writer"
+                group_commit(self._queue, self.batch_max, self._commit), name="fedgate-audit-writer"
             )
 
     async def append(self, event: AuditEvent) -> AuditRecord:
@@ -150,14 +159,18 @@ class AuditStore(ABC):
         return await future
 
     async def close(self) -> None:
-        """Commit what is queued, stop the writer and release the store."""
+        """Commit what is queued, stop the writer and release the store.
+
+        Appends from the moment close begins are refused: one queued behind the writer's stop
+        would wait forever.
+        """
+        self._closed = True
         if self._writer is not None and self._queue is not None:
             self._queue.put_nowait(None)
             await self._writer
             self._writer = None
             self._queue = None
-        self._closed = True
-        await self._run(self._dispose)
+        await self._release()
 
     @property
     def healthy(self) -> bool:
@@ -301,23 +314,6 @@ class AuditStore(ABC):
 
     # ---- the writer ----
 
-    async def _write_loop(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
-        stopping = False
-        while not stopping:
-            item = await queue.get()
-            if item is None:
-                break
-            batch = [item]
-            while len(batch) < self.batch_max and not queue.empty():
-                next_item = queue.get_nowait()
-                if next_item is None:
-                    stopping = True
-                    break
-                batch.append(next_item)
-            await self._commit(batch)
-
     async def _commit(self, batch: list[tuple[AuditEvent, asyncio.Future[AuditRecord]]]) -> None:
         events = [event for event, _ in batch]
         time_ms = max(_now_ms(), self._last_time_ms)  # never goes back, so a time cut is a prefix
@@ -343,7 +339,7 @@ class AuditStore(ABC):
                 future.set_result(record)
 
     def _chain_and_write(self, events: list[AuditEvent], time_ms: int) -> list[AuditRecord]:
-        """In the worker thread: number and chain the batch from the committed head, write it."""
+        """Number and chain the batch from the committed head and write it (run through _run)."""
         head = self._head if self._head is not None else self._read_head()
         records = chain_events(events, head[0], head[1], time_ms)
         self._write(records)
@@ -353,13 +349,14 @@ class AuditStore(ABC):
     # ---- storage primitives, implemented by each store ----
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        """Run a storage primitive where the store does its writes."""
         return function(*args)
 
     def _open(self) -> None:  # noqa: B027 - optional hook, nothing to open in memory
         """Connect and create the tables if they are missing."""
 
-    def _dispose(self) -> None:  # noqa: B027 - optional hook
-        """Release connections."""
+    async def _release(self) -> None:  # noqa: B027 - optional hook, nothing to release in memory
+        """Release connections and the writer."""
 
     @abstractmethod
     def _read_head(self) -> tuple[int, str]:
@@ -483,7 +480,7 @@ _READ_BATCH = 5_000
 
 
 class SqlAuditStore(AuditStore):
-    """The audit log in SQLite (WAL, synchronous=FULL) or PostgreSQL, through SQLModel."""
+    """The audit log in SQLite (WAL, synchronous=FULL) or PostgreSQL, written by one thread."""
 
     def __init__(
         self,
@@ -506,6 +503,7 @@ class SqlAuditStore(AuditStore):
         self.busy_timeout_ms = busy_timeout_ms
         self._engine: Engine | None = None
         self._open_lock = threading.Lock()
+        self._writer_thread = WriterThread("fedgate-audit-writer", lambda: self.engine)
 
     @property
     def engine(self) -> Engine:
@@ -516,7 +514,7 @@ class SqlAuditStore(AuditStore):
         return self._engine
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.to_thread(function, *args)
+        return await self._writer_thread.run(function, *args)
 
     def _open(self) -> None:
         with self._open_lock:
@@ -532,10 +530,8 @@ class SqlAuditStore(AuditStore):
             raise
         return engine
 
-    def _dispose(self) -> None:
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
+    async def _release(self) -> None:
+        await asyncio.to_thread(self.dispose)  # waits for the writer thread to end
 
     def _read_head(self) -> tuple[int, str]:
         with self.engine.connect() as connection:
@@ -550,8 +546,13 @@ class SqlAuditStore(AuditStore):
         return (anchor.sequence, anchor.head_hash) if anchor else (0, GENESIS_HASH)
 
     def _write(self, records: list[AuditRecord]) -> None:
-        with self.engine.begin() as connection:
-            connection.execute(insert(RECORDS), [record_values(r) for r in records])
+        """On the writer thread: one executemany on its connection, committed."""
+        with self._writer_thread.transaction() as cursor:
+            cursor.executemany(self._insert_sql, [record_row(r) for r in records])
+
+    @functools.cached_property
+    def _insert_sql(self) -> str:
+        return driver_sql(self.engine, INSERT_RECORD_SQL)
 
     def _add_checkpoint(self, role: str, checkpoint: SignedCheckpoint) -> None:
         with self.engine.begin() as connection:
@@ -581,12 +582,17 @@ class SqlAuditStore(AuditStore):
         return int(result.rowcount)
 
     def dispose(self) -> None:
-        """Release connections (for synchronous users such as the command line)."""
-        self._dispose()
+        """End the writer thread and release connections (synchronous users call this)."""
+        self._writer_thread.stop()
+        with self._open_lock:
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
 
     def insert_records(self, records: Sequence[AuditRecord]) -> None:
         """Write already chained records in one transaction (benchmarks and imports only)."""
-        self._write(list(records))
+        with self.engine.begin() as connection:
+            connection.execute(insert(RECORDS), [record_values(r) for r in records])
 
     def query(
         self,

@@ -1,7 +1,9 @@
 """The audit store's tables (SQLModel) and the conversions between rows and records.
 
-List and dict fields are stored as JSON text. Reading is on the verify path (100,000 records in a
-few seconds), so rows are selected in AuditRecord field order and converted positionally.
+List and dict fields are stored as JSON text. Both directions are positional, in AuditRecord field
+order: writing is on every exchange's path (the audit writer inserts `record_row` tuples with
+INSERT_RECORD_SQL on a DB-API cursor), reading on the verify path (100,000 records in a few
+seconds).
 """
 
 from __future__ import annotations
@@ -67,33 +69,6 @@ RECORDS = AuditRecordRow.__table__  # type: ignore[attr-defined]
 CHECKPOINTS = AuditCheckpointRow.__table__  # type: ignore[attr-defined]
 
 
-def record_values(record: AuditRecord) -> dict[str, Any]:
-    return {
-        "sequence": record.sequence,
-        "time_ms": record.time_ms,
-        "kind": record.kind,
-        "task_id": record.task_id,
-        "peer_org": record.peer_org,
-        "agent": record.agent,
-        "skill": record.skill,
-        "direction": record.direction,
-        "decision": record.decision,
-        "requester": record.requester,
-        "status": record.status,
-        "duration_ms": record.duration_ms,
-        "withheld_paths": json.dumps(list(record.withheld_paths)),
-        "transformed": json.dumps([list(pair) for pair in record.transformed]),
-        "digest_before": record.digest_before,
-        "digest_after": record.digest_after,
-        "policy_version": record.policy_version,
-        "detail": record.detail,
-        "receipt": None if record.receipt is None else json.dumps(record.receipt),
-        "payload": None if record.payload is None else json.dumps(record.payload),
-        "prev_hash": record.prev_hash,
-        "record_hash": record.record_hash,
-    }
-
-
 _FIELDS = [f.name for f in dataclasses.fields(AuditRecord)]
 _WITHHELD, _TRANSFORMED, _DURATION = (
     _FIELDS.index("withheld_paths"),
@@ -103,6 +78,56 @@ _WITHHELD, _TRANSFORMED, _DURATION = (
 _RECEIPT, _PAYLOAD = _FIELDS.index("receipt"), _FIELDS.index("payload")
 SELECTED_COLUMNS = [RECORDS.c[name] for name in _FIELDS]
 assert _FIELDS[0] == "sequence"
+
+# One record's insert, with `?` markers (gateway.db.driver_sql adapts them to the driver).
+INSERT_RECORD_SQL = (
+    f"INSERT INTO {RECORDS.name} ({', '.join(_FIELDS)}) "  # noqa: S608 - names from the model
+    f"VALUES ({', '.join('?' for _ in _FIELDS)})"
+)
+
+
+# JSON text of paths and actions, cached like the parses below (they repeat across records).
+@functools.lru_cache(maxsize=4096)
+def _dump_paths(paths: tuple[str, ...]) -> str:
+    return json.dumps(list(paths))
+
+
+@functools.lru_cache(maxsize=4096)
+def _dump_pairs(pairs: tuple[tuple[str, str], ...]) -> str:
+    return json.dumps([list(pair) for pair in pairs])
+
+
+def record_row(record: AuditRecord) -> tuple[Any, ...]:
+    """The record's column values in AuditRecord field order, the order of INSERT_RECORD_SQL."""
+    return (
+        record.sequence,
+        record.time_ms,
+        record.kind,
+        record.task_id,
+        record.peer_org,
+        record.agent,
+        record.skill,
+        record.direction,
+        record.decision,
+        record.requester,
+        record.status,
+        record.duration_ms,
+        _dump_paths(record.withheld_paths),
+        _dump_pairs(record.transformed),
+        record.digest_before,
+        record.digest_after,
+        record.policy_version,
+        record.detail,
+        None if record.receipt is None else json.dumps(record.receipt),
+        None if record.payload is None else json.dumps(record.payload),
+        record.prev_hash,
+        record.record_hash,
+    )
+
+
+def record_values(record: AuditRecord) -> dict[str, Any]:
+    """The record's column values by name, for SQLAlchemy statements."""
+    return dict(zip(_FIELDS, record_row(record), strict=True))
 
 
 # Paths repeat across records (the same policy withholds the same fields): cache the parses.

@@ -2,8 +2,14 @@
 survives a gateway restart, and can be collected later by its requester.
 
 A task is keyed by (origin organization, idempotency key); the key defaults to the task id.
-The input is kept while the task runs (a restart dispatches it again) and dropped when it ends;
-the result kept is what was released to the requester, so a retry gets the same answer.
+The input of a task for one of our agents is kept while the task runs (a restart dispatches it
+again) and dropped when it ends. A task sent to a partner keeps no input at all: the partner
+holds it, and a retry brings the input again. The result kept is what was released to the
+requester, so a retry gets the same answer.
+
+Writes are group-committed: concurrent accepts, finishes and forgets share one transaction, run
+by the store's one writer thread on its persistent DB-API connection (gateway.db.WriterThread),
+and each caller resumes after the commit. Reads go through the SQLAlchemy engine.
 
 SQLite uses synchronous=NORMAL here: a row survives a crash of the process (the audit log,
 which is FULL, is the record of truth); PostgreSQL is durable either way.
@@ -12,7 +18,6 @@ which is FULL, is the record of truth); PostgreSQL is durable either way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import json
@@ -23,13 +28,17 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, String, Text, bindparam, delete, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import BigInteger, Column, Index, String, Text, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, SQLModel
 
-from gateway.db import create_store_engine, is_sqlite
+from gateway.db import (
+    WriterThread,
+    create_store_engine,
+    driver_sql,
+    group_commit,
+    is_sqlite,
+)
 from gateway.errors import Unavailable
 from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState
 
@@ -134,12 +143,20 @@ def spec_from_json(data: dict[str, Any]) -> TaskSpec:
     )
 
 
+def kept_spec(spec: TaskSpec, *, remote: bool) -> TaskSpec:
+    """What the table keeps of a task: all of it, or for a task sent to a partner no input."""
+    return replace(spec, input={}, input_field_actions=()) if remote else spec
+
+
 class TaskStore(ABC):
     """Accepted tasks by (origin, key)."""
 
     @abstractmethod
     async def accept(self, origin_org: str, spec: TaskSpec, *, remote: bool) -> TaskRow | None:
-        """Record a newly accepted task; returns the existing row instead if the key is taken."""
+        """Record a newly accepted task; returns the existing row instead if the key is taken.
+
+        A `remote` task (sent to a partner) is kept without its input (see `kept_spec`).
+        """
 
     @abstractmethod
     async def finish(self, origin_org: str, key: str, result: TaskResult) -> None:
@@ -181,7 +198,7 @@ class MemoryTaskStore(TaskStore):
             spec.requester,
             remote,
             TaskState.WORKING,
-            spec,
+            kept_spec(spec, remote=remote),
             None,
             now,
             now,
@@ -251,6 +268,25 @@ def _row(model: Any) -> TaskRow:
     )
 
 
+# The writes, by kind, with `?` markers (gateway.db.driver_sql adapts them to the driver); their
+# parameters are tuples in marker order. An accept returns the key if it inserted the row.
+_WRITE_SQL = {
+    "accept": (
+        "INSERT INTO fedgate_task (origin_org, key, task_id, target, requester, remote, state, "
+        "spec_json, result_json, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (origin_org, key) DO NOTHING RETURNING key"
+    ),
+    "finish": (
+        "UPDATE fedgate_task SET state = ?, spec_json = NULL, result_json = ?, updated_ms = ? "
+        "WHERE origin_org = ? AND key = ?"
+    ),
+    "forget": "DELETE FROM fedgate_task WHERE origin_org = ? AND key = ?",
+}
+
+# A queued write: its kind (a key of _WRITE_SQL), its parameters, and the caller's future.
+_Write = tuple[str, tuple[Any, ...], asyncio.Future[Any]]
+
+
 def _unavailable(exc: BaseException) -> Unavailable:
     log.error("task table cannot be written (%s)", type(exc).__name__)
     return Unavailable(
@@ -262,8 +298,10 @@ def _unavailable(exc: BaseException) -> Unavailable:
 class SqlTaskStore(TaskStore):
     """The task table in SQLite or PostgreSQL, written by one thread that group-commits.
 
-    Concurrent accepts and finishes share one transaction; statements are prebuilt Core
-    statements (an ORM session per call cost more than the rest of an exchange).
+    The writes are prebuilt SQL on the writer thread's cursor: an ORM session per call, and
+    then Core statements with a pool checkout and a thread hop per batch, cost more than the
+    rest of an exchange. If a batch fails, each of its writes is tried again on its own, so one
+    bad row does not fail the others; a write that still fails raises Unavailable.
     """
 
     def __init__(self, url: str, *, batch_max: int = 256) -> None:
@@ -271,8 +309,9 @@ class SqlTaskStore(TaskStore):
         self.batch_max = batch_max
         self._engine: Engine | None = None
         self._lock = threading.Lock()
-        self._queue: asyncio.Queue[tuple[str, tuple[Any, ...], asyncio.Future[Any]]] | None = None
+        self._queue: asyncio.Queue[_Write | None] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._writer_thread = WriterThread("fedgate-task-writer", self._db)
 
     def _db(self) -> Engine:
         with self._lock:
@@ -284,81 +323,53 @@ class SqlTaskStore(TaskStore):
                 self._engine = engine
             return self._engine
 
-    def _insert(self) -> Any:
-        dialect = sqlite_insert if is_sqlite(self.url) else postgresql_insert
-        return (
-            dialect(TASKS)
-            .on_conflict_do_nothing(index_elements=["origin_org", "key"])
-            .returning(TASKS.c.key)  # a row back means inserted (rowcount is -1 on psycopg)
-        )
-
     # ---- the writer: one transaction per batch -------------------------------------------
 
     @functools.cached_property
-    def _statements(self) -> tuple[Any, Any, Any]:
-        """The three writes, built once (building them cost more than running them)."""
-        finish = (
-            update(TASKS)
-            .where(TASKS.c.origin_org == bindparam("o"), TASKS.c.key == bindparam("k"))
-            .values(
-                state=bindparam("state"),
-                spec_json=None,
-                result_json=bindparam("result"),
-                updated_ms=bindparam("now"),
-            )
-        )
-        forget = delete(TASKS).where(
-            TASKS.c.origin_org == bindparam("o"), TASKS.c.key == bindparam("k")
-        )
-        return self._insert(), finish, forget
+    def _statements(self) -> dict[str, str]:
+        """The SQL of each kind of write, for the driver's parameter style."""
+        return {kind: driver_sql(self._db(), sql) for kind, sql in _WRITE_SQL.items()}
 
-    def _write_batch(self, ops: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        insert, finish, forget = self._statements
-        outcomes: list[Any] = []
-        with self._db().begin() as connection:
-            for kind, args in ops:
-                if kind == "accept":
-                    outcomes.append(connection.execute(insert, args[0]).first() is not None)
-                elif kind == "finish":
-                    connection.execute(finish, args[0])
-                    outcomes.append(None)
-                else:
-                    connection.execute(forget, args[0])
-                    outcomes.append(None)
+    def _write_batch(self, ops: list[tuple[str, tuple[Any, ...]]]) -> list[bool | None]:
+        """On the writer thread: the writes in order, in one transaction; accept -> inserted?"""
+        statements = self._statements
+        outcomes: list[bool | None] = []
+        with self._writer_thread.transaction() as cursor:
+            for kind, params in ops:
+                cursor.execute(statements[kind], params)
+                # A row back means inserted (psycopg's rowcount is -1 after ON CONFLICT).
+                outcomes.append(bool(cursor.fetchall()) if kind == "accept" else None)
         return outcomes
 
-    async def _write_loop(self) -> None:
-        assert self._queue is not None
-        while True:
-            first = await self._queue.get()
-            batch = [first]
-            while len(batch) < self.batch_max and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                outcomes = await asyncio.to_thread(self._write_batch, [(k, a) for k, a, _ in batch])
-            except Exception:
-                # One bad row must not fail the others: write each on its own.
-                for kind, args, future in batch:
-                    try:
-                        (outcome,) = await asyncio.to_thread(self._write_batch, [(kind, args)])
-                    except Exception as exc:
-                        if not future.done():
-                            future.set_exception(_unavailable(exc))
-                        continue
+    async def _write(self, batch: list[_Write]) -> None:
+        run = self._writer_thread.run
+        try:
+            outcomes = await run(self._write_batch, [(kind, params) for kind, params, _ in batch])
+        except Exception:
+            # One bad row must not fail the others: write each on its own.
+            for kind, params, future in batch:
+                try:
+                    (outcome,) = await run(self._write_batch, [(kind, params)])
+                except Exception as exc:
                     if not future.done():
-                        future.set_result(outcome)
-                continue
-            for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+                        future.set_exception(_unavailable(exc))
+                    continue
                 if not future.done():
                     future.set_result(outcome)
+            return
+        for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+            if not future.done():
+                future.set_result(outcome)
 
-    async def _submit(self, kind: str, *args: Any) -> Any:
+    async def _submit(self, kind: str, params: tuple[Any, ...]) -> Any:
         if self._queue is None:
             self._queue = asyncio.Queue()
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.ensure_future(self._write_loop())
+            self._writer = asyncio.get_running_loop().create_task(
+                group_commit(self._queue, self.batch_max, self._write), name="fedgate-task-writer"
+            )
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((kind, args, future))
+        self._queue.put_nowait((kind, params, future))
         return await future
 
     # ---- the contract --------------------------------------------------------------------
@@ -366,19 +377,19 @@ class SqlTaskStore(TaskStore):
     async def accept(self, origin_org: str, spec: TaskSpec, *, remote: bool) -> TaskRow | None:
         now = int(time.time() * 1000)
         key = task_key(origin_org, spec)[1]
-        row = {
-            "origin_org": origin_org,
-            "key": key,
-            "task_id": spec.task_id,
-            "target": spec.target,
-            "requester": spec.requester,
-            "remote": remote,
-            "state": TaskState.WORKING.value,
-            "spec_json": json.dumps(spec_to_json(spec)),
-            "result_json": None,
-            "created_ms": now,
-            "updated_ms": now,
-        }
+        row = (
+            origin_org,
+            key,
+            spec.task_id,
+            spec.target,
+            spec.requester,
+            remote,
+            TaskState.WORKING.value,
+            json.dumps(spec_to_json(kept_spec(spec, remote=remote))),
+            None,  # result_json
+            now,
+            now,
+        )
         if await self._submit("accept", row):
             return None
         return await self.get(origin_org, key)
@@ -386,17 +397,17 @@ class SqlTaskStore(TaskStore):
     async def finish(self, origin_org: str, key: str, result: TaskResult) -> None:
         await self._submit(
             "finish",
-            {
-                "o": origin_org,
-                "k": key,
-                "state": result.state.value,
-                "result": json.dumps(result_to_json(result)),
-                "now": int(time.time() * 1000),
-            },
+            (
+                result.state.value,
+                json.dumps(result_to_json(result)),
+                int(time.time() * 1000),
+                origin_org,
+                key,
+            ),
         )
 
     async def forget(self, origin_org: str, key: str) -> None:
-        await self._submit("forget", {"o": origin_org, "k": key})
+        await self._submit("forget", (origin_org, key))
 
     def _select(self, *conditions: Any) -> TaskRow | None:
         with self._db().connect() as connection:
@@ -423,13 +434,17 @@ class SqlTaskStore(TaskStore):
         return await asyncio.to_thread(self._unfinished)
 
     async def close(self) -> None:
-        if self._writer is not None:
-            while self._queue is not None and not self._queue.empty():  # noqa: ASYNC110 - drain
-                await asyncio.sleep(0.01)
-            self._writer.cancel()
-            with contextlib.suppress(BaseException):
-                await self._writer
-            self._writer = None
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
+        """Write what is queued, end the writer thread and release the connections."""
+        writer, queue = self._writer, self._queue
+        self._writer = self._queue = None  # a write submitted from now on starts a new writer
+        if writer is not None and queue is not None and not writer.done():
+            queue.put_nowait(None)
+            await writer
+        await asyncio.to_thread(self._dispose)
+
+    def _dispose(self) -> None:
+        self._writer_thread.stop()
+        with self._lock:
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None

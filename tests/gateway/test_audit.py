@@ -170,6 +170,17 @@ async def test_close_flushes_pending_appends(any_store: AuditStore) -> None:
         await any_store.append(_event(99))
 
 
+async def test_an_append_while_closing_is_refused_not_left_waiting(any_store: AuditStore) -> None:
+    first = asyncio.ensure_future(any_store.append(_event(1)))
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(any_store.close())
+    await asyncio.sleep(0)  # close has queued the writer's stop
+    with pytest.raises(AuditUnavailable, match="the store is closed"):
+        await asyncio.wait_for(any_store.append(_event(2)), 5)
+    await closing
+    assert (await first).sequence == 1
+
+
 async def test_survives_close_and_reopen_and_the_chain_continues(audit_db_url: str) -> None:
     store = open_store(audit_db_url)
     await store.start()
@@ -300,6 +311,14 @@ async def test_sqlite_pragmas(tmp_path: object) -> None:
     with store.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+    def writer_pragmas() -> tuple[str, int]:
+        """On the writer thread: the settings of the connection records are committed on."""
+        with store._writer_thread.transaction() as cursor:
+            journal = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+            return journal, cursor.execute("PRAGMA synchronous").fetchone()[0]
+
+    assert await store._run(writer_pragmas) == ("wal", 2)
     await store.close()
 
 

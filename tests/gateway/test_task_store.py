@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from gateway.errors import Unavailable
 from gateway.task_store import MemoryTaskStore, SqlTaskStore, TaskStore, task_key
 from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState
 
@@ -55,6 +56,20 @@ def _spec(task_id: str, key: str = "") -> TaskSpec:
         deadline=time.time() + 60,
         idempotency_key=key,
     )
+
+
+async def test_a_task_sent_to_a_partner_is_kept_without_its_input(store: TaskStore) -> None:
+    """The partner holds a task we sent (a retry brings the input again): our table keeps no
+    copy of the payload, while a task for one of our own agents keeps it until it ends."""
+    sent = _spec("t-sent", "k-sent")
+    assert await store.accept("insurer", sent, remote=True) is None
+    assert await store.accept("insurer", _spec("t-own", "k-own"), remote=False) is None
+    kept = await store.get(*task_key("insurer", sent))
+    own = await store.get(*task_key("insurer", _spec("t-own", "k-own")))
+    assert kept is not None and kept.spec is not None and kept.remote
+    assert kept.spec.input == {} and kept.spec.task_id == "t-sent"
+    assert kept.spec.deadline == sent.deadline, "a retry still resumes it before its deadline"
+    assert own is not None and own.spec is not None and own.spec.input == {"n": 1, "who": "ada"}
 
 
 async def test_accept_once_then_conflict_returns_the_existing_row(store: TaskStore) -> None:
@@ -105,6 +120,41 @@ async def test_concurrent_accepts_of_one_key_let_exactly_one_through(store: Task
         *(store.accept("insurer", _spec(f"t-{i}", "same"), remote=False) for i in range(20))
     )
     assert sum(o is None for o in outcomes) == 1
+
+
+async def test_close_writes_what_is_queued(store: TaskStore) -> None:
+    pending = [
+        asyncio.ensure_future(store.accept("insurer", _spec(f"t-{i}"), remote=False))
+        for i in range(50)
+    ]
+    await asyncio.sleep(0)
+    await store.close()
+    assert await asyncio.gather(*pending) == [None] * 50
+    assert len(await store.unfinished()) == 50  # read back after close: all were committed
+
+
+async def test_one_bad_write_does_not_fail_the_others_in_its_batch(
+    store: TaskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not isinstance(store, SqlTaskStore):
+        pytest.skip("batches are the SQL store's")
+    original = store._write_batch
+
+    def refuse_t13(ops: list[tuple[str, tuple[object, ...]]]) -> list[bool | None]:
+        if any(kind == "accept" and params[2] == "t-13" for kind, params in ops):
+            raise OSError("disk full")
+        return original(ops)
+
+    monkeypatch.setattr(store, "_write_batch", refuse_t13)
+    outcomes = await asyncio.gather(
+        *(store.accept("insurer", _spec(f"t-{i}"), remote=False) for i in range(20)),
+        return_exceptions=True,
+    )
+    assert [i for i, o in enumerate(outcomes) if o is not None] == [13]
+    assert isinstance(outcomes[13], Unavailable)
+    assert sorted(r.task_id for r in await store.unfinished()) == sorted(
+        f"t-{i}" for i in range(20) if i != 13
+    )
 
 
 def test_a_key_is_per_requester_and_target() -> None:
