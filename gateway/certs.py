@@ -7,11 +7,18 @@ SAN to agree); a gateway dialing a peer verifies the server as `<org>.fedgate`, 
 certificate of that organization is accepted on the other end.
 
 Keys are ECDSA P-256: fast handshakes, and the same keys sign receipts and checkpoints.
+
+Reading a certificate (its names, extensions and key) costs about half a signature check, and
+the same few peer certificates come back on every exchange, so what identity checks read from a
+certificate is parsed once per DER (`certificate_facts`). Only what the bytes alone decide is
+kept: whether a trusted CA issued it, whether it is valid at the time that matters and whether it
+is revoked are decided by the caller on every use.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.errors import PermissionDenied, Unauthenticated
+from gateway.errors import FedgateError, PermissionDenied, Unauthenticated
 
 SAN_SUFFIX = ".fedgate"
 DEV_WARNING = "INSECURE DEVELOPMENT CERTIFICATE - local use only"
@@ -179,6 +186,70 @@ def organization_of(cert: x509.Certificate) -> str:
             f"{org_dns_name(org)!r}: reissue it with `fedgate certs issue`"
         )
     return org
+
+
+@dataclass(frozen=True)
+class CertificateFacts:
+    """What identity checks read from one certificate; see `certificate_facts`."""
+
+    certificate: x509.Certificate
+    serial: int
+    not_before: dt.datetime
+    not_after: dt.datetime
+    is_ca: bool
+    # None when the key is not ECDSA: such a certificate signs nothing we accept.
+    public_key: ec.EllipticCurvePublicKey | None
+    # The organization, or the error organization_of raised (kept as class and message, so every
+    # use raises a fresh exception).
+    named_org: str | None
+    org_refusal: tuple[type[FedgateError], str] | None
+
+    def organization(self) -> str:
+        """The organization the certificate names (see organization_of), or its refusal."""
+        if self.org_refusal is not None:
+            error, message = self.org_refusal
+            raise error(message)
+        assert self.named_org is not None
+        return self.named_org
+
+
+def _facts(cert: x509.Certificate) -> CertificateFacts:
+    try:
+        named_org: str | None = organization_of(cert)
+        refusal = None
+    except FedgateError as exc:
+        named_org, refusal = None, (type(exc), exc.message)
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    key = cert.public_key()
+    return CertificateFacts(
+        certificate=cert,
+        serial=cert.serial_number,
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        is_ca=is_ca,
+        public_key=key if isinstance(key, ec.EllipticCurvePublicKey) else None,
+        named_org=named_org,
+        org_refusal=refusal,
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def certificate_facts(der: bytes) -> CertificateFacts:
+    """The facts of a DER certificate, parsed once per distinct bytes; ValueError if malformed.
+
+    Bounded (least recently used first out): a flood of distinct certificates only costs
+    re-parsing, never a wrong answer, since every fact depends on the bytes alone.
+    """
+    return _facts(x509.load_der_x509_certificate(der))
+
+
+@functools.lru_cache(maxsize=256)
+def pem_certificate_facts(pem: bytes) -> CertificateFacts:
+    """`certificate_facts` of a PEM certificate (the form grpc gives a peer's certificate in)."""
+    return _facts(x509.load_pem_x509_certificate(pem))
 
 
 def load_cert(pem: bytes) -> x509.Certificate:

@@ -22,25 +22,24 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 import heapq
 import json
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
 
+from gateway.certs import certificate_facts
 from gateway.errors import (
     InvalidArgument,
     PermissionDenied,
@@ -57,7 +56,6 @@ _SEGMENT = re.compile(r"^[A-Za-z0-9_-]*$")
 _ORG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _MAX_TEXT = 256
 _MAX_ROLES = 64
-_MAX_TRUSTED_CERTS = 1024
 
 
 @dataclass(frozen=True)
@@ -92,9 +90,24 @@ def _json_segment(value: dict[str, Any]) -> str:
     return _b64url(json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8"))
 
 
-def _sign_jws(signer: Signer, header: dict[str, Any], payload: dict[str, Any]) -> str:
-    """A compact JWS over header and payload, ES256 with the signer's key (r || s signature)."""
-    signing_input = f"{_json_segment(header)}.{_json_segment(payload)}"
+@functools.lru_cache(maxsize=16)
+def _header_segment(cert_der: bytes) -> str:
+    """The encoded header of our statements: constant per signing certificate, so built once.
+
+    Keyed by the certificate itself, so a rotated certificate gets its own header at once.
+    """
+    return _json_segment(
+        {
+            "alg": ALGORITHM,
+            "typ": STATEMENT_TYPE,
+            "x5c": [base64.b64encode(cert_der).decode("ascii")],
+        }
+    )
+
+
+def _sign_jws(signer: Signer, header_segment: str, payload: dict[str, Any]) -> str:
+    """A compact JWS over an encoded header and payload, ES256 with the signer's key (r || s)."""
+    signing_input = f"{header_segment}.{_json_segment(payload)}"
     r, s = decode_dss_signature(signer.sign(signing_input.encode("ascii")))
     signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
     return f"{signing_input}.{_b64url(signature)}"
@@ -121,11 +134,6 @@ def issue_delegation(
     if not ttl_seconds > 0:
         raise InvalidArgument(f"delegation lifetime must be positive, got {ttl_seconds:g} s")
     now = time.time()
-    header = {
-        "alg": ALGORITHM,
-        "typ": STATEMENT_TYPE,
-        "x5c": [base64.b64encode(signer.cert_der).decode("ascii")],
-    }
     payload = {
         "iss": signer.org,
         "aud": audience_org,
@@ -137,7 +145,7 @@ def issue_delegation(
         "iat": int(now),
         "exp": int(now + ttl_seconds),
     }
-    return _sign_jws(signer, header, payload)
+    return _sign_jws(signer, _header_segment(signer.cert_der), payload)
 
 
 def _check_text(name: str, value: Any, error: type[Exception], *, required: bool = False) -> None:
@@ -233,42 +241,6 @@ class DelegationVerifier:
         self.clock_skew_seconds = clock_skew_seconds
         self._clock = clock
         self._seen = _SeenStatements(max_seen_per_peer)
-        # DER of certificates that passed the full check -> (key, org, not before, not after).
-        self._trusted_certs: dict[bytes, tuple[ec.EllipticCurvePublicKey, str, float, float]] = {}
-
-    def _check_signature(
-        self, signing_input: bytes, signature: bytes, cert_der: bytes, peer_org: str, now: float
-    ) -> None:
-        """Signed by a certificate of peer_org from the federation CA, valid now.
-
-        A certificate that passed the full check once (chain to the CA included) is remembered,
-        so the next statements of that peer cost one signature check instead of three. Anything
-        unusual on that fast path goes through the full check again, which names the cause.
-        """
-        known = self._trusted_certs.get(cert_der)
-        if known is not None:
-            public_key, org, not_before, not_after = known
-            if org == peer_org and not_before <= now <= not_after:
-                try:
-                    public_key.verify(signature, signing_input, ec.ECDSA(hashes.SHA256()))
-                    return
-                except InvalidSignature:
-                    pass
-        # Federation CA, validity now, organization == the connection's, signature: at once.
-        self._verifier.verify(
-            signing_input, signature, cert_der, peer_org, at=dt.datetime.fromtimestamp(now, dt.UTC)
-        )
-        cert = x509.load_der_x509_certificate(cert_der)
-        cert_key = cert.public_key()
-        if isinstance(cert_key, ec.EllipticCurvePublicKey):
-            if len(self._trusted_certs) >= _MAX_TRUSTED_CERTS:
-                self._trusted_certs.clear()
-            self._trusted_certs[cert_der] = (
-                cert_key,
-                peer_org,
-                cert.not_valid_before_utc.timestamp(),
-                cert.not_valid_after_utc.timestamp(),
-            )
 
     @property
     def seen_count(self) -> int:
@@ -304,7 +276,16 @@ class DelegationVerifier:
         )
         now = self._clock()
         try:
-            self._check_signature(signing_input, der_signature, cert_der, peer_org, now)
+            # Federation CA (as trusted now), validity now, organization == the connection's,
+            # and the signature, on every statement; only certificate parsing and the chain
+            # check are remembered, by the Verifier, until its CA set is rotated.
+            self._verifier.verify(
+                signing_input,
+                der_signature,
+                cert_der,
+                peer_org,
+                at=dt.datetime.fromtimestamp(now, dt.UTC),
+            )
         except PermissionDenied as exc:
             raise PermissionDenied(
                 f"delegation statement refused: {exc.message} (the connection is authenticated "
@@ -389,7 +370,7 @@ class DelegationVerifier:
         )
 
 
-def _parse(token: Any) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+def _parse(token: Any) -> tuple[Mapping[str, Any], dict[str, Any], bytes, bytes]:
     """Header, payload, signing input and raw signature of a compact JWS."""
     if not isinstance(token, str) or not token:
         raise Unauthenticated("no delegation statement came with the task")
@@ -402,25 +383,40 @@ def _parse(token: Any) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
         raise Unauthenticated(
             f"malformed delegation statement: a JWS has 3 parts separated by '.', got {len(parts)}"
         )
-    decoded: list[Any] = []
-    for name, segment in zip(("header", "payload", "signature"), parts, strict=True):
-        try:
-            raw = _unb64url(segment)
-            # NaN and Infinity are not JSON; a NaN time would slip past every comparison.
-            value = raw if name == "signature" else json.loads(raw, parse_constant=_no_constants)
-            decoded.append(value)
-        except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
-            raise Unauthenticated(
-                f"malformed delegation statement: its {name} is not base64url"
-                + ("" if name == "signature" else " JSON")
-            ) from None
-        if name != "signature" and not isinstance(decoded[-1], dict):
-            raise Unauthenticated(f"malformed delegation statement: its {name} is not an object")
-    header, payload, signature = decoded
+    header = _decode_header(parts[0])
+    payload = _decode_segment("payload", parts[1])
+    signature = _decode_segment("signature", parts[2])
     return header, payload, f"{parts[0]}.{parts[1]}".encode("ascii"), signature
 
 
-def _signer_certificate(header: dict[str, Any]) -> bytes:
+def _decode_segment(name: str, segment: str) -> Any:
+    """The raw bytes (signature) or the JSON object (header, payload) of one JWS segment."""
+    try:
+        raw = _unb64url(segment)
+        if name == "signature":
+            return raw
+        # NaN and Infinity are not JSON; a NaN time would slip past every comparison.
+        value = json.loads(raw, parse_constant=_no_constants)
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
+        raise Unauthenticated(
+            f"malformed delegation statement: its {name} is not base64url"
+            + ("" if name == "signature" else " JSON")
+        ) from None
+    if not isinstance(value, dict):
+        raise Unauthenticated(f"malformed delegation statement: its {name} is not an object")
+    return value
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_header(segment: str) -> Mapping[str, Any]:
+    """A decoded header, kept read-only: a peer sends the same one with every statement.
+
+    Only the decoding is remembered; every check on the header runs on every statement.
+    """
+    return MappingProxyType(_decode_segment("header", segment))
+
+
+def _signer_certificate(header: Mapping[str, Any]) -> bytes:
     chain = header.get("x5c")
     if not isinstance(chain, list) or len(chain) != 1 or not isinstance(chain[0], str):
         raise Unauthenticated(
@@ -429,7 +425,7 @@ def _signer_certificate(header: dict[str, Any]) -> bytes:
         )
     try:
         der = base64.b64decode(chain[0], validate=True)
-        x509.load_der_x509_certificate(der)
+        certificate_facts(der)
     except (binascii.Error, ValueError):
         raise Unauthenticated(
             "malformed delegation statement: header 'x5c' is not a base64 DER certificate"

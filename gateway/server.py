@@ -77,6 +77,7 @@ class Gateway:
         )
         self.policy = build_policy(config)
         verifier = Verifier.from_file(fed.ca)
+        verifier.revoked_serials = lambda: self.tls.material.revoked_serials
         self.audit = (
             audit if audit is not None else open_store(config.audit_database_url, verifier=verifier)
         )

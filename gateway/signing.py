@@ -16,6 +16,7 @@ import base64
 import binascii
 import datetime as dt
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,20 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.certs import load_cert, load_private_key, organization_of
+from gateway.certs import (
+    CertificateFacts,
+    certificate_facts,
+    load_cert,
+    load_private_key,
+    organization_of,
+)
 from gateway.errors import ConfigError, InvalidArgument, PermissionDenied, Unauthenticated
 from gateway.payload import canonical_json, digest
 
 RECEIPT_TYPE = "fedgate/receipt/v1"
 CHECKPOINT_TYPE = "fedgate/checkpoint/v1"
+# Stateless, so one instance serves every signature (building one per call shows in profiles).
+ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
 def now_unix_ms() -> int:
@@ -84,7 +93,7 @@ class Signer:
 
     def sign(self, data: bytes) -> bytes:
         """A DER ECDSA P-256 / SHA-256 signature over `data`."""
-        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+        return self._key.sign(data, ECDSA_SHA256)
 
 
 class Verifier:
@@ -96,6 +105,9 @@ class Verifier:
         self.ca_certificates = ca_certificates
         self._issued_by_ca: set[tuple[bytes, int]] = set()
         self._generation = 0
+        # The serials the federation's revocation list names, asked on every verification
+        # (a running gateway follows its CRL file; offline tools check none).
+        self.revoked_serials: Callable[[], frozenset[int]] = frozenset
 
     def trust(self, ca_certificates: list[x509.Certificate]) -> None:
         """Replace the trusted CA set (a rotation); earlier chain checks no longer count."""
@@ -134,48 +146,48 @@ class Verifier:
         (a valid certificate of another organization).
         """
         try:
-            cert = x509.load_der_x509_certificate(signer_cert_der)
+            facts = certificate_facts(signer_cert_der)
         except ValueError:
             raise Unauthenticated("the signer certificate is not a valid DER certificate") from None
         # The chain check is the costly part and depends only on the certificate and the CA
         # set, so it is remembered (and forgotten when the CA set is rotated).
         trusted = (signer_cert_der, self._generation)
         if trusted not in self._issued_by_ca:
-            self._check_issued_by_ca(cert)
+            self._check_issued_by_ca(facts)
             if len(self._issued_by_ca) > 1024:
                 self._issued_by_ca.clear()
             self._issued_by_ca.add(trusted)
         when = at or dt.datetime.now(dt.UTC)
-        if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
+        if not facts.not_before <= when <= facts.not_after:
             raise Unauthenticated(
                 f"the signer certificate was not valid at {when.isoformat(timespec='seconds')} "
-                f"(valid {cert.not_valid_before_utc.isoformat(timespec='seconds')} to "
-                f"{cert.not_valid_after_utc.isoformat(timespec='seconds')})"
+                f"(valid {facts.not_before.isoformat(timespec='seconds')} to "
+                f"{facts.not_after.isoformat(timespec='seconds')})"
             )
-        org = organization_of(cert)
+        org = facts.organization()
+        if facts.serial in self.revoked_serials():
+            raise Unauthenticated(
+                f"the signer certificate of {org!r} (serial {facts.serial:x}) is revoked"
+            )
         if org != expected_org:
             raise PermissionDenied(
                 f"signed by organization {org!r}, expected {expected_org!r}: only a gateway of "
                 f"{expected_org!r} may sign this"
             )
-        public_key = cert.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        if facts.public_key is None:
             raise Unauthenticated(f"the certificate of {org!r} does not hold an ECDSA key")
         try:
-            public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+            facts.public_key.verify(signature, data, ECDSA_SHA256)
         except InvalidSignature:
             raise Unauthenticated(
                 f"the signature of {org!r} does not verify: the signed content was changed "
                 "after signing or signed with another key"
             ) from None
 
-    def _check_issued_by_ca(self, cert: x509.Certificate) -> None:
-        try:
-            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-            if constraints.ca:
-                raise Unauthenticated("the signer certificate is a CA certificate, not a gateway's")
-        except x509.ExtensionNotFound:
-            pass
+    def _check_issued_by_ca(self, facts: CertificateFacts) -> None:
+        if facts.is_ca:
+            raise Unauthenticated("the signer certificate is a CA certificate, not a gateway's")
+        cert = facts.certificate
         for ca in self.ca_certificates:
             try:
                 cert.verify_directly_issued_by(ca)

@@ -12,13 +12,12 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import grpc
 from cryptography import x509
 
-from gateway.certs import organization_of
+from gateway.certs import pem_certificate_facts
 from gateway.errors import ConfigError, Unauthenticated
 
 log = logging.getLogger("fedgate.tls")
@@ -148,12 +147,6 @@ class ReloadingTls:
         )
 
 
-@lru_cache(maxsize=1024)
-def _parse_peer(pem: bytes) -> tuple[str, int]:
-    cert = x509.load_pem_x509_certificate(pem)
-    return organization_of(cert), cert.serial_number
-
-
 def peer_identity(context: grpc.aio.ServicerContext, revoked: frozenset[int]) -> str:
     """The calling organization, read only from its verified client certificate."""
     auth = context.auth_context()
@@ -161,9 +154,11 @@ def peer_identity(context: grpc.aio.ServicerContext, revoked: frozenset[int]) ->
     if not pems:
         raise Unauthenticated("no verified client certificate: federation calls need mutual TLS")
     try:
-        org, serial = _parse_peer(bytes(pems[0]))
+        # Parsed once per certificate; the revocation list is still consulted on every call.
+        facts = pem_certificate_facts(bytes(pems[0]))
     except ValueError as exc:
         raise Unauthenticated(f"client certificate cannot be parsed: {exc}") from None
+    org, serial = facts.organization(), facts.serial
     if serial in revoked:
         raise Unauthenticated(
             f"client certificate of organization {org!r} (serial {serial:x}) is revoked"

@@ -12,20 +12,23 @@ import hashlib
 import hmac
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.certs import issue_gateway_cert, load_cert, write_pair
 from gateway.delegation import (
     STATEMENT_TYPE,
     Delegation,
     DelegationVerifier,
+    _json_segment,
     _sign_jws,
     issue_delegation,
 )
 from gateway.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
 from gateway.signing import Signer, Verifier
-from tests.conftest import Pki
+from tests.conftest import Pki, ca_pair
 
 
 class Clock:
@@ -94,7 +97,7 @@ def crafted(
         "x5c": [base64.b64encode((cert_of or signer).cert_der).decode()],
     }
     full_header.update(header or {})
-    return _sign_jws(signer, full_header, payload)
+    return _sign_jws(signer, _json_segment(full_header), payload)
 
 
 def b64url(data: bytes) -> str:
@@ -513,7 +516,7 @@ def test_remembered_certificate_still_refuses_everything(
 ) -> None:
     """After hospital's certificate passed once, the fast path refuses what the full check does."""
     insurer.verify(statement(hospital), peer_org="hospital", task_id="task-1")
-    assert list(insurer._trusted_certs) == [hospital.cert_der]
+    assert insurer._verifier._issued_by_ca == {(hospital.cert_der, 0)}
     header, _, signature = statement(hospital).split(".")
     claims = segments(statement(hospital))[1]
     claims["roles"] = ["admin"]
@@ -535,3 +538,33 @@ def test_remembered_certificate_still_refuses_everything(
     assert refused(insurer, late).startswith(
         "delegation statement refused: the signer certificate was not valid at "
     )
+
+
+def test_ca_rotation_drops_remembered_certificates_at_once(
+    pki: Pki, hospital: Signer, insurer: DelegationVerifier
+) -> None:
+    """A certificate accepted before the CA set is rotated away from its CA is refused after."""
+    insurer.verify(statement(hospital), peer_org="hospital", task_id="task-1")
+    federation_ca = load_cert(pki.ca.read_bytes())
+    insurer._verifier.trust([load_cert((pki.root / "rogue-ca.crt").read_bytes())])
+    assert refused(insurer, statement(hospital)).startswith(
+        "delegation statement refused: the signer certificate was not issued by the federation "
+        "CA (issuer "
+    )
+    insurer._verifier.trust([federation_ca])
+    insurer.verify(statement(hospital), peer_org="hospital", task_id="task-1")
+
+
+def test_rotated_own_certificate_signs_with_its_own_header(
+    tmp_path: Path, pki: Pki, hospital: Signer, insurer: DelegationVerifier
+) -> None:
+    """Statements issued after the gateway's certificate is rotated carry the new certificate."""
+    insurer.verify(statement(hospital), peer_org="hospital", task_id="task-1")
+    write_pair(issue_gateway_cert(ca_pair(pki), "hospital"), tmp_path / "h.crt", tmp_path / "h.key")
+    rotated = Signer.from_files(tmp_path / "h.crt", tmp_path / "h.key")
+    token = statement(rotated)
+    assert base64.b64decode(segments(token)[0]["x5c"][0]) == rotated.cert_der != hospital.cert_der
+    insurer.verify(token, peer_org="hospital", task_id="task-1")
+    old = statement(hospital)
+    assert base64.b64decode(segments(old)[0]["x5c"][0]) == hospital.cert_der
+    insurer.verify(old, peer_org="hospital", task_id="task-1")

@@ -7,11 +7,13 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
-from gateway.certs import create_ca, issue_gateway_cert, write_pair
+from gateway.certs import create_ca, issue_gateway_cert, load_cert, load_private_key, write_pair
 from gateway.errors import ConfigError, InvalidArgument, PermissionDenied, Unauthenticated
 from gateway.payload import digest
 from gateway.signing import (
+    ECDSA_SHA256,
     ReceiptBody,
     SignedCheckpoint,
     SignedReceipt,
@@ -189,3 +191,72 @@ def test_missing_files_are_config_errors(tmp_path: Path) -> None:
         Verifier.from_file(tmp_path / "nope.crt")
     with pytest.raises(ConfigError, match="cannot read the gateway certificate"):
         Signer.from_files(tmp_path / "nope.crt", tmp_path / "nope.key")
+
+
+# -- what the verifier remembers, and what it checks on every call ----------------------------
+
+
+def test_ca_rotation_drops_remembered_trust_at_once(audit_pki) -> None:
+    """A certificate that verified before a rotation away from its CA is refused right after."""
+    verifier = audit_pki.verifier()
+    receipt = sign_receipt(audit_pki.signer("beta"), _body())
+    verify_receipt(verifier, receipt, expected_org="beta")
+    rogue_ca = load_cert((audit_pki.directory / "rogue-ca.crt").read_bytes())
+    verifier.trust([rogue_ca])
+    with pytest.raises(Unauthenticated, match="not issued by the federation CA"):
+        verify_receipt(verifier, receipt, expected_org="beta")
+    verifier.trust([load_cert(audit_pki.ca.cert_pem)])
+    verify_receipt(verifier, receipt, expected_org="beta")
+
+
+def test_rotation_to_a_new_ca_trusts_its_certificates_at_once(tmp_path: Path, audit_pki) -> None:
+    new_ca = create_ca("Next CA")
+    write_pair(issue_gateway_cert(new_ca, "beta"), tmp_path / "b.crt", tmp_path / "b.key")
+    receipt = sign_receipt(Signer.from_files(tmp_path / "b.crt", tmp_path / "b.key"), _body())
+    verifier = audit_pki.verifier()
+    with pytest.raises(Unauthenticated, match="not issued by the federation CA"):
+        verify_receipt(verifier, receipt, expected_org="beta")
+    verifier.trust([load_cert(audit_pki.ca.cert_pem), load_cert(new_ca.cert_pem)])
+    verify_receipt(verifier, receipt, expected_org="beta")
+
+
+def test_validity_of_a_remembered_certificate_is_checked_on_every_call(
+    tmp_path: Path, audit_pki
+) -> None:
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    write_pair(
+        issue_gateway_cert(audit_pki.ca, "beta", days=1, not_before=start),
+        tmp_path / "short.crt",
+        tmp_path / "short.key",
+    )
+    signer = Signer.from_files(tmp_path / "short.crt", tmp_path / "short.key")
+    verifier = audit_pki.verifier()
+    data = b"checked every time"
+    signature = signer.sign(data)
+    verifier.verify(data, signature, signer.cert_der, "beta")
+    for late in (start + dt.timedelta(days=2), start - dt.timedelta(minutes=1)):
+        with pytest.raises(Unauthenticated, match="was not valid at"):
+            verifier.verify(data, signature, signer.cert_der, "beta", at=late)
+    verifier.verify(data, signature, signer.cert_der, "beta")
+
+
+def test_remembered_certificate_still_refuses_other_orgs_and_bad_signatures(audit_pki) -> None:
+    verifier = audit_pki.verifier()
+    beta = audit_pki.signer("beta")
+    data = b"signed by beta"
+    verifier.verify(data, beta.sign(data), beta.cert_der, "beta")
+    for _ in range(2):
+        with pytest.raises(PermissionDenied, match="signed by organization 'beta', expected 'a"):
+            verifier.verify(data, beta.sign(data), beta.cert_der, "alpha")
+        with pytest.raises(Unauthenticated, match="does not verify"):
+            verifier.verify(b"changed", beta.sign(data), beta.cert_der, "beta")
+
+
+def test_ca_certificate_cannot_sign_as_a_gateway(audit_pki) -> None:
+    ca_cert = load_cert(audit_pki.ca.cert_pem)
+    ca_key = load_private_key(audit_pki.ca.key_pem)
+    data = b"signed by the CA key"
+    der = ca_cert.public_bytes(serialization.Encoding.DER)
+    for _ in range(2):
+        with pytest.raises(Unauthenticated, match="is a CA certificate, not a gateway's"):
+            audit_pki.verifier().verify(data, ca_key.sign(data, ECDSA_SHA256), der, "beta")

@@ -23,16 +23,23 @@ async def _list_as(pki: Pki, fed: LocalFederation, cert: str) -> pb.ListAgentsRe
         await channel.close()
 
 
+def _revoke_at_hospital(fed: LocalFederation, pki: Pki, org: str) -> int:
+    """Put `org`'s certificate on the hospital's CRL (a new file, as `fedgate certs revoke`
+    writes it); returns its serial."""
+    crl_path = fed["hospital"].config.federation.crl
+    assert crl_path is not None
+    serial = load_cert(pki.cert(org).read_bytes()).serial_number
+    crl_path.write_bytes(revocation_list(ca_pair(pki), [serial]))
+    stat = crl_path.stat()
+    os.utime(crl_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    return serial
+
+
 async def test_revoked_certificate_is_refused_without_restart(
     secure_fed: LocalFederation, pki: Pki
 ) -> None:
     assert isinstance(await _list_as(pki, secure_fed, "lab"), pb.ListAgentsResponse)
-    crl_path = secure_fed["hospital"].config.federation.crl
-    assert crl_path is not None
-    serial = load_cert(pki.cert("lab").read_bytes()).serial_number
-    crl_path.write_bytes(revocation_list(ca_pair(pki), [serial]))
-    stat = crl_path.stat()
-    os.utime(crl_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    serial = _revoke_at_hospital(secure_fed, pki, "lab")
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await _list_as(pki, secure_fed, "lab")
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -90,3 +97,32 @@ def test_certs_revoke_command_extends_the_list(tmp_path, pki: Pki) -> None:  # t
         ["certs", "revoke", "--cert", str(pki.cert("lab")), "--ca-dir", str(tmp_path / "nope")],
     )
     assert missing.exit_code == 2 and "revoking needs the federation CA" in missing.output
+
+
+async def test_receipt_signed_with_a_revoked_certificate_is_refused(
+    secure_fed: LocalFederation, pki: Pki
+) -> None:
+    """grpcio cannot show us the partner's server certificate, but every receipt names its
+    signer: the requester's gateway refuses a receipt whose certificate the CRL revokes."""
+    from participant_sdk import Client, RetryPolicy, TaskFailed
+    from tests.integration.federation import echo_agent, serving
+    from tests.security.conftest import hospital_tokens
+
+    token = hospital_tokens(secure_fed).issue("clerk", calls=["insurer/echo.say"])
+    async with (
+        serving(secure_fed.participant("insurer"), echo_agent()),
+        Client(
+            secure_fed.participant("hospital"), token=token, retry=RetryPolicy(max_attempts=1)
+        ) as client,
+    ):
+        before = await client.call("insurer/echo.say", {"n": 1}, timeout=10)
+        assert before.receipt is not None
+        serial = _revoke_at_hospital(secure_fed, pki, "insurer")
+        secure_fed["hospital"].tls.refresh()
+        with pytest.raises(TaskFailed, match="is revoked") as info:
+            await client.call("insurer/echo.say", {"n": 2}, timeout=10, task_id="revoked-1")
+    error = info.value.result.error
+    assert error is not None and error.code == "receipt_invalid"
+    records = secure_fed["hospital"].audit.query(task_id="revoked-1")
+    assert [r.kind for r in records] == ["request_sent", "failed"]
+    assert records[1].decision == "receipt_invalid" and f"serial {serial:x}" in records[1].detail
