@@ -127,7 +127,7 @@ class AgentRegistry:
         return True
 
     async def dispatch(self, spec: TaskSpec, requester_org: str) -> AsyncIterator[TaskUpdate]:
-        """Run a task on the least busy instance; yields its updates, the last one final.
+        """Run a task on the least busy instance; yields WORKING, then its updates, the last final.
 
         Leaving early (deadline, cancellation) tells the instance to stop the task.
         """
@@ -143,6 +143,9 @@ class AgentRegistry:
         instance.outbox.put_nowait(Assignment(spec, requester_org))
         finished = False
         try:
+            # The task is with an instance now: say so here rather than have every agent send
+            # a message only to say it started (a unary requester never sees this update).
+            yield TaskUpdate(spec.task_id, TaskState.WORKING)
             while True:
                 update = await queue.get()
                 yield update

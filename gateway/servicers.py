@@ -247,7 +247,7 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
     ) -> pb.TaskResult:
         org = await self._peer(context)
         _check_decoded(request)
-        return result_to_pb(await self.router.get(request.task_id, origin_org=org))
+        return result_to_pb(await self.router.get_for_peer(request.task_id, org))
 
     @_maps_errors
     async def ExchangeCheckpoint(
@@ -338,30 +338,25 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
         if self.router.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
         self.agents.register(instance)
+        # The loop below waits on the outbox alone; None there ends the stream. The reader puts
+        # it when the agent's side closes, the token watcher when the token stops being valid.
         reader = asyncio.ensure_future(self._read_updates(instance, request_iterator))
+        reader.add_done_callback(lambda _: instance.outbox.put_nowait(None))
+        refused: list[FedgateError] = []
+        watcher = (
+            asyncio.ensure_future(self._watch_token(instance, token, refused))
+            if claims is not None
+            else None
+        )
         try:
             yield pb.GatewayMessage(
                 registered=pb.Registered(org=self.router.org, agents=sorted(instance.cards))
             )
             while True:
-                outbox_get = asyncio.ensure_future(instance.outbox.get())
-                done, _ = await asyncio.wait(
-                    {outbox_get, reader}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not done:
-                    outbox_get.cancel()
-                    # A revoked or expired token stops working at once, open streams included.
-                    if claims is not None and self.tokens is not None:
-                        try:
-                            self.tokens.verify(token)
-                        except FedgateError as exc:
-                            await _abort(context, exc)
-                    continue
-                if outbox_get not in done:
-                    outbox_get.cancel()
-                    return
-                item = outbox_get.result()
+                item = await instance.outbox.get()
                 if item is None:
+                    if refused:
+                        await _abort(context, refused[0])
                     return
                 if isinstance(item, Assignment):
                     yield pb.GatewayMessage(
@@ -375,10 +370,26 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
                         cancel=pb.CancelAssignment(task_id=item.task_id, reason=item.reason)
                     )
         finally:
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
+            for helper in (reader, watcher):
+                if helper is not None:
+                    helper.cancel()
+                    with contextlib.suppress(BaseException):
+                        await helper
             self.agents.unregister(instance)
+
+    async def _watch_token(
+        self, instance: AgentInstance, token: str, refused: list[FedgateError]
+    ) -> None:
+        """A revoked or expired token stops working within a second, open streams included."""
+        assert self.tokens is not None
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.tokens.verify(token)
+            except FedgateError as exc:
+                refused.append(exc)
+                instance.outbox.put_nowait(None)
+                return
 
     def _instance(self, register: pb.RegisterAgents) -> AgentInstance:
         cards = {}

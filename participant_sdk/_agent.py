@@ -312,8 +312,8 @@ class AgentWorker:
             return
         running = self._jobs.get(key)
         if running is not None:
+            # Handed again after a reconnect while it still runs: its result goes to the new id.
             running.task_id = request.task_id
-            self._send(pb.TaskUpdate(task_id=request.task_id, state=pb.TASK_STATE_WORKING))
             return
         self._start_job(key, assignment)
 
@@ -359,7 +359,7 @@ class AgentWorker:
                     )
                 )
                 return
-            self._send(pb.TaskUpdate(task_id=job.task_id, state=pb.TASK_STATE_WORKING))
+            # No "working" message: the gateway tells the requester when it hands the task over.
             try:
                 # The deadline holds even while the gateway is unreachable and cannot cancel.
                 async with asyncio.timeout(max(0.0, deadline - time.time())):

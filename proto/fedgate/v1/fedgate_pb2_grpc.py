@@ -97,7 +97,9 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTask(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The state of a task the caller sent, without its output: a completed result is collected
+        by sending the task again with the same idempotency key (audited as sent again).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
