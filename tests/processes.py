@@ -10,9 +10,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.local import write_gateway_config
 from tests.conftest import Pki
-from tests.integration.federation import MODEL
+from tests.integration.federation import org_config
 
 READY = re.compile(r"federation on port (\d+) \(mTLS\), participants on port (\d+)")
 _DRAINS: set[asyncio.Future[None]] = set()
@@ -74,18 +73,7 @@ def fixed_port_config(
     tmp: Path, pki: Pki, org: str, peer: str, ports: dict[str, tuple[int, int]], rules: str
 ) -> Path:
     """A fedgate.toml for `org` on fixed (federation, participant) ports, peered with `peer`."""
-    rules_path = tmp / f"{org}.csv"
-    rules_path.write_text(rules)
-    path = write_gateway_config(
-        tmp / org,
-        org,
-        cert=pki.cert(org),
-        key=pki.key(org),
-        ca=pki.ca,
-        model=MODEL,
-        rules=rules_path,
-        peers=[peer],
-    )
+    path = org_config(tmp, pki, org, rules, [peer])
     fed_port, part_port = ports[org]
     text = path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{fed_port}"', 1)
     text = text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{part_port}"', 1)

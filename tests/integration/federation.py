@@ -118,6 +118,33 @@ def claims_agent() -> Agent:
     return claims
 
 
+def org_config(
+    tmp: Path,
+    pki: Pki,
+    org: str,
+    rules: str,
+    peers: list[str],
+    *,
+    extra: str = "",
+    require_tokens: bool = False,
+) -> Path:
+    """Write `org`'s sharing rules and its fedgate.toml (loopback, port 0); returns its path."""
+    rules_path = tmp / f"{org}.csv"
+    rules_path.write_text(rules)
+    return write_gateway_config(
+        tmp / org,
+        org,
+        cert=pki.cert(org),
+        key=pki.key(org),
+        ca=pki.ca,
+        model=MODEL,
+        rules=rules_path,
+        peers=peers,
+        extra=extra,
+        require_tokens=require_tokens,
+    )
+
+
 def configs(
     tmp: Path,
     pki: Pki,
@@ -126,27 +153,10 @@ def configs(
     insurer_rules: str = INSURER_RULES,
     extra: str = "",
 ) -> list[Path]:
-    paths = []
-    for org, rules, peers in (
-        ("hospital", hospital_rules, ["insurer"]),
-        ("insurer", insurer_rules, ["hospital"]),
-    ):
-        rules_path = tmp / f"{org}.csv"
-        rules_path.write_text(rules)
-        paths.append(
-            write_gateway_config(
-                tmp / org,
-                org,
-                cert=pki.cert(org),
-                key=pki.key(org),
-                ca=pki.ca,
-                model=MODEL,
-                rules=rules_path,
-                peers=peers,
-                extra=extra,
-            )
-        )
-    return paths
+    return [
+        org_config(tmp, pki, "hospital", hospital_rules, ["insurer"], extra=extra),
+        org_config(tmp, pki, "insurer", insurer_rules, ["hospital"], extra=extra),
+    ]
 
 
 @contextlib.asynccontextmanager

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.local import LocalFederation, write_gateway_config
+from gateway.local import LocalFederation
 from gateway.signing import SignedReceipt, Verifier, verify_receipt
 from participant_sdk import Agent, Client, TaskContext
 from tests.conftest import Pki
-from tests.integration.federation import MODEL, serving
+from tests.integration.federation import org_config, serving
 
 HOSPITAL = """\
 p, insurer, records, relay, invoke, *, allow
@@ -32,26 +32,11 @@ p, hospital, tests, run, share, result, allow
 
 @pytest.fixture
 async def three(tmp_path: Path, pki: Pki) -> AsyncIterator[LocalFederation]:
-    paths = []
-    for org, rules, peers in (
-        ("hospital", HOSPITAL, ["insurer", "lab"]),
-        ("insurer", INSURER, ["hospital"]),
-        ("lab", LAB, ["hospital"]),
-    ):
-        rules_path = tmp_path / f"{org}.csv"
-        rules_path.write_text(rules)
-        paths.append(
-            write_gateway_config(
-                tmp_path / org,
-                org,
-                cert=pki.cert(org),
-                key=pki.key(org),
-                ca=pki.ca,
-                model=MODEL,
-                rules=rules_path,
-                peers=peers,
-            )
-        )
+    paths = [
+        org_config(tmp_path, pki, "hospital", HOSPITAL, ["insurer", "lab"]),
+        org_config(tmp_path, pki, "insurer", INSURER, ["hospital"]),
+        org_config(tmp_path, pki, "lab", LAB, ["hospital"]),
+    ]
     async with LocalFederation(paths) as fed:
         yield fed
 
@@ -126,9 +111,10 @@ async def test_own_data_may_go_on_with_its_id(three: LocalFederation) -> None:
 
 
 async def test_cancel_travels_down_every_hop(three: LocalFederation) -> None:
+    started: list[dict] = []
     cancelled: list[str] = []
     async with (
-        serving(three.participant("lab"), lab_agent([], cancelled, delay=30)),
+        serving(three.participant("lab"), lab_agent(started, cancelled, delay=30)),
         serving(three.participant("hospital"), relay_agent()),
         Client(three.participant("insurer")) as client,
     ):
@@ -139,10 +125,11 @@ async def test_cancel_travels_down_every_hop(three: LocalFederation) -> None:
             task_id="hop-cancel-1",
         )
         await anext(updates)
-        for _ in range(100):
-            if three["lab"].router.in_flight:
+        for _ in range(100):  # the lab's skill runs: the cancel must reach a running skill
+            if started:
                 break
             await asyncio.sleep(0.05)
+        assert started and three["lab"].router.in_flight
         assert await client.cancel("hop-cancel-1") == "canceled"
         _ = [u async for u in updates]
         for _ in range(100):
@@ -150,5 +137,9 @@ async def test_cancel_travels_down_every_hop(three: LocalFederation) -> None:
                 break
             await asyncio.sleep(0.05)
     assert len(cancelled) == 1, "the lab's agent saw the cancel"
+    for _ in range(100):  # each hop ends its task as the cancel's answer comes back up
+        if not any(three[org].router.in_flight for org in ("insurer", "hospital", "lab")):
+            break
+        await asyncio.sleep(0.05)
     for org in ("insurer", "hospital", "lab"):
         assert three[org].router.in_flight == 0, org

@@ -10,11 +10,17 @@ from pathlib import Path
 import pytest
 
 from gateway.certs import revocation_list
-from gateway.local import LocalFederation, write_gateway_config
+from gateway.local import LocalFederation
 from gateway.tokens import token_authority
 from participant_sdk import Client
 from tests.conftest import Pki, ca_pair
-from tests.integration.federation import HOSPITAL_RULES, INSURER_RULES, MODEL, echo_agent, serving
+from tests.integration.federation import (
+    HOSPITAL_RULES,
+    INSURER_RULES,
+    echo_agent,
+    org_config,
+    serving,
+)
 
 LAB_RULES = "p, hospital, echo, *, send, **, allow\n"
 SECURE_HOSPITAL_RULES = (
@@ -54,19 +60,8 @@ async def secure_fed(tmp_path: Path, pki: Pki) -> AsyncIterator[LocalFederation]
         ("insurer", INSURER_RULES, ["hospital"], ""),
         ("lab", LAB_RULES, ["hospital"], ""),
     ):
-        rules_path = tmp_path / f"{org}.csv"
-        rules_path.write_text(rules)
-        path = write_gateway_config(
-            tmp_path / org,
-            org,
-            cert=pki.cert(org),
-            key=pki.key(org),
-            ca=pki.ca,
-            model=MODEL,
-            rules=rules_path,
-            peers=peers,
-            extra=extra,
-            require_tokens=(org == "hospital"),
+        path = org_config(
+            tmp_path, pki, org, rules, peers, extra=extra, require_tokens=(org == "hospital")
         )
         if org == "hospital":
             text = path.read_text().replace(f'ca = "{pki.ca}"', f'ca = "{pki.ca}"\ncrl = "{crl}"')
