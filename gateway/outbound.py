@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from gateway.audit import AuditEvent
 from gateway.delegation import issue_delegation
 from gateway.errors import (
     ERROR_MARKER,
@@ -32,7 +33,14 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.payload import check_limits, digest
-from gateway.router_base import Claims, DuplicateTask, RouterBase, error_result
+from gateway.router_base import (
+    REQUESTER_GONE,
+    Claims,
+    DuplicateTask,
+    RouterBase,
+    departure,
+    error_result,
+)
 from gateway.signing import SignedReceipt, verify_receipt
 from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
 from gateway.wire import result_from_pb, spec_to_pb, update_from_pb
@@ -97,6 +105,7 @@ class OutboundRoutes(RouterBase):
             await self.audit_rejection(spec, peer, exc, started=started, direction="outbound")
             raise
         actions = tuple((p, "withheld") for p in filtered.withheld) + filtered.transformed
+        digest_before, digest_after = self._digests(spec.input, filtered)
         outbound = replace(
             spec.with_input(filtered.output, actions),
             delegation=delegation,
@@ -112,19 +121,30 @@ class OutboundRoutes(RouterBase):
             status=TaskState.SUBMITTED.value,
             withheld_paths=filtered.withheld,
             transformed=filtered.transformed,
-            digest_before=digest(spec.input),
-            digest_after=digest(filtered.output),
+            digest_before=digest_before,
+            digest_after=digest_after,
             policy_version=filtered.policy_version,
             payload=spec.input if self.store_payloads else None,
         )
         transport_failure: str | None = None
-        accepted = forget = resumable = False
+        accepted = forget = resumable = kept = False
+        closing: tuple[str, FedgateError] | None = None  # the record that closes request_sent
         final: TaskResult | None = None
         running = None
         call = None
+
+        async def close(exc: BaseException) -> None:
+            kind, why = departure(error_result(spec, exc, peer), REQUESTER_GONE)
+            await self._close_record(base, kind, why, started)
+
         try:
-            await self._record(replace(base, duration_ms=(time.monotonic() - started) * 1000))
-            existing = await self.tasks.accept(self.org, spec, remote=True)
+            existing = await self._record_then_accept(
+                replace(base, duration_ms=(time.monotonic() - started) * 1000),
+                self.org,
+                spec,
+                remote=True,
+                close=close,
+            )
             if existing is not None and (existing.result is not None or not existing.remote):
                 raise DuplicateTask(existing)
             # New, or an outbound task whose connection broke: send it (again); the peer runs
@@ -145,7 +165,9 @@ class OutboundRoutes(RouterBase):
                 if not update.state.final:
                     yield update
                     continue
-                result = await self._receive(spec, update, started)
+                result, event = self._receive(spec, update, started)
+                await self._record_then_finish(event, self.org, spec, result)
+                kept = True
                 if parent is not None and result.receipt is not None:
                     parent.provenance.extend([result.receipt, *result.provenance])
                 final = result
@@ -165,24 +187,14 @@ class OutboundRoutes(RouterBase):
                 # The peer refused before running the task: forget the key so a retry runs it.
                 forget = True
             if not isinstance(exc, AuditUnavailable):
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(
-                        self.audit.append(
-                            replace(
-                                base,
-                                kind="failed",
-                                decision="error",
-                                status=exc.status.name,
-                                detail=exc.message,
-                                payload=None,
-                                duration_ms=(time.monotonic() - started) * 1000,
-                            )
-                        )
-                    )
+                closing = ("failed", exc)
             raise
         except BaseException as exc:
-            # Cancelled, or closed (GeneratorExit) when our requester went away at a yield.
+            # Cancelled, or closed (GeneratorExit) when our requester went away at a yield:
+            # at its deadline (recorded as the deadline, as the stored outcome says) or not.
             final = final or error_result(spec, exc, peer)
+            if accepted and not kept:
+                closing = departure(final, REQUESTER_GONE)
             raise
         finally:
             self.peers.record(peer, call_started, failure=transport_failure)
@@ -193,10 +205,32 @@ class OutboundRoutes(RouterBase):
             if running is not None:
                 # A forgotten or resumable task keeps no outcome: a retry runs or resumes it.
                 self._finish(running, None if (resumable or forget) else final)
+            if closing is not None:
+                await self._close_record(base, *closing, started)
             if accepted and forget:
                 await self._forget_task(self.org, spec)
-            elif accepted and final is not None and not resumable:
+            elif accepted and final is not None and not resumable and not kept:
                 await self._finish_task(self.org, spec, final)
+
+    async def _close_record(
+        self, sent: AuditEvent, kind: str, exc: FedgateError, started: float
+    ) -> None:
+        """Best effort: the record that closes a `request_sent` whose task ended without a
+        result (a store outage must not hide the error itself)."""
+        with contextlib.suppress(Exception):
+            await asyncio.shield(
+                self.audit.append(
+                    replace(
+                        sent,
+                        kind=kind,
+                        decision="error",
+                        status=exc.status.name,
+                        detail=exc.message,
+                        payload=None,
+                        duration_ms=(time.monotonic() - started) * 1000,
+                    )
+                )
+            )
 
     async def _peer_result(self, peer: str, call: Any) -> AsyncIterator[TaskUpdate]:
         """A unary SubmitTask call as a one-update stream."""
@@ -236,8 +270,10 @@ class OutboundRoutes(RouterBase):
         error_type = _STATUS_ERRORS.get(code, Unavailable)
         return error_type(f"organization {peer!r} answered: {details}")
 
-    async def _receive(self, spec: TaskSpec, update: TaskUpdate, started: float) -> TaskResult:
-        """Verify the responder's receipt and commit `result_received`."""
+    def _receive(
+        self, spec: TaskSpec, update: TaskUpdate, started: float
+    ) -> tuple[TaskResult, AuditEvent]:
+        """Verify the responder's receipt; returns the result and its `result_received` event."""
         result = update.result or TaskResult(spec.task_id, update.state)
         peer = spec.target_org
         decision, detail = ("allowed" if result.state is TaskState.COMPLETED else "error"), ""
@@ -272,25 +308,23 @@ class OutboundRoutes(RouterBase):
         kind = {TaskState.COMPLETED: "result_received", TaskState.CANCELED: "canceled"}.get(
             result.state, "failed"
         )
-        await self._record(
-            self._event(
-                kind,
-                spec,
-                peer,
-                direction="outbound",
-                decision=decision,
-                status=result.state.value,
-                duration_ms=(time.monotonic() - started) * 1000,
-                withheld_paths=tuple(p for p, a in result.field_actions if a == "withheld"),
-                transformed=tuple((p, a) for p, a in result.field_actions if a != "withheld"),
-                digest_after=output_digest if result.state is TaskState.COMPLETED else None,
-                policy_version=result.policy_version or None,
-                detail=detail or (result.error.code if result.error else ""),
-                receipt=result.receipt,
-                payload=result.output if self.store_payloads and result.output else None,
-            )
+        event = self._event(
+            kind,
+            spec,
+            peer,
+            direction="outbound",
+            decision=decision,
+            status=result.state.value,
+            duration_ms=(time.monotonic() - started) * 1000,
+            withheld_paths=tuple(p for p, a in result.field_actions if a == "withheld"),
+            transformed=tuple((p, a) for p, a in result.field_actions if a != "withheld"),
+            digest_after=output_digest if result.state is TaskState.COMPLETED else None,
+            policy_version=result.policy_version or None,
+            detail=detail or (result.error.code if result.error else ""),
+            receipt=result.receipt,
+            payload=result.output if self.store_payloads and result.output else None,
         )
-        return replace(result, task_id=spec.task_id, responder_org=peer)
+        return replace(result, task_id=spec.task_id, responder_org=peer), event
 
 
 def _unreadable(task_id: str, peer: str, exc: Exception) -> TaskUpdate:

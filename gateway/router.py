@@ -30,6 +30,7 @@ from dataclasses import replace
 import grpc
 from fedgate.v1 import fedgate_pb2 as pb
 
+from gateway.audit import AuditEvent
 from gateway.errors import (
     AuditUnavailable,
     Cancelled,
@@ -44,7 +45,14 @@ from gateway.errors import (
 from gateway.outbound import OutboundRoutes
 from gateway.payload import check_limits, digest
 from gateway.policy import Policy
-from gateway.router_base import Claims, DuplicateTask, Limits, Running, error_result
+from gateway.router_base import (
+    Claims,
+    DuplicateTask,
+    Limits,
+    Running,
+    departure,
+    error_result,
+)
 from gateway.signing import ReceiptBody, sign_receipt
 from gateway.task_store import TaskRow, task_key
 from gateway.tasks import (
@@ -62,6 +70,9 @@ from gateway.wire import AgentCard, result_from_pb
 __all__ = ["Limits", "Router"]
 
 log = logging.getLogger("fedgate.router")
+
+# Why a responder closes the records of a task whose requesting gateway went away.
+STREAM_CLOSED = "the requesting gateway closed the task stream"
 
 # What a peer is told when one of our agents fails: a stable code, never the agent's own text.
 _PEER_ERROR_MESSAGES = {
@@ -131,6 +142,18 @@ class Router(OutboundRoutes):
                 return await self._ask_peer(row)
             return row.result or TaskResult(task_id, TaskState.WORKING)
         raise unknown
+
+    async def get_for_peer(self, task_id: str, peer_org: str) -> TaskResult:
+        """GetTask from a peer: the state of a task it sent us, never its output.
+
+        A result leaves only with its `result_released` record: the peer collects it by asking
+        again with the same idempotency key, which answers with the stored result and records
+        that it was sent again. Output from GetTask would leave without a record.
+        """
+        result = await self.get(task_id, origin_org=peer_org)
+        if result.state is not TaskState.COMPLETED:
+            return result
+        return TaskResult(result.task_id, result.state, responder_org=self.org)
 
     async def _ask_peer(self, row: TaskRow) -> TaskResult:
         """An outbound task whose connection broke: what does the partner say about it now?"""
@@ -237,13 +260,7 @@ class Router(OutboundRoutes):
                     if row.remote
                     else "the gateway restarted and the task's deadline has passed"
                 )
-                result = TaskResult(
-                    row.task_id,
-                    TaskState.FAILED,
-                    error=TaskError("gateway_restarted", reason),
-                    responder_org=self.org,
-                )
-                await self.tasks.finish(row.origin_org, row.key, result)
+                await self._fail_recovered(row, "gateway_restarted", reason)
                 continue
             key = (row.origin_org, row.key)
             self._inflight[key] = asyncio.get_running_loop().create_future()
@@ -266,13 +283,9 @@ class Router(OutboundRoutes):
             while not self.agents.instance_count(spec.agent) and spec.remaining() > 0:  # noqa: ASYNC110
                 await asyncio.sleep(min(0.2, max(0.01, spec.remaining())))
             if not self.agents.instance_count(spec.agent):
-                result = TaskResult(
-                    spec.task_id,
-                    TaskState.FAILED,
-                    responder_org=self.org,
-                    error=TaskError("no_agent", _PEER_ERROR_MESSAGES["no_agent"]),
+                result = await self._fail_recovered(
+                    row, "no_agent", _PEER_ERROR_MESSAGES["no_agent"]
                 )
-                await self.tasks.finish(row.origin_org, row.key, result)
                 return
             claims = claims_of(spec) if peer_org is not None else None
             policy = self.current_policy()
@@ -281,13 +294,9 @@ class Router(OutboundRoutes):
                 or not policy.may_invoke(peer_org, spec.agent, spec.skill, claims).allowed
             ):
                 # The policy changed while we were down: the task is refused, not run.
-                result = TaskResult(
-                    spec.task_id,
-                    TaskState.FAILED,
-                    responder_org=self.org,
-                    error=TaskError("policy_refused", _PEER_ERROR_MESSAGES["policy_refused"]),
+                result = await self._fail_recovered(
+                    row, "policy_refused", _PEER_ERROR_MESSAGES["policy_refused"]
                 )
-                await self.tasks.finish(row.origin_org, row.key, result)
                 return
             async for update in self._run_local(
                 spec, origin_org=row.origin_org, peer_org=peer_org, claims=claims, recovered=True
@@ -302,6 +311,14 @@ class Router(OutboundRoutes):
                 future.set_result(
                     result or error_result(spec, Cancelled("recovery stopped"), self.org)
                 )
+
+    async def _fail_recovered(self, row: TaskRow, code: str, message: str) -> TaskResult:
+        """End a task from the task table with an error instead of running it."""
+        result = TaskResult(
+            row.task_id, TaskState.FAILED, error=TaskError(code, message), responder_org=self.org
+        )
+        await self.tasks.finish(row.origin_org, row.key, result)
+        return result
 
     async def stop_background(self) -> None:
         for task in list(self._background):
@@ -373,7 +390,9 @@ class Router(OutboundRoutes):
                     ) from None
                 result = duplicate.row.result
                 yield await self._answer_retry(spec, duplicate.row.result, peer_org)
-        except FedgateError as exc:
+        except BaseException as exc:
+            # A retry waiting on this attempt gets the same outcome; the requester going away
+            # at the deadline is the deadline (error_result tells the two apart).
             result = result or error_result(spec, exc, self.org)
             raise
         finally:
@@ -444,19 +463,30 @@ class Router(OutboundRoutes):
         started = time.monotonic()
         policy = self.current_policy()
         if not recovered:
-            if peer_org is not None:
+            received = (
                 await self._admit_peer(spec, peer_org, policy, started, claims)
+                if peer_org is not None
+                else None
+            )
+
+            async def close(exc: BaseException) -> None:
+                assert peer_org is not None
+                kind, gone = departure(error_result(spec, exc, self.org), STREAM_CLOSED)
+                await self.audit_rejection(spec, peer_org, gone, started=started, kind=kind)
+
             try:
-                existing = await self.tasks.accept(origin_org, spec, remote=False)
+                existing = await self._record_then_accept(
+                    received, origin_org, spec, remote=False, close=close
+                )
             except FedgateError as exc:
-                if peer_org is not None:
+                if peer_org is not None and not isinstance(exc, AuditUnavailable):
                     await self.audit_rejection(spec, peer_org, exc, started=started, kind="failed")
                 raise
             if existing is not None:
                 raise DuplicateTask(existing)
         running = self._start(spec, origin_org, remote=False, claims=claims)
         final: TaskResult | None = None
-        releasing = False
+        releasing = kept = False
         try:
             async for update in self._wait(spec, running, self._dispatch(spec, origin_org)):
                 if not update.state.final:
@@ -473,8 +503,10 @@ class Router(OutboundRoutes):
                     provenance=tuple(running.provenance),
                 )
                 if peer_org is not None:
-                    releasing = True  # from here on _release records the outcome
-                    result = await self._release(spec, peer_org, policy, result, started, running)
+                    releasing = True  # from here on the release records the outcome
+                    result, event = self._release(spec, peer_org, policy, result, started, running)
+                    await self._record_then_finish(event, origin_org, spec, result)
+                    kept = True
                 final = result
                 yield TaskUpdate(spec.task_id, result.state, result=result)
                 return
@@ -491,20 +523,24 @@ class Router(OutboundRoutes):
             # we waited at a yield. Decide the outcome before any await, then record it.
             final = final or error_result(spec, exc, self.org)
             if peer_org is not None and not releasing:
-                gone = Cancelled("the requesting gateway closed the task stream")
+                # The requesting gateway gives up at the deadline too: recorded as the deadline.
+                kind, gone = departure(final, STREAM_CLOSED)
                 await asyncio.shield(
-                    self.audit_rejection(spec, peer_org, gone, started=started, kind="canceled")
+                    self.audit_rejection(spec, peer_org, gone, started=started, kind=kind)
                 )
             raise
         finally:
             self._finish(running, final)
-            if final is not None:
+            if final is not None and not kept:
                 await self._finish_task(origin_org, spec, final)
 
     async def _admit_peer(
         self, spec: TaskSpec, peer_org: str, policy: Policy | None, started: float, claims: Claims
-    ) -> None:
-        """Invoke policy, limits and the `request_received` record, before any dispatch."""
+    ) -> AuditEvent:
+        """Invoke policy and limits, before any dispatch; returns the `request_received` event.
+
+        A refusal is recorded here; the caller commits the returned event as the task is accepted.
+        """
         card = self.agents.card(spec.agent)
         exists = card is not None and card.skill(spec.skill) is not None
         decision = policy.may_invoke(peer_org, spec.agent, spec.skill, claims) if policy else None
@@ -536,26 +572,25 @@ class Router(OutboundRoutes):
         except PayloadLimitExceeded as exc:
             await self.audit_rejection(spec, peer_org, exc, started=started)
             raise
-        await self._record(
-            self._event(
-                "request_received",
-                spec,
-                peer_org,
-                direction="inbound",
-                decision="allowed",
-                status=TaskState.SUBMITTED.value,
-                duration_ms=(time.monotonic() - started) * 1000,
-                withheld_paths=tuple(p for p, a in spec.input_field_actions if a == "withheld"),
-                transformed=tuple((p, a) for p, a in spec.input_field_actions if a != "withheld"),
-                digest_before=(input_digest := digest(spec.input)),
-                digest_after=input_digest,
-                policy_version=decision.policy_version,
-                detail=_describe_claims(spec),
-                payload=spec.input if self.store_payloads else None,
-            )
+        input_digest = digest(spec.input)
+        return self._event(
+            "request_received",
+            spec,
+            peer_org,
+            direction="inbound",
+            decision="allowed",
+            status=TaskState.SUBMITTED.value,
+            duration_ms=(time.monotonic() - started) * 1000,
+            withheld_paths=tuple(p for p, a in spec.input_field_actions if a == "withheld"),
+            transformed=tuple((p, a) for p, a in spec.input_field_actions if a != "withheld"),
+            digest_before=input_digest,
+            digest_after=input_digest,
+            policy_version=decision.policy_version,
+            detail=_describe_claims(spec),
+            payload=spec.input if self.store_payloads else None,
         )
 
-    async def _release(
+    def _release(
         self,
         spec: TaskSpec,
         peer_org: str,
@@ -563,8 +598,12 @@ class Router(OutboundRoutes):
         result: TaskResult,
         started: float,
         running: Running,
-    ) -> TaskResult:
-        """Filter a final result for a peer, sign its receipt and commit `result_released`."""
+    ) -> tuple[TaskResult, AuditEvent]:
+        """Filter a final result for a peer and sign its receipt.
+
+        Returns what the peer gets and the event to commit before it does: `result_released`,
+        or `failed`/`canceled` with a stable error code and no free text.
+        """
         duration = (time.monotonic() - started) * 1000
         if result.state is not TaskState.COMPLETED:
             code = result.error.code if result.error else "skill_error"
@@ -574,75 +613,51 @@ class Router(OutboundRoutes):
             released = TaskResult(
                 spec.task_id, result.state, error=TaskError(code, message), responder_org=self.org
             )
-            await self._record(
-                self._event(
-                    "canceled" if result.state is TaskState.CANCELED else "failed",
-                    spec,
-                    peer_org,
-                    direction="inbound",
-                    decision="error",
-                    status=result.state.value,
-                    duration_ms=duration,
-                    detail=code,
-                )
+            return released, self._event(
+                "canceled" if result.state is TaskState.CANCELED else "failed",
+                spec,
+                peer_org,
+                direction="inbound",
+                decision="error",
+                status=result.state.value,
+                duration_ms=duration,
+                detail=code,
             )
-            return released
         try:
             filtered = self._filter(policy, peer_org, spec, "share", result.output, running.claims)
         except FedgateError as exc:
-            await self._record(
-                self._event(
-                    "failed",
-                    spec,
-                    peer_org,
-                    direction="inbound",
-                    decision="denied",
-                    status=TaskState.FAILED.value,
-                    duration_ms=duration,
-                    digest_before=digest(result.output)
-                    if isinstance(exc, PermissionDenied)
-                    else None,
-                    detail=f"policy_refused: {exc.message}",
-                )
-            )
-            return TaskResult(
+            refused = TaskResult(
                 spec.task_id,
                 TaskState.FAILED,
                 error=TaskError("policy_refused", _PEER_ERROR_MESSAGES["policy_refused"]),
                 responder_org=self.org,
             )
+            return refused, self._event(
+                "failed",
+                spec,
+                peer_org,
+                direction="inbound",
+                decision="denied",
+                status=TaskState.FAILED.value,
+                duration_ms=duration,
+                digest_before=digest(result.output) if isinstance(exc, PermissionDenied) else None,
+                detail=f"policy_refused: {exc.message}",
+            )
         actions = tuple((p, "withheld") for p in filtered.withheld) + filtered.transformed
+        digest_before, released_digest = self._digests(result.output, filtered)
         receipt = sign_receipt(
             self.signer,
             ReceiptBody(
                 task_id=spec.task_id,
                 responder_org=self.org,
-                result_digest=(released_digest := digest(filtered.output)),
+                result_digest=released_digest,
                 withheld_paths=filtered.withheld,
                 field_actions=filtered.transformed,
                 policy_version=filtered.policy_version,
                 signed_at_unix_ms=int(time.time() * 1000),
             ),
         ).to_json()
-        await self._record(
-            self._event(
-                "result_released",
-                spec,
-                peer_org,
-                direction="inbound",
-                decision="partial" if actions else "allowed",
-                status=TaskState.COMPLETED.value,
-                duration_ms=duration,
-                withheld_paths=filtered.withheld,
-                transformed=filtered.transformed,
-                digest_before=digest(result.output),
-                digest_after=released_digest,
-                policy_version=filtered.policy_version,
-                receipt=receipt,
-                payload=result.output if self.store_payloads else None,
-            )
-        )
-        return TaskResult(
+        released = TaskResult(
             spec.task_id,
             TaskState.COMPLETED,
             output=filtered.output,
@@ -651,4 +666,20 @@ class Router(OutboundRoutes):
             responder_org=self.org,
             policy_version=filtered.policy_version,
             provenance=result.provenance,
+        )
+        return released, self._event(
+            "result_released",
+            spec,
+            peer_org,
+            direction="inbound",
+            decision="partial" if actions else "allowed",
+            status=TaskState.COMPLETED.value,
+            duration_ms=duration,
+            withheld_paths=filtered.withheld,
+            transformed=filtered.transformed,
+            digest_before=digest_before,
+            digest_after=released_digest,
+            policy_version=filtered.policy_version,
+            receipt=receipt,
+            payload=result.output if self.store_payloads else None,
         )

@@ -7,13 +7,20 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from gateway.agents import AgentRegistry
 from gateway.audit import AuditEvent, AuditStore
-from gateway.errors import AuditUnavailable, DeadlineExceeded, FedgateError, PermissionDenied
+from gateway.errors import (
+    AuditUnavailable,
+    Cancelled,
+    DeadlineExceeded,
+    FedgateError,
+    PermissionDenied,
+)
+from gateway.payload import digest
 from gateway.peers import PeerRegistry
 from gateway.policy import FilterResult, Policy, PolicyHolder
 from gateway.signing import Signer, Verifier
@@ -21,6 +28,9 @@ from gateway.task_store import MemoryTaskStore, TaskKey, TaskRow, TaskStore, tas
 from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
 
 log = logging.getLogger("fedgate.router")
+
+# Why a requester's gateway closes the records of a task its requester went away from.
+REQUESTER_GONE = "the requester went away before the task ended"
 
 Claims = Mapping[str, str | Sequence[str]] | None
 
@@ -63,13 +73,21 @@ def error_result(spec: TaskSpec, exc: BaseException, responder_org: str) -> Task
         # cancel. The two are computed a few milliseconds apart, hence the small tolerance.
         code, message = "deadline_exceeded", f"task {spec.task_id} passed its deadline"
     elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-        code, message = "canceled", "the requester went away before the task ended"
+        code, message = "canceled", REQUESTER_GONE
     else:
         code, message = "internal", f"the gateway failed: {type(exc).__name__}"
     state = TaskState.CANCELED if code in ("canceled", "cancelled") else TaskState.FAILED
     return TaskResult(
         spec.task_id, state, error=TaskError(code, message), responder_org=responder_org
     )
+
+
+def departure(final: TaskResult, gone: str) -> tuple[str, FedgateError]:
+    """The record kind and error that close a task whose requester went away: the deadline
+    if that is what its stored outcome says (error_result decided it), else a cancel (`gone`)."""
+    if final.error is not None and final.error.code == "deadline_exceeded":
+        return "failed", DeadlineExceeded(f"task {final.task_id} passed its deadline")
+    return "canceled", Cancelled(gone)
 
 
 class RouterBase:
@@ -170,6 +188,57 @@ class RouterBase:
                 "until it recovers"
             ) from None
 
+    async def _record_then_accept(
+        self,
+        event: AuditEvent | None,
+        origin_org: str,
+        spec: TaskSpec,
+        *,
+        remote: bool,
+        close: Callable[[BaseException], Awaitable[None]] | None = None,
+    ) -> TaskRow | None:
+        """Commit `event` (if any), then take the task's key in the task table.
+
+        In this order: a row in the table is a task that may run again after a restart, so it
+        must never exist without the record of its request. A key taken while our requester
+        goes away is given back (the write goes on in the table's writer), so no 'working' row
+        outlives a task nobody waits for; and an `event` that commits while it goes away (the
+        audit writer goes on too) is closed by `close`, so no record of a request is left
+        open. Returns the row already holding the key, if any.
+        """
+        if event is not None:
+            recording = asyncio.ensure_future(self._record(event))
+            try:
+                await asyncio.shield(recording)
+            except asyncio.CancelledError as exc:
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(recording)  # raises if it was not committed
+                    if close is not None:
+                        await asyncio.shield(close(exc))
+                raise
+        accepting = asyncio.ensure_future(self.tasks.accept(origin_org, spec, remote=remote))
+        try:
+            return await asyncio.shield(accepting)
+        except asyncio.CancelledError as exc:
+            with contextlib.suppress(BaseException):
+                if await asyncio.shield(accepting) is None:
+                    await self._forget_task(origin_org, spec)
+            if event is not None and close is not None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(close(exc))
+            raise
+
+    async def _record_then_finish(
+        self, event: AuditEvent, origin_org: str, spec: TaskSpec, result: TaskResult
+    ) -> None:
+        """Commit `event`, then keep the task's final result, both before it is released.
+
+        In this order: a result in the table is one that GetTask and retries answer with, so it
+        must never be there before the record of its release.
+        """
+        await self._record(event)
+        await self._finish_task(origin_org, spec, result)
+
     def _event(self, kind: str, spec: TaskSpec, peer_org: str, **fields: Any) -> AuditEvent:
         """An audit event about `spec` and `peer_org`; `fields` fill in the rest."""
         return AuditEvent(
@@ -221,6 +290,14 @@ class RouterBase:
             log.warning(
                 "could not audit a rejection for peer %s (audit store unavailable)", peer_org
             )
+
+    @staticmethod
+    def _digests(original: dict[str, Any], filtered: FilterResult) -> tuple[str, str]:
+        """Digests of a payload before and after its filter; one, when the filter hid nothing."""
+        before = digest(original)
+        if not filtered.withheld and not filtered.transformed:
+            return before, before  # released unchanged (a property test holds the filter to it)
+        return before, digest(filtered.output)
 
     def _filter(
         self,

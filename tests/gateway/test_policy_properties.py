@@ -159,6 +159,20 @@ def test_no_withheld_or_transformed_value_leaves(
             peer, "records", "summary", direction, path, originals[path], claims
         )
         assert released is not None and released != originals[path]
+    if not hidden:  # the gateway then reuses the input's digest for what it releases
+        assert canonical_json(result.output) == canonical_json(payload)
+
+
+@SETTINGS
+@given(payload=payloads)
+def test_a_filter_that_hides_nothing_releases_the_payload_unchanged(
+    tmp_path: Path, payload: dict[str, Any]
+) -> None:
+    """The gateway digests a payload once when the policy withheld and transformed nothing."""
+    policy = load(tmp_path, "p, insurer, records, summary, share, **, allow\n")
+    result = policy.filter("insurer", "records", "summary", "share", payload, None)
+    assert not result.withheld and not result.transformed
+    assert canonical_json(result.output) == canonical_json(payload)
 
 
 @SETTINGS

@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from pathlib import Path
 
 import pytest
+from fedgate.convert import dict_to_struct
+from fedgate.v1 import fedgate_pb2 as pb
+from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
 from gateway.audit import MemoryAuditStore
 from gateway.local import LocalFederation
-from participant_sdk import Client, DeadlineExceeded, PermissionDenied, TaskFailed, Unavailable
+from gateway.tasks import TaskSpec
+from participant_sdk import (
+    Client,
+    DeadlineExceeded,
+    PermissionDenied,
+    RetryPolicy,
+    TaskFailed,
+    Unavailable,
+)
 from tests.conftest import Pki
 from tests.integration.federation import (
     boom_agent,
     configs,
+    delegation,
     echo_agent,
+    federation_channel,
     records_agent,
     serving,
     slow_agent,
@@ -194,3 +209,173 @@ async def test_failing_requester_store_sends_nothing(tmp_path: Path, pki: Pki) -
         with pytest.raises(Unavailable, match="audit store cannot be written"):
             await client.call("hospital/echo.say", {}, timeout=5, task_id="quiet-1")
     assert seen == [], "no request leaves without its durable request_sent record"
+
+
+def _counting_echo(runs: list[str], fail_store_while_running: MemoryAuditStore | None = None):  # type: ignore[no-untyped-def]
+    from participant_sdk import Agent
+
+    echo = Agent("echo")
+
+    @echo.skill
+    async def say(task, data):  # type: ignore[no-untyped-def]
+        runs.append(task.task_id)
+        if fail_store_while_running is not None:
+            fail_store_while_running.fail_writes = True
+        return {"echo": data}
+
+    return echo
+
+
+@pytest.mark.parametrize("failing", ["insurer", "hospital"])
+async def test_a_key_taken_while_its_first_record_failed_is_given_back(
+    tmp_path: Path, pki: Pki, failing: str
+) -> None:
+    """The first record and the task table commit together; when the record fails, the key
+    the task table took is released, so a retry with the same key runs the task."""
+    store = MemoryAuditStore()
+    runs: list[str] = []
+    async with (
+        LocalFederation(configs(tmp_path, pki), audits={failing: store}) as fed,
+        serving(fed.participant("hospital"), _counting_echo(runs)),
+        Client(fed.participant("insurer"), retry=RetryPolicy(max_attempts=1)) as client,
+    ):
+        store.fail_writes = True
+        with pytest.raises(Unavailable, match="audit store cannot be written"):
+            await client.call(
+                "hospital/echo.say", {"n": 1}, timeout=5, task_id="given-1", idempotency_key="k-1"
+            )
+        store.fail_writes = False
+        result = await client.call(
+            "hospital/echo.say", {"n": 1}, timeout=5, task_id="given-1", idempotency_key="k-1"
+        )
+    assert result.output["echo"] == {"n": 1}
+    assert runs == ["given-1"], "the skill ran once, on the retry"
+    first_try = ["request_sent", "failed"] if failing == "hospital" else []
+    assert kinds(fed, "insurer", "given-1") == [*first_try, "request_sent", "result_received"]
+    assert kinds(fed, "hospital", "given-1") == ["request_received", "result_released"]
+    assert_chains_verify(fed)
+
+
+async def test_a_result_whose_release_record_failed_is_never_collected_unaudited(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """`result_released` and the task's final row commit together. When the record fails, the
+    stored outcome becomes the failure, so a retry with the key cannot collect the result."""
+    store = MemoryAuditStore()
+    runs: list[str] = []
+    async with (
+        LocalFederation(configs(tmp_path, pki), audits={"hospital": store}) as fed,
+        serving(fed.participant("hospital"), _counting_echo(runs, store)),
+        Client(fed.participant("insurer"), retry=RetryPolicy(max_attempts=1)) as client,
+    ):
+        with pytest.raises(Unavailable, match="audit store cannot be written"):
+            await client.call(
+                "hospital/echo.say", {"n": 7}, timeout=5, task_id="rel-1", idempotency_key="k-7"
+            )
+        store.fail_writes = False
+        with pytest.raises(TaskFailed, match="audit store cannot be written") as retried:
+            await client.call(
+                "hospital/echo.say", {"n": 7}, timeout=5, task_id="rel-1", idempotency_key="k-7"
+            )
+        row = await fed["hospital"].router.tasks.by_task_id("insurer", "rel-1")
+    error = retried.value.result.error
+    assert error is not None and error.code == "unavailable"
+    assert runs == ["rel-1"], "the skill ran once"
+    assert kinds(fed, "hospital", "rel-1") == ["request_received"]
+    assert row is not None and row.result is not None and row.result.output == {}
+    assert row.result.error is not None and row.result.error.code == "unavailable"
+    assert_chains_verify(fed)
+
+
+@pytest.mark.parametrize(("lifetime", "closing"), [(5.0, "canceled"), (1.0, "failed")])
+async def test_a_requester_leaving_is_recorded_as_a_cancel_or_as_the_deadline(
+    fed: LocalFederation, lifetime: float, closing: str
+) -> None:
+    """Both gateways close the task's records when the requester goes away: as a cancel while
+    time remains, as the deadline (what the stored outcome says) when the deadline is due."""
+    task_id = f"leave-{closing}"
+    deadline = time.time() + lifetime
+    spec = TaskSpec(
+        task_id=task_id,
+        target_org="hospital",
+        agent="slow",
+        skill="wait",
+        input={"seconds": 10},
+        requester="adjuster-9",
+        deadline=deadline,
+    )
+
+    async def consume() -> None:
+        async for _ in fed["insurer"].router.submit(spec, stream=False):
+            pass
+
+    async def records_at_hospital(count: int) -> None:
+        for _ in range(250):
+            if len(kinds(fed, "hospital", task_id)) >= count:
+                return
+            await asyncio.sleep(0.02)
+
+    async with serving(fed.participant("hospital"), slow_agent()):
+        requester = asyncio.ensure_future(consume())
+        # leave only once the partner holds the task: a request cancelled before it arrives
+        # is never seen there, which is right but is not what this test is about
+        await records_at_hospital(1)
+        if closing == "failed":
+            await asyncio.sleep(max(0.0, deadline - 0.02 - time.time()))
+        requester.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await requester
+        await records_at_hospital(2)
+    assert kinds(fed, "insurer", task_id) == ["request_sent", closing]
+    assert kinds(fed, "hospital", task_id) == ["request_received", closing]
+    for org in ("insurer", "hospital"):
+        last = max(fed[org].audit.query(task_id=task_id), key=lambda r: r.sequence)
+        assert last.status == ("CANCELLED" if closing == "canceled" else "DEADLINE_EXCEEDED")
+        gone = {
+            "insurer": "the requester went away before the task ended",
+            "hospital": "the requesting gateway closed the task stream",
+        }[org]
+        if closing == "canceled":
+            assert last.detail == gone
+        else:  # the gateway's own deadline timer may close it first, naming the target too
+            assert last.detail.startswith(f"task {task_id} ")
+            assert last.detail.endswith("passed its deadline")
+    assert_chains_verify(fed)
+
+
+async def test_a_peers_get_task_never_carries_the_output(fed: LocalFederation, pki: Pki) -> None:
+    """Output leaves only with a `result_released` record: GetTask tells a peer the state only,
+    and the result is collected by sending the task again with its key (recorded as sent again).
+    """
+
+    def request() -> pb.TaskRequest:
+        return pb.TaskRequest(
+            task_id="got-1",
+            target_org="hospital",
+            agent="echo",
+            skill="say",
+            input=dict_to_struct({"n": 5}),
+            delegation=delegation(pki, "insurer", "hospital", "got-1"),
+        )
+
+    channel = federation_channel(
+        pki, fed.federation("hospital"), cert="insurer", target_org="hospital"
+    )
+    stub = pb_grpc.FederationStub(channel)
+    try:
+        async with serving(fed.participant("hospital"), echo_agent()):
+            first = await stub.SubmitTask(request(), timeout=5)
+            answer = await stub.GetTask(pb.GetTaskRequest(task_id="got-1"), timeout=5)
+            again = await stub.SubmitTask(request(), timeout=5)
+    finally:
+        await channel.close()
+    assert first.state == answer.state == again.state == pb.TASK_STATE_COMPLETED
+    assert first.output.fields and again.output == first.output
+    assert not answer.output.fields and not answer.HasField("receipt")
+    assert kinds(fed, "hospital", "got-1") == [
+        "request_received",
+        "result_released",
+        "result_released",
+    ]
+    resent = max(fed["hospital"].audit.query(task_id="got-1"), key=lambda r: r.sequence)
+    assert "sent again" in resent.detail
