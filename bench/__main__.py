@@ -15,11 +15,12 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from bench import bench_audit, bench_exchange, bench_policy
+from bench import bench_audit, bench_exchange, bench_policy, bench_task_store
 
 BENCHMARKS: list[tuple[str, Callable[[list[str]], int]]] = [
     ("policy filter", bench_policy.main),
     ("durable audit", bench_audit.main),
+    ("task table, PostgreSQL", bench_task_store.main),
     ("full exchange vs relay", bench_exchange.main),
 ]
 _VERDICT = re.compile(r"\b(met|missed)\b", re.IGNORECASE)

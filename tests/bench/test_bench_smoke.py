@@ -12,7 +12,7 @@ import re
 import pytest
 
 from bench import __main__ as bench_all
-from bench import bench_audit, bench_exchange, bench_policy
+from bench import bench_audit, bench_exchange, bench_policy, bench_task_store
 
 
 def test_policy_benchmark_reports_every_rule_count(capsys: pytest.CaptureFixture[str]) -> None:
@@ -32,6 +32,24 @@ def test_audit_benchmark_reports_throughput_and_verify(capsys: pytest.CaptureFix
     assert [appenders for appenders, _ in rates] == ["1", "32", "256"], out
     assert all(float(rate.replace(",", "")) > 0 for _, rate in rates), out
     assert re.search(r"verify [\d,]+ records: [\d.]+ s", out), out
+
+
+def test_task_table_benchmark_compares_pipelined_and_one_round_trip_each(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if bench_task_store.database_url() is None:
+        pytest.skip("the task-table benchmark needs FEDGATE_TEST_DATABASE_URL (PostgreSQL)")
+    assert bench_task_store.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(
+        r"^(loopback|\+[\d.]+ ms each way \(proxy\))\s+([\d,]+)/s\s+([\d,]+)/s\s+([\d.]+)x",
+        out,
+        re.MULTILINE,
+    )
+    assert [row[0] for row in rows] == ["loopback", "+0.25 ms each way (proxy)"], out
+    for _, pipelined, each, ratio in rows:
+        assert float(pipelined.replace(",", "")) > 0 and float(each.replace(",", "")) > 0
+        assert float(ratio) > 0
 
 
 def test_exchange_benchmark_measures_both_paths(capsys: pytest.CaptureFixture[str]) -> None:

@@ -157,6 +157,34 @@ async def test_one_bad_write_does_not_fail_the_others_in_its_batch(
     )
 
 
+async def test_a_write_the_database_refuses_fails_alone_in_its_pipelined_batch(
+    store: TaskStore,
+) -> None:
+    """On PostgreSQL a batch is one pipeline: a write the server refuses aborts the rest of
+    it, so each is tried again on its own and only the refused one fails."""
+    if not (isinstance(store, SqlTaskStore) and store.url.startswith("postgresql")):
+        pytest.skip("the pipeline is the PostgreSQL store's")
+    too_long = "t-" + "x" * 200  # task_id is VARCHAR(128): refused by the server, not the driver
+    outcomes = await asyncio.gather(
+        *(store.accept("insurer", _spec(f"t-{i}"), remote=False) for i in range(10)),
+        store.accept("insurer", _spec(too_long), remote=False),
+        *(store.accept("insurer", _spec(f"t-{i}"), remote=False) for i in range(10, 20)),
+        return_exceptions=True,
+    )
+    assert [i for i, o in enumerate(outcomes) if o is not None] == [10]
+    assert isinstance(outcomes[10], Unavailable)
+    assert sorted(r.task_id for r in await store.unfinished()) == sorted(
+        f"t-{i}" for i in range(20)
+    )
+    # and the writer goes on: a later batch, with a conflict in it, is answered in order
+    again = await asyncio.gather(
+        store.accept("insurer", _spec("t-3"), remote=False),
+        store.accept("insurer", _spec("t-new"), remote=False),
+    )
+    assert again[0] is not None and again[0].task_id == "t-3"
+    assert again[1] is None
+
+
 def test_a_key_is_per_requester_and_target() -> None:
     """The same idempotency key from another requester, or for another skill, is another task."""
     base = _spec("t-1", "order-42")
