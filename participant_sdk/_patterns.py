@@ -141,10 +141,13 @@ async def call_with_retry(
             if number >= policy.max_attempts:
                 raise _gave_up(error, number, elapsed, "no attempts left") from None
             delay = policy.backoff(number, rand)
+            why = "the deadline leaves no time for another"
             if deadline is not None and time.monotonic() + delay > deadline - MIN_ATTEMPT_SECONDS:
-                why = "the deadline leaves no time for another"
                 raise _gave_up(error, number, elapsed, why) from None
             await sleep(delay)
+            if deadline is not None and deadline - time.monotonic() < MIN_ATTEMPT_SECONDS:
+                # Woken late (a busy event loop): an attempt now could not finish in time.
+                raise _gave_up(error, number, time.monotonic() - started, why) from None
             number += 1
 
 
