@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -235,3 +235,15 @@ def delegation(
         task_id=task_id,
         ttl_seconds=ttl,
     )
+
+
+async def eventually(condition: Callable[[], object], seconds: float = 5.0) -> bool:
+    """Wait until `condition()` holds, at most `seconds`: for what other tasks finish on their
+    own time (a record, a count). Returns whether it held; the caller asserts what it needs."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True

@@ -18,7 +18,7 @@ import pytest
 from gateway.audit import AuditEvent
 from gateway.local import LocalFederation
 from participant_sdk import Client
-from tests.integration.federation import echo_agent, serving
+from tests.integration.federation import echo_agent, eventually, serving
 
 
 def _hold(
@@ -39,6 +39,20 @@ def _hold(
         return await append(event)
 
     audit.append = held_append  # type: ignore[method-assign]
+
+
+def _steps(fed: LocalFederation, org: str) -> list[asyncio.Task[Any]]:
+    """The tasks that run `org`'s record-then-accept step, to see when a cancel reaches one."""
+    router = fed[org].router
+    step = router._record_then_accept
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def watched(*args: Any, **kwargs: Any) -> Any:
+        tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+        return await step(*args, **kwargs)
+
+    router._record_then_accept = watched  # type: ignore[method-assign]
+    return tasks
 
 
 @pytest.mark.parametrize(
@@ -76,6 +90,7 @@ async def test_requester_leaving_during_the_admission_record_leaves_no_working_r
 ) -> None:
     gate, held = asyncio.Event(), asyncio.Event()
     _hold(fed, "request_received", gate, held)
+    steps = _steps(fed, "hospital")
     async with (
         serving(fed.participant("hospital"), echo_agent()),
         Client(fed.participant("insurer")) as client,
@@ -84,10 +99,9 @@ async def test_requester_leaving_during_the_admission_record_leaves_no_working_r
             client.call("hospital/echo.say", {"n": 1}, timeout=30, task_id="order-2")
         )
         await asyncio.wait_for(held.wait(), 5)
-        await asyncio.sleep(0.3)
         call.cancel()  # the requester changes its mind while the record commits
         await asyncio.gather(call, return_exceptions=True)
-        await asyncio.sleep(0.5)
+        assert await eventually(lambda: steps[0].cancelling()), "the cancel reached the hospital"
         gate.set()
         deadline = time.monotonic() + 3
         row = await fed["hospital"].router.tasks.by_task_id("insurer", "order-2")
@@ -129,6 +143,7 @@ async def test_a_request_record_committed_as_the_requester_leaves_is_closed(
         _hold(fed, kind, gate, held, org)
     else:
         _hold_accept(fed, org, gate, held)
+    steps = _steps(fed, org)
     async with (
         serving(fed.participant("hospital"), echo_agent()),
         Client(fed.participant("insurer")) as client,
@@ -139,7 +154,7 @@ async def test_a_request_record_committed_as_the_requester_leaves_is_closed(
         await asyncio.wait_for(held.wait(), 5)
         call.cancel()
         await asyncio.gather(call, return_exceptions=True)
-        await asyncio.sleep(0.3)  # the gateway has seen its requester go
+        assert await eventually(lambda: steps[0].cancelling()), f"the cancel reached {org}"
         gate.set()
         for _ in range(150):
             if len(fed[org].audit.query(task_id="order-3")) >= 2:

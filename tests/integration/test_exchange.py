@@ -24,6 +24,7 @@ from tests.integration.federation import (
     boom_agent,
     claims_agent,
     echo_agent,
+    eventually,
     records_agent,
     serving,
     slow_agent,
@@ -137,12 +138,13 @@ async def test_deadline_that_passes_across_hops(fed: LocalFederation) -> None:
         Client(fed.participant("insurer")) as client,
     ):
         with pytest.raises(DeadlineExceeded):
-            await client.call("hospital/slow.wait", {"seconds": 30}, timeout=1.0)
-        for _ in range(100):
-            if cancelled:
-                break
-            await asyncio.sleep(0.05)
+            await client.call("hospital/slow.wait", {"seconds": 30}, timeout=3.0)
+        await eventually(lambda: cancelled)
     assert len(cancelled) == 1, "the agent's skill is told to stop when the deadline passes"
+    # each gateway records the deadline, then its task leaves the count
+    await eventually(
+        lambda: not (fed["hospital"].router.in_flight or fed["insurer"].router.in_flight)
+    )
     assert fed["hospital"].router.in_flight == 0 and fed["insurer"].router.in_flight == 0
 
 
@@ -173,10 +175,7 @@ async def test_agent_that_disconnects_mid_task_fails_the_task(fed: LocalFederati
             call = asyncio.ensure_future(
                 client.call("hospital/slow.wait", {"seconds": 30}, timeout=20)
             )
-            for _ in range(100):
-                if fed["hospital"].agents.in_flight("slow"):
-                    break
-                await asyncio.sleep(0.02)
+            assert await eventually(lambda: fed["hospital"].agents.in_flight("slow"), 10)
             worker.stop()
         with pytest.raises(TaskFailed) as info:
             await asyncio.wait_for(call, 10)

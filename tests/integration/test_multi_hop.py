@@ -13,7 +13,7 @@ from gateway.local import LocalFederation
 from gateway.signing import SignedReceipt, Verifier, verify_receipt
 from participant_sdk import Agent, Client, TaskContext
 from tests.conftest import Pki
-from tests.integration.federation import org_config, serving
+from tests.integration.federation import eventually, org_config, serving
 
 HOSPITAL = """\
 p, insurer, records, relay, invoke, *, allow
@@ -137,9 +137,9 @@ async def test_cancel_travels_down_every_hop(three: LocalFederation) -> None:
                 break
             await asyncio.sleep(0.05)
     assert len(cancelled) == 1, "the lab's agent saw the cancel"
-    for _ in range(100):  # each hop ends its task as the cancel's answer comes back up
-        if not any(three[org].router.in_flight for org in ("insurer", "hospital", "lab")):
-            break
-        await asyncio.sleep(0.05)
+    # each hop ends its task as the cancel's answer comes back up
+    await eventually(
+        lambda: not any(three[o].router.in_flight for o in ("insurer", "hospital", "lab"))
+    )
     for org in ("insurer", "hospital", "lab"):
         assert three[org].router.in_flight == 0, org

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import grpc
@@ -15,7 +16,13 @@ from gateway.local import LocalFederation
 from gateway.peers import PeerRegistry
 from participant_sdk import Agent, Client, Unavailable
 from tests.conftest import Pki
-from tests.integration.federation import configs, delegation, federation_channel, serving
+from tests.integration.federation import (
+    configs,
+    delegation,
+    eventually,
+    federation_channel,
+    serving,
+)
 
 
 def counting_agent(calls: list[str], delay: float = 0.2) -> Agent:
@@ -147,10 +154,7 @@ async def test_task_fails_over_to_another_instance_when_one_dies(fed: LocalFeder
         call = asyncio.ensure_future(
             client.call("hospital/echo.say", {}, timeout=20, task_id="fo-1")
         )
-        for _ in range(100):
-            if started:
-                break
-            await asyncio.sleep(0.02)
+        assert await eventually(lambda: started, 10)
         assert started == ["doomed"]
         async with serving(fed.participant("hospital"), agent("healthy"), instance_id="healthy"):
             release.set()
@@ -219,8 +223,6 @@ def test_half_open_probe_closes_or_reopens_the_circuit(pki: Pki) -> None:
 async def test_a_retry_that_outlives_its_deadline_is_deadline_exceeded(
     fed: LocalFederation,
 ) -> None:
-    from participant_sdk import DeadlineExceeded
-
     calls: list[str] = []
     async with (
         serving(fed.participant("hospital"), counting_agent(calls, delay=2.0)),
@@ -235,15 +237,25 @@ async def test_a_retry_that_outlives_its_deadline_is_deadline_exceeded(
                 idempotency_key="slow-key",
             )
         )
-        await asyncio.sleep(0.3)
-        with pytest.raises(DeadlineExceeded, match="first attempt still ran"):
-            await client.call(
-                "hospital/echo.say",
-                {"n": 1},
-                timeout=0.5,
-                task_id="slow-1",
-                idempotency_key="slow-key",
-                retry=None,
-            )
+        assert await eventually(lambda: calls)  # the first attempt runs
+        # The retry's deadline is in the message only, so the gateway's answer, not the
+        # caller's own gRPC timer, is what ends it.
+        channel = grpc.aio.insecure_channel(fed.participant("insurer"))
+        retry = pb.TaskRequest(
+            task_id="slow-1",
+            target_org="hospital",
+            agent="echo",
+            skill="say",
+            input=dict_to_struct({"n": 1}),
+            idempotency_key="slow-key",
+            deadline_unix_ms=int((time.time() + 0.5) * 1000),
+        )
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await pb_grpc.ParticipantStub(channel).SubmitTask(retry, timeout=5)
+        finally:
+            await channel.close()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "first attempt still ran" in (info.value.details() or "")
         assert (await first).ok
     assert calls == ["slow-1"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ from tests.integration.federation import (
     claims_agent,
     configs,
     echo_agent,
+    eventually,
     serving,
     slow_agent,
     stock_agent,
@@ -60,13 +61,6 @@ async def lab_fed(tmp_path: Path, pki: Pki) -> AsyncIterator[LocalFederation]:
         configs(tmp_path, pki, hospital_rules=STOCK_RULES, extra=UNREACHABLE_PEER)
     ) as fed:
         yield fed
-
-
-async def wait_for(condition: Callable[[], object], seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
 
 
 # ---- fallback routes --------------------------------------------------------------------
@@ -173,14 +167,18 @@ async def test_first_success_cancels_the_slow_agent(fed: LocalFederation) -> Non
             strategy="first_success",
             timeout=20,
         )
-        await wait_for(lambda: cancelled)
+        await eventually(lambda: cancelled)
     assert report.winner == "hospital/echo.say"
     assert report.results["hospital/echo.say"].output["echo"] == {"seconds": 30}
     error = report.errors["hospital/slow.wait"]
     assert isinstance(error, TaskFailed) and error.result.state == "canceled"
     assert cancelled == [error.result.task_id], "the slow agent's skill was told to stop"
-    await wait_for(lambda: "canceled" in kinds(fed, "hospital", cancelled[0]))
+    await eventually(lambda: "canceled" in kinds(fed, "hospital", cancelled[0]))
     assert kinds(fed, "hospital", cancelled[0]) == ["request_received", "canceled"]
+    # the record commits, then the task-table row, then the task leaves the count
+    await eventually(
+        lambda: not (fed["hospital"].router.in_flight or fed["insurer"].router.in_flight)
+    )
     assert fed["hospital"].router.in_flight == 0 and fed["insurer"].router.in_flight == 0
 
 
@@ -363,5 +361,6 @@ async def test_retries_give_up_at_the_deadline_against_a_gateway_that_stays_down
         started = time.monotonic()
         with pytest.raises(Unavailable) as info:
             await client.call("insurer/echo.say", {}, timeout=1.0)
-    assert time.monotonic() - started < 1.0
+    # within the deadline, but for how late a busy machine wakes the last backoff
+    assert time.monotonic() - started < 1.0 + 0.5
     assert "the deadline leaves no time for another" in info.value.message
