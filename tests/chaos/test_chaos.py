@@ -87,14 +87,20 @@ async def _state_after(client: Any, task_id: str, seconds: float) -> str:
 
 
 async def _stream_until_working(
-    client: Any, keys: list[str], task_ids: list[str], executions: Executions, seconds: float
+    client: Any,
+    keys: list[str],
+    task_ids: list[str],
+    executions: Executions,
+    seconds: float,
+    *,
+    timeout: float = 12,  # noqa: ASYNC109 - the streams' deadline, sent to the gateways
 ) -> list[Any]:
     """Open one stream per key and wait until both gateways accepted it and its skill runs."""
     streams = [
         client.stream(
             TARGET,
             {"key": key, "seconds": seconds},
-            timeout=12,
+            timeout=timeout,
             task_id=task_id,
             idempotency_key=key,
         )
@@ -192,12 +198,14 @@ async def test_kill_9_requester_gateway_mid_stream(chaos: ChaosFederation) -> No
     await chaos.spawn_agent(run_log)
     keys = [f"s2-key-{n}" for n in range(3)]
     task_ids = [f"s2-task-{n}" for n in range(3)]
+    # The skills (and the streams' deadline) outlast every wait below by far: they can only end
+    # "canceled", and only because the requesting gateway died, never by finishing or timing out.
     async with chaos.client() as client:
         streams = [
             client.stream(
                 TARGET,
-                {"key": key, "seconds": 2.0},
-                timeout=12,
+                {"key": key, "seconds": 30},
+                timeout=40,
                 task_id=task_id,
                 idempotency_key=key,
             )
@@ -206,7 +214,7 @@ async def test_kill_9_requester_gateway_mid_stream(chaos: ChaosFederation) -> No
         for updates in streams:
             assert (await bounded(anext(updates), 10, "first update")).state == "working"
         await _until(
-            lambda: len(executions_in_file(run_log).runs) == len(keys), 5, "every skill started"
+            lambda: len(executions_in_file(run_log).runs) == len(keys), 10, "every skill started"
         )
         await chaos.insurer.kill_9()
         broken = await bounded(asyncio.gather(*(_drain(s) for s in streams)), 10, "broken streams")
@@ -219,10 +227,10 @@ async def test_kill_9_requester_gateway_mid_stream(chaos: ChaosFederation) -> No
             kinds = chaos.audit_kinds("hospital")
             return all("canceled" in kinds.get(t, set()) for t in task_ids)
 
-        await _until(hospital_ended, 5, "hospital recorded how each exchange ended")
+        await _until(hospital_ended, 10, "hospital recorded how each exchange ended")
         await _until(
             lambda: sorted(executions_in_file(run_log).cancelled) == keys,
-            5,
+            10,
             "the orphaned skills were told to stop",
         )
 
@@ -237,7 +245,7 @@ async def test_kill_9_requester_gateway_mid_stream(chaos: ChaosFederation) -> No
                 again = await bounded(
                     client.call(
                         TARGET,
-                        {"key": key, "seconds": 2.0},
+                        {"key": key, "seconds": 30},
                         timeout=5,
                         task_id=task_id,
                         idempotency_key=key,
@@ -280,16 +288,19 @@ async def test_responder_cancels_the_skill_when_the_requesting_gateway_dies(
         serving(chaos.hospital.participant, counting_agent(executions)),
         chaos.client() as client,
     ):
-        streams = await _stream_until_working(client, ["s2x-key"], ["s2x-task"], executions, 4)
+        # The skill and the deadline outlast the wait below: only the dead requester stops it.
+        streams = await _stream_until_working(
+            client, ["s2x-key"], ["s2x-task"], executions, 30, timeout=40
+        )
         await chaos.insurer.kill_9()
         outcome, _ = await bounded(_drain(streams[0]), 10, "broken stream")
         assert outcome == "error"
-        for _ in range(50):  # 2.5 s
-            if executions.cancelled or executions.finished:
+        for _ in range(200):  # 10 s: the skill itself would sleep for 30
+            if executions.cancelled:
                 break
             await asyncio.sleep(0.05)
-        assert executions.cancelled == ["s2x-key"], (
-            f"skill not cancelled 2.5 s after the requester's gateway died "
+        assert executions.cancelled == ["s2x-key"] and not executions.finished, (
+            f"skill not cancelled 10 s after the requester's gateway died "
             f"(cancelled={executions.cancelled}, finished={executions.finished})"
         )
 
@@ -297,23 +308,29 @@ async def test_responder_cancels_the_skill_when_the_requesting_gateway_dies(
 async def _stall(
     chaos: ChaosFederation, client: Any, executions: Executions, key: str, task_id: str
 ) -> None:
-    """One call whose skill sleeps 6 s under a 1.5 s deadline: DeadlineExceeded, in time."""
+    """One call whose skill sleeps 30 s under a 4 s deadline: DeadlineExceeded, in time.
+
+    The deadline leaves room for the first call across two fresh processes to reach the hospital
+    in time (one that arrives late is rejected without running the skill); the skill outlasts
+    the deadline and every wait here, so only the deadline stops it.
+    """
+    timeout = 4.0
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(DeadlineExceeded):
         await bounded(
             client.call(
                 TARGET,
-                {"key": key, "seconds": 6},
-                timeout=1.5,
+                {"key": key, "seconds": 30},
+                timeout=timeout,
                 task_id=task_id,
                 idempotency_key=key,
             ),
-            5,
+            timeout + 5,
             "stalled call",
         )
-    assert loop.time() - started < 4
-    await _until(lambda: key in executions.cancelled, 5, "the stalled skill was cancelled")
+    assert loop.time() - started < timeout + 3
+    await _until(lambda: key in executions.cancelled, 10, "the stalled skill was cancelled")
 
 
 async def _retry_same_key(client: Any, key: str, task_id: str) -> Any:
@@ -368,7 +385,7 @@ async def test_deadline_exceeded_task_reaches_a_final_state(chaos: ChaosFederati
         chaos.client() as client,
     ):
         await _stall(chaos, client, executions, key, task_id)
-        state = await _state_after(client, task_id, 3)
+        state = await _state_after(client, task_id, 10)
         assert state == "failed", f"insurer's get still says {state!r} 3 s after the deadline"
         outcome = await _retry_same_key(client, key, task_id)
         assert isinstance(outcome, TaskFailed), outcome

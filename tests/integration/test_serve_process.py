@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from participant_sdk import Client, Unavailable
+from participant_sdk import Agent, Client, RetryPolicy, TaskContext, Unavailable
 from tests.conftest import Pki
 from tests.integration.federation import configs, serving, slow_agent
 from tests.processes import spawn_gateway
@@ -21,25 +21,60 @@ async def _start(config: Path) -> tuple[asyncio.subprocess.Process, int]:
     return process, participant_port
 
 
+# What `fedgate serve` logs once SIGTERM has set it draining (gateway/server.py, `serve`).
+DRAINING = "stopping: no new tasks"
+
+
+def gated_agent(started: asyncio.Event, release: asyncio.Event) -> Agent:
+    """Agent `slow`, skill `wait`: with {"gate": true} it says it started, then waits for release."""
+    slow = Agent("slow")
+
+    @slow.skill
+    async def wait(task: TaskContext, data: dict) -> dict:
+        if data.get("gate"):
+            started.set()
+            await release.wait()
+        return {"waited": bool(data.get("gate"))}
+
+    return slow
+
+
 @pytest.mark.slow
 async def test_sigterm_lets_in_flight_tasks_finish_then_exits_zero(
     tmp_path: Path, pki: Pki
 ) -> None:
     hospital_config = configs(tmp_path, pki)[0]
-    process, port = await _start(hospital_config)
+    draining = asyncio.Event()
+
+    def on_line(line: str) -> None:
+        if DRAINING in line:
+            draining.set()
+
+    # stderr is read in the background (to on_line), so the gateway never blocks writing logs.
+    process, _, port = await spawn_gateway(hospital_config, on_line=on_line)
     address = f"127.0.0.1:{port}"
+    started, release = asyncio.Event(), asyncio.Event()
     try:
-        async with serving(address, slow_agent()), Client(address) as client:
+        async with serving(address, gated_agent(started, release)), Client(address) as client:
             in_flight = asyncio.ensure_future(
-                client.call("hospital/slow.wait", {"seconds": 1.5}, timeout=20)
+                client.call("hospital/slow.wait", {"gate": True}, timeout=30)
             )
-            await asyncio.sleep(0.5)
+            # The task runs on the agent (held there) when SIGTERM arrives.
+            await asyncio.wait_for(started.wait(), 10)
             os.kill(process.pid, signal.SIGTERM)
-            await asyncio.sleep(0.3)
+            await asyncio.wait_for(draining.wait(), 10)
+            # Draining: a new task is refused at once (one attempt, no retries).
             with pytest.raises(Unavailable, match="shutting down"):
-                await client.call("hospital/slow.wait", {"seconds": 0}, timeout=5)
+                await client.call(
+                    "hospital/slow.wait",
+                    {"gate": False},
+                    timeout=5,
+                    retry=RetryPolicy(max_attempts=1),
+                )
+            assert process.returncode is None, "the gateway exited with a task in flight"
+            release.set()
             result = await asyncio.wait_for(in_flight, 20)
-            assert result.output == {"waited": 1.5}
+            assert result.output == {"waited": True}
         assert await asyncio.wait_for(process.wait(), 30) == 0
     finally:
         if process.returncode is None:
