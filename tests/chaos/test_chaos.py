@@ -386,7 +386,7 @@ async def test_deadline_exceeded_task_reaches_a_final_state(chaos: ChaosFederati
     ):
         await _stall(chaos, client, executions, key, task_id)
         state = await _state_after(client, task_id, 10)
-        assert state == "failed", f"insurer's get still says {state!r} 3 s after the deadline"
+        assert state == "failed", f"insurer's get still says {state!r} 10 s after the deadline"
         outcome = await _retry_same_key(client, key, task_id)
         assert isinstance(outcome, TaskFailed), outcome
         assert outcome.result.state == "failed"
