@@ -471,8 +471,9 @@ class Router(OutboundRoutes):
 
             async def close(exc: BaseException) -> None:
                 assert peer_org is not None
-                kind, gone = departure(error_result(spec, exc, self.org), STREAM_CLOSED)
-                await self.audit_rejection(spec, peer_org, gone, started=started, kind=kind)
+                await self._record_departure(
+                    spec, peer_org, error_result(spec, exc, self.org), started
+                )
 
             try:
                 existing = await self._record_then_accept(
@@ -523,16 +524,20 @@ class Router(OutboundRoutes):
             # we waited at a yield. Decide the outcome before any await, then record it.
             final = final or error_result(spec, exc, self.org)
             if peer_org is not None and not releasing:
-                # The requesting gateway gives up at the deadline too: recorded as the deadline.
-                kind, gone = departure(final, STREAM_CLOSED)
-                await asyncio.shield(
-                    self.audit_rejection(spec, peer_org, gone, started=started, kind=kind)
-                )
+                await asyncio.shield(self._record_departure(spec, peer_org, final, started))
             raise
         finally:
             self._finish(running, final)
             if final is not None and not kept:
                 await self._finish_task(origin_org, spec, final)
+
+    async def _record_departure(
+        self, spec: TaskSpec, peer_org: str, final: TaskResult, started: float
+    ) -> None:
+        """Close the records of a task whose requesting gateway went away: as the deadline if
+        that is what `final` says (it gives up at the deadline too), else as a cancel."""
+        kind, gone = departure(final, STREAM_CLOSED)
+        await self.audit_rejection(spec, peer_org, gone, started=started, kind=kind)
 
     async def _admit_peer(
         self, spec: TaskSpec, peer_org: str, policy: Policy | None, started: float, claims: Claims

@@ -307,6 +307,7 @@ class SqlTaskStore(TaskStore):
     def __init__(self, url: str, *, batch_max: int = 256) -> None:
         self.url = url
         self.batch_max = batch_max
+        self._sqlite = is_sqlite(url)  # read per batch: parsed once
         self._engine: Engine | None = None
         self._lock = threading.Lock()
         self._queue: asyncio.Queue[_Write | None] | None = None
@@ -317,7 +318,7 @@ class SqlTaskStore(TaskStore):
         with self._lock:
             if self._engine is None:
                 engine = create_store_engine(
-                    self.url, synchronous="NORMAL" if is_sqlite(self.url) else "FULL"
+                    self.url, synchronous="NORMAL" if self._sqlite else "FULL"
                 )
                 SQLModel.metadata.create_all(engine, tables=[TASKS])
                 self._engine = engine
@@ -333,7 +334,7 @@ class SqlTaskStore(TaskStore):
     def _write_batch(self, ops: list[tuple[str, tuple[Any, ...]]]) -> list[bool | None]:
         """On the writer thread: the writes in order, in one transaction; accept -> inserted?"""
         with self._writer_thread.transaction() as cursor:
-            if len(ops) > 1 and not is_sqlite(self.url):
+            if len(ops) > 1 and not self._sqlite:
                 return self._write_pipelined(cursor.connection, ops)
             return self._write_each(cursor, ops)  # SQLite is in process: no round trips to save
 

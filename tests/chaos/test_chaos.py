@@ -44,7 +44,7 @@ from tests.chaos.conftest import (
     executions_in_file,
     final_states,
 )
-from tests.integration.federation import serving
+from tests.integration.federation import eventually, serving
 
 TARGET = "hospital/slow.wait"
 
@@ -64,12 +64,8 @@ async def _drain(updates: Any) -> tuple[str, Any]:
 
 
 async def _until(predicate: Any, seconds: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not predicate():
-        if loop.time() > deadline:
-            pytest.fail(f"{what}: not reached within {seconds}s")
-        await asyncio.sleep(0.02)
+    if not await eventually(predicate, seconds):
+        pytest.fail(f"{what}: not reached within {seconds}s")
 
 
 async def _state_after(client: Any, task_id: str, seconds: float) -> str:

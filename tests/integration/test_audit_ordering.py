@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -21,6 +22,17 @@ from participant_sdk import Client
 from tests.integration.federation import echo_agent, eventually, serving
 
 
+def _before(owner: Any, name: str, hook: Callable[..., Awaitable[None]]) -> None:
+    """Make the async method `owner.name` await `hook` (given the same arguments) first."""
+    method = getattr(owner, name)
+
+    async def wrapped(*args: Any, **kwargs: Any) -> Any:
+        await hook(*args, **kwargs)
+        return await method(*args, **kwargs)
+
+    setattr(owner, name, wrapped)
+
+
 def _hold(
     fed: LocalFederation,
     kind: str,
@@ -29,29 +41,23 @@ def _hold(
     org: str = "hospital",
 ) -> None:
     """Make `org`'s audit store wait on `gate` before committing a `kind` record."""
-    audit = fed[org].audit
-    append = audit.append
 
-    async def held_append(event: AuditEvent) -> Any:
+    async def wait(event: AuditEvent) -> None:
         if event.kind == kind:
             held.set()
             await gate.wait()
-        return await append(event)
 
-    audit.append = held_append  # type: ignore[method-assign]
+    _before(fed[org].audit, "append", wait)
 
 
 def _steps(fed: LocalFederation, org: str) -> list[asyncio.Task[Any]]:
     """The tasks that run `org`'s record-then-accept step, to see when a cancel reaches one."""
-    router = fed[org].router
-    step = router._record_then_accept
     tasks: list[asyncio.Task[Any]] = []
 
-    async def watched(*args: Any, **kwargs: Any) -> Any:
+    async def note(*_: Any, **__: Any) -> None:
         tasks.append(asyncio.current_task())  # type: ignore[arg-type]
-        return await step(*args, **kwargs)
 
-    router._record_then_accept = watched  # type: ignore[method-assign]
+    _before(fed[org].router, "_record_then_accept", note)
     return tasks
 
 
@@ -117,15 +123,12 @@ async def test_requester_leaving_during_the_admission_record_leaves_no_working_r
 
 def _hold_accept(fed: LocalFederation, org: str, gate: asyncio.Event, held: asyncio.Event) -> None:
     """Make `org`'s task table wait on `gate` before it takes a task's key."""
-    tasks = fed[org].router.tasks
-    accept = tasks.accept
 
-    async def held_accept(*args: Any, **kwargs: Any) -> Any:
+    async def wait(*_: Any, **__: Any) -> None:
         held.set()
         await gate.wait()
-        return await accept(*args, **kwargs)
 
-    tasks.accept = held_accept  # type: ignore[method-assign]
+    _before(fed[org].router.tasks, "accept", wait)
 
 
 @pytest.mark.parametrize("step", ["record", "accept"])

@@ -130,10 +130,7 @@ async def test_cancel_is_recorded_on_both_sides(fed: LocalFederation) -> None:
         await anext(updates)
         await client.cancel("cancel-1")
         _ = [u async for u in updates]
-        for _ in range(100):
-            if "canceled" in kinds(fed, "hospital", "cancel-1"):
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: "canceled" in kinds(fed, "hospital", "cancel-1"))
     assert kinds(fed, "insurer", "cancel-1") == ["request_sent", "canceled"]
     assert kinds(fed, "hospital", "cancel-1") == ["request_received", "canceled"]
 
@@ -145,10 +142,10 @@ async def test_deadline_is_recorded_on_both_sides(fed: LocalFederation) -> None:
     ):
         with pytest.raises(DeadlineExceeded):
             await client.call("hospital/slow.wait", {"seconds": 30}, timeout=2, task_id="late-1")
-    for _ in range(100):  # both gateways record the end on their own, each within moments
-        if len(kinds(fed, "insurer", "late-1")) == 2 and len(kinds(fed, "hospital", "late-1")) == 2:
-            break
-        await asyncio.sleep(0.05)
+    # both gateways record the end on their own, each within moments
+    await eventually(
+        lambda: all(len(kinds(fed, org, "late-1")) == 2 for org in ("insurer", "hospital"))
+    )
     assert kinds(fed, "insurer", "late-1") == ["request_sent", "failed"]
     assert kinds(fed, "hospital", "late-1") == ["request_received", "failed"]
     statuses = {r.status for r in fed["hospital"].audit.query(task_id="late-1")}
