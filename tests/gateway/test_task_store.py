@@ -173,6 +173,8 @@ async def test_a_write_the_database_refuses_fails_alone_in_its_pipelined_batch(
     )
     assert [i for i, o in enumerate(outcomes) if o is not None] == [10]
     assert isinstance(outcomes[10], Unavailable)
+    assert outcomes[10].status.name == "UNAVAILABLE"
+    assert outcomes[10].message.startswith("the task table cannot be written: StringDataRight")
     assert sorted(r.task_id for r in await store.unfinished()) == sorted(
         f"t-{i}" for i in range(20)
     )

@@ -18,6 +18,8 @@ import pytest
 
 from gateway.audit import AuditEvent
 from gateway.local import LocalFederation
+from gateway.router import STREAM_CLOSED
+from gateway.router_base import REQUESTER_GONE
 from participant_sdk import Client
 from tests.integration.federation import echo_agent, eventually, serving
 
@@ -166,6 +168,7 @@ async def test_a_request_record_committed_as_the_requester_leaves_is_closed(
     records = sorted(fed[org].audit.query(task_id="order-3"), key=lambda r: r.sequence)
     assert [r.kind for r in records] == [kind, "canceled"]
     assert records[-1].status == "CANCELLED"
+    assert records[-1].detail == {"hospital": STREAM_CLOSED, "insurer": REQUESTER_GONE}[org]
     assert fed[org].router.in_flight == 0
     assert await fed[org].router.tasks.by_task_id("insurer", "order-3") is None
     assert fed[org].audit.verify(org, fed[org].router.verifier).ok
