@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.audit import AuditEvent, SqlAuditStore
-from gateway.audit_chain import GENESIS_HASH, chain_events
+from gateway.audit.chain import GENESIS_HASH, chain_events
+from gateway.audit.store import AuditEvent, SqlAuditStore
 from gateway.payload import digest
 
 RATE_TARGET = 5_000.0

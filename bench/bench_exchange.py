@@ -52,7 +52,7 @@ from fedgate.convert import dict_to_struct
 from fedgate.v1 import fedgate_pb2 as pb
 
 from bench import relay
-from gateway.certs import org_dns_name
+from gateway.identity.certs import org_dns_name
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "policies" / "model.conf"
@@ -435,7 +435,7 @@ class Pki:
 
 
 def make_pki(folder: Path) -> Pki:
-    from gateway.certs import create_ca, issue_gateway_cert, write_pair
+    from gateway.identity.certs import create_ca, issue_gateway_cert, write_pair
 
     ca = create_ca("fedgate bench CA")
     folder.mkdir(parents=True, exist_ok=True)
@@ -525,7 +525,7 @@ def write_configs(folder: Path, pki: Pki, filler: int, *, tokens: bool) -> dict[
 def issue_tokens(configs: dict[str, Path]) -> tuple[str, str]:
     """(requester token on alpha, agent token on beta)."""
     from gateway.config import load_config
-    from gateway.tokens import token_authority
+    from gateway.identity.tokens import token_authority
 
     requester = token_authority(load_config(configs[REQUESTER_ORG])).issue(
         "bench-requester", calls=[f"{RESPONDER_ORG}/{AGENT}"], ttl_seconds=3600

@@ -21,8 +21,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from gateway import policy_paths as paths
-from gateway.policy import Policy, load_policy
+from gateway.policy import paths
+from gateway.policy.engine import Policy, load_policy
 
 MODEL = Path(__file__).resolve().parents[1] / "policies" / "model.conf"
 KEY = bytes(range(32))

@@ -23,8 +23,8 @@ from typing import Any
 
 from sqlalchemy import create_engine, make_url, text
 
-from gateway.task_store import SqlTaskStore, task_key
-from gateway.tasks import TaskResult, TaskSpec, TaskState
+from gateway.exchange.tasks import TaskResult, TaskSpec, TaskState
+from gateway.store.task_table import SqlTaskStore, task_key
 
 CALLERS = 64
 

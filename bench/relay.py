@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--server-name",
         default="beta.fedgate",
         help="name the back relay's certificate must carry (front), as a "
-        "gateway verifies its peer (gateway.certs.org_dns_name)",
+        "gateway verifies its peer (gateway.identity.certs.org_dns_name)",
     )
     parser.add_argument("--reply-bytes", type=int, default=1024)
     parser.add_argument("--big-reply-bytes", type=int, default=1024 * 1024)

@@ -18,10 +18,10 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from gateway.audit import AuditRecord
+from gateway.audit.store import AuditRecord
+from gateway.identity.signing import SignedReceipt, verify_receipt
+from gateway.identity.tokens import token_authority
 from gateway.local import LocalFederation, write_gateway_config
-from gateway.signing import SignedReceipt, verify_receipt
-from gateway.tokens import token_authority
 from participant_sdk import Agent, AgentWorker, Client, TaskContext, majority
 
 PATIENT_RECORD: dict[str, Any] = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from gateway.audit import AuditStore
+from gateway.audit.store import AuditStore
 from gateway.config import GatewayConfig, load_config
 from gateway.server import Gateway
 

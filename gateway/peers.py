@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import grpc
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
-from gateway.certs import org_dns_name
 from gateway.config import PeerSection
 from gateway.errors import NotFound, Unavailable
-from gateway.tls import ReloadingTls
+from gateway.identity.certs import org_dns_name
+from gateway.identity.tls import ReloadingTls
 
 log = logging.getLogger("fedgate.peers")
 

@@ -12,21 +12,21 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gateway.agents import AgentRegistry
-from gateway.audit import AuditStore, open_store
+from gateway.audit.store import AuditStore, open_store
 from gateway.config import GatewayConfig
-from gateway.delegation import DelegationVerifier
+from gateway.edges.servicers import FederationServicer, ParticipantServicer, add_servicer
+from gateway.edges.wire import checkpoint_from_pb, checkpoint_to_pb
 from gateway.errors import ConfigError, FedgateError, PermissionDenied
-from gateway.limits import PeerLimiter
+from gateway.exchange.agents import AgentRegistry
+from gateway.exchange.limits import PeerLimiter
+from gateway.exchange.router import Limits, Router
+from gateway.identity.delegation import DelegationVerifier
+from gateway.identity.signing import Signer, Verifier
+from gateway.identity.tls import ReloadingTls, TlsFiles, TlsMaterial
+from gateway.identity.tokens import token_authority
 from gateway.peers import PeerRegistry
-from gateway.policy import PolicyHolder, load_or_create_pseudonym_key, load_policy
-from gateway.router import Limits, Router
-from gateway.servicers import FederationServicer, ParticipantServicer, add_servicer
-from gateway.signing import Signer, Verifier
-from gateway.task_store import SqlTaskStore, TaskStore
-from gateway.tls import ReloadingTls, TlsFiles, TlsMaterial
-from gateway.tokens import token_authority
-from gateway.wire import checkpoint_from_pb, checkpoint_to_pb
+from gateway.policy.engine import PolicyHolder, load_or_create_pseudonym_key, load_policy
+from gateway.store.task_table import SqlTaskStore, TaskStore
 
 log = logging.getLogger("fedgate.server")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.certs import IssuedCert, create_ca, issue_gateway_cert, write_pair
+from gateway.identity.certs import IssuedCert, create_ca, issue_gateway_cert, write_pair
 from gateway.local import LocalFederation
 
 

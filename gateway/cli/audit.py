@@ -18,15 +18,15 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.audit import SqlAuditStore, open_store
-from gateway.audit_bundle import (
+from gateway.audit.bundle import (
     read_bundle,
     receipt_problem,
     reconcile,
     verify_bundle,
     write_bundle,
 )
-from gateway.audit_chain import AuditRecord, VerifyReport
+from gateway.audit.chain import AuditRecord, VerifyReport
+from gateway.audit.store import SqlAuditStore, open_store
 from gateway.cli._common import config_option, read_config
 from gateway.config import GatewayConfig
 from gateway.errors import (
@@ -36,7 +36,7 @@ from gateway.errors import (
     InvalidArgument,
     NotFound,
 )
-from gateway.signing import SignedCheckpoint, Signer, Verifier
+from gateway.identity.signing import SignedCheckpoint, Signer, Verifier
 
 
 def _echo_json(value: Any) -> None:

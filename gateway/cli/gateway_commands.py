@@ -15,10 +15,16 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from gateway.certs import DEV_WARNING, IssuedCert, create_ca, issue_gateway_cert, write_pair
 from gateway.cli._common import config_option, read_config
 from gateway.config import ORG_NAME
 from gateway.errors import ConfigError
+from gateway.identity.certs import (
+    DEV_WARNING,
+    IssuedCert,
+    create_ca,
+    issue_gateway_cert,
+    write_pair,
+)
 
 STARTER_MODEL = Path(__file__).resolve().parent.parent / "resources" / "model.conf"
 
@@ -46,7 +52,7 @@ def init(
     org: str, directory: str, federation_listen: str, participant_listen: str, force: bool
 ) -> None:
     """Create a starter fedgate.toml, data folder, deny-all policy and development certificates."""
-    from gateway.policy import load_or_create_pseudonym_key
+    from gateway.policy.engine import load_or_create_pseudonym_key
 
     root = Path(directory)
     config_path = root / "fedgate.toml"
@@ -189,7 +195,7 @@ def certs_issue(org: str, ca_dir: str, out: str | None, days: int) -> None:
 )
 def certs_revoke(cert_path: str, ca_dir: str, crl_path: str | None) -> None:
     """Revoke a gateway certificate: add it to the federation's CRL (gateways re-read it)."""
-    from gateway.certs import load_cert, revocation_list, revoked_serials
+    from gateway.identity.certs import load_cert, revocation_list, revoked_serials
 
     ca_path = Path(ca_dir)
     try:
@@ -353,7 +359,7 @@ def policy_reload(config_path: str) -> None:
     import os
     import signal
 
-    from gateway.policy import load_or_create_pseudonym_key, load_policy
+    from gateway.policy.engine import load_or_create_pseudonym_key, load_policy
 
     config = read_config(config_path)
     if config.policy is None:

@@ -35,12 +35,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gateway import policy_paths as paths
-from gateway import policy_transforms as transforms
 from gateway.cli._common import config_option, read_config
 from gateway.config import GatewayConfig, PolicySection
 from gateway.errors import ConfigError, FedgateError, InvalidArgument, PolicyError
-from gateway.policy import (
+from gateway.policy import paths, transforms
+from gateway.policy.engine import (
     DIRECTIONS,
     Policy,
     Rule,

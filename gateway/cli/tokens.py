@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gateway.cli._common import config_option, read_config
-from gateway.tokens import MAX_TTL_SECONDS, TokenAuthority, TokenRecord, token_authority
+from gateway.identity.tokens import MAX_TTL_SECONDS, TokenAuthority, TokenRecord, token_authority
 
 
 def _authority(config_path: str) -> TokenAuthority:

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from gateway.audit import open_store
-from gateway.signing import Verifier
+from gateway.audit.store import open_store
+from gateway.identity.signing import Verifier
 from participant_sdk import Agent, Client, FedgateError, NotFound, RetryPolicy, TaskContext
 from tests.conftest import Pki
 from tests.integration.federation import HOSPITAL_RULES, INSURER_RULES

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from gateway.certs import IssuedCert, create_ca, issue_gateway_cert, write_pair
-from gateway.signing import Signer, Verifier
+from gateway.identity.certs import IssuedCert, create_ca, issue_gateway_cert, write_pair
+from gateway.identity.signing import Signer, Verifier
 
 AUDIT_PG_ENV = "FEDGATE_TEST_DATABASE_URL"
 
@@ -100,7 +100,7 @@ def audit_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 async def audit_store(audit_db_url: str, audit_pki: AuditPki) -> AsyncIterator[object]:
     """A started SqlAuditStore on each database, closed afterwards."""
-    from gateway.audit import SqlAuditStore
+    from gateway.audit.store import SqlAuditStore
 
     store = SqlAuditStore(audit_db_url, verifier=audit_pki.verifier(), busy_timeout_ms=300)
     await store.start()

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from gateway.audit import AuditEvent, AuditStore, MemoryAuditStore, SqlAuditStore, open_store
-from gateway.audit_chain import GENESIS_HASH, chain_hash
+from gateway.audit.chain import GENESIS_HASH, chain_hash
+from gateway.audit.store import AuditEvent, AuditStore, MemoryAuditStore, SqlAuditStore, open_store
 from gateway.errors import (
     AuditUnavailable,
     ConfigError,
@@ -23,8 +23,8 @@ from gateway.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from gateway.identity.signing import sign_checkpoint
 from gateway.payload import digest
-from gateway.signing import sign_checkpoint
 
 
 def _event(i: int = 0, **fields: object) -> AuditEvent:
@@ -134,7 +134,7 @@ async def test_query_filters_and_paging(any_store: AuditStore) -> None:
 
 
 async def test_records_streams_from_a_start_sequence(audit_store: SqlAuditStore) -> None:
-    import gateway.audit as audit_module
+    import gateway.audit.store as audit_module
 
     original = audit_module._READ_BATCH
     audit_module._READ_BATCH = 7  # force several batches
@@ -386,7 +386,7 @@ async def test_peer_checkpoint_needs_a_verifier(audit_pki) -> None:
 async def test_prune_keeps_a_verifiable_chain(
     any_store: AuditStore, audit_pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gateway.audit as audit_module
+    import gateway.audit.store as audit_module
 
     day = 86_400_000
     clock = iter(range(1_000 * day, 1_000 * day + 100 * day, day))

@@ -13,11 +13,11 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-import gateway.audit as audit_module
-from gateway.audit import AuditEvent, SqlAuditStore
+import gateway.audit.store as audit_module
+from gateway.audit.store import AuditEvent, SqlAuditStore
 from gateway.cli import main
+from gateway.identity.signing import ReceiptBody, Signer, sign_receipt
 from gateway.payload import digest
-from gateway.signing import ReceiptBody, Signer, sign_receipt
 
 OLD_MS = 1_577_836_800_000  # 2020-01-01
 

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from gateway.audit import AuditEvent, SqlAuditStore
-from gateway.audit_chain import VerifyReport, chain_events, make_record
-from gateway.audit_rows import record_values
+from gateway.audit.chain import VerifyReport, chain_events, make_record
+from gateway.audit.rows import record_values
+from gateway.audit.store import AuditEvent, SqlAuditStore
+from gateway.identity.signing import SignedCheckpoint
 from gateway.payload import digest
-from gateway.signing import SignedCheckpoint
 
 COUNT = 10
 

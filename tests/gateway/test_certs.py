@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from gateway.certs import certificate_facts, load_cert, pem_certificate_facts
 from gateway.errors import PermissionDenied, Unauthenticated
+from gateway.identity.certs import certificate_facts, load_cert, pem_certificate_facts
 from tests.conftest import Pki
 
 

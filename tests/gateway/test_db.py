@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-import gateway.db
-from gateway.db import WriterThread, create_store_engine, driver_sql
+import gateway.store.db
+from gateway.store.db import WriterThread, create_store_engine, driver_sql
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ async def test_an_idle_connection_that_died_is_replaced_before_a_write(
         first = await writer.run(backend_pid)
         with engine.connect() as connection:
             connection.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
-        monkeypatch.setattr(gateway.db, "_IDLE_CHECK_SECONDS", 0.0)
+        monkeypatch.setattr(gateway.store.db, "_IDLE_CHECK_SECONDS", 0.0)
         second = await writer.run(backend_pid)
         assert second != first
     finally:

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from gateway.certs import issue_gateway_cert, load_cert, write_pair
-from gateway.delegation import (
+from gateway.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
+from gateway.identity.certs import issue_gateway_cert, load_cert, write_pair
+from gateway.identity.delegation import (
     STATEMENT_TYPE,
     Delegation,
     DelegationVerifier,
@@ -26,8 +27,7 @@ from gateway.delegation import (
     _sign_jws,
     issue_delegation,
 )
-from gateway.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
-from gateway.signing import Signer, Verifier
+from gateway.identity.signing import Signer, Verifier
 from tests.conftest import Pki, ca_pair
 
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from gateway.errors import ConfigError, ResourceExhausted
-from gateway.limits import PeerLimiter, Permit
+from gateway.exchange.limits import PeerLimiter, Permit
 
 RATE_REFUSAL = "organization 'insurer' exceeded its rate of 2 tasks/s: retry later"
 

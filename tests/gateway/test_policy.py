@@ -13,10 +13,9 @@ from typing import Any
 import casbin
 import pytest
 
-from gateway import policy_paths as paths
-from gateway import policy_transforms as transforms
 from gateway.errors import InvalidArgument, PayloadLimitExceeded, PolicyError
-from gateway.policy import (
+from gateway.policy import paths, transforms
+from gateway.policy.engine import (
     FilterResult,
     Policy,
     PolicyHolder,

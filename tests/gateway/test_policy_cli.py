@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from gateway.certs import create_ca, issue_gateway_cert, write_pair
 from gateway.cli import main
+from gateway.identity.certs import create_ca, issue_gateway_cert, write_pair
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 

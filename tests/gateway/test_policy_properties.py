@@ -11,10 +11,9 @@ from fedgate.convert import dict_to_struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import policy_paths as paths
-from gateway import policy_transforms as transforms
 from gateway.payload import canonical_json
-from gateway.policy import Policy, load_policy
+from gateway.policy import paths, transforms
+from gateway.policy.engine import Policy, load_policy
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 MODEL = POLICIES / "model.conf"

@@ -9,10 +9,15 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from gateway.certs import create_ca, issue_gateway_cert, load_cert, load_private_key, write_pair
 from gateway.errors import ConfigError, InvalidArgument, PermissionDenied, Unauthenticated
-from gateway.payload import digest
-from gateway.signing import (
+from gateway.identity.certs import (
+    create_ca,
+    issue_gateway_cert,
+    load_cert,
+    load_private_key,
+    write_pair,
+)
+from gateway.identity.signing import (
     ECDSA_SHA256,
     ReceiptBody,
     SignedCheckpoint,
@@ -25,6 +30,7 @@ from gateway.signing import (
     verify_checkpoint,
     verify_receipt,
 )
+from gateway.payload import digest
 
 OUTPUT = {"diagnosis": "flu", "patient": {"age": 41}}
 

@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from gateway.errors import Unavailable
-from gateway.task_store import MemoryTaskStore, SqlTaskStore, TaskStore, task_key
-from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState
+from gateway.exchange.tasks import TaskError, TaskResult, TaskSpec, TaskState
+from gateway.store.task_table import MemoryTaskStore, SqlTaskStore, TaskStore, task_key
 
 PG = os.environ.get("FEDGATE_TEST_DATABASE_URL")
 

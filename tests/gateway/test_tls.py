@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from gateway.certs import load_cert
 from gateway.errors import PermissionDenied, Unauthenticated
-from gateway.tls import peer_identity
+from gateway.identity.certs import load_cert
+from gateway.identity.tls import peer_identity
 from tests.conftest import Pki
 
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.errors import ConfigError, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from gateway.tokens import (
+from gateway.identity.tokens import (
     TOKEN_TYPE,
     TokenAuthority,
     TokenClaims,

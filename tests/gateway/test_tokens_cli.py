@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from gateway.certs import create_ca, issue_gateway_cert, write_pair
 from gateway.cli import main
 from gateway.cli.tokens import COMMANDS, tokens
 from gateway.config import load_config
 from gateway.errors import Unauthenticated
-from gateway.tokens import TokenAuthority, token_authority
+from gateway.identity.certs import create_ca, issue_gateway_cert, write_pair
+from gateway.identity.tokens import TokenAuthority, token_authority
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
-from gateway.certs import org_dns_name
+from gateway.identity.certs import org_dns_name
 from gateway.local import LocalFederation, write_gateway_config
 from participant_sdk import Agent, AgentWorker, TaskContext
 from tests.conftest import Pki
@@ -223,8 +223,8 @@ def delegation(
     ttl: float = 300,
 ) -> str:
     """A signed statement of who asked, as `org`'s gateway would send it."""
-    from gateway.delegation import issue_delegation
-    from gateway.signing import Signer
+    from gateway.identity.delegation import issue_delegation
+    from gateway.identity.signing import Signer
 
     return issue_delegation(
         Signer.from_files(pki.cert(org), pki.key(org)),

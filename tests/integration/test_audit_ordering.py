@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from gateway.audit import AuditEvent
+from gateway.audit.store import AuditEvent
+from gateway.exchange.router import STREAM_CLOSED
+from gateway.exchange.router_base import REQUESTER_GONE
 from gateway.local import LocalFederation
-from gateway.router import STREAM_CLOSED
-from gateway.router_base import REQUESTER_GONE
 from participant_sdk import Client
 from tests.integration.federation import echo_agent, eventually, serving
 

@@ -12,9 +12,9 @@ from fedgate.convert import dict_to_struct
 from fedgate.v1 import fedgate_pb2 as pb
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
-from gateway.audit import MemoryAuditStore
+from gateway.audit.store import MemoryAuditStore
+from gateway.exchange.tasks import TaskSpec
 from gateway.local import LocalFederation
-from gateway.tasks import TaskSpec
 from participant_sdk import (
     Client,
     DeadlineExceeded,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import open_store
-from gateway.signing import Verifier
+from gateway.audit.store import open_store
+from gateway.identity.signing import Verifier
 from participant_sdk import Agent, Client, FedgateError
 from tests.conftest import Pki
 from tests.integration.federation import HOSPITAL_RULES, INSURER_RULES, serving

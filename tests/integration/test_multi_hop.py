@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.identity.signing import SignedReceipt, Verifier, verify_receipt
 from gateway.local import LocalFederation
-from gateway.signing import SignedReceipt, Verifier, verify_receipt
 from participant_sdk import Agent, Client, TaskContext
 from tests.conftest import Pki
 from tests.integration.federation import eventually, org_config, serving

@@ -192,7 +192,7 @@ async def test_circuit_opens_after_failures_and_fails_fast(tmp_path: Path, pki: 
 
 def test_half_open_probe_closes_or_reopens_the_circuit(pki: Pki) -> None:
     from gateway.config import PeerSection
-    from gateway.tls import ReloadingTls, TlsFiles
+    from gateway.identity.tls import ReloadingTls, TlsFiles
 
     now = [100.0]
     tls = ReloadingTls(TlsFiles(pki.cert("hospital"), pki.key("hospital"), pki.ca))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.certs import revocation_list
+from gateway.identity.certs import revocation_list
+from gateway.identity.tokens import token_authority
 from gateway.local import LocalFederation
-from gateway.tokens import token_authority
 from participant_sdk import Client
 from tests.conftest import Pki, ca_pair
 from tests.integration.federation import (

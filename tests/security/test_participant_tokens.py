@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from fedgate.v1 import fedgate_pb2 as pb
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
+from gateway.identity.tokens import TOKEN_TYPE, token_authority
 from gateway.local import LocalFederation
-from gateway.tokens import TOKEN_TYPE, token_authority
 from participant_sdk import AgentWorker, Client, PermissionDenied, Unauthenticated
 from tests.integration.federation import echo_agent, records_agent
 from tests.security.conftest import hospital_tokens

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import Unavailable
+from gateway.exchange.tasks import TaskSpec
 from gateway.local import LocalFederation
-from gateway.task_store import MemoryTaskStore, SqlTaskStore
-from gateway.tasks import TaskSpec
+from gateway.store.task_table import MemoryTaskStore, SqlTaskStore
 from participant_sdk import Client, InvalidArgument, NotFound
 from tests.integration.federation import echo_agent, serving
 from tests.security.conftest import hospital_tokens
@@ -92,8 +92,8 @@ async def test_task_table_write_failure_is_unavailable(tmp_path: Path) -> None:
 
 async def test_a_recovered_task_is_released_under_the_claims_it_arrived_with() -> None:
     """The claims saved with a task are the ones its release is filtered under after a restart."""
-    from gateway.router import claims_of
-    from gateway.task_store import spec_from_json, spec_to_json
+    from gateway.exchange.router import claims_of
+    from gateway.store.task_table import spec_from_json, spec_to_json
 
     spec = TaskSpec(
         task_id="t-1",

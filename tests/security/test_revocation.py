@@ -9,7 +9,7 @@ import pytest
 from fedgate.v1 import fedgate_pb2 as pb
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
-from gateway.certs import load_cert, revocation_list
+from gateway.identity.certs import load_cert, revocation_list
 from gateway.local import LocalFederation
 from tests.conftest import Pki, ca_pair
 from tests.integration.federation import federation_channel
@@ -55,7 +55,7 @@ async def test_revoked_certificate_is_refused_without_restart(
 async def test_self_signed_client_certificate_fails_the_handshake(
     secure_fed: LocalFederation, pki: Pki, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
-    from gateway.certs import create_ca, issue_gateway_cert, write_pair
+    from gateway.identity.certs import create_ca, issue_gateway_cert, write_pair
 
     own_ca = create_ca("insurer's own")
     write_pair(
@@ -71,8 +71,8 @@ async def test_self_signed_client_certificate_fails_the_handshake(
 def test_certs_revoke_command_extends_the_list(tmp_path, pki: Pki) -> None:  # type: ignore[no-untyped-def]
     from click.testing import CliRunner
 
-    from gateway.certs import revoked_serials
     from gateway.cli import main
+    from gateway.identity.certs import revoked_serials
 
     crl = tmp_path / "federation.crl"
     for org in ("lab", "mallory"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from gateway.certs import create_ca, issue_gateway_cert, write_pair
+from gateway.identity.certs import create_ca, issue_gateway_cert, write_pair
 from gateway.local import LocalFederation
 from participant_sdk import Client
 from tests.conftest import Pki, ca_pair

@@ -8,8 +8,9 @@ holds it, and a retry brings the input again. The result kept is what was releas
 requester, so a retry gets the same answer.
 
 Writes are group-committed: concurrent accepts, finishes and forgets share one transaction, run
-by the store's one writer thread on its persistent DB-API connection (gateway.db.WriterThread),
-and each caller resumes after the commit. Reads go through the SQLAlchemy engine.
+by the store's one writer thread on its persistent DB-API connection
+(gateway.store.db.WriterThread), and each caller resumes after the commit. Reads go through the
+SQLAlchemy engine.
 
 SQLite uses synchronous=NORMAL here: a row survives a crash of the process (the audit log,
 which is FULL, is the record of truth); PostgreSQL is durable either way.
@@ -32,15 +33,15 @@ from sqlalchemy import BigInteger, Column, Index, String, Text, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, SQLModel
 
-from gateway.db import (
+from gateway.errors import Unavailable
+from gateway.exchange.tasks import TaskError, TaskResult, TaskSpec, TaskState
+from gateway.store.db import (
     WriterThread,
     create_store_engine,
     driver_sql,
     group_commit,
     is_sqlite,
 )
-from gateway.errors import Unavailable
-from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState
 
 log = logging.getLogger("fedgate.tasks")
 
@@ -268,8 +269,8 @@ def _row(model: Any) -> TaskRow:
     )
 
 
-# The writes, by kind, with `?` markers (gateway.db.driver_sql adapts them to the driver); their
-# parameters are tuples in marker order. An accept returns the key if it inserted the row.
+# The writes, by kind, with `?` markers (gateway.store.db.driver_sql adapts them to the driver);
+# their parameters are tuples in marker order. An accept returns the key if it inserted the row.
 _WRITE_SQL = {
     "accept": (
         "INSERT INTO fedgate_task (origin_org, key, task_id, target, requester, remote, state, "

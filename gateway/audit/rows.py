@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import BigInteger, Column, LargeBinary, Text
 from sqlmodel import Field, SQLModel
 
-from gateway.audit_chain import AuditRecord
-from gateway.signing import SignedCheckpoint
+from gateway.audit.chain import AuditRecord
+from gateway.identity.signing import SignedCheckpoint
 
 
 class AuditRecordRow(SQLModel, table=True):
@@ -79,7 +79,7 @@ _RECEIPT, _PAYLOAD = _FIELDS.index("receipt"), _FIELDS.index("payload")
 SELECTED_COLUMNS = [RECORDS.c[name] for name in _FIELDS]
 assert _FIELDS[0] == "sequence"
 
-# One record's insert, with `?` markers (gateway.db.driver_sql adapts them to the driver).
+# One record's insert, with `?` markers (gateway.store.db.driver_sql adapts them to the driver).
 INSERT_RECORD_SQL = (
     f"INSERT INTO {RECORDS.name} ({', '.join(_FIELDS)}) "  # noqa: S608 - names from the model
     f"VALUES ({', '.join('?' for _ in _FIELDS)})"

@@ -26,14 +26,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.certs import (
+from gateway.errors import ConfigError, InvalidArgument, PermissionDenied, Unauthenticated
+from gateway.identity.certs import (
     CertificateFacts,
     certificate_facts,
     load_cert,
     load_private_key,
     organization_of,
 )
-from gateway.errors import ConfigError, InvalidArgument, PermissionDenied, Unauthenticated
 from gateway.payload import canonical_json, digest
 
 RECEIPT_TYPE = "fedgate/receipt/v1"

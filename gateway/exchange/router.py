@@ -2,9 +2,9 @@
 
 Three paths:
   * a local requester calls a local agent: dispatched, nothing crosses a boundary;
-  * a local requester calls a partner's agent (outbound, gateway/outbound.py): the `send` policy
-    filters the input, `request_sent` is committed, the task goes to the peer's gateway, the
-    responder's receipt is verified and `result_received` is committed;
+  * a local requester calls a partner's agent (outbound, gateway/exchange/outbound.py): the
+    `send` policy filters the input, `request_sent` is committed, the task goes to the peer's
+    gateway, the responder's receipt is verified and `result_received` is committed;
   * a peer calls one of our agents (inbound): `invoke` policy, `request_received`, dispatch,
     the `share` policy filters the result, a receipt is signed and `result_released` is committed
     before a single byte of the result leaves.
@@ -30,7 +30,8 @@ from dataclasses import replace
 import grpc
 from fedgate.v1 import fedgate_pb2 as pb
 
-from gateway.audit import AuditEvent
+from gateway.audit.store import AuditEvent
+from gateway.edges.wire import AgentCard, result_from_pb
 from gateway.errors import (
     AuditUnavailable,
     Cancelled,
@@ -42,10 +43,8 @@ from gateway.errors import (
     PermissionDenied,
     Unavailable,
 )
-from gateway.outbound import OutboundRoutes
-from gateway.payload import check_limits, digest
-from gateway.policy import Policy
-from gateway.router_base import (
+from gateway.exchange.outbound import OutboundRoutes
+from gateway.exchange.router_base import (
     Claims,
     DuplicateTask,
     Limits,
@@ -53,9 +52,7 @@ from gateway.router_base import (
     departure,
     error_result,
 )
-from gateway.signing import ReceiptBody, sign_receipt
-from gateway.task_store import TaskRow, task_key
-from gateway.tasks import (
+from gateway.exchange.tasks import (
     TaskError,
     TaskResult,
     TaskSpec,
@@ -65,7 +62,10 @@ from gateway.tasks import (
     validate_names,
     validate_task_id,
 )
-from gateway.wire import AgentCard, result_from_pb
+from gateway.identity.signing import ReceiptBody, sign_receipt
+from gateway.payload import check_limits, digest
+from gateway.policy.engine import Policy
+from gateway.store.task_table import TaskRow, task_key
 
 __all__ = ["Limits", "Router"]
 
@@ -92,7 +92,7 @@ def _owned(requester: str, owner: str | None) -> bool:
 
 
 def claims_of(spec: TaskSpec) -> dict[str, str | tuple[str, ...]]:
-    """The delegated claims of an inbound task, as the policy sees them (see gateway.delegation)."""
+    """The delegated claims of an inbound task, as the policy sees them (see delegation)."""
     return {"role": spec.roles, "purpose": spec.purpose, "subject": spec.requester}
 
 

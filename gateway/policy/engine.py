@@ -16,7 +16,7 @@ Rules are Casbin `p` lines (see policies/README.md):
 Which rule decides (the same order for every question):
   1. only rules whose peer, agent, skill (each may be `*`), direction and condition match apply,
      and whose field pattern covers the field (matches it or one of its ancestors);
-  2. the most specific pattern wins (gateway.policy_paths: segment by segment, a literal key or
+  2. the most specific pattern wins (gateway.policy.paths: segment by segment, a literal key or
      `[]` beats `*` beats `**`, and a deeper pattern beats its own prefix);
   3. at equal specificity the most restrictive effect wins: deny, pseudonymize, mask (fewer
      characters kept first), generalize (year, then wider ranges first), allow;
@@ -51,11 +51,11 @@ from typing import Any, Literal
 import casbin
 from casbin.util import escape_assertion
 
-from gateway import policy_paths as paths
-from gateway import policy_transforms as transforms
 from gateway.config import AGENT_NAME, ORG_NAME
 from gateway.errors import InvalidArgument, PayloadLimitExceeded, PolicyError
 from gateway.payload import DEFAULT_MAX_DEPTH, DEFAULT_MAX_FIELDS, check_limits
+from gateway.policy import paths as paths
+from gateway.policy import transforms
 
 log = logging.getLogger("fedgate.policy")
 

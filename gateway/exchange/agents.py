@@ -14,9 +14,9 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from gateway.edges.wire import AgentCard
 from gateway.errors import NotFound, Unavailable
-from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
-from gateway.wire import AgentCard
+from gateway.exchange.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
 
 log = logging.getLogger("fedgate.agents")
 

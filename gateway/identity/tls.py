@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from gateway.certs import pem_certificate_facts
 from gateway.errors import ConfigError, Unauthenticated
+from gateway.identity.certs import pem_certificate_facts
 
 log = logging.getLogger("fedgate.tls")
 

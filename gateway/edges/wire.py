@@ -16,8 +16,8 @@ from fedgate.convert import (
 from fedgate.v1 import fedgate_pb2 as pb
 
 from gateway.errors import InvalidArgument
-from gateway.signing import SignedCheckpoint, SignedReceipt
-from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
+from gateway.exchange.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
+from gateway.identity.signing import SignedCheckpoint, SignedReceipt
 
 _STATE_TO_PB = {
     TaskState.SUBMITTED: pb.TASK_STATE_SUBMITTED,
@@ -169,7 +169,7 @@ def update_from_pb(message: pb.TaskUpdate) -> TaskUpdate:
 
 
 def receipt_to_pb(receipt: dict[str, Any]) -> pb.Receipt:
-    """A receipt in its JSON form (gateway.signing.SignedReceipt.to_json) as a message."""
+    """A receipt in its JSON form (gateway.identity.signing.SignedReceipt.to_json) as a message."""
     signed = SignedReceipt.from_json(receipt)
     body = signed.body
     return pb.Receipt(

@@ -16,22 +16,8 @@ import grpc
 from fedgate.v1 import fedgate_pb2 as pb
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
-from gateway.agents import AgentInstance, AgentRegistry, Assignment, CancelRequest
 from gateway.config import GatewayConfig
-from gateway.delegation import DelegationVerifier
-from gateway.errors import (
-    ERROR_MARKER,
-    FedgateError,
-    InvalidArgument,
-    PermissionDenied,
-    Unauthenticated,
-)
-from gateway.limits import PeerLimiter
-from gateway.router import Router
-from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate, validate_names
-from gateway.tls import ReloadingTls, peer_identity
-from gateway.tokens import TokenAuthority, TokenClaims
-from gateway.wire import (
+from gateway.edges.wire import (
     card_from_pb,
     card_to_pb,
     checkpoint_from_pb,
@@ -43,6 +29,27 @@ from gateway.wire import (
     update_from_pb,
     update_to_pb,
 )
+from gateway.errors import (
+    ERROR_MARKER,
+    FedgateError,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+)
+from gateway.exchange.agents import AgentInstance, AgentRegistry, Assignment, CancelRequest
+from gateway.exchange.limits import PeerLimiter
+from gateway.exchange.router import Router
+from gateway.exchange.tasks import (
+    TaskError,
+    TaskResult,
+    TaskSpec,
+    TaskState,
+    TaskUpdate,
+    validate_names,
+)
+from gateway.identity.delegation import DelegationVerifier
+from gateway.identity.tls import ReloadingTls, peer_identity
+from gateway.identity.tokens import TokenAuthority, TokenClaims
 
 log = logging.getLogger("fedgate.servicers")
 

@@ -1,4 +1,4 @@
-"""State and helpers shared by every route of an exchange (see gateway/router.py)."""
+"""State and helpers shared by every route of an exchange (see gateway/exchange/router.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from gateway.agents import AgentRegistry
-from gateway.audit import AuditEvent, AuditStore
+from gateway.audit.store import AuditEvent, AuditStore
 from gateway.errors import (
     AuditUnavailable,
     Cancelled,
@@ -20,12 +19,13 @@ from gateway.errors import (
     FedgateError,
     PermissionDenied,
 )
+from gateway.exchange.agents import AgentRegistry
+from gateway.exchange.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
+from gateway.identity.signing import Signer, Verifier
 from gateway.payload import digest
 from gateway.peers import PeerRegistry
-from gateway.policy import FilterResult, Policy, PolicyHolder
-from gateway.signing import Signer, Verifier
-from gateway.task_store import MemoryTaskStore, TaskKey, TaskRow, TaskStore, task_key
-from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
+from gateway.policy.engine import FilterResult, Policy, PolicyHolder
+from gateway.store.task_table import MemoryTaskStore, TaskKey, TaskRow, TaskStore, task_key
 
 log = logging.getLogger("fedgate.router")
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import grpc
 
-from gateway.audit import AuditEvent
-from gateway.delegation import issue_delegation
+from gateway.audit.store import AuditEvent
+from gateway.edges.wire import result_from_pb, spec_to_pb, update_from_pb
 from gateway.errors import (
     ERROR_MARKER,
     AuditUnavailable,
@@ -32,8 +32,7 @@ from gateway.errors import (
     Unauthenticated,
     Unavailable,
 )
-from gateway.payload import check_limits, digest
-from gateway.router_base import (
+from gateway.exchange.router_base import (
     REQUESTER_GONE,
     Claims,
     DuplicateTask,
@@ -41,9 +40,10 @@ from gateway.router_base import (
     departure,
     error_result,
 )
-from gateway.signing import SignedReceipt, verify_receipt
-from gateway.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
-from gateway.wire import result_from_pb, spec_to_pb, update_from_pb
+from gateway.exchange.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
+from gateway.identity.delegation import issue_delegation
+from gateway.identity.signing import SignedReceipt, verify_receipt
+from gateway.payload import check_limits, digest
 
 # gRPC statuses a peer may answer with, mapped back onto our error tree.
 _STATUS_ERRORS: dict[grpc.StatusCode, type[FedgateError]] = {

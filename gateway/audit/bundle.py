@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from gateway.audit_chain import AuditRecord, VerifyReport, verify_chain
+from gateway.audit.chain import AuditRecord, VerifyReport, verify_chain
 from gateway.errors import FedgateError, InvalidArgument
-from gateway.signing import (
+from gateway.identity.signing import (
     SignedCheckpoint,
     SignedReceipt,
     Verifier,

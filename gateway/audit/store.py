@@ -3,8 +3,8 @@
 `AuditStore` is the contract the gateway core calls; `SqlAuditStore` keeps the log in SQLite
 (WAL, synchronous=FULL: the embedded default) or PostgreSQL, and `MemoryAuditStore` is its
 in-memory twin for tests (it can be told to fail, to simulate an outage). Tables and row
-conversions live in gateway.audit_rows, the records and the hash chain in gateway.audit_chain,
-exported bundles and reconciliation in gateway.audit_bundle.
+conversions live in gateway.audit.rows, the records and the hash chain in gateway.audit.chain,
+exported bundles and reconciliation in gateway.audit.bundle.
 
 Group commit: `append` puts (event, future) on a queue; one writer task drains it, numbers and
 chains a batch and writes it in one transaction, and resolves the futures only after the commit.
@@ -14,7 +14,7 @@ forgotten (re-read from the store on the next attempt) and `healthy` goes False;
 tries again, so the gateway recovers by itself when the store is back.
 
 In `SqlAuditStore` the batch is chained and written on the store's one writer thread
-(gateway.db.WriterThread): one executemany of prebuilt SQL on a persistent DB-API connection,
+(gateway.store.db.WriterThread): one executemany of prebuilt SQL on a persistent DB-API connection,
 then commit, then one hand-off back to the event loop for the whole batch. A failed transaction
 discards that connection; the next batch connects again. Reads, checkpoints and the command
 line go through the SQLAlchemy engine.
@@ -49,7 +49,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.sql import ColumnElement
 from sqlmodel import SQLModel
 
-from gateway.audit_chain import (
+from gateway.audit.chain import (
     GENESIS_HASH,
     AuditEvent,
     AuditRecord,
@@ -58,7 +58,7 @@ from gateway.audit_chain import (
     normalize_event,
     verify_chain,
 )
-from gateway.audit_rows import (
+from gateway.audit.rows import (
     CHECKPOINTS,
     INSERT_RECORD_SQL,
     RECORDS,
@@ -69,9 +69,15 @@ from gateway.audit_rows import (
     record_row,
     record_values,
 )
-from gateway.db import WriterThread, create_store_engine, driver_sql, group_commit
 from gateway.errors import AuditUnavailable, ConfigError, FedgateError, PermissionDenied
-from gateway.signing import SignedCheckpoint, Signer, Verifier, sign_checkpoint, verify_checkpoint
+from gateway.identity.signing import (
+    SignedCheckpoint,
+    Signer,
+    Verifier,
+    sign_checkpoint,
+    verify_checkpoint,
+)
+from gateway.store.db import WriterThread, create_store_engine, driver_sql, group_commit
 
 __all__ = [
     "AuditEvent",
@@ -298,7 +304,7 @@ class AuditStore(ABC):
     def prune(self, anchor: SignedCheckpoint) -> int:
         """Delete the records up to `anchor` (from sign_cut), keeping it as the retention anchor.
 
-        Archive them first (gateway.audit_bundle.write_bundle with `anchor` as its checkpoint):
+        Archive them first (gateway.audit.bundle.write_bundle with `anchor` as its checkpoint):
         the remaining log then chains from the anchor and still verifies. Returns the number of
         records deleted.
         """

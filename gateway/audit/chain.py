@@ -7,8 +7,8 @@ head hash of a signed retention checkpoint at the cut. Signed checkpoints of our
 supplied by a partner, detect a cut-off tail and a rewritten log; a changed, removed, inserted or
 reordered record breaks the chain at that record.
 
-Nothing here touches a database: the stores (gateway.audit) and the offline bundle checks
-(gateway.audit_bundle) share this code.
+Nothing here touches a database: the stores (gateway.audit.store) and the offline bundle checks
+(gateway.audit.bundle) share this code.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import FedgateError, InvalidArgument
+from gateway.identity.signing import SignedCheckpoint, Verifier, verify_checkpoint
 from gateway.payload import canonical_json
-from gateway.signing import SignedCheckpoint, Verifier, verify_checkpoint
 
 GENESIS_HASH = "0" * 64
 

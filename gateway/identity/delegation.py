@@ -39,14 +39,14 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from gateway.certs import certificate_facts
 from gateway.errors import (
     InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
 )
-from gateway.signing import Signer, Verifier
+from gateway.identity.certs import certificate_facts
+from gateway.identity.signing import Signer, Verifier
 
 ALGORITHM = "ES256"
 STATEMENT_TYPE = "fedgate-delegation+jwt"

@@ -1,0 +1,1 @@
+"""The audit log: store, hash chain, rows and exported bundles."""

@@ -1,0 +1,1 @@
+"""The exchange: tasks, routes (local, outbound, inbound), agents and limits."""

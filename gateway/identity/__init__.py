@@ -1,0 +1,1 @@
+"""Who is who: TLS, certificates, participant tokens, delegation statements, signatures."""

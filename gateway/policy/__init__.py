@@ -1,0 +1,1 @@
+"""Sharing policy: the engine and field filter, field paths, transforms."""

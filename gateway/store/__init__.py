@@ -1,0 +1,1 @@
+"""The gateway's databases: engines, the writer thread, the task table."""
