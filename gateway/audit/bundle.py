@@ -2,38 +2,119 @@
 
 A bundle is JSON lines:
 
-    {"type": "header", "format": "fedgate-audit-bundle", "version": 1, "org": ...,
+    {"type": "header", "format": "fedgate-audit-bundle", "version": 2, "org": ...,
      "ca_certificate": PEM, "gateway_certificate": PEM, "exported_at_unix_ms": ...,
-     "anchor": the signed retention checkpoint the first record chains from, or null}
+     "anchor": the signed retention checkpoint the first record chains from, or null,
+     "peer": null (the whole log) or the partner it was exported for,
+     "broken": null, or {"sequence", "message"}: exported from a log that failed verification}
     {"type": "record", ...}          one per record, in sequence order
+    {"type": "stub", "sequence", "prev_hash", "record_hash"}   (bundles for one partner)
     {"type": "checkpoint", ...}      the signed head the records end at
 
-Reconciling matches two bundles exchange by exchange (task id): the requester's `request_sent`
-against the responder's `request_received`, the responder's `result_released` against the
-requester's `result_received`, and checks digests and the responder's signed receipt.
+A bundle for one partner (`peer`) holds that partner's exchanges in full and every other record as
+a stub: its sequence number and its two hashes, nothing else (no time, kind, peer, task, digest).
+A stub keeps the chain walkable: the verifier checks that the sequence is complete and that each
+record and stub links to the one before, and recomputes the hash of every full record. A stub
+reveals that a record exists at that position (so how many other records lie between two of the
+partner's); its record hash is a SHA-256 over content that includes a random task id and exact
+timings, so it cannot be guessed back. What a stub cannot prove: its hash is taken as given, so the
+signed head binds the full records only back to the nearest stub; the whole log, checked by its
+owner (`fedgate audit verify --evidence`) or an arbiter given both, binds every stub.
+
+A record of the partner's own exchanges is a stub too ("sealed", with its task id and kind, which
+the bundle's writer vouches for) when it would hand the partner a way to recover withheld values:
+it holds a stored payload before filtering, or a plain SHA-256 pre-filter digest (records written
+before pre-filter digests became keyed, `hmac-sha256:`). `--include-plain-digests` exports the
+latter in full.
+
+Version 1 bundles (no stubs, no peer, no broken mark) still read and verify.
+
+Reconciling two bundles is gateway.audit.reconcile.
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from gateway.audit.chain import AuditRecord, VerifyReport, verify_chain
-from gateway.errors import FedgateError, InvalidArgument
+from gateway.errors import InvalidArgument
 from gateway.identity.signing import (
     SignedCheckpoint,
-    SignedReceipt,
     Verifier,
     now_unix_ms,
-    verify_receipt,
 )
 
 BUNDLE_FORMAT = "fedgate-audit-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+# Events whose digest_before is what arrived from the partner (not a pre-filter digest).
+RECEIVING_KINDS = frozenset({"request_received", "result_received"})
+KEYED_DIGEST_PREFIX = "hmac-sha256:"
+# Why a record of the partner's own exchanges went into its bundle as a stub.
+SEALED_PAYLOAD = "payload"
+SEALED_PLAIN_DIGEST = "plain-prefilter-digest"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ChainStub:
+    """A record in a bundle by its place in the chain only: sequence and hashes, no content.
+
+    `sealed` says why a record of the bundle's partner is a stub ("" for another exchange's
+    record); `task_id` and `kind` are kept for those only, so reconcile can name them.
+    """
+
+    sequence: int
+    prev_hash: str
+    record_hash: str
+    sealed: str = ""
+    task_id: str = ""
+    kind: str = ""
+
+    def computed_hash(self) -> str:
+        """Nothing to recompute without the content: the stub's hash is taken as given."""
+        return self.record_hash
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "sequence": self.sequence,
+            "prev_hash": self.prev_hash,
+            "record_hash": self.record_hash,
+        }
+        if self.sealed:
+            data.update(sealed=self.sealed, task_id=self.task_id, kind=self.kind)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ChainStub:
+        sequence = data.get("sequence")
+        prev_hash, record_hash = data.get("prev_hash"), data.get("record_hash")
+        if not isinstance(sequence, int) or isinstance(sequence, bool):
+            raise InvalidArgument("stub field 'sequence' is missing or not an integer")
+        for name, value in (("prev_hash", prev_hash), ("record_hash", record_hash)):
+            if not isinstance(value, str) or not _HEX64.match(value):
+                raise InvalidArgument(f"stub field {name!r} is not 64 hex digits")
+        texts = [data.get(name, "") for name in ("sealed", "task_id", "kind")]
+        if not all(isinstance(text, str) for text in texts):
+            raise InvalidArgument("stub fields sealed, task_id and kind must be strings")
+        return cls(sequence, cast(str, prev_hash), cast(str, record_hash), *texts)
+
+
+ChainEntry = AuditRecord | ChainStub
+
+
+@dataclass(frozen=True)
+class ExportProblem:
+    """The verification failure a bundle was exported with (`--allow-broken`)."""
+
+    sequence: int
+    message: str
 
 
 @dataclass
@@ -45,8 +126,57 @@ class Bundle:
     gateway_cert_pem: bytes
     exported_at_unix_ms: int
     anchor: SignedCheckpoint | None
-    records: list[AuditRecord] = field(default_factory=list)
+    peer: str | None = None
+    broken: ExportProblem | None = None
+    chain: list[ChainEntry] = field(default_factory=list)
     checkpoints: list[SignedCheckpoint] = field(default_factory=list)
+
+    @property
+    def records(self) -> list[AuditRecord]:
+        """The full records (stubs left out)."""
+        return [entry for entry in self.chain if isinstance(entry, AuditRecord)]
+
+    @property
+    def stubs(self) -> list[ChainStub]:
+        return [entry for entry in self.chain if isinstance(entry, ChainStub)]
+
+
+@dataclass
+class Written:
+    """What write_bundle wrote."""
+
+    records: int = 0
+    stubs: int = 0
+    sealed: int = 0
+    head_sequence: int = 0
+
+
+def is_keyed(digest_value: str | None) -> bool:
+    """A digest keyed by its writer's secret: nobody else can recompute or test guesses on it."""
+    return digest_value is not None and digest_value.startswith(KEYED_DIGEST_PREFIX)
+
+
+def seal_reason(record: AuditRecord, *, include_plain_digests: bool = False) -> str:
+    """Why a record of the partner's exchange must not reach that partner in full ('' if not).
+
+    Only events of ours that sent something hold what was there before the filter: the stored
+    payload (own side only, may hold withheld values) or the pre-filter digest. A plain SHA-256
+    of the unfiltered payload lets the partner test guesses of what was withheld; one equal to
+    digest_after tells nothing the partner does not have.
+    """
+    if record.kind in RECEIVING_KINDS:
+        return ""
+    if record.payload is not None:
+        return SEALED_PAYLOAD
+    before = record.digest_before
+    if (
+        not include_plain_digests
+        and before is not None
+        and not is_keyed(before)
+        and before != record.digest_after
+    ):
+        return SEALED_PLAIN_DIGEST
+    return ""
 
 
 def write_bundle(
@@ -57,9 +187,12 @@ def write_bundle(
     gateway_cert_pem: bytes,
     records: Iterable[AuditRecord],
     anchor: SignedCheckpoint | None,
-    checkpoint: SignedCheckpoint | None,
-) -> int:
-    """Write a bundle; returns the number of records written."""
+    checkpoints: Sequence[SignedCheckpoint],
+    peer: str | None = None,
+    broken: ExportProblem | None = None,
+    include_plain_digests: bool = False,
+) -> Written:
+    """Write a bundle (for one partner when `peer` is set: see the module docstring)."""
     header = {
         "type": "header",
         "format": BUNDLE_FORMAT,
@@ -69,15 +202,44 @@ def write_bundle(
         "gateway_certificate": gateway_cert_pem.decode("ascii"),
         "exported_at_unix_ms": now_unix_ms(),
         "anchor": None if anchor is None else anchor.to_json(),
+        "peer": peer,
+        "broken": None
+        if broken is None
+        else {"sequence": broken.sequence, "message": broken.message},
     }
     out.write(json.dumps(header, sort_keys=True) + "\n")
-    count = 0
+    written = Written()
     for record in records:
-        out.write(json.dumps({"type": "record", **record.to_json()}, sort_keys=True) + "\n")
-        count += 1
-    if checkpoint is not None:
+        written.head_sequence = record.sequence
+        reason = "" if peer is None else _stub_reason(record, peer, include_plain_digests)
+        if reason is None:
+            stub = ChainStub(record.sequence, record.prev_hash, record.record_hash)
+        elif reason:
+            stub = ChainStub(
+                record.sequence,
+                record.prev_hash,
+                record.record_hash,
+                sealed=reason,
+                task_id=record.task_id,
+                kind=record.kind,
+            )
+            written.sealed += 1
+        else:
+            out.write(json.dumps({"type": "record", **record.to_json()}, sort_keys=True) + "\n")
+            written.records += 1
+            continue
+        out.write(json.dumps({"type": "stub", **stub.to_json()}, sort_keys=True) + "\n")
+        written.stubs += 1
+    for checkpoint in checkpoints:
         out.write(json.dumps({"type": "checkpoint", **checkpoint.to_json()}, sort_keys=True) + "\n")
-    return count
+    return written
+
+
+def _stub_reason(record: AuditRecord, peer: str, include_plain_digests: bool) -> str | None:
+    """None: another exchange's record (a plain stub); a reason: sealed; '': in full."""
+    if record.peer_org != peer:
+        return None
+    return seal_reason(record, include_plain_digests=include_plain_digests)
 
 
 def read_bundle(path: str | Path) -> Bundle:
@@ -101,11 +263,18 @@ def read_bundle(path: str | Path) -> Bundle:
             kind = data.pop("type", None)
             try:
                 if bundle is None:
-                    bundle = _header(data, kind, where)
+                    bundle = _header(data, kind)
                 elif kind == "record":
-                    bundle.records.append(AuditRecord.from_json(data))
+                    bundle.chain.append(AuditRecord.from_json(data))
+                elif kind == "stub" and bundle.peer is not None:
+                    bundle.chain.append(ChainStub.from_json(data))
                 elif kind == "checkpoint":
                     bundle.checkpoints.append(SignedCheckpoint.from_json(data))
+                elif kind == "stub":
+                    raise InvalidArgument(
+                        "a stub in a bundle of the whole log: only a bundle exported for one "
+                        "partner (--peer) replaces records by stubs"
+                    )
                 else:
                     raise InvalidArgument(f"unknown line type {kind!r}")
             except InvalidArgument as exc:
@@ -117,179 +286,90 @@ def read_bundle(path: str | Path) -> Bundle:
     return bundle
 
 
-def _header(data: dict[str, Any], kind: Any, where: str) -> Bundle:
+def _header(data: dict[str, Any], kind: Any) -> Bundle:
     if kind != "header" or data.get("format") != BUNDLE_FORMAT:
         raise InvalidArgument(
             "not an audit bundle (no header line): export one with `fedgate audit export`"
         )
-    if data.get("version") != BUNDLE_VERSION:
+    if data.get("version") not in READABLE_VERSIONS:
         raise InvalidArgument(
-            f"audit bundle version {data.get('version')!r} is not supported (expected "
-            f"{BUNDLE_VERSION}): export it again with this version of fedgate"
+            f"audit bundle version {data.get('version')!r} is not supported (this fedgate reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}): export it again with this version"
         )
     org, ca, cert = data.get("org"), data.get("ca_certificate"), data.get("gateway_certificate")
     if not isinstance(org, str) or not isinstance(ca, str) or not isinstance(cert, str):
         raise InvalidArgument("bundle header lacks org, ca_certificate or gateway_certificate")
     exported = data.get("exported_at_unix_ms")
-    anchor = data.get("anchor")
+    anchor, peer, broken = data.get("anchor"), data.get("peer"), data.get("broken")
+    if peer is not None and not isinstance(peer, str):
+        raise InvalidArgument("bundle header field 'peer' must be an organization name or null")
+    problem = None
+    if broken is not None:
+        if (
+            not isinstance(broken, dict)
+            or not isinstance(broken.get("sequence"), int)
+            or not isinstance(broken.get("message"), str)
+        ):
+            raise InvalidArgument("bundle header field 'broken' must hold sequence and message")
+        problem = ExportProblem(broken["sequence"], broken["message"])
     return Bundle(
         org=org,
         ca_pem=ca.encode("ascii"),
         gateway_cert_pem=cert.encode("ascii"),
         exported_at_unix_ms=exported if isinstance(exported, int) else 0,
         anchor=None if anchor is None else SignedCheckpoint.from_json(anchor),
+        peer=peer,
+        broken=problem,
     )
+
+
+def distinct_heads(
+    checkpoints: Iterable[SignedCheckpoint], head_sequence: int
+) -> list[SignedCheckpoint]:
+    """The signed heads worth checking against a log that ends at `head_sequence`.
+
+    One of each (org, sequence, head hash): the same head signed again (by every export and
+    checkpoint exchange while nothing happened) proves nothing new. Of the heads beyond the end
+    of the log only the highest: it names the whole cut in one line.
+    """
+    unique: dict[tuple[str, int, str], SignedCheckpoint] = {}
+    for checkpoint in checkpoints:
+        unique.setdefault((checkpoint.org, checkpoint.sequence, checkpoint.head_hash), checkpoint)
+    within = [cp for cp in unique.values() if cp.sequence <= head_sequence]
+    beyond = [cp for cp in unique.values() if cp.sequence > head_sequence]
+    within.sort(key=lambda cp: cp.sequence)
+    if beyond:
+        within.append(max(beyond, key=lambda cp: (cp.sequence, cp.signed_at_unix_ms)))
+    return within
 
 
 def verify_bundle(
     bundle: Bundle, verifier: Verifier | None, *, heads: Sequence[SignedCheckpoint] = ()
 ) -> VerifyReport:
-    """Walk the bundle's chain and check its checkpoints (and any `heads` of the same org)."""
+    """Walk the bundle's chain (stubs by linkage) and check its checkpoints and any `heads`."""
+    last = bundle.chain[-1].sequence if bundle.chain else 0
+    if not bundle.chain and bundle.anchor is not None:
+        last = bundle.anchor.sequence
     report = verify_chain(
-        bundle.records,
+        # verify_chain reads only sequence, prev_hash, record_hash and computed_hash(), which a
+        # stub has: its linkage is checked, its hash taken as given.
+        cast("list[AuditRecord]", bundle.chain),
         org=bundle.org,
         verifier=verifier,
         anchor=bundle.anchor,
-        checkpoints=[*bundle.checkpoints, *heads],
+        checkpoints=distinct_heads([*bundle.checkpoints, *heads], last),
     )
-    if not bundle.checkpoints:
+    if bundle.broken is not None:
+        report.add(
+            bundle.broken.sequence,
+            f"exported with --allow-broken from a log that failed verification at record "
+            f"{bundle.broken.sequence} ({bundle.broken.message}); no head was signed for it",
+        )
+    elif not bundle.checkpoints:
         report.add(
             report.head_sequence,
             "the bundle holds no signed checkpoint, so nothing proves who wrote it: export it "
             "again with `fedgate audit export`",
         )
-        report.problems.sort(key=lambda problem: problem.sequence)
+    report.problems.sort(key=lambda problem: problem.sequence)
     return report
-
-
-# ---- reconciliation ----
-
-
-@dataclass(frozen=True)
-class Mismatch:
-    """One disagreement between two organizations' logs."""
-
-    task_id: str
-    message: str
-
-
-def received_digest(record: AuditRecord) -> str | None:
-    """The digest of what arrived: digest_before, or digest_after when only that was recorded."""
-    return record.digest_before if record.digest_before is not None else record.digest_after
-
-
-def _first(records: list[AuditRecord], kind: str) -> AuditRecord | None:
-    return next((record for record in records if record.kind == kind), None)
-
-
-def _by_task(bundle: Bundle, peer: str) -> dict[str, list[AuditRecord]]:
-    tasks: dict[str, list[AuditRecord]] = defaultdict(list)
-    for record in bundle.records:
-        if record.peer_org == peer:
-            tasks[record.task_id].append(record)
-    return tasks
-
-
-def reconcile(ours: Bundle, theirs: Bundle, verifier: Verifier | None) -> list[Mismatch]:
-    """Every mismatch between two organizations' logs, exchange by exchange."""
-    mismatches: list[Mismatch] = []
-    if ours.org == theirs.org:
-        raise InvalidArgument(
-            f"both bundles are of organization {ours.org!r}: reconcile ours against a partner's"
-        )
-    for bundle in (ours, theirs):
-        report = verify_bundle(bundle, verifier)
-        if not report.ok:
-            problem = report.problems[0]
-            mismatches.append(
-                Mismatch(
-                    "",
-                    f"{bundle.org}'s log does not verify at record {problem.sequence}: "
-                    f"{problem.message}",
-                )
-            )
-    our_tasks = _by_task(ours, theirs.org)
-    their_tasks = _by_task(theirs, ours.org)
-    for task_id in sorted(our_tasks.keys() | their_tasks.keys()):
-        a, b = our_tasks.get(task_id, []), their_tasks.get(task_id, [])
-        for requester, req, responder, resp in ((ours, a, theirs, b), (theirs, b, ours, a)):
-            mismatches += _exchange(task_id, requester.org, req, responder.org, resp, verifier)
-    return mismatches
-
-
-def _exchange(
-    task_id: str,
-    requester: str,
-    req: list[AuditRecord],
-    responder: str,
-    resp: list[AuditRecord],
-    verifier: Verifier | None,
-) -> list[Mismatch]:
-    found: list[Mismatch] = []
-
-    def add(message: str) -> None:
-        found.append(Mismatch(task_id, message))
-
-    sent, received = _first(req, "request_sent"), _first(resp, "request_received")
-    if sent is None and received is None:
-        return found  # this task is not a request from `requester` to `responder`
-    refused = _first(resp, "invoke_denied") or _first(resp, "rejected")
-    if sent is not None and received is None and refused is None:
-        add(
-            f"{requester} sent the request (record {sent.sequence}) but {responder} has no "
-            "record of receiving it"
-        )
-    if received is not None and sent is None:
-        add(
-            f"{responder} received a request from {requester} (record {received.sequence}) "
-            f"that {requester} has no record of sending"
-        )
-    if sent is not None and received is not None and sent.digest_after != received_digest(received):
-        add(
-            f"request digests differ: {requester} sent {sent.digest_after} (record "
-            f"{sent.sequence}), {responder} received {received_digest(received)} (record "
-            f"{received.sequence})"
-        )
-    released, got = _first(resp, "result_released"), _first(req, "result_received")
-    if released is not None and got is None:
-        add(
-            f"{responder} released a result (record {released.sequence}) that {requester} has "
-            "no record of receiving"
-        )
-    if got is not None and released is None:
-        add(
-            f"{requester} received a result (record {got.sequence}) that {responder} has no "
-            "record of releasing"
-        )
-    if released is not None and got is not None and released.digest_after != received_digest(got):
-        add(
-            f"result digests differ: {responder} released {released.digest_after} (record "
-            f"{released.sequence}), {requester} received {received_digest(got)} (record "
-            f"{got.sequence})"
-        )
-    if got is not None:
-        problem = receipt_problem(got, responder, verifier)
-        if problem:
-            add(f"receipt kept by {requester} (record {got.sequence}) {problem}")
-    return found
-
-
-def receipt_problem(record: AuditRecord, responder: str, verifier: Verifier | None) -> str | None:
-    """Why the receipt on a result record does not hold, or None if it does."""
-    if record.receipt is None:
-        return "is missing: no signed receipt of the responder was kept"
-    try:
-        receipt = SignedReceipt.from_json(record.receipt)
-        if verifier is not None:
-            verify_receipt(verifier, receipt, expected_org=responder)
-    except FedgateError as exc:
-        return f"is invalid: {exc.message}"
-    if receipt.body.task_id != record.task_id:
-        return f"is invalid: it is for task {receipt.body.task_id!r}, not {record.task_id!r}"
-    expected = record.digest_after if record.kind == "result_released" else received_digest(record)
-    if expected is not None and receipt.body.result_digest != expected:
-        return (
-            f"is invalid: it covers {receipt.body.result_digest} but the record's result is "
-            f"{expected}"
-        )
-    return None

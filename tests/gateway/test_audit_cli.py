@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +17,14 @@ from click.testing import CliRunner, Result
 import gateway.audit.store as audit_module
 from gateway.audit.store import AuditEvent, SqlAuditStore
 from gateway.cli import main
-from gateway.identity.signing import ReceiptBody, Signer, sign_receipt
-from gateway.payload import digest
+from gateway.identity.signing import (
+    ReceiptBody,
+    SignedCheckpoint,
+    Signer,
+    sign_checkpoint,
+    sign_receipt,
+)
+from gateway.payload import canonical_json, digest
 
 OLD_MS = 1_577_836_800_000  # 2020-01-01
 
@@ -47,6 +54,11 @@ def run(*args: str) -> Result:
     return CliRunner().invoke(main, ["audit", *args], catch_exceptions=False)
 
 
+def keyed(value: Any) -> str:
+    """A pre-filter digest as the gateway keys it: HMAC-SHA256 under a secret of its writer."""
+    return "hmac-sha256:" + hmac.new(b"alpha-secret", canonical_json(value), "sha256").hexdigest()
+
+
 def _append_all(url: str, events: list[AuditEvent]) -> None:
     async def go() -> None:
         store = SqlAuditStore(url)
@@ -65,8 +77,16 @@ def exchange(
     received_digest: str | None = None,
     receipt_signer: Signer | None = None,
     drop: tuple[str, ...] = (),
+    plain_prefilter: bool = False,
+    released_withheld: tuple[str, ...] = ("name",),
+    released_decision: str = "partial",
+    detail: str = "",
 ) -> tuple[list[AuditEvent], list[AuditEvent]]:
-    """The events of one exchange on the requester's and the responder's side."""
+    """The events of one exchange on the requester's and the responder's side.
+
+    Pre-filter digests are keyed (hmac-sha256, as the gateway writes them), or with
+    `plain_prefilter` plain SHA-256 ones as older records have.
+    """
     request_full, request_sent = {"q": task_id, "ssn": "1"}, {"q": task_id}
     output_full, released = {"a": task_id, "name": "x"}, {"a": task_id}
     receipt = sign_receipt(
@@ -80,6 +100,7 @@ def exchange(
         ),
     ).to_json()
     base = {"task_id": task_id, "agent": "triage", "skill": "assess", "requester": "nurse"}
+    before = digest if plain_prefilter else keyed
     ours = [
         AuditEvent(
             "request_sent",
@@ -87,8 +108,9 @@ def exchange(
             direction="outbound",
             decision="partial",
             withheld_paths=("ssn",),
-            digest_before=digest(request_full),
+            digest_before=before(request_full),
             digest_after=digest(request_sent),
+            detail=detail,
             **base,
         ),
         AuditEvent(
@@ -100,6 +122,7 @@ def exchange(
             digest_after=digest(released),
             receipt=receipt,
             withheld_paths=("name",),
+            policy_version="p1",
             **base,
         ),
     ]
@@ -117,11 +140,12 @@ def exchange(
             "result_released",
             peer_org=requester,
             direction="inbound",
-            decision="partial",
+            decision=released_decision,
             status="completed",
-            withheld_paths=("name",),
-            digest_before=digest(output_full),
+            withheld_paths=released_withheld,
+            digest_before=before(output_full),
             digest_after=digest(released),
+            policy_version="p1",
             receipt=receipt,
             **base,
         ),
@@ -254,7 +278,7 @@ def test_verify_intact_and_tampered(orgs, audit_pki) -> None:
     result = run("verify", "--config", str(config))
     assert result.exit_code == 1
     assert "FAILED verification at record 3: record 3 was changed" in result.output
-    report = json.loads(run("verify", "--config", str(config), "--json").output)
+    report = json.loads(run("verify", "--config", str(config), "--json").stdout)
     assert report["ok"] is False and report["problems"][0]["sequence"] == 3
 
 
@@ -264,8 +288,8 @@ def test_verify_against_a_partner_held_head(orgs, audit_pki, tmp_path: Path) -> 
     head = run("checkpoint", "--config", str(config))
     assert head.exit_code == 0
     head_file = tmp_path / "alpha-head.json"
-    head_file.write_text(head.output)
-    assert json.loads(head.output)["sequence"] == 6
+    head_file.write_text(head.stdout)
+    assert json.loads(head.stdout)["sequence"] == 6
     engine = sa.create_engine(url)
     with engine.begin() as connection:  # cut the tail and remove our own checkpoints too
         connection.execute(sa.text("DELETE FROM audit_record WHERE sequence > 4"))
@@ -291,7 +315,6 @@ def test_export_then_verify_bundle_offline(orgs, audit_pki, tmp_path: Path) -> N
     verified = run("verify", "--bundle", str(bundle), "--ca", str(audit_pki.ca_path))
     assert verified.exit_code == 0, verified.output
     assert "intact: 6 records" in verified.output
-    assert run("verify", "--bundle", str(bundle)).exit_code == 0  # CA carried in the bundle
     rogue = run(
         "verify", "--bundle", str(bundle), "--ca", str(audit_pki.directory / "rogue-ca.crt")
     )
@@ -301,10 +324,10 @@ def test_export_then_verify_bundle_offline(orgs, audit_pki, tmp_path: Path) -> N
     record["withheld_paths"] = []
     lines[2] = json.dumps(record)
     bundle.write_text("\n".join(lines) + "\n")
-    tampered = run("verify", "--bundle", str(bundle))
+    tampered = run("verify", "--bundle", str(bundle), "--ca", str(audit_pki.ca_path))
     assert tampered.exit_code == 1 and "at record 2: record 2 was changed" in tampered.output
     # stdout export works too
-    assert json.loads(run("export", "--config", str(orgs["alpha"][0])).output.splitlines()[0])
+    assert json.loads(run("export", "--config", str(orgs["alpha"][0])).stdout.splitlines()[0])
 
 
 def test_bundle_with_cut_tail_and_garbage(orgs, audit_pki, tmp_path: Path) -> None:
@@ -313,11 +336,11 @@ def test_bundle_with_cut_tail_and_garbage(orgs, audit_pki, tmp_path: Path) -> No
     run("export", "--config", str(orgs["alpha"][0]), "--out", str(bundle))
     lines = bundle.read_text().splitlines()
     bundle.write_text("\n".join(lines[:4] + lines[-1:]) + "\n")  # records 4..6 dropped
-    result = run("verify", "--bundle", str(bundle))
+    result = run("verify", "--bundle", str(bundle), "--ca", str(audit_pki.ca_path))
     assert result.exit_code == 1 and "records 4..6 were cut off" in result.output
     garbage = tmp_path / "garbage.jsonl"
     garbage.write_text("hello\n")
-    result = run("verify", "--bundle", str(garbage))
+    result = run("verify", "--bundle", str(garbage), "--ca", str(audit_pki.ca_path))
     assert result.exit_code == 2 and "garbage.jsonl:1: not a JSON line" in result.output
 
 
@@ -336,7 +359,7 @@ def _export_both(orgs, tmp_path: Path) -> tuple[str, str]:
 def test_reconcile_matching_logs(orgs, audit_pki, tmp_path: Path) -> None:
     _fill(orgs, audit_pki, mismatched=False)
     ours, theirs = _export_both(orgs, tmp_path)
-    result = run("reconcile", ours, theirs)
+    result = run("reconcile", ours, theirs, "--ca", str(audit_pki.ca_path))
     assert result.exit_code == 0, result.output
     assert "alpha and beta agree on all 3 exchanges" in result.output
     assert run("reconcile", theirs, ours, "--ca", str(audit_pki.ca_path)).exit_code == 0
@@ -345,9 +368,9 @@ def test_reconcile_matching_logs(orgs, audit_pki, tmp_path: Path) -> None:
 def test_reconcile_reports_every_mismatch(orgs, audit_pki, tmp_path: Path) -> None:
     _fill(orgs, audit_pki, mismatched=True)
     ours, theirs = _export_both(orgs, tmp_path)
-    result = run("reconcile", ours, theirs, "--json")
+    result = run("reconcile", ours, theirs, "--json", "--ca", str(audit_pki.ca_path))
     assert result.exit_code == 1
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     by_task: dict[str, list[str]] = {}
     for mismatch in report["mismatches"]:
         by_task.setdefault(mismatch["task_id"], []).append(mismatch["message"])
@@ -359,7 +382,7 @@ def test_reconcile_reports_every_mismatch(orgs, audit_pki, tmp_path: Path) -> No
     assert any(
         "released a result" in m and "no record of receiving" in m for m in by_task["task-6"]
     )
-    table = run("reconcile", ours, theirs)
+    table = run("reconcile", ours, theirs, "--ca", str(audit_pki.ca_path))
     assert table.exit_code == 1 and "mismatches between alpha and beta" in table.output
 
 
@@ -371,9 +394,9 @@ def test_reconcile_flags_a_tampered_partner_log(orgs, audit_pki, tmp_path: Path)
     record["digest_before"] = digest({"forged": True})
     lines[1] = json.dumps(record)
     Path(theirs).write_text("\n".join(lines) + "\n")
-    result = run("reconcile", ours, theirs, "--json")
+    result = run("reconcile", ours, theirs, "--json", "--ca", str(audit_pki.ca_path))
     assert result.exit_code == 1
-    messages = [m["message"] for m in json.loads(result.output)["mismatches"]]
+    messages = [m["message"] for m in json.loads(result.stdout)["mismatches"]]
     assert any(m.startswith("beta's log does not verify at record 1") for m in messages)
     assert any("request digests differ" in m for m in messages)
 
@@ -381,7 +404,7 @@ def test_reconcile_flags_a_tampered_partner_log(orgs, audit_pki, tmp_path: Path)
 def test_reconcile_same_org_is_refused(orgs, audit_pki, tmp_path: Path) -> None:
     _fill(orgs, audit_pki, mismatched=False)
     ours, _ = _export_both(orgs, tmp_path)
-    result = run("reconcile", ours, ours)
+    result = run("reconcile", ours, ours, "--ca", str(audit_pki.ca_path))
     assert result.exit_code == 2 and "both bundles are of organization 'alpha'" in result.output
 
 
@@ -414,7 +437,7 @@ def test_prune_archives_and_the_log_still_verifies(
     # the remaining log exports and verifies offline, anchored by the retention checkpoint
     bundle = tmp_path / "after.jsonl"
     assert run("export", "--config", str(config), "--out", str(bundle)).exit_code == 0
-    assert run("verify", "--bundle", str(bundle)).exit_code == 0
+    assert run("verify", "--bundle", str(bundle), "--ca", str(audit_pki.ca_path)).exit_code == 0
     again = run(
         "prune",
         "--config",
@@ -461,3 +484,426 @@ def test_receipt_fixture_sanity(audit_pki) -> None:
     released = next(e for e in theirs if e.kind == "result_released")
     assert released.receipt is not None and released.receipt["responder_org"] == "alpha"
     assert dataclasses.is_dataclass(released)
+
+
+# ---- export verifies first (issue 12, defect 4) ----
+
+
+def _sql(url: str, statement: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(sa.text(statement))
+    engine.dispose()
+
+
+def _checkpoint_rows(url: str) -> int:
+    engine = sa.create_engine(url)
+    with engine.connect() as connection:
+        count = connection.execute(sa.text("SELECT count(*) FROM audit_checkpoint")).scalar()
+    engine.dispose()
+    return int(count or 0)
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_export_refuses_a_log_that_does_not_verify(orgs, audit_pki, tmp_path: Path) -> None:
+    _fill(orgs, audit_pki, mismatched=False)
+    config, url = orgs["alpha"]
+    assert run("checkpoint", "--config", str(config)).exit_code == 0
+    _sql(url, "DELETE FROM audit_record WHERE sequence > 4")  # a tail cut after the checkpoint
+    signed_before = _checkpoint_rows(url)
+    bundle = tmp_path / "alpha.jsonl"
+    result = run("export", "--config", str(config), "--out", str(bundle))
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1
+    assert "does not verify at record 5" in result.output
+    assert "records 5..6 were cut off" in result.output
+    assert "pass --allow-broken" in result.output
+    assert not bundle.exists() and not (tmp_path / "alpha.jsonl.partial").exists()
+    assert _checkpoint_rows(url) == signed_before  # nothing was signed over the broken head
+
+    forced = run("export", "--config", str(config), "--out", str(bundle), "--allow-broken")
+    assert forced.exit_code == 0, forced.output
+    assert "MARKED BROKEN" in forced.output
+    lines = _lines(bundle)
+    assert lines[0]["broken"]["sequence"] == 5
+    assert [line["sequence"] for line in lines if line["type"] == "checkpoint"] == [6]
+    assert _checkpoint_rows(url) == signed_before
+    verified = run("verify", "--bundle", str(bundle), "--ca", str(audit_pki.ca_path))
+    assert verified.exit_code == 1
+    assert "records 5..6 were cut off" in verified.output
+    assert "exported with --allow-broken" in verified.output
+
+
+def test_export_refuses_a_changed_record(orgs, audit_pki, tmp_path: Path) -> None:
+    _fill(orgs, audit_pki, mismatched=False)
+    config, url = orgs["alpha"]
+    _sql(url, "UPDATE audit_record SET decision = 'allowed' WHERE sequence = 3")
+    result = run("export", "--config", str(config), "--out", str(tmp_path / "a.jsonl"))
+    assert result.exit_code == 2
+    assert "does not verify at record 3 (record 3 was changed" in result.output
+    assert _checkpoint_rows(url) == 0
+
+
+# ---- an export for one partner (issue 11 #5) ----
+
+
+def _fill_two_partners(orgs, audit_pki) -> None:
+    """alpha's exchanges with beta (b-*) and with gamma (g-*), one legacy record, one payload."""
+    beta = audit_pki.signer("beta")
+    events: list[AuditEvent] = []
+    for name in ("b-0", "g-0", "b-1", "g-1"):
+        ours, _ = exchange(name, beta)
+        if name.startswith("g"):
+            ours = [dataclasses.replace(e, peer_org="gamma") for e in ours]
+        events += ours
+    legacy, _ = exchange("b-old", beta, plain_prefilter=True)
+    with_payload, _ = exchange("b-payload", beta)
+    events += legacy
+    events += [dataclasses.replace(with_payload[0], payload={"q": "b-payload", "ssn": "1"})]
+    _append_all(orgs["alpha"][1], events)
+
+
+def test_export_for_one_partner_holds_only_its_exchanges(orgs, audit_pki, tmp_path) -> None:
+    _fill_two_partners(orgs, audit_pki)
+    config = str(orgs["alpha"][0])
+    bundle = tmp_path / "for-beta.jsonl"
+    result = run("export", "--config", config, "--peer", "beta", "--out", str(bundle))
+    assert result.exit_code == 0, result.output
+    assert "5 records of exchanges with beta and 6 stubs" in result.output
+    assert "note: 2 records of exchanges with beta are sealed" in result.output
+    lines = _lines(bundle)
+    assert lines[0]["peer"] == "beta"
+    chain = [line for line in lines if line["type"] in ("record", "stub")]
+    assert [line["sequence"] for line in chain] == list(range(1, 12))
+    assert "gamma" not in bundle.read_text() and "g-0" not in bundle.read_text()
+    records = [line for line in chain if line["type"] == "record"]
+    stubs = [line for line in chain if line["type"] == "stub"]
+    assert {r["task_id"] for r in records} == {"b-0", "b-1", "b-old"}
+    assert {r["peer_org"] for r in records} == {"beta"}
+    plain = [s for s in stubs if "sealed" not in s]
+    assert len(plain) == 4
+    assert all(set(s) == {"type", "sequence", "prev_hash", "record_hash"} for s in plain)
+    # no record in the bundle hands beta a plain pre-filter digest or a payload
+    for record in records:
+        if record["kind"] not in ("request_received", "result_received"):
+            before = record["digest_before"]
+            assert before is None or before.startswith("hmac-sha256:")
+            assert record["payload"] is None
+    ca = str(audit_pki.ca_path)
+    verified = run("verify", "--bundle", str(bundle), "--ca", ca)
+    assert verified.exit_code == 0, verified.output
+    assert "intact: 11 records" in verified.output
+    assert "6 stubs: linked, content not shown" in verified.output
+    # a stub's hash is bound by the record after it; a full record's content by its hash
+    kinds = [line["type"] for line in lines]
+    for kind, change, value in (
+        ("stub", "record_hash", "ab" * 32),
+        ("record", "withheld_paths", []),
+    ):
+        tampered = [dict(line) for line in lines]
+        at = kinds.index(kind)
+        tampered[at][change] = value
+        copy = tmp_path / f"tampered-{kind}.jsonl"
+        copy.write_text("".join(json.dumps(line) + "\n" for line in tampered))
+        failed = run("verify", "--bundle", str(copy), "--ca", ca)
+        assert failed.exit_code == 1
+        sequence = tampered[at]["sequence"]
+        expected = (
+            f"record {sequence + 1} does not link to record {sequence}"
+            if kind == "stub"
+            else f"record {sequence} was changed"
+        )
+        assert expected in failed.output
+
+
+def test_a_partner_export_seals_what_would_recover_withheld_values(
+    orgs, audit_pki, tmp_path
+) -> None:
+    _fill_two_partners(orgs, audit_pki)
+    config = str(orgs["alpha"][0])
+    bundle = tmp_path / "for-beta.jsonl"
+    result = run("export", "--config", config, "--peer", "beta", "--out", str(bundle))
+    assert result.exit_code == 0
+    sealed = {(s["task_id"], s["kind"], s["sealed"]) for s in _lines(bundle) if "sealed" in s}
+    # the legacy exchange's two sending-side records with a plain pre-filter digest (its
+    # result_received has none), and the request whose payload was stored before filtering
+    assert sealed == {
+        ("b-old", "request_sent", "plain-prefilter-digest"),
+        ("b-payload", "request_sent", "payload"),
+    }
+    full = tmp_path / "full.jsonl"
+    result = run(
+        "export",
+        "--config",
+        config,
+        "--peer",
+        "beta",
+        "--out",
+        str(full),
+        "--include-plain-digests",
+    )
+    assert result.exit_code == 0
+    sealed = {(s["task_id"], s["sealed"]) for s in _lines(full) if "sealed" in s}
+    assert sealed == {("b-payload", "payload")}  # a payload before filtering never goes
+    wrong = run("export", "--config", config, "--include-plain-digests")
+    assert wrong.exit_code == 2 and "applies to --peer exports only" in wrong.output
+    own = run("export", "--config", config, "--peer", "alpha")
+    assert own.exit_code == 2 and "own organization" in own.output
+
+
+def test_reconcile_bundles_exported_for_each_other(orgs, audit_pki, tmp_path) -> None:
+    _fill(orgs, audit_pki, mismatched=False)
+    extra, _ = exchange("g-0", audit_pki.signer("beta"))
+    _append_all(orgs["alpha"][1], [dataclasses.replace(e, peer_org="gamma") for e in extra])
+    paths = []
+    for org, peer in (("alpha", "beta"), ("beta", "alpha")):
+        path = tmp_path / f"{org}-for-{peer}.jsonl"
+        exported = run("export", "--config", str(orgs[org][0]), "--peer", peer, "--out", str(path))
+        assert exported.exit_code == 0, exported.output
+        paths.append(str(path))
+    ca = str(audit_pki.ca_path)
+    result = run("reconcile", *paths, "--ca", ca)
+    assert result.exit_code == 0, result.output
+    assert "alpha and beta agree on all 3 exchanges" in result.output
+    # a bundle exported for someone else holds none of our exchanges: said, not agreed
+    other = tmp_path / "alpha-for-gamma.jsonl"
+    run("export", "--config", str(orgs["alpha"][0]), "--peer", "gamma", "--out", str(other))
+    wrong = run("reconcile", str(other), paths[1], "--ca", ca)
+    assert wrong.exit_code == 1 and "alpha's bundle was exported for gamma" in wrong.output
+
+
+# ---- verify --bundle trusts only a CA it is given (issue 11, low) ----
+
+
+def _rogue_bundle(orgs, audit_pki, tmp_path: Path) -> Path:
+    """beta's log in a bundle made under a self-made CA: its checkpoint signed by a rogue 'beta'."""
+    genuine = tmp_path / "beta.jsonl"
+    assert run("export", "--config", str(orgs["beta"][0]), "--out", str(genuine)).exit_code == 0
+    lines = _lines(genuine)
+    rogue_ca = (audit_pki.directory / "rogue-ca.crt").read_text()
+    rogue = Signer.from_files(audit_pki.directory / "rogue.crt", audit_pki.directory / "rogue.key")
+    head = next(line for line in lines if line["type"] == "checkpoint")
+    forged = sign_checkpoint(rogue, head["sequence"], head["head_hash"])
+    lines[0]["ca_certificate"] = rogue_ca
+    lines = [line for line in lines if line["type"] != "checkpoint"]
+    lines.append({"type": "checkpoint", **forged.to_json()})
+    path = tmp_path / "beta-forged.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_verify_bundle_needs_the_ca_to_trust(orgs, audit_pki, tmp_path: Path) -> None:
+    _fill(orgs, audit_pki, mismatched=False)
+    forged = _rogue_bundle(orgs, audit_pki, tmp_path)
+    result = run("verify", "--bundle", str(forged))
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1
+    assert "pass --ca FILE, the federation CA you trust" in result.output
+    real = run("verify", "--bundle", str(forged), "--ca", str(audit_pki.ca_path))
+    assert real.exit_code == 1 and "not issued by the federation CA" in real.output
+    # trusting the bundle's own CA is possible, and said loudly: the forgery is consistent
+    trusted = run("verify", "--bundle", str(forged), "--trust-bundle-ca")
+    assert trusted.exit_code == 0
+    assert "WARNING: trusting the CA inside" in trusted.output
+    assert "Rogue CA" in trusted.output and "not an independent trust anchor" in trusted.output
+    report = json.loads(
+        run("verify", "--bundle", str(forged), "--trust-bundle-ca", "--json").stdout
+    )
+    assert report["trusted_ca"]["source"] == "bundle"
+    both = run("verify", "--bundle", str(forged), "--trust-bundle-ca", "--ca", "x")
+    assert both.exit_code == 2 and "not both" in both.output
+    ours = tmp_path / "alpha.jsonl"
+    run("export", "--config", str(orgs["alpha"][0]), "--out", str(ours))
+    unsure = run("reconcile", str(ours), str(forged))
+    assert unsure.exit_code == 2 and "pass --ca FILE" in unsure.output
+    caught = run("reconcile", str(ours), str(forged), "--ca", str(audit_pki.ca_path))
+    assert caught.exit_code == 1 and "beta's log does not verify" in caught.output
+
+
+# ---- verify says each finding once, and what it proved (issue 12) ----
+
+
+def test_verify_names_a_cut_once_and_says_what_it_proved(orgs, audit_pki, tmp_path) -> None:
+    _fill(orgs, audit_pki, mismatched=False)
+    config, url = orgs["alpha"]
+    head = tmp_path / "head.json"
+    for _ in range(3):  # the same head signed three times (exports, checkpoint exchanges)
+        signed = run("checkpoint", "--config", str(config))
+        head.write_text(signed.stdout)
+    intact = run("verify", "--config", str(config))
+    assert intact.exit_code == 0
+    assert intact.output.count("\n") == 1
+    assert (
+        "proved: every record links to the one before and matches its hash, the log reaches "
+        "every signed head checked (1 distinct, highest 6)"
+    ) in intact.output
+    assert "not proved: that nothing after sequence 6 was removed" in intact.output
+    _sql(url, "DELETE FROM audit_record WHERE sequence > 4")
+    for extra in ((), ("--head", str(head))):
+        cut = run("verify", "--config", str(config), *extra)
+        assert cut.exit_code == 1
+        assert cut.output.count("cut off") == 1, cut.output
+        assert cut.output.count("\n") == 1
+
+
+def test_export_says_what_it_proved(orgs, audit_pki, tmp_path: Path) -> None:
+    _fill(orgs, audit_pki, mismatched=False)
+    result = run("export", "--config", str(orgs["alpha"][0]), "--out", str(tmp_path / "a.jsonl"))
+    assert result.exit_code == 0
+    assert result.output.count("\n") == 1
+    assert "proved before export: the chain is intact through 6" in result.output
+
+
+# ---- reconcile against the signed receipts (issue 12) ----
+
+
+def test_reconcile_checks_withheld_paths_and_decision_against_the_receipt(
+    orgs, audit_pki, tmp_path: Path
+) -> None:
+    beta = audit_pki.signer("beta")
+    plans: list[dict[str, Any]] = [
+        {},
+        {"released_withheld": ()},  # beta's log says nothing was withheld; it signed 'name'
+        {"released_decision": "allowed"},  # beta's log says allowed; it withheld 'name'
+    ]
+    alpha_events: list[AuditEvent] = []
+    beta_events: list[AuditEvent] = []
+    for i, plan in enumerate(plans):
+        ours, theirs = exchange(f"task-{i}", beta, **plan)
+        alpha_events += ours
+        beta_events += theirs
+    lied = alpha_events[3]  # task-1's result_received: alpha's log drops a transformation too
+    alpha_events[3] = dataclasses.replace(lied, transformed=(("zip", "masked"),))
+    _append_all(orgs["alpha"][1], alpha_events)
+    _append_all(orgs["beta"][1], beta_events)
+    ours, theirs = _export_both(orgs, tmp_path)
+    result = run("reconcile", ours, theirs, "--json", "--ca", str(audit_pki.ca_path))
+    assert result.exit_code == 1
+    by_task: dict[str, list[str]] = {}
+    for mismatch in json.loads(result.stdout)["mismatches"]:
+        by_task.setdefault(mismatch["task_id"], []).append(mismatch["message"])
+    assert set(by_task) == {"task-1", "task-2"}
+    assert (
+        "beta's record 4 (result_released) says withheld nothing, the signed receipt [name]"
+        in by_task["task-1"]
+    )
+    assert (
+        "alpha's record 4 (result_received) says transformed [zip (masked)], the signed receipt "
+        "nothing" in by_task["task-1"]
+    )
+    assert by_task["task-2"] == [
+        "beta's record 6 (result_released) has decision 'allowed', but the signed receipt makes "
+        "it 'partial'"
+    ]
+
+
+# ---- reconcile lists what is open (issue 15 #5) ----
+
+
+def test_reconcile_lists_requests_no_record_closes(orgs, audit_pki, tmp_path: Path) -> None:
+    beta = audit_pki.signer("beta")
+    alpha_events: list[AuditEvent] = []
+    beta_events: list[AuditEvent] = []
+    ours, theirs = exchange("done", beta)
+    alpha_events += ours
+    beta_events += theirs
+    # a first attempt that never reached beta, carried on by a retry with the same key
+    first, _ = exchange("first", beta, detail="key=k-1")
+    alpha_events.append(first[0])
+    ours, theirs = exchange("retry", beta, detail="key=k-1")
+    alpha_events += ours
+    beta_events += theirs
+    # a request beta received and never answered: open on both sides
+    ours, theirs = exchange("lost", beta)
+    alpha_events.append(ours[0])
+    beta_events.append(theirs[0])
+    # a request that failed on both sides: closed
+    ours, theirs = exchange("broke", beta)
+    alpha_events += [ours[0], dataclasses.replace(ours[0], kind="failed", decision="error")]
+    beta_events += [theirs[0], dataclasses.replace(theirs[0], kind="failed", decision="error")]
+    _append_all(orgs["alpha"][1], alpha_events)
+    _append_all(orgs["beta"][1], beta_events)
+    ours_path, theirs_path = _export_both(orgs, tmp_path)
+    ca = str(audit_pki.ca_path)
+    report = json.loads(run("reconcile", ours_path, theirs_path, "--json", "--ca", ca).stdout)
+    assert report["mismatches"] == []
+    assert [(o["org"], o["task_id"], o["kind"]) for o in report["open"]] == [
+        ("alpha", "lost", "request_sent"),
+        ("beta", "lost", "request_received"),
+    ]
+    table = run("reconcile", ours_path, theirs_path, "--ca", ca)
+    assert table.exit_code == 0
+    assert "agree on all 5 exchanges" in table.output and "2 requests are still open" in (
+        table.output
+    )
+    assert "2 requests open" in table.output and "lost" in table.output
+
+
+# ---- evidence: what a partner holds shows a cut tail (issue 12) ----
+
+
+def _hold_checkpoint(url: str, checkpoint: Any, audit_pki: Any) -> None:
+    async def go() -> None:
+        store = SqlAuditStore(url, verifier=audit_pki.verifier())
+        await store.store_peer_checkpoint(checkpoint)
+        await store.close()
+
+    asyncio.run(go())
+
+
+def test_a_cut_tail_shows_with_what_the_partner_holds(orgs, audit_pki, tmp_path) -> None:
+    _fill(orgs, audit_pki, mismatched=False)
+    (alpha_config, alpha_url), (beta_config, beta_url) = orgs["alpha"], orgs["beta"]
+    signed = run("checkpoint", "--config", str(alpha_config))
+    head = json.loads(signed.stdout)
+
+    _hold_checkpoint(beta_url, SignedCheckpoint.from_json(head), audit_pki)
+    evidence = tmp_path / "beta-about-alpha.json"
+    wrote = run("evidence", "--config", str(beta_config), "--peer", "alpha", "--out", str(evidence))
+    assert wrote.exit_code == 0, wrote.output
+    assert "wrote 1 signed positions of alpha's log" in wrote.output
+    held = json.loads(evidence.read_text())
+    assert (held["holder"], held["about"]) == ("beta", "alpha")
+    intact = run("verify", "--config", str(alpha_config), "--evidence", str(evidence))
+    assert intact.exit_code == 0, intact.output
+    assert "1 positions held by beta" in intact.output
+    # cut the tail, and the checkpoints alpha kept itself: alpha's own verify sees nothing
+    _sql(alpha_url, "DELETE FROM audit_record WHERE sequence > 4")
+    _sql(alpha_url, "DELETE FROM audit_checkpoint")
+    assert run("verify", "--config", str(alpha_config)).exit_code == 0
+    cut = run("verify", "--config", str(alpha_config), "--evidence", str(evidence))
+    assert cut.exit_code == 1
+    assert "records 5-6 are missing: beta holds a checkpoint (" in cut.output
+    assert f"signed at sequence 6 with head {head['head_hash']}" in cut.output
+    # write two other records in their place: the rewrite shows
+    _append_all(alpha_url, exchange("other", audit_pki.signer("beta"))[0])
+    rewritten = run("verify", "--config", str(alpha_config), "--evidence", str(evidence))
+    assert rewritten.exit_code == 1
+    assert "record 6 does not match what beta holds: a checkpoint (" in rewritten.output
+
+
+def test_evidence_that_alpha_did_not_sign_is_set_aside(orgs, audit_pki, tmp_path) -> None:
+    _fill(orgs, audit_pki, mismatched=False)
+    (alpha_config, _), (beta_config, beta_url) = orgs["alpha"], orgs["beta"]
+
+    head = json.loads(run("checkpoint", "--config", str(alpha_config)).stdout)
+    _hold_checkpoint(beta_url, SignedCheckpoint.from_json(head), audit_pki)
+    evidence = tmp_path / "e.json"
+    run("evidence", "--config", str(beta_config), "--peer", "alpha", "--out", str(evidence))
+    held = json.loads(evidence.read_text())
+    held["positions"][0]["material"]["sequence"] = 9  # claims records alpha never signed
+    evidence.write_text(json.dumps(held))
+    result = run("verify", "--config", str(alpha_config), "--evidence", str(evidence))
+    assert result.exit_code == 0
+    assert "note: " in result.output and "is not a valid signature of alpha, ignored" in (
+        result.output
+    )
+    about_beta = run("verify", "--config", str(beta_config), "--evidence", str(evidence))
+    assert about_beta.exit_code == 2 and "evidence about the log of 'alpha'" in about_beta.output
+    nothing = run("evidence", "--config", str(alpha_config), "--peer", "gamma")
+    assert nothing.exit_code == 2 and "holds no signed chain position of 'gamma'" in (
+        nothing.output
+    )
