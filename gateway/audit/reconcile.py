@@ -216,6 +216,7 @@ def _exchange(
     if (
         released is not None
         and got is not None
+        and got.receipt is not None
         and _signature(released.receipt) != _signature(got.receipt)
     ):
         add(

@@ -20,6 +20,7 @@ from gateway.cli import main
 from gateway.identity.signing import (
     ReceiptBody,
     SignedCheckpoint,
+    SignedReceipt,
     Signer,
     sign_checkpoint,
     sign_receipt,
@@ -768,6 +769,7 @@ def test_reconcile_checks_withheld_paths_and_decision_against_the_receipt(
         {},
         {"released_withheld": ()},  # beta's log says nothing was withheld; it signed 'name'
         {"released_decision": "allowed"},  # beta's log says allowed; it withheld 'name'
+        {},  # alpha keeps another receipt than the one beta released
     ]
     alpha_events: list[AuditEvent] = []
     beta_events: list[AuditEvent] = []
@@ -777,6 +779,13 @@ def test_reconcile_checks_withheld_paths_and_decision_against_the_receipt(
         beta_events += theirs
     lied = alpha_events[3]  # task-1's result_received: alpha's log drops a transformation too
     alpha_events[3] = dataclasses.replace(lied, transformed=(("zip", "masked"),))
+    kept = alpha_events[7]
+    assert kept.receipt is not None
+    body = SignedReceipt.from_json(kept.receipt).body
+    other = sign_receipt(
+        beta, dataclasses.replace(body, signed_at_unix_ms=body.signed_at_unix_ms + 1)
+    )
+    alpha_events[7] = dataclasses.replace(kept, receipt=other.to_json())
     _append_all(orgs["alpha"][1], alpha_events)
     _append_all(orgs["beta"][1], beta_events)
     ours, theirs = _export_both(orgs, tmp_path)
@@ -785,7 +794,11 @@ def test_reconcile_checks_withheld_paths_and_decision_against_the_receipt(
     by_task: dict[str, list[str]] = {}
     for mismatch in json.loads(result.stdout)["mismatches"]:
         by_task.setdefault(mismatch["task_id"], []).append(mismatch["message"])
-    assert set(by_task) == {"task-1", "task-2"}
+    assert set(by_task) == {"task-1", "task-2", "task-3"}
+    assert by_task["task-3"] == [
+        "receipts differ: alpha kept (record 8) another receipt than the one beta released "
+        "(record 8)"
+    ]
     assert (
         "beta's record 4 (result_released) says withheld nothing, the signed receipt [name]"
         in by_task["task-1"]
