@@ -130,12 +130,14 @@ def from_receipt(data: Any, *, record: int = 0) -> SignedPosition | None:
         receipt = SignedReceipt.from_json(data)
     except FedgateError:
         return None
+    if getattr(receipt.body, "version", 1) < 2:
+        return None  # receipt v1 signs no chain position
     # Read from the parsed body, never from the JSON: only what the body holds is signed.
     head = _head(
         getattr(receipt.body, "chain_sequence", None), getattr(receipt.body, "chain_head", None)
     )
-    if head is None:
-        return None
+    if head is None or head[0] == 0:
+        return None  # signed before the signer's log held a record: a bound of nothing
     return SignedPosition(
         "receipt",
         receipt.body.responder_org,

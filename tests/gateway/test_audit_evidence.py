@@ -66,7 +66,11 @@ def _records(count: int, org_peer: str = "alpha") -> list[AuditRecord]:
     return chain_events(events, 0, GENESIS_HASH, 1_700_000_000_000)
 
 
-def _with_evidence(record: AuditRecord, evidence: Any) -> RecordWithEvidence:
+def _with_evidence(record: AuditRecord, evidence: dict[str, Any]) -> AuditRecord:
+    """The record with `evidence` ({"checkpoint": …} or {"delegation": JWS}), in the record's
+    own field once chain.py has it, else in the test's subclass."""
+    if "evidence" in {f.name for f in dataclasses.fields(AuditRecord)}:
+        return dataclasses.replace(record, evidence=evidence)  # type: ignore[call-arg]
     values = {f.name: getattr(record, f.name) for f in dataclasses.fields(AuditRecord)}
     return RecordWithEvidence(**values, evidence=evidence)
 
@@ -117,12 +121,13 @@ def test_statements_and_receipts_without_a_position_hold_none(audit_pki) -> None
 def test_a_v2_receipt_carries_the_responders_position(audit_pki) -> None:
     alpha = audit_pki.signer("alpha")
     log = _records(3)
-    body = ReceiptBody(
+    body = ReceiptBody(  # type: ignore[call-arg]
         "t-1",
         "alpha",
-        "sha256:" + "0" * 64,
-        chain_sequence=3,  # type: ignore[call-arg]
-        chain_head=log[2].record_hash,  # type: ignore[call-arg]
+        version=2,
+        result_commitment="hmac-sha256:" + "0" * 64,
+        chain_sequence=3,
+        chain_head=log[2].record_hash,
     )
     position = from_receipt(sign_receipt(alpha, body).to_json(), record=7)
     assert position is not None and (position.sequence, position.record) == (3, 7)
@@ -152,7 +157,10 @@ def test_a_position_is_used_only_if_its_signer_made_it(audit_pki) -> None:
     assert impostor is not None and impostor.org == "beta"
     positions = collect_positions(
         [raised, signed],
-        [_with_evidence(_records(1)[0], [elsewhere.material, impostor.material])],
+        [
+            _with_evidence(record, {"delegation": position.material})
+            for record, position in zip(_records(2), (elsewhere, impostor), strict=True)
+        ],
         verifier,
         org="alpha",
         holder="beta",
@@ -168,7 +176,10 @@ def test_the_highest_position_counts_even_after_the_signer_rewound(audit_pki) ->
     high = _statement(alpha, audience="beta", task_id="a", chs=9, chh=log[8].record_hash)
     low = _statement(alpha, audience="beta", task_id="b", chs=4, chh=log[3].record_hash)
     ours = _records(2)
-    records = [_with_evidence(ours[0], high), _with_evidence(ours[1], low)]
+    records = [
+        _with_evidence(ours[0], {"delegation": high}),
+        _with_evidence(ours[1], {"delegation": low}),
+    ]
     kept = [sign_checkpoint(alpha, 2, log[1].record_hash)]
     positions = collect_positions(
         kept,
