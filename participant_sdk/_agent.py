@@ -20,8 +20,8 @@ from fedgate.v1 import fedgate_pb2 as pb
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
 from participant_sdk._client import Client
-from participant_sdk._errors import SkillDefinitionError, from_rpc_error
-from participant_sdk._types import TaskContext
+from participant_sdk._errors import DeadlineExceeded, SkillDefinitionError, from_rpc_error
+from participant_sdk._types import TaskContext, scoped_task_key
 
 log = logging.getLogger("participant_sdk.agent")
 
@@ -137,8 +137,34 @@ class Agent:
 async def run_skill_function(
     spec: SkillSpec, context: TaskContext, data: dict[str, Any]
 ) -> dict[str, Any]:
-    """Call a skill and check that it returned a JSON object."""
-    output = await spec.function(context, data)
+    """Call a skill until its deadline and check that it returned a JSON object.
+
+    At the deadline `context.cancelled` is set first, then the skill's coroutine is cancelled, and
+    DeadlineExceeded is raised (also when the skill swallowed the cancellation: an answer after
+    the deadline is no answer). The deadline holds even while the gateway cannot cancel.
+    """
+    task = asyncio.current_task()
+    assert task is not None, "a skill runs in an asyncio task"
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        context.cancelled.set()
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(context.time_remaining, expire)
+    try:
+        output = await spec.function(context, data)
+    except asyncio.CancelledError:
+        if expired and task.uncancel() == 0:
+            raise DeadlineExceeded(f"task {context.task_id} passed its deadline") from None
+        raise
+    finally:
+        timer.cancel()
+    if expired:
+        task.uncancel()
+        raise DeadlineExceeded(f"task {context.task_id} passed its deadline")
     if not isinstance(output, dict):
         raise TypeError(f"skill {spec.name!r} returned {type(output).__name__}, expected a dict")
     return output
@@ -291,17 +317,9 @@ class AgentWorker:
 
     def _assign(self, assignment: pb.TaskAssignment) -> None:
         request = assignment.request
-        # Scoped as at the gateway: the requesting organization, who asked there (the token's
-        # subject), the skill, and the idempotency key.
-        owner = request.requester.partition("/")[0]
-        key = "\x00".join(
-            (
-                assignment.requester_org,
-                owner,
-                f"{request.agent}.{request.skill}",
-                request.idempotency_key or request.task_id,
-            )
-        )
+        # Scoped as at the gateway (the requesting organization, who asked there, the target and
+        # the idempotency key), so a key reused by someone else, or for another skill, runs again.
+        key = _task_key(assignment)
         finished = self._finished.get(key)
         if finished is not None and finished.final is not None:
             # Handed again after a reconnect: the skill already ran; send its result again.
@@ -333,6 +351,7 @@ class AgentWorker:
             agent=request.agent,
             skill=request.skill,
             deadline=deadline,
+            idempotency_key=key,
             _send_progress=progress,
             _calls=self,
         )
@@ -361,11 +380,9 @@ class AgentWorker:
                 return
             # No "working" message: the gateway tells the requester when it hands the task over.
             try:
-                # The deadline holds even while the gateway is unreachable and cannot cancel.
-                async with asyncio.timeout(max(0.0, deadline - time.time())):
-                    output = await run_skill_function(spec, context, struct_to_dict(request.input))
+                output = await run_skill_function(spec, context, struct_to_dict(request.input))
                 finish(pb.TaskResult(state=pb.TASK_STATE_COMPLETED, output=dict_to_struct(output)))
-            except TimeoutError:
+            except DeadlineExceeded:
                 finish(_failed(job.task_id, "deadline_exceeded", "the task's deadline passed"))
             except asyncio.CancelledError:
                 finish(_failed(job.task_id, "canceled", "canceled", pb.TASK_STATE_CANCELED))
@@ -383,6 +400,18 @@ class AgentWorker:
             if job.task_id == task_id and job.task is not None:
                 job.context.cancelled.set()
                 job.task.cancel()
+
+
+def _task_key(assignment: pb.TaskAssignment) -> str:
+    """The scoped key of an assigned task (TaskContext.idempotency_key)."""
+    request = assignment.request
+    return scoped_task_key(
+        assignment.requester_org,
+        request.requester,
+        f"{request.target_org}/{request.agent}.{request.skill}",
+        request.idempotency_key,
+        request.task_id,
+    )
 
 
 def _failed(

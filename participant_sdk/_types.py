@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -84,9 +85,33 @@ class TaskUpdate:
         )
 
 
+def scoped_task_key(
+    requester_org: str, requester: str, target: str, idempotency_key: str, task_id: str
+) -> str:
+    """The stable key of one logical task, scoped as the gateway scopes its once-only key.
+
+    Hex SHA-256 of the UTF-8 bytes of, joined by NUL (0x00): the requesting organization, the
+    requester's owner (the part of `requester` before the first "/": the token's subject, without
+    the name a requester adds), the target ("org/agent.skill"), and the idempotency key (the task
+    id when the request carries none). The same request asked again, under any task id, by the
+    same requester of the same organization, has the same key; a key reused by another
+    organization or requester, or for another skill, does not.
+    """
+    owner = requester.partition("/")[0]
+    material = "\x00".join((requester_org, owner, target, idempotency_key or task_id))
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
 @dataclass
 class TaskContext:
-    """What a skill knows about the task it runs: who asked, until when, and whether to stop."""
+    """What a skill knows about the task it runs: who asked, until when, and whether to stop.
+
+    `idempotency_key` identifies the logical request across retries, re-dispatch after a crash and
+    task ids (see `scoped_task_key`): a skill with side effects outside Fedgate (a payment, an
+    order) passes it to its own systems to do them once. It is a hash, never the caller's raw key.
+    `cancelled` is set when the requester cancels and when the deadline passes, before the skill's
+    coroutine is cancelled.
+    """
 
     task_id: str
     requester_org: str
@@ -94,6 +119,7 @@ class TaskContext:
     agent: str
     skill: str
     deadline: float  # seconds since the epoch
+    idempotency_key: str = ""
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     _send_progress: Callable[[str], Awaitable[None]] | None = None
     _calls: Any = None  # the AgentWorker, which knows the gateway and the token
