@@ -5,13 +5,20 @@ CA, so only that organization's gateway can answer. Channels are rebuilt when ou
 material is rotated.
 
 Circuit breaker: after `failure_threshold` consecutive transport failures a peer's circuit opens
-and calls fail at once with UNAVAILABLE instead of waiting out their deadlines. After
-`reset_seconds` one probe call is let through (half-open): its success closes the circuit, its
-failure opens it again.
+and calls fail at once with UNAVAILABLE instead of waiting out their deadlines. While it is open,
+the peer's health is probed in the background every `probe_seconds` with the standard gRPC health
+service (grpc.health.v1, service "fedgate.v1.Federation", which every gateway serves on its
+federation listener) over a fresh mTLS channel that verifies the peer's certificate as any call
+does: the first probe answered SERVING closes the circuit, so calls flow again as soon as the
+partner is back. A peer that does not serve the health service (UNIMPLEMENTED) is not probed
+again until its circuit next opens. Whatever the probes say, after `reset_seconds` one call is let
+through (half-open): its success closes the circuit, its failure opens it again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -19,6 +26,7 @@ from dataclasses import dataclass
 
 import grpc
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import PeerSection
 from gateway.errors import NotFound, Unavailable
@@ -29,6 +37,8 @@ log = logging.getLogger("fedgate.peers")
 
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+# The service a probe asks about: a gateway reports it NOT_SERVING while it shuts down.
+HEALTH_SERVICE = "fedgate.v1.Federation"
 
 
 @dataclass
@@ -41,7 +51,9 @@ class PeerHealth:
     latency_ms: float = 0.0
     last_error: str = ""
     in_flight: int = 0
-    probing: bool = False
+    probing: bool = False  # a half-open call is under way
+    health_probes: int = 0  # background health probes sent since the circuit last opened
+    last_probe: str = ""  # what the last failed probe got
 
 
 @dataclass
@@ -63,18 +75,21 @@ class PeerRegistry:
         max_message_bytes: int,
         failure_threshold: int = 5,
         reset_seconds: float = 10.0,
+        probe_seconds: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.org = org
         self._peers = dict(peers)
         self.failure_threshold = failure_threshold
         self.reset_seconds = reset_seconds
+        self.probe_seconds = probe_seconds
         self._clock = clock
         self.health: dict[str, PeerHealth] = {name: PeerHealth() for name in self._peers}
         self._tls = tls
         self._max_message_bytes = max_message_bytes
         self._channels: dict[str, _Channel] = {}
         self._retired: list[grpc.aio.Channel] = []
+        self._probes: dict[str, asyncio.Task[None]] = {}
 
     def __contains__(self, org: str) -> bool:
         return org in self._peers
@@ -133,8 +148,7 @@ class PeerRegistry:
             )
             if health.circuit != CLOSED:
                 log.info("circuit to %s closed", org)
-            health.circuit = CLOSED
-            health.consecutive_failures = 0
+            health.circuit, health.consecutive_failures = CLOSED, 0
             return
         health.consecutive_failures += 1
         health.last_error = failure
@@ -144,8 +158,72 @@ class PeerRegistry:
                 log.warning(
                     "circuit to %s opened after %d failures", org, health.consecutive_failures
                 )
+                health.health_probes = 0
             health.circuit = OPEN
             health.opened_at = self._clock()
+            self._start_probing(org)
+
+    def _start_probing(self, org: str) -> None:
+        """Probe `org` in the background until its circuit closes (one prober per peer)."""
+        running = self._probes.get(org)
+        if running is not None and not running.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # a caller outside an event loop (a unit test): the timed half-open remains
+        self._probes[org] = loop.create_task(self._probe_until_closed(org))
+
+    def probing_health(self, org: str) -> bool:
+        """Whether `org`'s health is being probed in the background (its circuit is open)."""
+        probe = self._probes.get(org)
+        return probe is not None and not probe.done()
+
+    async def _probe_until_closed(self, org: str) -> None:
+        health = self.health[org]
+        while health.circuit != CLOSED:
+            await asyncio.sleep(self.probe_seconds)
+            if health.circuit == CLOSED:
+                return  # a half-open call closed it meanwhile
+            health.health_probes += 1
+            problem = await self.probe(org)
+            if problem is None:
+                if health.circuit != CLOSED:
+                    log.info("circuit to %s closed: its health probe answered SERVING", org)
+                    health.circuit, health.consecutive_failures = CLOSED, 0
+                    # Calls dial afresh instead of waiting out the old channel's reconnect backoff.
+                    self.redial(org)
+                return
+            health.last_probe = problem
+            if problem.startswith(grpc.StatusCode.UNIMPLEMENTED.name):
+                log.info(
+                    "peer %s does not serve the gRPC health service; its circuit closes only "
+                    "through a half-open call after %.0fs",
+                    org,
+                    self.reset_seconds,
+                )
+                return
+
+    async def probe(self, org: str) -> str | None:
+        """One health check of `org`'s gateway over a fresh mTLS channel: None when it answers
+        SERVING, else what it answered (a status, or the transport error)."""
+        try:
+            channel = self._dial(org)
+        except Exception as exc:  # our own TLS material unreadable mid-rotation: try again later
+            return f"cannot dial: {type(exc).__name__}"
+        try:
+            response = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=HEALTH_SERVICE),
+                timeout=max(0.5, min(2.0, self.reset_seconds)),
+            )
+        except grpc.aio.AioRpcError as exc:
+            details = exc.details()
+            return f"{exc.code().name}: {details}" if details else exc.code().name
+        finally:
+            await channel.close()
+        if response.status != health_pb2.HealthCheckResponse.SERVING:
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+        return None
 
     def _require(self, org: str) -> PeerSection:
         peer = self._peers.get(org)
@@ -158,7 +236,7 @@ class PeerRegistry:
 
     def stub(self, org: str) -> pb_grpc.FederationStub:
         """The federation stub for `org`, on a channel made with our current TLS material."""
-        peer = self._require(org)
+        self._require(org)
         material = self._tls.material
         current = self._channels.get(org)
         if current is not None and current.stamp == material.stamp:
@@ -166,6 +244,14 @@ class PeerRegistry:
         if current is not None:
             # Keep the old channel open for the calls still using it; closed at shutdown.
             self._retired.append(current.channel)
+        channel = self._dial(org)
+        entry = _Channel(channel, pb_grpc.FederationStub(channel), material.stamp)
+        self._channels[org] = entry
+        return entry.stub
+
+    def _dial(self, org: str) -> grpc.aio.Channel:
+        """A new mTLS channel to `org`'s gateway, verifying its certificate as `org.fedgate`."""
+        peer = self._require(org)
         options = [
             ("grpc.ssl_target_name_override", org_dns_name(org)),
             ("grpc.max_send_message_length", self._max_message_bytes),
@@ -180,12 +266,15 @@ class PeerRegistry:
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 5_000),
         ]
-        channel = grpc.aio.secure_channel(peer.address, self._tls.channel_credentials(), options)
-        entry = _Channel(channel, pb_grpc.FederationStub(channel), material.stamp)
-        self._channels[org] = entry
-        return entry.stub
+        return grpc.aio.secure_channel(peer.address, self._tls.channel_credentials(), options)
 
     async def close(self) -> None:
+        probes = list(self._probes.values())
+        self._probes.clear()
+        for probe in probes:
+            probe.cancel()
+            with contextlib.suppress(BaseException):
+                await probe
         channels = [c.channel for c in self._channels.values()] + self._retired
         self._channels.clear()
         self._retired.clear()
