@@ -252,3 +252,34 @@ async def test_a_cancel_from_the_gateway_is_a_cancel_not_the_deadline() -> None:
     assert update.state == pb.TASK_STATE_CANCELED
     assert update.result.error.code == "canceled"
     assert seen == ["started", "cancelled, flag set"]
+
+
+async def test_through_real_gateways_the_key_is_scoped_by_the_proven_requesting_org(
+    fed: Any,
+) -> None:
+    """insurer -> hospital over mTLS: the hospital's agent sees the key scoped by the organization
+    the hospital proved from the certificate, the delegated requester and the target; the
+    assignment carries all of it (no new field on the wire)."""
+    from participant_sdk import Client
+    from tests.integration.federation import serving
+
+    runs: list[tuple[str, str]] = []
+    echo = Agent("echo")  # shared with the insurer by HOSPITAL_RULES
+
+    @echo.skill
+    async def say(task: TaskContext, data: dict[str, Any]) -> dict[str, Any]:
+        runs.append((task.task_id, task.idempotency_key))
+        return {"key": task.idempotency_key}
+
+    async with (
+        serving(fed.participant("hospital"), echo),
+        Client(fed.participant("insurer"), requester="alice/adjuster-7") as alice,
+        Client(fed.participant("insurer"), requester="bob") as bob,
+    ):
+        first = await alice.call("hospital/echo.say", {}, timeout=10, idempotency_key="pay-1")
+        other = await bob.call("hospital/echo.say", {}, timeout=10, idempotency_key="pay-1")
+    assert first.output == {
+        "key": documented_key("insurer", "alice/adjuster-7", "hospital/echo.say", "pay-1")
+    }
+    assert other.output == {"key": documented_key("insurer", "bob", "hospital/echo.say", "pay-1")}
+    assert len(runs) == 2
