@@ -28,7 +28,9 @@ import pytest
 from fedgate.v1 import fedgate_pb2 as pb
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
+from gateway.audit.bundle import Bundle
 from gateway.audit.chain import AuditRecord
+from gateway.audit.reconcile import open_requests
 from gateway.audit.store import open_store
 from gateway.identity.signing import SignedReceipt, Verifier, verify_receipt
 from participant_sdk import (
@@ -52,8 +54,6 @@ COMPLETED_RECORDS = {
     "hospital": {"request_received", "result_released"},
     "insurer": {"request_sent", "result_received"},
 }
-# The record that opens a request on each side; any later record of the task closes it.
-OPENING = {"hospital": "request_received", "insurer": "request_sent"}
 T = TypeVar("T")
 
 
@@ -336,16 +336,16 @@ class ChaosFederation:
         return {t: {r.kind for r in rs} for t, rs in self.records_by_task(org).items()}
 
     def open_requests(self, org: str) -> dict[str, list[str]]:
-        """Task ids whose last opening record (request_sent, request_received) no later record
-        of the same task closes, with their record kinds."""
-        found = {}
-        for task_id, records in self.records_by_task(org).items():
-            opened = [r.sequence for r in records if r.kind == OPENING[org]]
-            if opened and not any(
-                r.sequence > opened[-1] and r.kind not in OPENING.values() for r in records
-            ):
-                found[task_id] = [r.kind for r in records]
-        return found
+        """Requests in `org`'s log that no record closes, by the rule `fedgate audit reconcile`
+        applies (a final record of the task, or a later attempt that carried its key on): task
+        id -> the kinds of its records."""
+        records = self.records(org)
+        bundle = Bundle(org, b"", b"", 0, None, chain=list(records))
+        peer = "insurer" if org == "hospital" else "hospital"
+        kinds: dict[str, list[str]] = {}
+        for record in records:
+            kinds.setdefault(record.task_id, []).append(record.kind)
+        return {o.task_id: kinds[o.task_id] for o in open_requests(bundle, peer)}
 
     async def reconcile(self) -> Reconciliation:
         """Stop both gateways, export both logs, and reconcile them with `fedgate audit`."""
@@ -362,7 +362,13 @@ class ChaosFederation:
         for org, (code, _, err) in zip(bundles, exports, strict=True):
             assert code == 0, f"fedgate audit export of {org} failed: {err}"
         code, out, err = await fedgate(
-            "audit", "reconcile", str(bundles["insurer"]), str(bundles["hospital"]), "--json"
+            "audit",
+            "reconcile",
+            str(bundles["insurer"]),
+            str(bundles["hospital"]),
+            "--ca",
+            str(self.pki.ca),
+            "--json",
         )
         assert code in (0, 1), f"fedgate audit reconcile failed (exit {code}): {err}"
         return Reconciliation(code, json.loads(out), out)
@@ -400,11 +406,18 @@ class Reconciliation:
     def mismatches(self) -> list[dict[str, str]]:
         return list(self.report.get("mismatches", []))
 
+    @property
+    def open(self) -> list[dict[str, Any]]:
+        """The requests reconcile lists as open (no record closes them)."""
+        return list(self.report.get("open", []))
+
     def assert_agreed(self) -> None:
+        """0 mismatches, and no request left open."""
         assert self.exit_code == 0 and not self.mismatches, (
             f"reconcile found {len(self.mismatches)} mismatches: "
             + "; ".join(f"{m['task_id']}: {m['message']}" for m in self.mismatches[:12])
         )
+        assert not self.open, f"reconcile lists {len(self.open)} open requests: {self.open[:12]}"
 
 
 async def fedgate(*args: str) -> tuple[int, str, str]:
@@ -515,7 +528,7 @@ def core_fix(finding: str) -> pytest.MarkDecorator:
     `pytest --runxfail tests/chaos` shows how each fails today.
     """
     return pytest.mark.xfail(
-        strict=True, reason=f"{finding}: needs the exchange core fix (fails on main 298da11)"
+        strict=True, reason=f"{finding}: needs the exchange core fix (fails on main today)"
     )
 
 
