@@ -1,8 +1,9 @@
-"""The task table on PostgreSQL: a batch in one pipeline vs one round trip per write.
+"""The gateway's store on PostgreSQL: a batch's task writes in one pipeline vs one round trip each.
 
     python -m bench.bench_task_store [--quick] [--delay-ms 0.25]
 
-Each exchange writes its task row twice on each gateway (accept, then finish); concurrent
+Each exchange commits two steps on each gateway, each an audit record and a task-table write in
+one transaction (request_received + accept, then result_released + finish); concurrent
 exchanges share a batch. Both stores run in the same process against the same database,
 alternately: directly on loopback, and through a proxy that delays each direction by
 `--delay-ms`, as a database across a network would (the proxy, being Python, adds some delay
@@ -23,8 +24,9 @@ from typing import Any
 
 from sqlalchemy import create_engine, make_url, text
 
+from gateway.audit.store import AuditEvent, SqlAuditStore
 from gateway.exchange.tasks import TaskResult, TaskSpec, TaskState
-from gateway.store.task_table import SqlTaskStore, task_key
+from gateway.store.task_table import Accept, Finish, task_key
 
 CALLERS = 64
 
@@ -35,12 +37,14 @@ def database_url() -> str | None:
     )
 
 
-class OneRoundTripEach(SqlTaskStore):
-    """The baseline: the same batches, but each write waits for its own answer."""
+class OneRoundTripEach(SqlAuditStore):
+    """The baseline: the same batches, but each task write waits for its own answer."""
 
-    def _write_batch(self, ops: list[tuple[str, tuple[Any, ...]]]) -> list[bool | None]:
-        with self._writer_thread.transaction() as cursor:
-            return self._write_each(cursor, ops)
+    def _ops_pipelined(
+        self, connection: Any, params: list[tuple[str, tuple[Any, ...]]]
+    ) -> list[bool | None]:
+        with connection.cursor() as cursor:
+            return self._ops_each(cursor, params)
 
 
 @contextlib.asynccontextmanager
@@ -91,8 +95,8 @@ async def delayed(host: str, port: int, delay_s: float) -> AsyncIterator[int]:
             await asyncio.wait(handlers, timeout=5)
 
 
-async def _rate(store: SqlTaskStore, tasks: int, tag: str) -> float:
-    """Tasks per second (accept, then finish) with CALLERS concurrent callers."""
+async def _rate(store: SqlAuditStore, tasks: int, tag: str) -> float:
+    """Tasks per second (two steps each) with CALLERS concurrent callers."""
     per_caller = max(1, tasks // CALLERS)
 
     async def caller(k: int) -> None:
@@ -106,10 +110,13 @@ async def _rate(store: SqlTaskStore, tasks: int, tag: str) -> float:
                 requester="nurse",
                 deadline=time.time() + 60,
             )
-            if await store.accept("insurer", spec, remote=False) is not None:
+            received = AuditEvent("request_received", spec.task_id, "insurer", "records")
+            written = await store.write(received, Accept("insurer", spec, False))
+            if written.existing is not None:
                 raise SystemExit(f"task {spec.task_id} was already in the table")
             result = TaskResult(spec.task_id, TaskState.COMPLETED, output={"ok": True})
-            await store.finish("insurer", task_key("insurer", spec)[1], result)
+            released = AuditEvent("result_released", spec.task_id, "insurer", "records")
+            await store.write(released, Finish("insurer", task_key("insurer", spec)[1], result))
 
     await caller(-1)  # connect and warm up outside the clock
     started = time.perf_counter()
@@ -126,7 +133,7 @@ async def _measure(url: str, tasks: int, rounds: int, delay_ms: float) -> None:
     try:
         print(
             f"{'database':<34} {'pipelined':>12} {'1 round trip each':>18} {'ratio':>6}"
-            f"   ({CALLERS} callers, accept + finish per task)"
+            f"   ({CALLERS} callers, two steps per task)"
         )
         async with delayed(
             parsed.host or "127.0.0.1", parsed.port or 5432, delay_ms / 1000
@@ -138,7 +145,7 @@ async def _measure(url: str, tasks: int, rounds: int, delay_ms: float) -> None:
                 dsn = target.update_query_dict({"options": f"-csearch_path={schema}"})
                 found: dict[str, list[float]] = {"pipelined": [], "each": []}
                 for r in range(rounds):  # alternate, so both see the same machine
-                    for name, kind in (("pipelined", SqlTaskStore), ("each", OneRoundTripEach)):
+                    for name, kind in (("pipelined", SqlAuditStore), ("each", OneRoundTripEach)):
                         store = kind(dsn.render_as_string(hide_password=False))
                         try:
                             found[name].append(await _rate(store, tasks, f"{name}-{label}-{r}"))

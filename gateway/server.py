@@ -26,7 +26,6 @@ from gateway.identity.tls import ReloadingTls, TlsFiles, TlsMaterial
 from gateway.identity.tokens import token_authority
 from gateway.peers import PeerRegistry
 from gateway.policy.engine import PolicyHolder, load_or_create_pseudonym_key, load_policy
-from gateway.store.task_table import SqlTaskStore, TaskStore
 
 log = logging.getLogger("fedgate.server")
 
@@ -65,7 +64,6 @@ class Gateway:
         config: GatewayConfig,
         *,
         audit: AuditStore | None = None,
-        tasks: TaskStore | None = None,
     ) -> None:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +91,6 @@ class Gateway:
             verifier=verifier,
             limits=Limits(config.limits.max_payload_depth, config.limits.max_payload_fields),
             store_payloads=config.audit.store_payloads,
-            tasks=tasks if tasks is not None else SqlTaskStore(config.tasks_database_url),
         )
         self.health = (
             health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -181,7 +178,6 @@ class Gateway:
         await self._federation.stop(1.0)
         await self._participant.stop(1.0)
         await self.peers.close()
-        await self.router.tasks.close()
         await self.audit.close()
 
     async def exchange_checkpoints(self) -> dict[str, str]:

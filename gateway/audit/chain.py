@@ -33,6 +33,9 @@ EVENT_KINDS = frozenset(
         "request_received",
         "invoke_denied",
         "result_released",
+        # A result filtered and signed while no call followed its task: kept for collection,
+        # released (result_released) when a retry with its key collects it.
+        "result_kept",
         "result_received",
         "failed",
         "canceled",

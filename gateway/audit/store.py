@@ -35,6 +35,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -69,7 +70,14 @@ from gateway.audit.rows import (
     record_row,
     record_values,
 )
-from gateway.errors import AuditUnavailable, ConfigError, FedgateError, PermissionDenied
+from gateway.errors import (
+    AuditUnavailable,
+    ConfigError,
+    FedgateError,
+    PermissionDenied,
+    Unavailable,
+)
+from gateway.exchange.tasks import TaskState
 from gateway.identity.signing import (
     SignedCheckpoint,
     Signer,
@@ -78,6 +86,22 @@ from gateway.identity.signing import (
     verify_checkpoint,
 )
 from gateway.store.db import WriterThread, create_store_engine, driver_sql, group_commit
+from gateway.store.task_table import (
+    TASKS,
+    WRITE_SQL,
+    Accept,
+    Finish,
+    Forget,
+    TaskKey,
+    TaskOp,
+    TaskRow,
+    TaskTable,
+    finished_row,
+    new_row,
+    op_sql_params,
+    row_from_sql,
+    task_key,
+)
 
 __all__ = [
     "AuditEvent",
@@ -85,6 +109,7 @@ __all__ = [
     "AuditStore",
     "MemoryAuditStore",
     "SqlAuditStore",
+    "Written",
     "open_store",
 ]
 
@@ -113,8 +138,33 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What one step's transaction wrote: its audit record, or the row that held its key."""
+
+    record: AuditRecord | None = None  # the last of the step's records
+    # An Accept whose key was taken: the row holding it (and nothing of the step was written).
+    existing: TaskRow | None = None
+
+
+# A step queued for the writer: its audit events and task-table write (either may be empty).
+_Step = tuple[tuple[AuditEvent, ...], TaskOp | None, "asyncio.Future[Written]"]
+
+
+def _table_unavailable(cause: str) -> Unavailable:
+    return Unavailable(
+        f"the task table cannot be written: {cause}; tasks are refused until it recovers"
+    )
+
+
 class AuditStore(ABC):
-    """The audit log of one gateway: append events, read them back, sign and keep checkpoints."""
+    """The one store of a gateway: its audit log (append events, read them back, sign and keep
+    checkpoints) and, in the same database, its task table (`tasks`).
+
+    `write(event, op)` commits a step of an exchange: its audit record and its task-table write
+    in one transaction. Every write goes through one writer, which group-commits the steps
+    queued while the previous transaction ran.
+    """
 
     def __init__(self, *, batch_max: int = 512, verifier: Verifier | None = None) -> None:
         if batch_max < 1:
@@ -123,13 +173,13 @@ class AuditStore(ABC):
         self.verifier = verifier
         # Number of committed batches (transactions); lets tests and benchmarks see batching.
         self.commits = 0
-        self._queue: asyncio.Queue[tuple[AuditEvent, asyncio.Future[AuditRecord]] | None] | None
-        self._queue = None
+        self._queue: asyncio.Queue[_Step | None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._head: tuple[int, str] | None = None  # (sequence, hash) of the last committed record
         self._last_time_ms = 0
         self._healthy = True
         self._closed = False
+        self.tasks = TaskTable(self)
 
     # ---- the contract ----
 
@@ -155,14 +205,37 @@ class AuditStore(ABC):
 
     async def append(self, event: AuditEvent) -> AuditRecord:
         """Record `event`; returns once it is durably committed, else raises AuditUnavailable."""
+        written = await self.write(event, None)
+        assert written.record is not None
+        return written.record
+
+    async def write(
+        self, events: AuditEvent | Sequence[AuditEvent] | None, op: TaskOp | None = None
+    ) -> Written:
+        """Commit `events` (audit records, in order) and `op` (a task-table write) in one
+        transaction.
+
+        An Accept whose key is taken writes nothing: `existing` is the row holding the key.
+        Raises AuditUnavailable (with events) or Unavailable (a task-table write alone) if the
+        transaction does not commit.
+        """
         if self._closed:
             raise _unavailable("the store is closed")
         self._start_writer()
         assert self._queue is not None
-        normalized = normalize_event(event)
-        future: asyncio.Future[AuditRecord] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((normalized, future))
+        if events is None:
+            normalized: tuple[AuditEvent, ...] = ()
+        elif isinstance(events, AuditEvent):
+            normalized = (normalize_event(events),)
+        else:
+            normalized = tuple(normalize_event(event) for event in events)
+        future: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((normalized, op, future))
         return await future
+
+    async def write_task(self, op: TaskOp) -> TaskRow | None:
+        """A task-table write alone (TaskTable's writes); returns the row holding a taken key."""
+        return (await self.write(None, op)).existing
 
     async def close(self) -> None:
         """Commit what is queued, stop the writer and release the store.
@@ -320,37 +393,84 @@ class AuditStore(ABC):
 
     # ---- the writer ----
 
-    async def _commit(self, batch: list[tuple[AuditEvent, asyncio.Future[AuditRecord]]]) -> None:
-        events = [event for event, _ in batch]
+    async def _commit(self, batch: list[_Step]) -> None:
         time_ms = max(_now_ms(), self._last_time_ms)  # never goes back, so a time cut is a prefix
+        steps = [(event, op) for event, op, _ in batch]
         try:
-            records = await self._run(self._chain_and_write, events, time_ms)
+            outcomes = await self._run(self._apply, steps, time_ms)
         except Exception as exc:
             self._head = None  # re-read from the store on the next attempt
-            if self._healthy:
-                log.error("audit store cannot be written (%s): refusing exchanges", _cause(exc))
-            self._healthy = False
-            error = _unavailable(_cause(exc))
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
+            if len(batch) == 1:
+                self._failed(batch, exc)
+                return
+            # One bad step must not fail the others: each is tried again on its own.
+            for step in batch:
+                try:
+                    (outcome,) = await self._run(self._apply, [step[:2]], time_ms)
+                except Exception as alone:
+                    self._head = None
+                    self._failed([step], alone)
+                    continue
+                self._succeeded([step], [outcome], time_ms)
             return
+        self._succeeded(batch, outcomes, time_ms)
+
+    def _succeeded(self, batch: list[_Step], outcomes: list[Written], time_ms: int) -> None:
         self.commits += 1
         self._last_time_ms = time_ms
         if not self._healthy:
             log.warning("audit store writable again: accepting exchanges")
         self._healthy = True
-        for (_, future), record in zip(batch, records, strict=True):
+        for (_, _, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
-                future.set_result(record)
+                future.set_result(outcome)
 
-    def _chain_and_write(self, events: list[AuditEvent], time_ms: int) -> list[AuditRecord]:
-        """Number and chain the batch from the committed head and write it (run through _run)."""
+    def _failed(self, batch: list[_Step], exc: BaseException) -> None:
+        cause = _cause(exc)
+        if self._healthy:
+            log.error("audit store cannot be written (%s): refusing exchanges", cause)
+        self._healthy = False
+        for events, _, future in batch:
+            if not future.done():
+                future.set_exception(_unavailable(cause) if events else _table_unavailable(cause))
+
+    def _apply(
+        self, steps: list[tuple[tuple[AuditEvent, ...], TaskOp | None]], time_ms: int
+    ) -> list[Written]:
+        """Apply the steps in order, in one transaction (run through _run): the task-table
+        writes first, so that a step whose Accept found its key taken adds no record; then
+        the records, numbered and chained from the committed head."""
         head = self._head if self._head is not None else self._read_head()
-        records = chain_events(events, head[0], head[1], time_ms)
-        self._write(records)
-        self._head = (records[-1].sequence, records[-1].record_hash)
-        return records
+        ops = [op for _, op in steps if op is not None]
+        applied: dict[int, TaskRow | None] = {}
+
+        def write_records(taken: list[TaskRow | None]) -> list[AuditRecord]:
+            # `taken`: per op, in order, the row that held an Accept's key (None otherwise).
+            events: list[AuditEvent] = []
+            index = 0
+            for number, (step_events, op) in enumerate(steps):
+                existing = None
+                if op is not None:
+                    existing = taken[index]
+                    index += 1
+                applied[number] = existing
+                if existing is None:
+                    events.extend(step_events)
+            return chain_events(events, head[0], head[1], time_ms) if events else []
+
+        records = self._write_step_batch(ops, write_records, time_ms)
+        if records:
+            self._head = (records[-1].sequence, records[-1].record_hash)
+        outcomes: list[Written] = []
+        chained = iter(records)
+        for number, (step_events, _) in enumerate(steps):
+            existing = applied[number]
+            record = None
+            if existing is None:
+                for _ in step_events:
+                    record = next(chained)
+            outcomes.append(Written(record, existing))
+        return outcomes
 
     # ---- storage primitives, implemented by each store ----
 
@@ -369,8 +489,24 @@ class AuditStore(ABC):
         """The committed head: last record, else the retention anchor, else (0, 64 zeros)."""
 
     @abstractmethod
-    def _write(self, records: list[AuditRecord]) -> None:
-        """Insert records in one durable transaction; raise if it does not commit."""
+    def _write_step_batch(
+        self,
+        ops: list[TaskOp],
+        records_for: Callable[[list[TaskRow | None]], list[AuditRecord]],
+        now_ms: int,
+    ) -> list[AuditRecord]:
+        """In one durable transaction: apply `ops` in order, then insert the records that
+        `records_for` makes from their outcomes (per op, the row that held an Accept's key, or
+        None); return those records. Raise, writing nothing, if it does not commit."""
+
+    @abstractmethod
+    async def task_row(self, origin_org: str, key: str) -> TaskRow | None: ...
+
+    @abstractmethod
+    async def task_by_id(self, origin_org: str, task_id: str) -> TaskRow | None: ...
+
+    @abstractmethod
+    async def unfinished_tasks(self) -> list[TaskRow]: ...
 
     @abstractmethod
     def _add_checkpoint(self, role: str, checkpoint: SignedCheckpoint) -> None: ...
@@ -405,6 +541,7 @@ class MemoryAuditStore(AuditStore):
         self.fail_writes = False
         self.rows: list[AuditRecord] = []
         self.checkpoint_rows: list[tuple[str, SignedCheckpoint]] = []
+        self.task_rows: dict[TaskKey, TaskRow] = {}
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         await asyncio.sleep(0)  # yield like a real write, so concurrent appends share a batch
@@ -420,9 +557,49 @@ class MemoryAuditStore(AuditStore):
         anchor = self.retention_anchor()
         return (anchor.sequence, anchor.head_hash) if anchor else (0, GENESIS_HASH)
 
-    def _write(self, records: list[AuditRecord]) -> None:
+    def _write_step_batch(
+        self,
+        ops: list[TaskOp],
+        records_for: Callable[[list[TaskRow | None]], list[AuditRecord]],
+        now_ms: int,
+    ) -> list[AuditRecord]:
         self._fail_if_told()
+        rows = dict(self.task_rows)  # applied only if the whole batch is
+        taken: list[TaskRow | None] = []
+        for op in ops:
+            existing = None
+            if isinstance(op, Accept):
+                key = task_key(op.origin_org, op.spec)
+                existing = rows.get(key)
+                if existing is None:
+                    rows[key] = new_row(op, now_ms)
+            elif isinstance(op, Finish):
+                row = rows.get((op.origin_org, op.key))
+                if row is not None:
+                    rows[(op.origin_org, op.key)] = finished_row(row, op.result, now_ms)
+            elif isinstance(op, Forget):
+                rows.pop((op.origin_org, op.key), None)
+            taken.append(existing)
+        records = records_for(taken)
+        self.task_rows = rows
         self.rows.extend(records)
+        return records
+
+    async def task_row(self, origin_org: str, key: str) -> TaskRow | None:
+        return self.task_rows.get((origin_org, key))
+
+    async def task_by_id(self, origin_org: str, task_id: str) -> TaskRow | None:
+        return next(
+            (
+                r
+                for r in self.task_rows.values()
+                if r.origin_org == origin_org and r.task_id == task_id
+            ),
+            None,
+        )
+
+    async def unfinished_tasks(self) -> list[TaskRow]:
+        return [r for r in self.task_rows.values() if not r.final]
 
     def _add_checkpoint(self, role: str, checkpoint: SignedCheckpoint) -> None:
         self._fail_if_told()
@@ -483,6 +660,15 @@ class MemoryAuditStore(AuditStore):
 # ---- SQL (SQLite or PostgreSQL) ----
 
 _READ_BATCH = 5_000
+_TASK_COLUMNS = tuple(column.name for column in TASKS.columns)
+
+
+class _Columns:
+    """A DB-API row read by column name, as row_from_sql reads SQLAlchemy rows."""
+
+    def __init__(self, names: tuple[str, ...], values: Sequence[Any]) -> None:
+        for name, value in zip(names, values, strict=True):
+            setattr(self, name, value)
 
 
 class SqlAuditStore(AuditStore):
@@ -530,7 +716,7 @@ class SqlAuditStore(AuditStore):
     def _create_engine(self) -> Engine:
         engine = create_store_engine(self.url, busy_timeout_ms=self.busy_timeout_ms)
         try:
-            SQLModel.metadata.create_all(engine, tables=[RECORDS, CHECKPOINTS])
+            SQLModel.metadata.create_all(engine, tables=[RECORDS, CHECKPOINTS, TASKS])
         except Exception:
             engine.dispose()
             raise
@@ -551,14 +737,107 @@ class SqlAuditStore(AuditStore):
         anchor = self.retention_anchor()
         return (anchor.sequence, anchor.head_hash) if anchor else (0, GENESIS_HASH)
 
-    def _write(self, records: list[AuditRecord]) -> None:
-        """On the writer thread: one executemany on its connection, committed."""
+    def _write_step_batch(
+        self,
+        ops: list[TaskOp],
+        records_for: Callable[[list[TaskRow | None]], list[AuditRecord]],
+        now_ms: int,
+    ) -> list[AuditRecord]:
+        """On the writer thread, in one transaction on its connection: the task-table writes
+        (on PostgreSQL in one pipeline, one round trip), then one executemany of the records."""
         with self._writer_thread.transaction() as cursor:
-            cursor.executemany(self._insert_sql, [record_row(r) for r in records])
+            params = [op_sql_params(op, now_ms) for op in ops]
+            if len(params) > 1 and not self.is_sqlite:
+                inserted = self._ops_pipelined(cursor.connection, params)
+            else:
+                inserted = self._ops_each(cursor, params)
+            taken = [
+                self._row_in_transaction(cursor, op) if was is False else None
+                for op, was in zip(ops, inserted, strict=True)
+            ]
+            records = records_for(taken)
+            if records:
+                cursor.executemany(self._insert_sql, [record_row(r) for r in records])
+        return records
+
+    def _ops_each(
+        self, cursor: Any, params: list[tuple[str, tuple[Any, ...]]]
+    ) -> list[bool | None]:
+        statements = self._task_sql
+        outcomes: list[bool | None] = []
+        for kind, values in params:
+            cursor.execute(statements[kind], values)
+            # A row back means inserted (psycopg's rowcount is -1 after ON CONFLICT).
+            outcomes.append(bool(cursor.fetchall()) if kind == "accept" else None)
+        return outcomes
+
+    def _ops_pipelined(
+        self, connection: Any, params: list[tuple[str, tuple[Any, ...]]]
+    ) -> list[bool | None]:
+        """PostgreSQL: the writes in one pipeline, one round trip to the database instead of one
+        per write (across a network the round trips, not the database, bound the task rate:
+        bench.bench_task_store). A write that fails aborts the transaction, and the error is
+        raised when the pipeline syncs; the writer then tries each step on its own."""
+        statements = self._task_sql
+        pending: list[Any] = []
+        try:
+            with connection.pipeline():
+                for kind, values in params:
+                    pending.append(connection.cursor())
+                    pending[-1].execute(statements[kind], values)
+            return [
+                bool(each.fetchall()) if kind == "accept" else None
+                for (kind, _), each in zip(params, pending, strict=True)
+            ]
+        finally:
+            for each in pending:
+                each.close()
+
+    def _row_in_transaction(self, cursor: Any, op: TaskOp) -> TaskRow | None:
+        """The row that held an Accept's key, read inside the writer's transaction."""
+        assert isinstance(op, Accept)
+        key = task_key(op.origin_org, op.spec)
+        cursor.execute(self._task_sql["select"], key)
+        found = cursor.fetchone()
+        return row_from_sql(_Columns(_TASK_COLUMNS, found)) if found is not None else None
 
     @functools.cached_property
     def _insert_sql(self) -> str:
         return driver_sql(self.engine, INSERT_RECORD_SQL)
+
+    @functools.cached_property
+    def _task_sql(self) -> dict[str, str]:
+        """The SQL of each kind of task-table write, for the driver's parameter style."""
+        statements = dict(WRITE_SQL)
+        statements["select"] = (
+            f"SELECT {', '.join(_TASK_COLUMNS)} FROM {TASKS.name} "  # noqa: S608 - model names
+            "WHERE origin_org = ? AND key = ?"
+        )
+        return {kind: driver_sql(self.engine, sql) for kind, sql in statements.items()}
+
+    def _select_task(self, *conditions: Any) -> TaskRow | None:
+        with self.engine.connect() as connection:
+            found = connection.execute(select(TASKS).where(*conditions).limit(1)).first()
+        return row_from_sql(found) if found is not None else None
+
+    async def task_row(self, origin_org: str, key: str) -> TaskRow | None:
+        return await asyncio.to_thread(
+            self._select_task, TASKS.c.origin_org == origin_org, TASKS.c.key == key
+        )
+
+    async def task_by_id(self, origin_org: str, task_id: str) -> TaskRow | None:
+        return await asyncio.to_thread(
+            self._select_task, TASKS.c.origin_org == origin_org, TASKS.c.task_id == task_id
+        )
+
+    def _unfinished(self) -> list[TaskRow]:
+        finals = [s.value for s in TaskState if s.final]
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(TASKS).where(TASKS.c.state.not_in(finals))).all()
+        return [row_from_sql(r) for r in rows]
+
+    async def unfinished_tasks(self) -> list[TaskRow]:
+        return await asyncio.to_thread(self._unfinished)
 
     def _add_checkpoint(self, role: str, checkpoint: SignedCheckpoint) -> None:
         with self.engine.begin() as connection:

@@ -237,7 +237,7 @@ class FederationServicer(_Base, pb_grpc.FederationServicer):
     ) -> pb.TaskResult:
         org, spec, permit, claims = await self._admit(request, context)
         with permit:
-            return await _result_of(self.router.serve_peer(spec, org, claims))
+            return await _result_of(self.router.serve_peer(spec, org, claims, stream=False))
 
     @_maps_errors
     async def CancelTask(
@@ -339,6 +339,7 @@ class ParticipantServicer(_Base, pb_grpc.ParticipantServicer):
             if claims is not None and self.tokens is not None:
                 for name in instance.cards:
                     self.tokens.check_register(claims, name)
+                instance.subject = claims.subject
         except FedgateError as exc:
             await _abort(context, exc)
             return

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from fedgate.convert import (
@@ -16,7 +15,15 @@ from fedgate.convert import (
 from fedgate.v1 import fedgate_pb2 as pb
 
 from gateway.errors import InvalidArgument
-from gateway.exchange.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
+from gateway.exchange.tasks import (
+    AgentCard,
+    SkillCard,
+    TaskError,
+    TaskResult,
+    TaskSpec,
+    TaskState,
+    TaskUpdate,
+)
 from gateway.identity.signing import SignedCheckpoint, SignedReceipt
 
 _STATE_TO_PB = {
@@ -30,26 +37,6 @@ _STATE_TO_PB = {
     TaskState.AUTH_REQUIRED: pb.TASK_STATE_AUTH_REQUIRED,
 }
 _STATE_FROM_PB = {value: key for key, value in _STATE_TO_PB.items()}
-
-
-@dataclass(frozen=True)
-class SkillCard:
-    name: str
-    description: str = ""
-    input_schema: dict[str, Any] | None = None
-    output_schema: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class AgentCard:
-    org: str
-    name: str
-    description: str = ""
-    version: str = ""
-    skills: tuple[SkillCard, ...] = ()
-
-    def skill(self, name: str) -> SkillCard | None:
-        return next((s for s in self.skills if s.name == name), None)
 
 
 def state_to_pb(state: TaskState) -> pb.TaskState:
@@ -96,6 +83,7 @@ def spec_from_pb(
         parent_task_id=message.parent_task_id,
         purpose=message.purpose,
         roles=tuple(message.roles),
+        resume=message.resume,
     )
 
 
@@ -115,6 +103,7 @@ def spec_to_pb(spec: TaskSpec, *, sender_org: str) -> pb.TaskRequest:
         parent_task_id=spec.parent_task_id,
         purpose=spec.purpose,
         roles=list(spec.roles),
+        resume=spec.resume,
     )
 
 

@@ -3,7 +3,12 @@
 Each connected SDK process is an `AgentInstance` with an outbox (what the Connect stream sends it)
 and the set of tasks it holds. Several instances of one agent share its tasks: a task goes to
 the instance with the fewest tasks in flight. An instance that disconnects fails its tasks at
-once with the reason, so no requester waits for an answer that cannot come.
+once with the reason; the router then hands them to another instance, or to the same agent when
+it reconnects, while their deadlines allow.
+
+The registry remembers the cards of agents that were connected since the gateway started: an
+agent that is restarting is known, and a task for it waits for an instance instead of being
+refused as if it did not exist.
 """
 
 from __future__ import annotations
@@ -14,9 +19,8 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from gateway.edges.wire import AgentCard
 from gateway.errors import NotFound, Unavailable
-from gateway.exchange.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
+from gateway.exchange.tasks import AgentCard, TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
 
 log = logging.getLogger("fedgate.agents")
 
@@ -45,6 +49,9 @@ class AgentInstance:
     outbox: asyncio.Queue[OutboxItem] = field(default_factory=asyncio.Queue)
     tasks: dict[str, asyncio.Queue[TaskUpdate]] = field(default_factory=dict)
     closed: bool = False
+    # The participant token's subject that connected this instance ("" without tokens): a call
+    # it makes while serving a task is known to come from that task.
+    subject: str = ""
 
 
 class AgentRegistry:
@@ -54,11 +61,17 @@ class AgentRegistry:
         self.org = org
         self._instances: dict[str, list[AgentInstance]] = {}
         self._owner: dict[str, AgentInstance] = {}
+        self._known: dict[str, AgentCard] = {}
+        self._arrivals: dict[str, asyncio.Event] = {}
         self._tiebreak = itertools.count()
 
     def register(self, instance: AgentInstance) -> None:
-        for name in instance.cards:
+        for name, card in instance.cards.items():
             self._instances.setdefault(name, []).append(instance)
+            self._known[name] = card
+            arrival = self._arrivals.pop(name, None)
+            if arrival is not None:
+                arrival.set()
         log.info("agent instance %s connected: %s", instance.instance_id, ", ".join(instance.cards))
 
     def unregister(
@@ -96,8 +109,36 @@ class AgentRegistry:
             instance.outbox.put_nowait(None)
 
     def card(self, agent: str) -> AgentCard | None:
+        """The card of a connected agent."""
         group = self._instances.get(agent)
         return group[-1].cards[agent] if group else None
+
+    def known_card(self, agent: str) -> AgentCard | None:
+        """The card of a connected agent, or of one connected earlier (it may be restarting)."""
+        return self.card(agent) or self._known.get(agent)
+
+    async def wait_for_instance(self, agent: str) -> None:
+        """Return once an instance of `agent` is connected (the caller bounds the wait)."""
+        while not self._instances.get(agent):
+            arrival = self._arrivals.setdefault(agent, asyncio.Event())
+            await arrival.wait()
+
+    def serves(self, subject: str, task_id: str) -> bool:
+        """Whether an instance connected by `subject` holds the task `task_id`.
+
+        Without participant tokens an instance has no subject, and a caller cannot be told
+        apart from any other local process: then holding the task is enough.
+        """
+        instance = self._owner.get(task_id)
+        if instance is None or instance.closed:
+            return False
+        return not instance.subject or instance.subject == subject
+
+    def tasks_served_by(self, subject: str) -> list[str]:
+        """The tasks held by the instances that `subject` connected (none without tokens)."""
+        if not subject:
+            return []
+        return [task for task, instance in self._owner.items() if instance.subject == subject]
 
     def cards(self) -> list[AgentCard]:
         return [group[-1].cards[name] for name, group in sorted(self._instances.items())]

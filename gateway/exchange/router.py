@@ -1,59 +1,52 @@
-"""Routing of one exchange, with policy and audit: testable without a socket.
+"""The router: the exchange's public surface, used by the edges (gRPC, A2A).
 
-Three paths:
-  * a local requester calls a local agent: dispatched, nothing crosses a boundary;
-  * a local requester calls a partner's agent (outbound, gateway/exchange/outbound.py): the
-    `send` policy filters the input, `request_sent` is committed, the task goes to the peer's
-    gateway, the responder's receipt is verified and `result_received` is committed;
-  * a peer calls one of our agents (inbound): `invoke` policy, `request_received`, dispatch,
-    the `share` policy filters the result, a receipt is signed and `result_released` is committed
-    before a single byte of the result leaves.
+    submit       a task from a local requester, to a local agent or a partner's (outbound)
+    serve_peer   a task from a peer organization, proven by its certificate (inbound)
+    get, cancel  a task the asker submitted;  cards_for_peer  what a peer may see
+    recover      after a restart: the tasks the table holds open, run or resumed again
 
-Once only: a task is keyed by (origin organization, idempotency key or task id). A retry of a
-running task waits for it; a retry of a finished one gets the stored result, as released. An
-accepted task is in the task table, so a restart dispatches it again or fails it with a reason.
+Once only: a task is keyed by (origin organization, requester, target, idempotency key or task
+id). While a key's task runs, a call with the key follows it; after it ended, the call gets its
+stored outcome, as released, under the task's own id (and a peer's repeated request and the
+result sent again are recorded). A refusal before a task is accepted is never the key's outcome.
 
-A value the policy withholds never reaches a log line or an audit record: records keep paths and
-digests. An agent's free-text progress notes and error messages stay inside the organization;
-a peer sees states and stable error codes only.
+The routes themselves, step by step, are in gateway/exchange/routes.py and steps.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import grpc
 from fedgate.v1 import fedgate_pb2 as pb
 
-from gateway.audit.store import AuditEvent
-from gateway.edges.wire import AgentCard, result_from_pb
+from gateway.audit.store import AuditEvent, AuditStore
+from gateway.edges.wire import result_from_pb
 from gateway.errors import (
-    AuditUnavailable,
-    Cancelled,
     DeadlineExceeded,
     FedgateError,
     InvalidArgument,
     NotFound,
-    PayloadLimitExceeded,
     PermissionDenied,
     Unavailable,
 )
-from gateway.exchange.outbound import OutboundRoutes
-from gateway.exchange.router_base import (
-    Claims,
-    DuplicateTask,
+from gateway.exchange.agents import AgentRegistry
+from gateway.exchange.execution import Claims, Execution, Executions
+from gateway.exchange.routes import Routes
+from gateway.exchange.steps import (
+    PEER_ERROR_MESSAGES,
     Limits,
-    Running,
-    departure,
+    Steps,
+    claims_of,
     error_result,
+    owned,
 )
 from gateway.exchange.tasks import (
-    TaskError,
+    AgentCard,
     TaskResult,
     TaskSpec,
     TaskState,
@@ -62,52 +55,106 @@ from gateway.exchange.tasks import (
     validate_names,
     validate_task_id,
 )
-from gateway.identity.signing import ReceiptBody, sign_receipt
-from gateway.payload import check_limits, digest
-from gateway.policy.engine import Policy
-from gateway.store.task_table import TaskRow, task_key
+from gateway.identity.signing import Signer, Verifier
+from gateway.peers import PeerRegistry
+from gateway.policy.engine import Policy, PolicyHolder
+from gateway.store.task_table import Finish, TaskRow, TaskTable, task_key
 
-__all__ = ["Limits", "Router"]
+__all__ = ["Limits", "Router", "claims_of"]
 
 log = logging.getLogger("fedgate.router")
 
-# Why a responder closes the records of a task whose requesting gateway went away.
-STREAM_CLOSED = "the requesting gateway closed the task stream"
 
-# What a peer is told when one of our agents fails: a stable code, never the agent's own text.
-_PEER_ERROR_MESSAGES = {
-    "agent_disconnected": "the agent instance disconnected mid-task",
-    "skill_error": "the agent's skill reported an error",
-    "policy_refused": (
-        "the result could not be evaluated by the sharing policy and was not released"
-    ),
-    "gateway_restarted": "the gateway restarted before the task finished",
-    "no_agent": "no agent instance was available before the deadline",
-}
-
-
-def _owned(requester: str, owner: str | None) -> bool:
-    """Whether a task's requester ('subject' or 'subject/name') belongs to `owner` (None: any)."""
-    return owner is None or requester.partition("/")[0] == owner
-
-
-def claims_of(spec: TaskSpec) -> dict[str, str | tuple[str, ...]]:
-    """The delegated claims of an inbound task, as the policy sees them (see delegation)."""
-    return {"role": spec.roles, "purpose": spec.purpose, "subject": spec.requester}
-
-
-def _describe_claims(spec: TaskSpec) -> str:
-    """The delegated claims of who asked, as kept in the audit record."""
-    parts = []
-    if spec.purpose:
-        parts.append(f"purpose={spec.purpose}")
-    if spec.roles:
-        parts.append("roles=" + ",".join(spec.roles))
-    return " ".join(parts)
-
-
-class Router(OutboundRoutes):
+class Router:
     """Runs exchanges for one organization's gateway."""
+
+    def __init__(
+        self,
+        *,
+        org: str,
+        agents: AgentRegistry,
+        peers: PeerRegistry,
+        policy: PolicyHolder | None,
+        audit: AuditStore,
+        signer: Signer,
+        verifier: Verifier,
+        limits: Limits | None = None,
+        store_payloads: bool = False,
+        max_failovers: int = 2,
+        finished_capacity: int = 1_000,
+    ) -> None:
+        self.org = org
+        self.agents = agents
+        self.peers = peers
+        self.policy = policy
+        self.audit = audit
+        self.steps = Steps(
+            org=org,
+            store=audit,
+            agents=agents,
+            peers=peers,
+            policy=policy,
+            signer=signer,
+            verifier=verifier,
+            limits=limits or Limits(),
+            store_payloads=store_payloads,
+            max_failovers=max_failovers,
+        )
+        self.executions = Executions(remember=finished_capacity)
+        self.routes = Routes(self.steps, self.executions)
+        self.draining = False
+
+    # ---- collaborators the server rotates or reads ------------------------------------------
+
+    @property
+    def tasks(self) -> TaskTable:
+        return self.audit.tasks
+
+    @property
+    def signer(self) -> Signer:
+        return self.steps.signer
+
+    @signer.setter
+    def signer(self, signer: Signer) -> None:
+        self.steps.signer = signer
+
+    @property
+    def verifier(self) -> Verifier:
+        return self.steps.verifier
+
+    @property
+    def delegation_ttl(self) -> float:
+        return self.steps.delegation_ttl
+
+    @delegation_ttl.setter
+    def delegation_ttl(self, seconds: float) -> None:
+        self.steps.delegation_ttl = seconds
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.executions)
+
+    async def wait_idle(self, grace: float) -> bool:
+        """Wait until no task runs; False if some still run after `grace` seconds."""
+        return await self.executions.wait_idle(grace)
+
+    def current_policy(self) -> Policy | None:
+        return self.steps.current_policy()
+
+    async def audit_rejection(
+        self,
+        spec: TaskSpec,
+        peer_org: str,
+        exc: FedgateError,
+        *,
+        started: float,
+        kind: str = "rejected",
+        direction: str = "inbound",
+    ) -> None:
+        """Record a refusal (best effort, bounded): for the edges' own refusals."""
+        await self.steps.refuse(
+            spec, peer_org, exc, started=started, kind=kind, direction=direction
+        )
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -128,16 +175,17 @@ class Router(OutboundRoutes):
     async def get(self, task_id: str, *, origin_org: str, owner: str | None = None) -> TaskResult:
         """State of a task the asking organization (and, given, requester) submitted."""
         unknown = NotFound(f"task {task_id!r} is not known to the gateway of {self.org!r}")
-        running = self._running.get(task_id)
+        running = self.executions.by_id.get(task_id)
         if running is not None and running.origin_org == origin_org:
-            if not _owned(running.spec.requester, owner):
+            if not owned(running.spec.requester, owner):
                 raise unknown
-            return TaskResult(task_id, TaskState.WORKING)
-        finished = self._finished.get(task_id)
-        if finished is not None and finished[0] == origin_org and _owned(finished[1], owner):
-            return finished[2]
+            state = running.state if running.state is not TaskState.SUBMITTED else None
+            return TaskResult(task_id, state or TaskState.WORKING)
+        recent = self.executions.recent_by_id(task_id)
+        if recent is not None and recent[0] == origin_org and owned(recent[1], owner):
+            return recent[2]
         row = await self.tasks.by_task_id(origin_org, task_id)
-        if row is not None and _owned(row.requester, owner):
+        if row is not None and owned(row.requester, owner):
             if row.result is None and row.remote:
                 return await self._ask_peer(row)
             return row.result or TaskResult(task_id, TaskState.WORKING)
@@ -152,7 +200,7 @@ class Router(OutboundRoutes):
         """
         result = await self.get(task_id, origin_org=peer_org)
         if result.state is not TaskState.COMPLETED:
-            return result
+            return replace(result, output={}, field_actions=(), receipt=None, provenance=())
         return TaskResult(result.task_id, result.state, responder_org=self.org)
 
     async def _ask_peer(self, row: TaskRow) -> TaskResult:
@@ -177,26 +225,26 @@ class Router(OutboundRoutes):
     ) -> TaskState:
         """Cancel a running task the asking organization (and requester) submitted, and its
         sub-tasks."""
-        running = self._running.get(task_id)
+        running = self.executions.by_id.get(task_id)
         if (
             running is None
             or running.origin_org != origin_org
-            or not _owned(running.spec.requester, owner)
+            or not owned(running.spec.requester, owner)
         ):
             result = await self.get(task_id, origin_org=origin_org, owner=owner)
             return result.state
-        running.reason = reason or "canceled by the requester"
+        why = reason or "canceled by the requester"
         for child in list(running.children):
             with contextlib.suppress(FedgateError):
                 await self.cancel(child, f"parent task {task_id} was canceled", origin_org=self.org)
         if running.remote:
-            # Tell the peer first, so it ends and records the task before our stream closes.
-            with contextlib.suppress(grpc.aio.AioRpcError):
+            # Tell the peer first, so it ends and records the task before ours closes.
+            with contextlib.suppress(grpc.aio.AioRpcError, FedgateError):
                 await self.peers.stub(running.spec.target_org).CancelTask(
-                    pb.CancelTaskRequest(task_id=task_id, reason=running.reason),
+                    pb.CancelTaskRequest(task_id=task_id, reason=why),
                     timeout=max(1.0, min(5.0, running.spec.remaining())),
                 )
-        running.cancel.set()
+        running.cancel(why)
         return TaskState.CANCELED
 
     # ---- entry points --------------------------------------------------------------------
@@ -208,23 +256,75 @@ class Router(OutboundRoutes):
         one unary call instead of a stream of updates.
         """
         spec = self._prepare(spec)
-        flow: Callable[[], AsyncIterator[TaskUpdate]]
-        if spec.target_org == self.org:
-            card = self.agents.card(spec.agent)
-            if card is None:
-                raise NotFound(
-                    f"agent {spec.agent!r} is not connected to the gateway of {self.org!r}"
+        key = task_key(self.org, spec)
+        execution = self.executions.by_key.get(key)
+        if execution is None:
+            recent = self._recent(key, spec)
+            if recent is not None:
+                yield await self.routes.answer_retry(spec, recent, None)
+                return
+            started = time.monotonic()
+            if spec.target_org == self.org:
+                card = self.agents.known_card(spec.agent)
+                if card is None:
+                    raise NotFound(
+                        f"agent {spec.agent!r} is not connected to the gateway of {self.org!r}"
+                    )
+                if card.skill(spec.skill) is None:
+                    raise NotFound(
+                        f"agent {spec.agent!r} of {self.org!r} has no skill {spec.skill!r}"
+                    )
+                execution = self.executions.start(
+                    Execution(spec, self.org, key), lambda x: self.routes.local(x)
                 )
-            if card.skill(spec.skill) is None:
-                raise NotFound(f"agent {spec.agent!r} of {self.org!r} has no skill {spec.skill!r}")
-            flow = lambda: self._run_local(spec, origin_org=self.org, peer_org=None)  # noqa: E731
-        else:
-            flow = lambda: self._run_remote(spec, stream=stream)  # noqa: E731
-        async for update in self._once(self.org, spec, flow, peer_org=None):
+            else:
+                execution = await self._start_outbound(spec, key, started, stream=stream)
+        async for update in execution.follow(states=stream, until=spec.deadline):
             yield update
 
+    async def _start_outbound(
+        self, spec: TaskSpec, key: tuple[str, str], started: float, *, stream: bool
+    ) -> Execution:
+        parent, claims, spec = self._caller_context(spec)
+        outbound, opening, admitted = await self.steps.admit_outbound(spec, claims, started)
+        execution = Execution(spec, self.org, key, remote=True, peer_org=spec.target_org)
+
+        async def route(x: Execution) -> TaskResult:
+            return await self.routes.outbound(
+                x, outbound, opening, admitted, started, stream=stream, parent=parent
+            )
+
+        return self.executions.start(execution, route)
+
+    def _caller_context(self, spec: TaskSpec) -> tuple[Execution | None, Claims, TaskSpec]:
+        """Whose data a call onward carries: the `origin` claim of the send policy.
+
+        It comes from the tasks the calling agent actually serves (the instances its token
+        subject connected), never from what the call says; a parent task the caller names
+        must be one of them. A requester that serves no task sends our own organization's data.
+        """
+        subject = spec.requester.partition("/")[0]
+        parent: Execution | None = None
+        if spec.parent_task_id:
+            parent = self.executions.by_id.get(spec.parent_task_id)
+            if parent is None or parent.remote or not self.agents.serves(subject, parent.task_id):
+                raise PermissionDenied(
+                    f"task {spec.parent_task_id[:128]!r} is not a task that the caller's agent "
+                    "is serving here: a call onward names only the task it serves"
+                )
+            # The deadline travels along with the data.
+            spec = replace(spec, deadline=min(spec.deadline, parent.spec.deadline))
+        origins = {
+            served.origin_org
+            for task_id in self.agents.tasks_served_by(subject)
+            if (served := self.executions.by_id.get(task_id)) is not None
+        }
+        if parent is not None:
+            origins.add(parent.origin_org)
+        return parent, {"origin": tuple(sorted(origins or {self.org}))}, spec
+
     async def serve_peer(
-        self, spec: TaskSpec, peer_org: str, claims: Claims = None
+        self, spec: TaskSpec, peer_org: str, claims: Claims = None, *, stream: bool = True
     ) -> AsyncIterator[TaskUpdate]:
         """A task from a peer organization, proven by its certificate, for one of our agents.
 
@@ -238,95 +338,44 @@ class Router(OutboundRoutes):
                     f"this gateway serves organization {self.org!r}, not {spec.target_org!r}"
                 )
         except FedgateError as exc:
-            await self.audit_rejection(spec, peer_org, exc, started=started)
+            await self.steps.refuse(spec, peer_org, exc, started=started)
             raise
-        flow = lambda: self._run_local(spec, origin_org=peer_org, peer_org=peer_org, claims=claims)  # noqa: E731
-        async for update in self._once(peer_org, spec, flow, peer_org=peer_org):
+        key = task_key(peer_org, spec)
+        execution = self.executions.by_key.get(key)
+        if execution is not None:
+            # A repeat while the task runs: recorded, and it follows the task.
+            await self.steps.write(
+                None, self.steps.retry_received(spec, peer_org, execution.task_id), None
+            )
+        else:
+            recent = self._recent(key, spec)
+            if recent is None and spec.resume:
+                row = await self.tasks.get(*key)
+                recent = row.result if row is not None else None
+                if row is None:
+                    raise NotFound(
+                        f"task {spec.task_id!r} is not known to the gateway of {self.org!r}: "
+                        "send it again with its input"
+                    )
+            if recent is not None:
+                yield await self.routes.answer_retry(spec, recent, peer_org)
+                return
+            policy, opening = await self.steps.admit_inbound(spec, peer_org, claims, started)
+            execution = Execution(spec, peer_org, key, peer_org=peer_org, claims=claims)
+
+            async def route(x: Execution) -> TaskResult:
+                return await self.routes.inbound(x, policy, opening, started)
+
+            self.executions.start(execution, route)
+        async for update in execution.follow(states=stream, until=spec.deadline):
             yield update
 
-    async def recover(self) -> int:
-        """After a restart: dispatch accepted tasks again, or fail them with a reason."""
-        rows = await self.tasks.unfinished()
-        for row in rows:
-            spec = row.spec
-            if row.remote and spec is not None and spec.remaining() > 0:
-                # Sent to a partner before the restart: the partner holds the task. GetTask asks
-                # it, and a retry with the key resumes it (the partner runs a key once).
-                continue
-            if row.remote or spec is None or spec.remaining() <= 0:
-                reason = (
-                    "the gateway restarted and the task's deadline passed before it could ask "
-                    "the partner again"
-                    if row.remote
-                    else "the gateway restarted and the task's deadline has passed"
-                )
-                await self._fail_recovered(row, "gateway_restarted", reason)
-                continue
-            key = (row.origin_org, row.key)
-            self._inflight[key] = asyncio.get_running_loop().create_future()
-            task = asyncio.ensure_future(self._recover_one(row))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-        if rows:
-            log.info("recovered %d unfinished tasks from the task table", len(rows))
-        return len(rows)
-
-    async def _recover_one(self, row: TaskRow) -> None:
-        spec = row.spec
-        assert spec is not None
-        key = (row.origin_org, row.key)
-        future = self._inflight[key]
-        peer_org = None if row.origin_org == self.org else row.origin_org
-        result: TaskResult | None = None
-        try:
-            # Recovery after a restart is rare: polling until an instance reconnects is enough.
-            while not self.agents.instance_count(spec.agent) and spec.remaining() > 0:  # noqa: ASYNC110
-                await asyncio.sleep(min(0.2, max(0.01, spec.remaining())))
-            if not self.agents.instance_count(spec.agent):
-                result = await self._fail_recovered(
-                    row, "no_agent", _PEER_ERROR_MESSAGES["no_agent"]
-                )
-                return
-            claims = claims_of(spec) if peer_org is not None else None
-            policy = self.current_policy()
-            if peer_org is not None and (
-                policy is None
-                or not policy.may_invoke(peer_org, spec.agent, spec.skill, claims).allowed
-            ):
-                # The policy changed while we were down: the task is refused, not run.
-                result = await self._fail_recovered(
-                    row, "policy_refused", _PEER_ERROR_MESSAGES["policy_refused"]
-                )
-                return
-            async for update in self._run_local(
-                spec, origin_org=row.origin_org, peer_org=peer_org, claims=claims, recovered=True
-            ):
-                if update.state.final:
-                    result = update.result
-        except FedgateError as exc:
-            result = error_result(spec, exc, self.org)
-        finally:
-            self._inflight.pop(key, None)
-            if not future.done():
-                future.set_result(
-                    result or error_result(spec, Cancelled("recovery stopped"), self.org)
-                )
-
-    async def _fail_recovered(self, row: TaskRow, code: str, message: str) -> TaskResult:
-        """End a task from the task table with an error instead of running it."""
-        result = TaskResult(
-            row.task_id, TaskState.FAILED, error=TaskError(code, message), responder_org=self.org
-        )
-        await self.tasks.finish(row.origin_org, row.key, result)
-        return result
-
-    async def stop_background(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-
-    # ---- once only -----------------------------------------------------------------------
+    def _recent(self, key: tuple[str, str], spec: TaskSpec) -> TaskResult | None:
+        """The remembered outcome of the key, if its task ended here recently."""
+        recent = self.executions.recent(key)
+        if recent is None and spec.task_id in self.executions.by_id:
+            raise InvalidArgument(f"task id {spec.task_id!r} is already running under another key")
+        return recent
 
     def _prepare(self, spec: TaskSpec) -> TaskSpec:
         if self.draining:
@@ -343,348 +392,105 @@ class Router(OutboundRoutes):
             raise DeadlineExceeded(f"task {spec.task_id} arrived after its deadline")
         return spec
 
-    async def _once(
-        self,
-        origin_org: str,
-        spec: TaskSpec,
-        flow: Callable[[], AsyncIterator[TaskUpdate]],
-        *,
-        peer_org: str | None,
-    ) -> AsyncIterator[TaskUpdate]:
-        """Run `flow` unless this key already ran or runs; then answer with that result."""
-        key = task_key(origin_org, spec)
-        pending = self._inflight.get(key)
-        if pending is not None:
-            try:
-                earlier = await asyncio.wait_for(
-                    asyncio.shield(pending), max(0.001, spec.remaining())
-                )
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"task {spec.task_id} passed its deadline while its first attempt still ran"
-                ) from None
-            yield await self._answer_retry(spec, earlier, peer_org)
-            return
-        if spec.task_id in self._running or spec.task_id in self._claimed_ids:
-            raise InvalidArgument(f"task id {spec.task_id!r} is already running under another key")
-        recent = self._recent.get(key)
-        if recent is not None:
-            yield await self._answer_retry(spec, recent, peer_org)
-            return
-        future: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        self._claimed_ids.add(spec.task_id)  # before any await: one task id, one key
-        result: TaskResult | None = None
-        try:
-            try:
-                async for update in flow():
-                    if update.state.final:
-                        result = update.result
-                    yield update
-            except DuplicateTask as duplicate:
-                # The task table knew this key (before a restart, or from another replica).
-                if duplicate.row.result is None:
-                    raise Unavailable(
-                        f"task {duplicate.row.task_id!r} was interrupted by a restart of "
-                        f"{self.org!r} and is being recovered: ask for it again later"
-                    ) from None
-                result = duplicate.row.result
-                yield await self._answer_retry(spec, duplicate.row.result, peer_org)
-        except BaseException as exc:
-            # A retry waiting on this attempt gets the same outcome; the requester going away
-            # at the deadline is the deadline (error_result tells the two apart).
-            result = result or error_result(spec, exc, self.org)
-            raise
-        finally:
-            self._inflight.pop(key, None)
-            self._claimed_ids.discard(spec.task_id)
-            future.set_result(result or error_result(spec, Cancelled("stream closed"), self.org))
+    # ---- after a restart -------------------------------------------------------------------
 
-    async def _answer_retry(
-        self, spec: TaskSpec, result: TaskResult, peer_org: str | None
-    ) -> TaskUpdate:
-        """The stored outcome of a task, for a retry with the same key (audited for a peer)."""
-        if peer_org is not None and result.state is TaskState.COMPLETED:
-            await self._record(
-                self._event(
-                    "result_released",
-                    spec,
-                    peer_org,
-                    direction="inbound",
-                    decision="allowed",
-                    status=result.state.value,
-                    withheld_paths=tuple(p for p, a in result.field_actions if a == "withheld"),
-                    transformed=tuple((p, a) for p, a in result.field_actions if a != "withheld"),
-                    digest_after=digest(result.output),
-                    policy_version=result.policy_version or None,
-                    detail="retry: the stored result was sent again",
-                    receipt=result.receipt,
-                )
-            )
-        result = replace(result, task_id=spec.task_id)
-        return TaskUpdate(spec.task_id, result.state, result=result)
-
-    # ---- inbound and local ---------------------------------------------------------------
-
-    async def _dispatch(self, spec: TaskSpec, origin_org: str) -> AsyncIterator[TaskUpdate]:
-        """Dispatch to an instance; if it dies mid-task, to another one (up to max_failovers)."""
-        failovers = 0
-        while True:
-            final: TaskUpdate | None = None
-            async for update in self.agents.dispatch(spec, origin_org):
-                if not update.state.final:
-                    yield update
-                    continue
-                final = update
-            assert final is not None
-            error = final.result.error if final.result is not None else None
-            if (
-                error is not None
-                and error.code == "agent_disconnected"
-                and failovers < self.max_failovers
-                and self.agents.instance_count(spec.agent) > 0
-                and spec.remaining() > 0
-            ):
-                failovers += 1
-                log.info("task %s: agent instance died; failing over (%d)", spec.task_id, failovers)
+    async def recover(self) -> int:
+        """After a restart: run the open tasks again, resume those sent to a partner, or fail
+        them with a reason (their opening records get their closing ones)."""
+        rows = await self.tasks.unfinished()
+        for row in rows:
+            spec = row.spec
+            if spec is None or spec.remaining() <= 0:
+                await self._fail_recovered(row, "gateway_restarted", _RESTART_REASON)
                 continue
-            yield final
-            return
+            key = (row.origin_org, row.key)
+            if row.remote:
+                self._resume_outbound(row, spec, key)
+                continue
+            peer_org = None if row.origin_org == self.org else row.origin_org
+            claims = claims_of(spec) if peer_org is not None else None
+            policy = self.current_policy()
+            if peer_org is not None and (
+                policy is None
+                or not policy.may_invoke(peer_org, spec.agent, spec.skill, claims).allowed
+            ):
+                # The policy changed while we were down: the task is refused, not run.
+                await self._fail_recovered(
+                    row, "policy_refused", PEER_ERROR_MESSAGES["policy_refused"]
+                )
+                continue
+            execution = Execution(spec, row.origin_org, key, peer_org=peer_org, claims=claims)
+            if peer_org is None:
+                self.executions.start(execution, lambda x: self.routes.local(x, recovered=True))
+            else:
+                self.executions.start(execution, self._recovered_inbound(policy))
+        if rows:
+            log.info("recovered %d unfinished tasks from the task table", len(rows))
+        return len(rows)
 
-    async def _run_local(
-        self,
-        spec: TaskSpec,
-        *,
-        origin_org: str,
-        peer_org: str | None,
-        claims: Claims = None,
-        recovered: bool = False,
-    ) -> AsyncIterator[TaskUpdate]:
+    def _recovered_inbound(self, policy: Policy | None):  # type: ignore[no-untyped-def]
         started = time.monotonic()
-        policy = self.current_policy()
-        if not recovered:
-            received = (
-                await self._admit_peer(spec, peer_org, policy, started, claims)
-                if peer_org is not None
-                else None
-            )
 
-            async def close(exc: BaseException) -> None:
-                assert peer_org is not None
-                await self._record_departure(
-                    spec, peer_org, error_result(spec, exc, self.org), started
-                )
+        async def route(x: Execution) -> TaskResult:
+            return await self.routes.inbound(x, policy, None, started)
 
+        return route
+
+    def _resume_outbound(self, row: TaskRow, spec: TaskSpec, key: tuple[str, str]) -> None:
+        """A task we had sent before the restart: ask the partner again for its outcome."""
+        started = time.monotonic()
+        opening = self.steps.event(
+            "request_sent", spec, spec.target_org, direction="outbound", decision="allowed"
+        )
+        resumed = replace(spec, input={}, input_field_actions=(), resume=True, purpose="", roles=())
+        execution = Execution(spec, self.org, key, remote=True, peer_org=spec.target_org)
+
+        async def route(x: Execution) -> TaskResult:
             try:
-                existing = await self._record_then_accept(
-                    received, origin_org, spec, remote=False, close=close
-                )
+                delegation = self.steps.delegation_for(spec)
             except FedgateError as exc:
-                if peer_org is not None and not isinstance(exc, AuditUnavailable):
-                    await self.audit_rejection(spec, peer_org, exc, started=started, kind="failed")
-                raise
-            if existing is not None:
-                raise DuplicateTask(existing)
-        running = self._start(spec, origin_org, remote=False, claims=claims)
-        final: TaskResult | None = None
-        releasing = kept = False
-        try:
-            async for update in self._wait(spec, running, self._dispatch(spec, origin_org)):
-                if not update.state.final:
-                    # Progress notes are free text written by the agent: they stay inside.
-                    yield update if peer_org is None else replace(update, message="")
-                    continue
-                result = update.result or TaskResult(
-                    spec.task_id, update.state, responder_org=self.org
-                )
-                result = replace(
-                    result,
-                    task_id=spec.task_id,
-                    responder_org=self.org,
-                    provenance=tuple(running.provenance),
-                )
-                if peer_org is not None:
-                    releasing = True  # from here on the release records the outcome
-                    result, event = self._release(spec, peer_org, policy, result, started, running)
-                    await self._record_then_finish(event, origin_org, spec, result)
-                    kept = True
-                final = result
-                yield TaskUpdate(spec.task_id, result.state, result=result)
-                return
-        except FedgateError as exc:
-            # Decide the outcome before any await: the requester's deadline may cancel us there.
-            final = final or error_result(spec, exc, self.org)
-            if peer_org is not None and not isinstance(exc, AuditUnavailable):
-                await asyncio.shield(
-                    self.audit_rejection(spec, peer_org, exc, started=started, kind="failed")
-                )
-            raise
-        except BaseException as exc:
-            # Cancelled, or closed (GeneratorExit) when the requester's stream went away while
-            # we waited at a yield. Decide the outcome before any await, then record it.
-            final = final or error_result(spec, exc, self.org)
-            if peer_org is not None and not releasing:
-                await asyncio.shield(self._record_departure(spec, peer_org, final, started))
-            raise
-        finally:
-            self._finish(running, final)
-            if final is not None and not kept:
-                await self._finish_task(origin_org, spec, final)
-
-    async def _record_departure(
-        self, spec: TaskSpec, peer_org: str, final: TaskResult, started: float
-    ) -> None:
-        """Close the records of a task whose requesting gateway went away: as the deadline if
-        that is what `final` says (it gives up at the deadline too), else as a cancel."""
-        kind, gone = departure(final, STREAM_CLOSED)
-        await self.audit_rejection(spec, peer_org, gone, started=started, kind=kind)
-
-    async def _admit_peer(
-        self, spec: TaskSpec, peer_org: str, policy: Policy | None, started: float, claims: Claims
-    ) -> AuditEvent:
-        """Invoke policy and limits, before any dispatch; returns the `request_received` event.
-
-        A refusal is recorded here; the caller commits the returned event as the task is accepted.
-        """
-        card = self.agents.card(spec.agent)
-        exists = card is not None and card.skill(spec.skill) is not None
-        decision = policy.may_invoke(peer_org, spec.agent, spec.skill, claims) if policy else None
-        if decision is None or not decision.allowed or not exists:
-            # Seen from the peer, a denied invoke and a missing agent are the same answer.
-            error = PermissionDenied(
-                f"agent skill {spec.agent}.{spec.skill} of {self.org!r} does not exist or is not "
-                f"shared with organization {peer_org!r}"
+                result = error_result(x.task_id, "gateway_restarted", exc.message, self.org)
+                await self.steps.write(x, None, Finish(self.org, row.key, result))
+                return result
+            return await self.routes.outbound(
+                x,
+                replace(resumed, delegation=delegation),
+                opening,
+                None,
+                started,
+                stream=False,
+                parent=None,
             )
-            why = "no agent instance has this skill" if not exists else "no invoke rule allows it"
-            await self._record(
-                self._event(
-                    "invoke_denied",
-                    spec,
-                    peer_org,
-                    direction="inbound",
-                    decision="denied",
-                    status=error.status.name,
-                    duration_ms=(time.monotonic() - started) * 1000,
-                    policy_version=policy.version if policy else None,
-                    detail=why,
-                )
-            )
-            raise error
-        try:
-            check_limits(
-                spec.input, max_depth=self.limits.max_depth, max_fields=self.limits.max_fields
-            )
-        except PayloadLimitExceeded as exc:
-            await self.audit_rejection(spec, peer_org, exc, started=started)
-            raise
-        input_digest = digest(spec.input)
-        return self._event(
-            "request_received",
-            spec,
-            peer_org,
-            direction="inbound",
-            decision="allowed",
-            status=TaskState.SUBMITTED.value,
-            duration_ms=(time.monotonic() - started) * 1000,
-            withheld_paths=tuple(p for p, a in spec.input_field_actions if a == "withheld"),
-            transformed=tuple((p, a) for p, a in spec.input_field_actions if a != "withheld"),
-            digest_before=input_digest,
-            digest_after=input_digest,
-            policy_version=decision.policy_version,
-            detail=_describe_claims(spec),
-            payload=spec.input if self.store_payloads else None,
-        )
 
-    def _release(
-        self,
-        spec: TaskSpec,
-        peer_org: str,
-        policy: Policy | None,
-        result: TaskResult,
-        started: float,
-        running: Running,
-    ) -> tuple[TaskResult, AuditEvent]:
-        """Filter a final result for a peer and sign its receipt.
+        self.executions.start(execution, route)
 
-        Returns what the peer gets and the event to commit before it does: `result_released`,
-        or `failed`/`canceled` with a stable error code and no free text.
-        """
-        duration = (time.monotonic() - started) * 1000
-        if result.state is not TaskState.COMPLETED:
-            code = result.error.code if result.error else "skill_error"
-            if code not in _PEER_ERROR_MESSAGES and code != "canceled":
-                code = "skill_error"
-            message = _PEER_ERROR_MESSAGES.get(code, "the task was canceled")
-            released = TaskResult(
-                spec.task_id, result.state, error=TaskError(code, message), responder_org=self.org
-            )
-            return released, self._event(
-                "canceled" if result.state is TaskState.CANCELED else "failed",
-                spec,
-                peer_org,
-                direction="inbound",
+    async def _fail_recovered(self, row: TaskRow, code: str, message: str) -> TaskResult:
+        """End a task from the task table with an error instead of running it, closing its
+        opening record (request_received or request_sent) with the reason."""
+        result = error_result(row.task_id, code, message, self.org)
+        target_org, _, agent_skill = row.target.partition("/")
+        agent, _, skill = agent_skill.partition(".")
+        peer = target_org if row.remote else row.origin_org
+        closing = None
+        if peer != self.org:
+            closing = AuditEvent(
+                kind="failed",
+                task_id=row.task_id,
+                peer_org=peer,
+                agent=agent,
+                skill=skill,
+                requester=row.requester,
+                direction="outbound" if row.remote else "inbound",
                 decision="error",
-                status=result.state.value,
-                duration_ms=duration,
-                detail=code,
-            )
-        try:
-            filtered = self._filter(policy, peer_org, spec, "share", result.output, running.claims)
-        except FedgateError as exc:
-            refused = TaskResult(
-                spec.task_id,
-                TaskState.FAILED,
-                error=TaskError("policy_refused", _PEER_ERROR_MESSAGES["policy_refused"]),
-                responder_org=self.org,
-            )
-            return refused, self._event(
-                "failed",
-                spec,
-                peer_org,
-                direction="inbound",
-                decision="denied",
                 status=TaskState.FAILED.value,
-                duration_ms=duration,
-                digest_before=digest(result.output) if isinstance(exc, PermissionDenied) else None,
-                detail=f"policy_refused: {exc.message}",
+                detail=f"{code}: {message}",
             )
-        actions = tuple((p, "withheld") for p in filtered.withheld) + filtered.transformed
-        digest_before, released_digest = self._digests(result.output, filtered)
-        receipt = sign_receipt(
-            self.signer,
-            ReceiptBody(
-                task_id=spec.task_id,
-                responder_org=self.org,
-                result_digest=released_digest,
-                withheld_paths=filtered.withheld,
-                field_actions=filtered.transformed,
-                policy_version=filtered.policy_version,
-                signed_at_unix_ms=int(time.time() * 1000),
-            ),
-        ).to_json()
-        released = TaskResult(
-            spec.task_id,
-            TaskState.COMPLETED,
-            output=filtered.output,
-            field_actions=actions,
-            receipt=receipt,
-            responder_org=self.org,
-            policy_version=filtered.policy_version,
-            provenance=result.provenance,
-        )
-        return released, self._event(
-            "result_released",
-            spec,
-            peer_org,
-            direction="inbound",
-            decision="partial" if actions else "allowed",
-            status=TaskState.COMPLETED.value,
-            duration_ms=duration,
-            withheld_paths=filtered.withheld,
-            transformed=filtered.transformed,
-            digest_before=digest_before,
-            digest_after=released_digest,
-            policy_version=filtered.policy_version,
-            receipt=receipt,
-            payload=result.output if self.store_payloads else None,
-        )
+        await self.steps.write(None, closing, Finish(row.origin_org, row.key, result))
+        return result
+
+    async def stop_background(self) -> None:
+        """Stop every running task (at shutdown): they stay open in the table for recovery."""
+        await self.executions.stop()
+
+
+_RESTART_REASON = "the gateway restarted and the task's deadline has passed"

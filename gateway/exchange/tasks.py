@@ -52,6 +52,8 @@ class TaskSpec:
     # Declared by a local requester; sent to a peer only inside the signed delegation statement.
     purpose: str = ""
     roles: tuple[str, ...] = ()
+    # A requesting gateway asking again, after its restart, for a task it had sent (no input).
+    resume: bool = False
 
     @property
     def target(self) -> str:
@@ -90,6 +92,26 @@ class TaskUpdate:
     state: TaskState
     message: str = ""
     result: TaskResult | None = None
+
+
+@dataclass(frozen=True)
+class SkillCard:
+    name: str
+    description: str = ""
+    input_schema: dict[str, Any] | None = None
+    output_schema: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class AgentCard:
+    org: str
+    name: str
+    description: str = ""
+    version: str = ""
+    skills: tuple[SkillCard, ...] = ()
+
+    def skill(self, name: str) -> SkillCard | None:
+        return next((s for s in self.skills if s.name == name), None)
 
 
 def new_task_id() -> str:

@@ -7,43 +7,25 @@ again) and dropped when it ends. A task sent to a partner keeps no input at all:
 holds it, and a retry brings the input again. The result kept is what was released to the
 requester, so a retry gets the same answer.
 
-Writes are group-committed: concurrent accepts, finishes and forgets share one transaction, run
-by the store's one writer thread on its persistent DB-API connection
-(gateway.store.db.WriterThread), and each caller resumes after the commit. Reads go through the
-SQLAlchemy engine.
-
-SQLite uses synchronous=NORMAL here: a row survives a crash of the process (the audit log,
-which is FULL, is the record of truth); PostgreSQL is durable either way.
+The table lives in the gateway's one database, beside the audit chain, and is written by the
+audit store's one writer (gateway.audit.store): a step of an exchange commits its audit record
+and its task-table write (`TaskOp`) in one transaction, so there is no moment when one is
+durable and the other is not. This module holds the rows, the operations and their SQL; the
+`TaskTable` facade gives the router the table's reads and single writes.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import hashlib
 import json
-import logging
-import threading
-import time
-from abc import ABC, abstractmethod
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import BigInteger, Column, Index, String, Text, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import BigInteger, Column, Index, String, Text
 from sqlmodel import Field, SQLModel
 
-from gateway.errors import Unavailable
 from gateway.exchange.tasks import TaskError, TaskResult, TaskSpec, TaskState
-from gateway.store.db import (
-    WriterThread,
-    create_store_engine,
-    driver_sql,
-    group_commit,
-    is_sqlite,
-)
-
-log = logging.getLogger("fedgate.tasks")
 
 TaskKey = tuple[str, str]  # (origin_org, idempotency key or task id)
 
@@ -149,88 +131,126 @@ def kept_spec(spec: TaskSpec, *, remote: bool) -> TaskSpec:
     return replace(spec, input={}, input_field_actions=()) if remote else spec
 
 
-class TaskStore(ABC):
-    """Accepted tasks by (origin, key)."""
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """Take the task's key; if it is taken already, nothing of the step is written."""
 
-    @abstractmethod
+    origin_org: str
+    spec: TaskSpec
+    remote: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """Keep the task's final result and drop its input."""
+
+    origin_org: str
+    key: str
+    result: TaskResult
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """Drop a task that never ran (the peer refused it), so a retry with its key runs it."""
+
+    origin_org: str
+    key: str
+
+
+TaskOp = Accept | Finish | Forget
+
+
+def accept_row(op: Accept, now_ms: int) -> tuple[Any, ...]:
+    """The parameters of ACCEPT_SQL for `op`."""
+    spec = op.spec
+    return (
+        op.origin_org,
+        task_key(op.origin_org, spec)[1],
+        spec.task_id,
+        spec.target,
+        spec.requester,
+        op.remote,
+        TaskState.WORKING.value,
+        json.dumps(spec_to_json(kept_spec(spec, remote=op.remote))),
+        None,  # result_json
+        now_ms,
+        now_ms,
+    )
+
+
+def op_sql_params(op: TaskOp, now_ms: int) -> tuple[str, tuple[Any, ...]]:
+    """(kind, parameters) of the SQL that applies `op` (kinds are keys of WRITE_SQL)."""
+    if isinstance(op, Accept):
+        return "accept", accept_row(op, now_ms)
+    if isinstance(op, Finish):
+        return "finish", (
+            op.result.state.value,
+            json.dumps(result_to_json(op.result)),
+            now_ms,
+            op.origin_org,
+            op.key,
+        )
+    return "forget", (op.origin_org, op.key)
+
+
+def new_row(op: Accept, now_ms: int) -> TaskRow:
+    """The row an accept creates (the in-memory table's twin of ACCEPT_SQL)."""
+    spec = op.spec
+    return TaskRow(
+        op.origin_org,
+        task_key(op.origin_org, spec)[1],
+        spec.task_id,
+        spec.target,
+        spec.requester,
+        op.remote,
+        TaskState.WORKING,
+        kept_spec(spec, remote=op.remote),
+        None,
+        now_ms,
+        now_ms,
+    )
+
+
+def finished_row(row: TaskRow, result: TaskResult, now_ms: int) -> TaskRow:
+    return replace(row, state=result.state, spec=None, result=result, updated_ms=now_ms)
+
+
+class _Store(Protocol):
+    """What the facade needs of the gateway's store (gateway.audit.store.AuditStore)."""
+
+    def write_task(self, op: TaskOp) -> Awaitable[TaskRow | None]: ...
+    def task_row(self, origin_org: str, key: str) -> Awaitable[TaskRow | None]: ...
+    def task_by_id(self, origin_org: str, task_id: str) -> Awaitable[TaskRow | None]: ...
+    def unfinished_tasks(self) -> Awaitable[list[TaskRow]]: ...
+
+
+class TaskTable:
+    """The task table of one gateway's store: reads, and writes that carry no audit record."""
+
+    def __init__(self, store: _Store) -> None:
+        self._store = store
+
     async def accept(self, origin_org: str, spec: TaskSpec, *, remote: bool) -> TaskRow | None:
         """Record a newly accepted task; returns the existing row instead if the key is taken.
 
         A `remote` task (sent to a partner) is kept without its input (see `kept_spec`).
         """
-
-    @abstractmethod
-    async def finish(self, origin_org: str, key: str, result: TaskResult) -> None:
-        """Record the task's final result and drop its input."""
-
-    @abstractmethod
-    async def forget(self, origin_org: str, key: str) -> None:
-        """Drop a task that never ran (the peer refused it), so a retry with its key runs it."""
-
-    @abstractmethod
-    async def get(self, origin_org: str, key: str) -> TaskRow | None: ...
-
-    @abstractmethod
-    async def by_task_id(self, origin_org: str, task_id: str) -> TaskRow | None: ...
-
-    @abstractmethod
-    async def unfinished(self) -> list[TaskRow]: ...
-
-    async def close(self) -> None:
-        return None
-
-
-class MemoryTaskStore(TaskStore):
-    """The in-memory twin, for tests and for gateways that opt out of durable tasks."""
-
-    def __init__(self) -> None:
-        self.rows: dict[TaskKey, TaskRow] = {}
-
-    async def accept(self, origin_org: str, spec: TaskSpec, *, remote: bool) -> TaskRow | None:
-        key = task_key(origin_org, spec)
-        if key in self.rows:
-            return self.rows[key]
-        now = int(time.time() * 1000)
-        self.rows[key] = TaskRow(
-            origin_org,
-            key[1],
-            spec.task_id,
-            spec.target,
-            spec.requester,
-            remote,
-            TaskState.WORKING,
-            kept_spec(spec, remote=remote),
-            None,
-            now,
-            now,
-        )
-        return None
+        return await self._store.write_task(Accept(origin_org, spec, remote))
 
     async def finish(self, origin_org: str, key: str, result: TaskResult) -> None:
-        row = self.rows.get((origin_org, key))
-        if row is not None:
-            self.rows[(origin_org, key)] = replace(
-                row,
-                state=result.state,
-                spec=None,
-                result=result,
-                updated_ms=int(time.time() * 1000),
-            )
+        await self._store.write_task(Finish(origin_org, key, result))
 
     async def forget(self, origin_org: str, key: str) -> None:
-        self.rows.pop((origin_org, key), None)
+        await self._store.write_task(Forget(origin_org, key))
 
     async def get(self, origin_org: str, key: str) -> TaskRow | None:
-        return self.rows.get((origin_org, key))
+        return await self._store.task_row(origin_org, key)
 
     async def by_task_id(self, origin_org: str, task_id: str) -> TaskRow | None:
-        return next(
-            (r for r in self.rows.values() if r.origin_org == origin_org and r.task_id == task_id),
-            None,
-        )
+        return await self._store.task_by_id(origin_org, task_id)
 
     async def unfinished(self) -> list[TaskRow]:
-        return [r for r in self.rows.values() if not r.final]
+        return await self._store.unfinished_tasks()
 
 
 class TaskRowModel(SQLModel, table=True):
@@ -253,7 +273,7 @@ class TaskRowModel(SQLModel, table=True):
 TASKS = TaskRowModel.__table__  # type: ignore[attr-defined]
 
 
-def _row(model: Any) -> TaskRow:
+def row_from_sql(model: Any) -> TaskRow:
     return TaskRow(
         origin_org=model.origin_org,
         key=model.key,
@@ -271,7 +291,7 @@ def _row(model: Any) -> TaskRow:
 
 # The writes, by kind, with `?` markers (gateway.store.db.driver_sql adapts them to the driver);
 # their parameters are tuples in marker order. An accept returns the key if it inserted the row.
-_WRITE_SQL = {
+WRITE_SQL = {
     "accept": (
         "INSERT INTO fedgate_task (origin_org, key, task_id, target, requester, remote, state, "
         "spec_json, result_json, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -283,197 +303,3 @@ _WRITE_SQL = {
     ),
     "forget": "DELETE FROM fedgate_task WHERE origin_org = ? AND key = ?",
 }
-
-# A queued write: its kind (a key of _WRITE_SQL), its parameters, and the caller's future.
-_Write = tuple[str, tuple[Any, ...], asyncio.Future[Any]]
-
-
-def _unavailable(exc: BaseException) -> Unavailable:
-    log.error("task table cannot be written (%s)", type(exc).__name__)
-    return Unavailable(
-        f"the task table cannot be written: {type(exc).__name__}; tasks are refused until it "
-        "recovers"
-    )
-
-
-class SqlTaskStore(TaskStore):
-    """The task table in SQLite or PostgreSQL, written by one thread that group-commits.
-
-    The writes are prebuilt SQL on the writer thread's cursor: an ORM session per call, and
-    then Core statements with a pool checkout and a thread hop per batch, cost more than the
-    rest of an exchange. If a batch fails, each of its writes is tried again on its own, so one
-    bad row does not fail the others; a write that still fails raises Unavailable.
-    """
-
-    def __init__(self, url: str, *, batch_max: int = 256) -> None:
-        self.url = url
-        self.batch_max = batch_max
-        self._sqlite = is_sqlite(url)  # read per batch: parsed once
-        self._engine: Engine | None = None
-        self._lock = threading.Lock()
-        self._queue: asyncio.Queue[_Write | None] | None = None
-        self._writer: asyncio.Task[None] | None = None
-        self._writer_thread = WriterThread("fedgate-task-writer", self._db)
-
-    def _db(self) -> Engine:
-        with self._lock:
-            if self._engine is None:
-                engine = create_store_engine(
-                    self.url, synchronous="NORMAL" if self._sqlite else "FULL"
-                )
-                SQLModel.metadata.create_all(engine, tables=[TASKS])
-                self._engine = engine
-            return self._engine
-
-    # ---- the writer: one transaction per batch -------------------------------------------
-
-    @functools.cached_property
-    def _statements(self) -> dict[str, str]:
-        """The SQL of each kind of write, for the driver's parameter style."""
-        return {kind: driver_sql(self._db(), sql) for kind, sql in _WRITE_SQL.items()}
-
-    def _write_batch(self, ops: list[tuple[str, tuple[Any, ...]]]) -> list[bool | None]:
-        """On the writer thread: the writes in order, in one transaction; accept -> inserted?"""
-        with self._writer_thread.transaction() as cursor:
-            if len(ops) > 1 and not self._sqlite:
-                return self._write_pipelined(cursor.connection, ops)
-            return self._write_each(cursor, ops)  # SQLite is in process: no round trips to save
-
-    def _write_each(self, cursor: Any, ops: list[tuple[str, tuple[Any, ...]]]) -> list[bool | None]:
-        statements = self._statements
-        outcomes: list[bool | None] = []
-        for kind, params in ops:
-            cursor.execute(statements[kind], params)
-            # A row back means inserted (psycopg's rowcount is -1 after ON CONFLICT).
-            outcomes.append(bool(cursor.fetchall()) if kind == "accept" else None)
-        return outcomes
-
-    def _write_pipelined(
-        self, connection: Any, ops: list[tuple[str, tuple[Any, ...]]]
-    ) -> list[bool | None]:
-        """PostgreSQL: the batch in one pipeline, one round trip to the database instead of one
-        per write (across a network the round trips, not the database, would bound the task
-        rate: bench.bench_task_store). A write that fails aborts the rest of the batch, and
-        the error is raised when the pipeline syncs; then each write is tried on its own."""
-        statements = self._statements
-        pending: list[Any] = []
-        try:
-            with connection.pipeline():
-                for kind, params in ops:
-                    pending.append(connection.cursor())
-                    pending[-1].execute(statements[kind], params)
-            return [
-                bool(each.fetchall()) if kind == "accept" else None
-                for (kind, _), each in zip(ops, pending, strict=True)
-            ]
-        finally:
-            for each in pending:
-                each.close()
-
-    async def _write(self, batch: list[_Write]) -> None:
-        run = self._writer_thread.run
-        try:
-            outcomes = await run(self._write_batch, [(kind, params) for kind, params, _ in batch])
-        except Exception:
-            # One bad row must not fail the others: write each on its own.
-            for kind, params, future in batch:
-                try:
-                    (outcome,) = await run(self._write_batch, [(kind, params)])
-                except Exception as exc:
-                    if not future.done():
-                        future.set_exception(_unavailable(exc))
-                    continue
-                if not future.done():
-                    future.set_result(outcome)
-            return
-        for (_, _, future), outcome in zip(batch, outcomes, strict=True):
-            if not future.done():
-                future.set_result(outcome)
-
-    async def _submit(self, kind: str, params: tuple[Any, ...]) -> Any:
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(
-                group_commit(self._queue, self.batch_max, self._write), name="fedgate-task-writer"
-            )
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((kind, params, future))
-        return await future
-
-    # ---- the contract --------------------------------------------------------------------
-
-    async def accept(self, origin_org: str, spec: TaskSpec, *, remote: bool) -> TaskRow | None:
-        now = int(time.time() * 1000)
-        key = task_key(origin_org, spec)[1]
-        row = (
-            origin_org,
-            key,
-            spec.task_id,
-            spec.target,
-            spec.requester,
-            remote,
-            TaskState.WORKING.value,
-            json.dumps(spec_to_json(kept_spec(spec, remote=remote))),
-            None,  # result_json
-            now,
-            now,
-        )
-        if await self._submit("accept", row):
-            return None
-        return await self.get(origin_org, key)
-
-    async def finish(self, origin_org: str, key: str, result: TaskResult) -> None:
-        await self._submit(
-            "finish",
-            (
-                result.state.value,
-                json.dumps(result_to_json(result)),
-                int(time.time() * 1000),
-                origin_org,
-                key,
-            ),
-        )
-
-    async def forget(self, origin_org: str, key: str) -> None:
-        await self._submit("forget", (origin_org, key))
-
-    def _select(self, *conditions: Any) -> TaskRow | None:
-        with self._db().connect() as connection:
-            found = connection.execute(select(TASKS).where(*conditions).limit(1)).first()
-        return _row(found) if found is not None else None
-
-    async def get(self, origin_org: str, key: str) -> TaskRow | None:
-        return await asyncio.to_thread(
-            self._select, TASKS.c.origin_org == origin_org, TASKS.c.key == key
-        )
-
-    async def by_task_id(self, origin_org: str, task_id: str) -> TaskRow | None:
-        return await asyncio.to_thread(
-            self._select, TASKS.c.origin_org == origin_org, TASKS.c.task_id == task_id
-        )
-
-    def _unfinished(self) -> list[TaskRow]:
-        finals = [s.value for s in TaskState if s.final]
-        with self._db().connect() as connection:
-            rows = connection.execute(select(TASKS).where(TASKS.c.state.not_in(finals))).all()
-        return [_row(r) for r in rows]
-
-    async def unfinished(self) -> list[TaskRow]:
-        return await asyncio.to_thread(self._unfinished)
-
-    async def close(self) -> None:
-        """Write what is queued, end the writer thread and release the connections."""
-        writer, queue = self._writer, self._queue
-        self._writer = self._queue = None  # a write submitted from now on starts a new writer
-        if writer is not None and queue is not None and not writer.done():
-            queue.put_nowait(None)
-            await writer
-        await asyncio.to_thread(self._dispose)
-
-    def _dispose(self) -> None:
-        self._writer_thread.stop()
-        with self._lock:
-            if self._engine is not None:
-                self._engine.dispose()
-                self._engine = None

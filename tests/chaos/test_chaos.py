@@ -242,11 +242,11 @@ async def test_deadline_exceeded_task_reaches_a_final_state(chaos: ChaosFederati
 async def test_audit_store_locked_then_released(chaos: ChaosFederation) -> None:
     """The hospital's audit DB is locked for 6 s (longer than its 5 s busy timeout) under load.
 
-    Observed: while locked, the hospital fails closed (UNAVAILABLE, "audit store cannot be
-    written") and nothing completes; the SDK retries with the same key and most calls complete
-    once the lock is gone. A call whose skill had run but whose `result_released` could not be
-    committed ends TaskFailed with code "unavailable": the hospital keeps that failed outcome
-    for the key, so the retry answers it instead of running the skill again.
+    While locked, the hospital fails closed (UNAVAILABLE, "audit store cannot be written") and
+    nothing completes; the SDK retries with the same key and the calls complete once the lock is
+    gone. A skill that ran while its `result_released` could not be committed keeps its result
+    unreleased until the record commits; a retry with the key then collects it, and nothing
+    runs twice.
     """
     executions = Executions()
     outcomes: dict[str, tuple[str, float, Any]] = {}
@@ -320,16 +320,18 @@ async def test_audit_store_locked_then_released(chaos: ChaosFederation) -> None:
         assert not during, f"completed while the audit store was locked: {during}"
         assert any("audit store cannot be written" in line for line in chaos.hospital.log)
         for state, _, exc in outcomes.values():
-            assert state in ("completed", "Unavailable", "TaskFailed"), exc
-            if state == "TaskFailed":
-                assert exc.result.error is not None and exc.result.error.code == "unavailable"
+            assert state in ("completed", "Unavailable"), exc
+        # A call that heard UNAVAILABLE may still have run: the gateways keep at it until the
+        # deadline (the insurer asking again, the hospital writing its record again), so its
+        # task ends completed, or failed at its deadline; none is left open.
         states = await final_states(client, list(outcomes))
         for task_id, (state, _, _) in outcomes.items():
             if state == "completed":
                 assert states[task_id] == "completed", (task_id, states[task_id])
-            elif state == "Unavailable":
-                assert states[task_id] in ("failed", "not_found"), (task_id, states[task_id])
             else:
-                assert states[task_id] == "failed", (task_id, states[task_id])
+                assert states[task_id] in ("completed", "failed", "not_found"), (
+                    task_id,
+                    states[task_id],
+                )
     assert not executions.twice(), f"ran twice for one key: {executions.twice()}"
     chaos.assert_audit([t for t, (state, _, _) in outcomes.items() if state == "completed"])

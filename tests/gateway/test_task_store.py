@@ -1,4 +1,7 @@
-"""The task table contract, on the memory twin, SQLite and PostgreSQL."""
+"""The task table, in the gateway's one store, on the memory twin, SQLite and PostgreSQL.
+
+A step's audit record and its task-table write commit in one transaction: both or neither.
+"""
 
 from __future__ import annotations
 
@@ -12,20 +15,21 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from gateway.errors import Unavailable
+from gateway.audit.store import AuditEvent, AuditStore, MemoryAuditStore, SqlAuditStore
+from gateway.errors import AuditUnavailable, Unavailable
 from gateway.exchange.tasks import TaskError, TaskResult, TaskSpec, TaskState
-from gateway.store.task_table import MemoryTaskStore, SqlTaskStore, TaskStore, task_key
+from gateway.store.task_table import Accept, Finish, TaskTable, task_key
 
 PG = os.environ.get("FEDGATE_TEST_DATABASE_URL")
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TaskStore]:
+async def one_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AuditStore]:
     if request.param == "memory":
-        yield MemoryTaskStore()
+        yield MemoryAuditStore()
         return
     if request.param == "sqlite":
-        sql = SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}")
+        sql = SqlAuditStore(f"sqlite:///{tmp_path / 'fedgate.db'}")
         yield sql
         await sql.close()
         return
@@ -35,7 +39,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     admin = create_engine(PG)
     with admin.begin() as connection:
         connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sql = SqlTaskStore(f"{PG}?options=-csearch_path%3D{schema}")
+    sql = SqlAuditStore(f"{PG}?options=-csearch_path%3D{schema}")
     try:
         yield sql
     finally:
@@ -43,6 +47,11 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         with admin.begin() as connection:
             connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture
+def store(one_store: AuditStore) -> TaskTable:
+    return one_store.tasks
 
 
 def _spec(task_id: str, key: str = "") -> TaskSpec:
@@ -58,7 +67,7 @@ def _spec(task_id: str, key: str = "") -> TaskSpec:
     )
 
 
-async def test_a_task_sent_to_a_partner_is_kept_without_its_input(store: TaskStore) -> None:
+async def test_a_task_sent_to_a_partner_is_kept_without_its_input(store: TaskTable) -> None:
     """The partner holds a task we sent (a retry brings the input again): our table keeps no
     copy of the payload, while a task for one of our own agents keeps it until it ends."""
     sent = _spec("t-sent", "k-sent")
@@ -72,7 +81,7 @@ async def test_a_task_sent_to_a_partner_is_kept_without_its_input(store: TaskSto
     assert own is not None and own.spec is not None and own.spec.input == {"n": 1, "who": "ada"}
 
 
-async def test_accept_once_then_conflict_returns_the_existing_row(store: TaskStore) -> None:
+async def test_accept_once_then_conflict_returns_the_existing_row(store: TaskTable) -> None:
     assert await store.accept("insurer", _spec("t-1", "k-1"), remote=False) is None
     existing = await store.accept("insurer", _spec("t-2", "k-1"), remote=False)
     assert existing is not None and existing.task_id == "t-1" and not existing.final
@@ -82,7 +91,7 @@ async def test_accept_once_then_conflict_returns_the_existing_row(store: TaskSto
     )
 
 
-async def test_finish_keeps_the_result_and_drops_the_input(store: TaskStore) -> None:
+async def test_finish_keeps_the_result_and_drops_the_input(store: TaskTable) -> None:
     await store.accept("insurer", _spec("t-1"), remote=True)
     key = task_key("insurer", _spec("t-1"))[1]
     result = TaskResult(
@@ -101,7 +110,7 @@ async def test_finish_keeps_the_result_and_drops_the_input(store: TaskStore) -> 
     assert await store.unfinished() == []
 
 
-async def test_unfinished_and_forget(store: TaskStore) -> None:
+async def test_unfinished_and_forget(store: TaskTable) -> None:
     await store.accept("insurer", _spec("t-1"), remote=False)
     await store.accept("insurer", _spec("t-2"), remote=True)
     await store.finish(
@@ -115,37 +124,35 @@ async def test_unfinished_and_forget(store: TaskStore) -> None:
     assert await store.accept("insurer", _spec("t-1"), remote=False) is None
 
 
-async def test_concurrent_accepts_of_one_key_let_exactly_one_through(store: TaskStore) -> None:
+async def test_concurrent_accepts_of_one_key_let_exactly_one_through(store: TaskTable) -> None:
     outcomes = await asyncio.gather(
         *(store.accept("insurer", _spec(f"t-{i}", "same"), remote=False) for i in range(20))
     )
     assert sum(o is None for o in outcomes) == 1
 
 
-async def test_close_writes_what_is_queued(store: TaskStore) -> None:
+async def test_close_writes_what_is_queued(one_store: AuditStore, store: TaskTable) -> None:
     pending = [
         asyncio.ensure_future(store.accept("insurer", _spec(f"t-{i}"), remote=False))
         for i in range(50)
     ]
     await asyncio.sleep(0)
-    await store.close()
+    await one_store.close()
     assert await asyncio.gather(*pending) == [None] * 50
     assert len(await store.unfinished()) == 50  # read back after close: all were committed
 
 
 async def test_one_bad_write_does_not_fail_the_others_in_its_batch(
-    store: TaskStore, monkeypatch: pytest.MonkeyPatch
+    one_store: AuditStore, store: TaskTable, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not isinstance(store, SqlTaskStore):
-        pytest.skip("batches are the SQL store's")
-    original = store._write_batch
+    original = one_store._write_step_batch
 
-    def refuse_t13(ops: list[tuple[str, tuple[object, ...]]]) -> list[bool | None]:
-        if any(kind == "accept" and params[2] == "t-13" for kind, params in ops):
+    def refuse_t13(ops, records_for, now_ms):  # type: ignore[no-untyped-def]
+        if any(isinstance(op, Accept) and op.spec.task_id == "t-13" for op in ops):
             raise OSError("disk full")
-        return original(ops)
+        return original(ops, records_for, now_ms)
 
-    monkeypatch.setattr(store, "_write_batch", refuse_t13)
+    monkeypatch.setattr(one_store, "_write_step_batch", refuse_t13)
     outcomes = await asyncio.gather(
         *(store.accept("insurer", _spec(f"t-{i}"), remote=False) for i in range(20)),
         return_exceptions=True,
@@ -158,11 +165,11 @@ async def test_one_bad_write_does_not_fail_the_others_in_its_batch(
 
 
 async def test_a_write_the_database_refuses_fails_alone_in_its_pipelined_batch(
-    store: TaskStore,
+    one_store: AuditStore, store: TaskTable
 ) -> None:
-    """On PostgreSQL a batch is one pipeline: a write the server refuses aborts the rest of
-    it, so each is tried again on its own and only the refused one fails."""
-    if not (isinstance(store, SqlTaskStore) and store.url.startswith("postgresql")):
+    """On PostgreSQL a batch's task writes are one pipeline: a write the server refuses aborts
+    the transaction, so each step is tried again on its own and only the refused one fails."""
+    if not (isinstance(one_store, SqlAuditStore) and one_store.url.startswith("postgresql")):
         pytest.skip("the pipeline is the PostgreSQL store's")
     too_long = "t-" + "x" * 200  # task_id is VARCHAR(128): refused by the server, not the driver
     outcomes = await asyncio.gather(
@@ -185,6 +192,55 @@ async def test_a_write_the_database_refuses_fails_alone_in_its_pipelined_batch(
     )
     assert again[0] is not None and again[0].task_id == "t-3"
     assert again[1] is None
+
+
+def _received(task_id: str) -> AuditEvent:
+    return AuditEvent(kind="request_received", task_id=task_id, peer_org="insurer")
+
+
+async def test_a_step_commits_its_record_and_its_row_together(one_store: AuditStore) -> None:
+    """Both or neither: no moment when the record is durable and the row is not."""
+    spec = _spec("t-step", "k-step")
+    written = await one_store.write(_received("t-step"), Accept("insurer", spec, False))
+    assert written.existing is None and written.record is not None
+    assert written.record.kind == "request_received"
+    row = await one_store.tasks.get(*task_key("insurer", spec))
+    assert row is not None and row.task_id == "t-step"
+    # A duplicate's step writes nothing: no second record, and the row that holds the key.
+    again = await one_store.write(
+        _received("t-other"), Accept("insurer", _spec("t-other", "k-step"), False)
+    )
+    assert again.existing is not None and again.existing.task_id == "t-step"
+    assert again.record is None
+    assert one_store.query(task_id="t-other") == []
+    result = TaskResult("t-step", TaskState.COMPLETED, output={"ok": True})
+    released = AuditEvent(kind="result_released", task_id="t-step", peer_org="insurer")
+    written = await one_store.write(
+        released, Finish("insurer", task_key("insurer", spec)[1], result)
+    )
+    assert written.record is not None and written.record.sequence == 2
+    row = await one_store.tasks.get(*task_key("insurer", spec))
+    assert row is not None and row.result == result
+    assert one_store.verify("x", None).records == 2
+
+
+async def test_a_step_that_fails_writes_neither_its_record_nor_its_row(
+    one_store: AuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = _spec("t-fail", "k-fail")
+
+    def fail(*_: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(one_store, "_write_step_batch", fail)
+    with pytest.raises(AuditUnavailable, match="audit store cannot be written: OSError"):
+        await one_store.write(_received("t-fail"), Accept("insurer", spec, False))
+    monkeypatch.undo()
+    assert await one_store.tasks.get(*task_key("insurer", spec)) is None
+    assert one_store.query(task_id="t-fail") == []
+    # the store recovers by itself: the same step now commits, numbered from the real head
+    written = await one_store.write(_received("t-fail"), Accept("insurer", spec, False))
+    assert written.record is not None and written.record.sequence == 1
 
 
 def test_a_key_is_per_requester_and_target() -> None:

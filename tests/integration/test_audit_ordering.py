@@ -1,38 +1,26 @@
-"""The order of an exchange's two writes on a gateway: the audit record, then the task table.
+"""A step of an exchange commits its audit record and its task-table write in one transaction,
+and a task does not end because its caller went away.
 
-1. A task's result is never in the task table before its `result_released` record is committed:
-   a crash in between would leave a result that GetTask (and a restart) could release unaudited.
-2. A requester that leaves while `request_received` commits leaves no 'working' row that nothing
-   ends (GetTask would say WORKING until a restart, and the restart would run the abandoned task).
-3. A request record that commits as its requester leaves is closed by a 'canceled' record.
+1. A task's result is never in the task table before its `result_released` record is committed,
+   and never the record without the row: a crash in between would leave a result that GetTask
+   (and a restart) could release unaudited, or a record of a release the table does not know.
+2. A requester that leaves while `request_received` commits does not cancel the task: it runs,
+   its result is kept for collection (`result_kept`), and a re-call with its key collects it
+   under the same task id, recorded on both sides (issue 15 #2).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from gateway.audit.store import AuditEvent
-from gateway.exchange.router import STREAM_CLOSED
-from gateway.exchange.router_base import REQUESTER_GONE
 from gateway.local import LocalFederation
 from participant_sdk import Client
 from tests.integration.federation import echo_agent, eventually, serving
-
-
-def _before(owner: Any, name: str, hook: Callable[..., Awaitable[None]]) -> None:
-    """Make the async method `owner.name` await `hook` (given the same arguments) first."""
-    method = getattr(owner, name)
-
-    async def wrapped(*args: Any, **kwargs: Any) -> Any:
-        await hook(*args, **kwargs)
-        return await method(*args, **kwargs)
-
-    setattr(owner, name, wrapped)
 
 
 def _hold(
@@ -42,31 +30,28 @@ def _hold(
     held: asyncio.Event,
     org: str = "hospital",
 ) -> None:
-    """Make `org`'s audit store wait on `gate` before committing a `kind` record."""
+    """Make `org`'s store wait on `gate` before committing a step with a `kind` record."""
+    store = fed[org].audit
+    write = store.write
 
-    async def wait(event: AuditEvent) -> None:
-        if event.kind == kind:
+    async def wait(events: AuditEvent | Sequence[AuditEvent] | None, op: Any = None) -> Any:
+        listed = [events] if isinstance(events, AuditEvent) else list(events or ())
+        if any(event.kind == kind for event in listed):
             held.set()
             await gate.wait()
+        return await write(events, op)
 
-    _before(fed[org].audit, "append", wait)
+    store.write = wait  # type: ignore[method-assign]
 
 
-def _steps(fed: LocalFederation, org: str) -> list[asyncio.Task[Any]]:
-    """The tasks that run `org`'s record-then-accept step, to see when a cancel reaches one."""
-    tasks: list[asyncio.Task[Any]] = []
-
-    async def note(*_: Any, **__: Any) -> None:
-        tasks.append(asyncio.current_task())  # type: ignore[arg-type]
-
-    _before(fed[org].router, "_record_then_accept", note)
-    return tasks
+def _kinds(fed: LocalFederation, org: str, task_id: str) -> list[str]:
+    return [r.kind for r in sorted(fed[org].audit.query(task_id=task_id), key=lambda r: r.sequence)]
 
 
 @pytest.mark.parametrize(
     ("org", "kind"), [("hospital", "result_released"), ("insurer", "result_received")]
 )
-async def test_result_is_not_kept_before_its_audit_record_commits(
+async def test_a_result_and_its_record_commit_together(
     fed: LocalFederation, org: str, kind: str
 ) -> None:
     gate, held = asyncio.Event(), asyncio.Event()
@@ -80,95 +65,64 @@ async def test_result_is_not_kept_before_its_audit_record_commits(
         )
         try:
             await asyncio.wait_for(held.wait(), 5)
-            await asyncio.sleep(0.3)  # the task table's writer has had time to commit
             # Both gateways key the task by its origin, the insurer.
             row = await fed[org].router.tasks.by_task_id("insurer", "order-1")
-            assert row is not None
-            assert row.result is None, (
-                f"the result is in the task table while its {kind} record is not committed: "
-                "a crash now leaves it for GetTask or a retry to release unaudited"
+            assert row is not None and row.result is None, (
+                f"the result is in the task table while its {kind} record is not committed"
             )
+            assert kind not in _kinds(fed, org, "order-1")
         finally:
             gate.set()
-            await call
+        result = await call
+    row = await fed[org].router.tasks.by_task_id("insurer", "order-1")
+    assert row is not None and row.result is not None and result.ok
+    assert kind in _kinds(fed, org, "order-1")
 
 
-async def test_requester_leaving_during_the_admission_record_leaves_no_working_row(
-    fed: LocalFederation,
-) -> None:
-    gate, held = asyncio.Event(), asyncio.Event()
-    _hold(fed, "request_received", gate, held)
-    steps = _steps(fed, "hospital")
-    async with (
-        serving(fed.participant("hospital"), echo_agent()),
-        Client(fed.participant("insurer")) as client,
-    ):
-        call = asyncio.ensure_future(
-            client.call("hospital/echo.say", {"n": 1}, timeout=30, task_id="order-2")
-        )
-        await asyncio.wait_for(held.wait(), 5)
-        call.cancel()  # the requester changes its mind while the record commits
-        await asyncio.gather(call, return_exceptions=True)
-        assert await eventually(lambda: steps[0].cancelling()), "the cancel reached the hospital"
-        gate.set()
-        deadline = time.monotonic() + 3
-        row = await fed["hospital"].router.tasks.by_task_id("insurer", "order-2")
-        while row is not None and row.result is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-            row = await fed["hospital"].router.tasks.by_task_id("insurer", "order-2")
-        assert fed["hospital"].router.in_flight == 0
-        assert row is None or row.result is not None, (
-            "the task row stays 'working' with nothing running it: GetTask says WORKING until a "
-            "restart, and the restart runs the task its requester abandoned"
-        )
-
-
-def _hold_accept(fed: LocalFederation, org: str, gate: asyncio.Event, held: asyncio.Event) -> None:
-    """Make `org`'s task table wait on `gate` before it takes a task's key."""
-
-    async def wait(*_: Any, **__: Any) -> None:
-        held.set()
-        await gate.wait()
-
-    _before(fed[org].router.tasks, "accept", wait)
-
-
-@pytest.mark.parametrize("step", ["record", "accept"])
 @pytest.mark.parametrize(
     ("org", "kind"), [("hospital", "request_received"), ("insurer", "request_sent")]
 )
-async def test_a_request_record_committed_as_the_requester_leaves_is_closed(
-    fed: LocalFederation, org: str, kind: str, step: str
+async def test_a_requester_leaving_does_not_end_the_task_and_a_recall_collects_it(
+    fed: LocalFederation, org: str, kind: str
 ) -> None:
-    """The audit writer commits a record whose writer went away (and the table takes the key);
-    the task's records must not be left open (a request with no outcome), so a closing
-    'canceled' record follows, and the key is given back."""
     gate, held = asyncio.Event(), asyncio.Event()
-    if step == "record":
-        _hold(fed, kind, gate, held, org)
-    else:
-        _hold_accept(fed, org, gate, held)
-    steps = _steps(fed, org)
+    _hold(fed, kind, gate, held, org)
     async with (
         serving(fed.participant("hospital"), echo_agent()),
         Client(fed.participant("insurer")) as client,
     ):
         call = asyncio.ensure_future(
-            client.call("hospital/echo.say", {"n": 1}, timeout=30, task_id="order-3")
+            client.call(
+                "hospital/echo.say",
+                {"n": 1},
+                timeout=30,
+                task_id="order-2",
+                idempotency_key="order-key-2",
+            )
         )
         await asyncio.wait_for(held.wait(), 5)
-        call.cancel()
+        call.cancel()  # the requester goes away while the record commits
         await asyncio.gather(call, return_exceptions=True)
-        assert await eventually(lambda: steps[0].cancelling()), f"the cancel reached {org}"
         gate.set()
-        for _ in range(150):
-            if len(fed[org].audit.query(task_id="order-3")) >= 2:
-                break
-            await asyncio.sleep(0.02)
-    records = sorted(fed[org].audit.query(task_id="order-3"), key=lambda r: r.sequence)
-    assert [r.kind for r in records] == [kind, "canceled"]
-    assert records[-1].status == "CANCELLED"
-    assert records[-1].detail == {"hospital": STREAM_CLOSED, "insurer": REQUESTER_GONE}[org]
-    assert fed[org].router.in_flight == 0
-    assert await fed[org].router.tasks.by_task_id("insurer", "order-3") is None
-    assert fed[org].audit.verify(org, fed[org].router.verifier).ok
+        assert await eventually(lambda: fed["insurer"].router.in_flight == 0, 10)
+        assert await eventually(lambda: fed["hospital"].router.in_flight == 0, 10)
+        # A re-call with the key, and a new task id, collects what ran.
+        again = await client.call(
+            "hospital/echo.say",
+            {"n": 1},
+            timeout=10,
+            task_id="order-2-again",
+            idempotency_key="order-key-2",
+        )
+    assert again.ok and again.task_id == "order-2" and again.output["echo"] == {"n": 1}
+    insurer = _kinds(fed, "insurer", "order-2")
+    hospital = _kinds(fed, "hospital", "order-2")
+    assert insurer == ["request_sent", "result_received"]
+    assert hospital[:2] in (
+        ["request_received", "result_released"],
+        ["request_received", "result_kept"],
+    )
+    assert not fed["insurer"].audit.query(task_id="order-2-again")
+    assert not fed["hospital"].audit.query(task_id="order-2-again")
+    for each in ("hospital", "insurer"):
+        assert fed[each].audit.verify(each, fed[each].router.verifier).ok

@@ -169,11 +169,15 @@ async def test_deadline_in_the_request_body_travels(fed: LocalFederation) -> Non
     assert "deadline" in (info.value.details() or "")
 
 
-async def test_agent_that_disconnects_mid_task_fails_the_task(fed: LocalFederation) -> None:
+async def test_a_task_whose_only_agent_died_fails_at_its_deadline_if_none_comes_back(
+    fed: LocalFederation,
+) -> None:
+    """The task waits for an instance to take it over (the agent may be restarting); when none
+    comes before its deadline, it fails naming the disconnect, not only the time."""
     async with Client(fed.participant("insurer")) as client:
         async with serving(fed.participant("hospital"), slow_agent()) as worker:
             call = asyncio.ensure_future(
-                client.call("hospital/slow.wait", {"seconds": 30}, timeout=20)
+                client.call("hospital/slow.wait", {"seconds": 30}, timeout=3)
             )
             assert await eventually(lambda: fed["hospital"].agents.in_flight("slow"), 10)
             worker.stop()
@@ -183,6 +187,23 @@ async def test_agent_that_disconnects_mid_task_fails_the_task(fed: LocalFederati
     assert info.value.result.error is not None
     assert info.value.result.error.code == "agent_disconnected"
     assert "disconnected" in info.value.result.error.message
+
+
+async def test_a_task_whose_only_agent_died_goes_to_it_again_when_it_reconnects(
+    fed: LocalFederation,
+) -> None:
+    """Issue 15 #4: the instance coming back is treated like another instance."""
+    async with Client(fed.participant("insurer")) as client:
+        async with serving(fed.participant("hospital"), slow_agent()) as worker:
+            call = asyncio.ensure_future(
+                client.call("hospital/slow.wait", {"seconds": 0.5}, timeout=20, task_id="back-1")
+            )
+            assert await eventually(lambda: fed["hospital"].agents.in_flight("slow"), 10)
+            worker.stop()
+        assert await eventually(lambda: not fed["hospital"].agents.instance_count("slow"), 10)
+        async with serving(fed.participant("hospital"), slow_agent()):
+            result = await asyncio.wait_for(call, 15)
+    assert result.ok and result.task_id == "back-1"
 
 
 async def test_skill_error_reaches_a_peer_as_a_code_not_its_text(fed: LocalFederation) -> None:

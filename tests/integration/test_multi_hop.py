@@ -18,6 +18,8 @@ from tests.integration.federation import eventually, org_config, serving
 HOSPITAL = """\
 p, insurer, records, relay, invoke, *, allow
 p, insurer, records, relay, share, **, allow
+# The receipts of the organizations our agent consulted go to the insurer too (default: not).
+p, insurer, records, relay, share, @provenance, allow
 # What goes on to the lab: the sample always; the patient id only when the data is our own,
 # not when we are serving another organization's request.
 p, lab, tests, run, send, sample, allow
@@ -98,6 +100,33 @@ async def test_result_carries_provenance_and_policy_sees_the_origin(
     verify_receipt(
         Verifier.from_file(pki.ca), SignedReceipt.from_json(lab_receipt), expected_org="lab"
     )
+
+
+async def test_nothing_about_sub_tasks_leaves_without_a_provenance_rule(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Issue 11 #2: the lab's receipt (and that the lab was consulted at all) stays with the
+    hospital unless its share policy lets provenance go to the insurer."""
+    without = HOSPITAL.replace("p, insurer, records, relay, share, @provenance, allow\n", "")
+    paths = [
+        org_config(tmp_path, pki, "hospital", without, ["insurer", "lab"]),
+        org_config(tmp_path, pki, "insurer", INSURER, ["hospital"]),
+        org_config(tmp_path, pki, "lab", LAB, ["hospital"]),
+    ]
+    seen: list[dict] = []
+    async with (
+        LocalFederation(paths) as fed,
+        serving(fed.participant("lab"), lab_agent(seen, [])),
+        serving(fed.participant("hospital"), relay_agent()),
+        Client(fed.participant("insurer")) as client,
+    ):
+        result = await client.call(
+            "hospital/records.relay", {"sample": "S-1", "patient_id": "P-9"}, timeout=10
+        )
+    assert seen and result.output["lab"] == {"result": "negative"}
+    assert result.provenance == ()
+    records = fed["insurer"].audit.query(task_id=result.task_id)
+    assert all("lab" not in repr(r.receipt) for r in records)
 
 
 async def test_own_data_may_go_on_with_its_id(three: LocalFederation) -> None:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from gateway.audit.store import MemoryAuditStore, SqlAuditStore
 from gateway.errors import Unavailable
 from gateway.exchange.tasks import TaskSpec
 from gateway.local import LocalFederation
-from gateway.store.task_table import MemoryTaskStore, SqlTaskStore
 from participant_sdk import Client, InvalidArgument, NotFound
 from tests.integration.federation import echo_agent, serving
 from tests.security.conftest import hospital_tokens
@@ -75,7 +75,7 @@ async def test_a_bad_purpose_is_refused_audited_and_leaves_the_circuit_alone(
 
 
 async def test_task_table_write_failure_is_unavailable(tmp_path: Path) -> None:
-    store = SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}")
+    store = SqlAuditStore(f"sqlite:///{tmp_path / 'fedgate.db'}")
     spec = TaskSpec(
         task_id="t-1",
         target_org="hospital",
@@ -84,9 +84,9 @@ async def test_task_table_write_failure_is_unavailable(tmp_path: Path) -> None:
         input={},
         deadline=time.time() + 60,
     )
-    store._write_batch = lambda ops: (_ for _ in ()).throw(OSError("disk full"))  # type: ignore[method-assign]
+    store._write_step_batch = lambda *_: (_ for _ in ()).throw(OSError("disk full"))  # type: ignore[method-assign]
     with pytest.raises(Unavailable, match="task table cannot be written: OSError"):
-        await store.accept("insurer", spec, remote=False)
+        await store.tasks.accept("insurer", spec, remote=False)
     await store.close()
 
 
@@ -108,7 +108,7 @@ async def test_a_recovered_task_is_released_under_the_claims_it_arrived_with() -
     )
     stored = spec_from_json(spec_to_json(spec))
     assert claims_of(stored) == {"role": ("clerk",), "purpose": "marketing", "subject": "adjuster"}
-    store = MemoryTaskStore()
-    await store.accept("insurer", spec, remote=False)
-    (row,) = await store.unfinished()
+    store = MemoryAuditStore()
+    await store.tasks.accept("insurer", spec, remote=False)
+    (row,) = await store.tasks.unfinished()
     assert row.spec is not None and claims_of(row.spec) == claims_of(spec)

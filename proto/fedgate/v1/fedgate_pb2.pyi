@@ -77,7 +77,7 @@ class AgentCard(_message.Message):
     def __init__(self, org: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., skills: _Optional[_Iterable[_Union[Skill, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
-    __slots__ = ("task_id", "target_org", "agent", "skill", "input", "sender_org", "requester", "deadline_unix_ms", "idempotency_key", "input_field_actions", "delegation", "parent_task_id", "purpose", "roles")
+    __slots__ = ("task_id", "target_org", "agent", "skill", "input", "sender_org", "requester", "deadline_unix_ms", "idempotency_key", "input_field_actions", "delegation", "parent_task_id", "purpose", "roles", "resume")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_ORG_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class TaskRequest(_message.Message):
     PARENT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     target_org: str
     agent: str
@@ -106,7 +107,8 @@ class TaskRequest(_message.Message):
     parent_task_id: str
     purpose: str
     roles: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_id: _Optional[str] = ..., target_org: _Optional[str] = ..., agent: _Optional[str] = ..., skill: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., sender_org: _Optional[str] = ..., requester: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., input_field_actions: _Optional[_Iterable[_Union[FieldAction, _Mapping]]] = ..., delegation: _Optional[str] = ..., parent_task_id: _Optional[str] = ..., purpose: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ...) -> None: ...
+    resume: bool
+    def __init__(self, task_id: _Optional[str] = ..., target_org: _Optional[str] = ..., agent: _Optional[str] = ..., skill: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., sender_org: _Optional[str] = ..., requester: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., input_field_actions: _Optional[_Iterable[_Union[FieldAction, _Mapping]]] = ..., delegation: _Optional[str] = ..., parent_task_id: _Optional[str] = ..., purpose: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., resume: _Optional[bool] = ...) -> None: ...
 
 class TaskError(_message.Message):
     __slots__ = ("code", "message")

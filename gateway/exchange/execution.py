@@ -1,0 +1,259 @@
+"""Executions: the tasks this gateway runs, apart from the calls that follow them.
+
+An exchange runs in an asyncio task of its own, an `Execution`, from its opening record to its
+closing one. Calls follow it: the call that started it, a retry with the same idempotency key,
+a subscription. A call that goes away ends its following, not the task: only an explicit cancel,
+the task's deadline or the end of its route ends a task. A broken stream is not a cancel.
+
+`Executions` keeps the running ones by task id and by key (once only: one execution per key),
+the outcomes of recent ones (so retries and GetTask need no database read), and whether the
+gateway is idle (for a graceful shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.errors import DeadlineExceeded, FedgateError, Unavailable
+from gateway.exchange.tasks import TaskResult, TaskSpec, TaskState, TaskUpdate
+from gateway.store.task_table import TaskKey
+
+log = logging.getLogger("fedgate.exchange")
+
+Claims = Mapping[str, str | Sequence[str]] | None
+
+# What a follower's queue carries: an update, an error for the followers, or the end (None).
+_Item = TaskUpdate | FedgateError | None
+
+# Why an execution was stopped without an explicit cancel: the gateway is shutting down, and
+# the task stays open in the task table, to be recovered after the restart.
+SHUTDOWN = "the gateway is shutting down"
+
+
+@dataclass(eq=False, slots=True)
+class Execution:
+    """A task this gateway is working on: inbound (for one of our agents, `peer_org` asked),
+    outbound (`remote`: sent to a partner) or local (our requester, our agent)."""
+
+    spec: TaskSpec
+    origin_org: str
+    key: TaskKey
+    remote: bool = False
+    peer_org: str | None = None
+    claims: Claims = None
+    # Set by cancel(): why the task is being stopped ("" until then).
+    cancel_reason: str = ""
+    # Sub-tasks our agents started while serving this task (multi-hop), and their receipts.
+    children: set[str] = field(default_factory=set)
+    provenance: list[dict[str, Any]] = field(default_factory=list)
+    state: TaskState = TaskState.SUBMITTED
+    # Set while the task waits for an agent instance: the stable code it ends with if its
+    # deadline passes first ("no_agent", or "agent_disconnected" after its instance died).
+    waiting_for: str = ""
+    outcome: asyncio.Future[TaskResult] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    task: asyncio.Task[None] | None = None
+    # Each following call's queue, and whether it wants the non-final states too.
+    _followers: list[tuple[asyncio.Queue[_Item], bool]] = field(default_factory=list)
+    # While > 0 the route is committing a record: a cancel waits until the write has ended, so
+    # the route always knows what was written.
+    _protected: int = 0
+    _cancel_pending: bool = False
+
+    @property
+    def task_id(self) -> str:
+        return self.spec.task_id
+
+    @property
+    def followed(self) -> bool:
+        """Whether a call is following this task right now (its result would leave at once)."""
+        return bool(self._followers)
+
+    def publish(self, update: TaskUpdate) -> None:
+        """A state change for the followers; non-final updates carry a state and nothing else."""
+        self.state = update.state
+        for queue, states in self._followers:
+            if states:
+                queue.put_nowait(update)
+
+    def fail_followers(self, error: FedgateError) -> None:
+        """The calls following the task get `error` now; the task goes on (a retry with its key
+        follows it again). For a store that cannot be written, or a partner out of reach."""
+        for queue, _ in self._followers:
+            queue.put_nowait(error)
+
+    def cancel(self, reason: str) -> bool:
+        """Stop the task (its route records why); False if it has already ended."""
+        if self.task is None or self.task.done():
+            return False
+        if not self.cancel_reason:
+            self.cancel_reason = reason
+        if self._protected:
+            self._cancel_pending = True
+        else:
+            self.task.cancel()
+        return True
+
+    @contextlib.contextmanager
+    def protected(self) -> Iterator[None]:
+        """A section (a store write) that a cancel does not interrupt: it takes effect after."""
+        self._protected += 1
+        try:
+            yield
+        finally:
+            self._protected -= 1
+            if not self._protected and self._cancel_pending and self.task is not None:
+                self._cancel_pending = False
+                self.task.cancel()
+
+    async def follow(
+        self, *, states: bool = True, until: float | None = None
+    ) -> AsyncIterator[TaskUpdate]:
+        """The task's updates as they come (with `states`), then its final one; `until` is the
+        follower's own deadline (seconds since the epoch), if it has a shorter one than the task.
+
+        Raises the FedgateError the task ended with, if it ended without a result, or one it
+        gave its followers while it goes on (fail_followers).
+        """
+        if not self.outcome.done():
+            queue: asyncio.Queue[_Item] = asyncio.Queue()
+            follower = (queue, states)
+            self._followers.append(follower)
+            try:
+                if states and self.state is not TaskState.SUBMITTED:
+                    yield TaskUpdate(self.task_id, self.state)
+                while True:
+                    if until is None or until >= self.spec.deadline:
+                        item = await queue.get()
+                    else:
+                        try:
+                            item = await asyncio.wait_for(queue.get(), until - time.time())
+                        except TimeoutError:
+                            raise DeadlineExceeded(
+                                f"task {self.task_id} passed the deadline of this call while "
+                                "its first attempt still ran"
+                            ) from None
+                    if item is None:
+                        break
+                    if isinstance(item, FedgateError):
+                        raise item
+                    yield item
+            finally:
+                self._followers.remove(follower)
+        result = self.outcome.result()
+        if result.error is not None and result.error.code == "deadline_exceeded":
+            # The caller's answer to a task that ran out of time is the status, as for a call.
+            raise DeadlineExceeded(result.error.message)
+        yield TaskUpdate(result.task_id, result.state, result=result)
+
+    def _end(self) -> None:
+        for queue, _ in self._followers:
+            queue.put_nowait(None)
+
+
+Route = Callable[[Execution], Awaitable[TaskResult]]
+
+
+class Executions:
+    """The executions of one gateway, and the outcomes of recent ones."""
+
+    def __init__(self, *, remember: int = 1_000) -> None:
+        self.by_id: dict[str, Execution] = {}
+        self.by_key: dict[TaskKey, Execution] = {}
+        # Recent outcomes by key and by task id, with who asked: (origin_org, requester, result).
+        self._recent_keys: OrderedDict[TaskKey, TaskResult] = OrderedDict()
+        self._recent_ids: OrderedDict[str, tuple[str, str, TaskResult]] = OrderedDict()
+        self._remember = remember
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def start(self, execution: Execution, route: Route) -> Execution:
+        """Run `route` for `execution` in a task of its own; its outcome settles `outcome`."""
+        self.by_id[execution.task_id] = execution
+        self.by_key[execution.key] = execution
+        self._idle.clear()
+        execution.task = asyncio.get_running_loop().create_task(
+            self._run(execution, route), name=f"fedgate-task-{execution.task_id}"
+        )
+        return execution
+
+    async def _run(self, execution: Execution, route: Route) -> None:
+        result: TaskResult | None = None
+        try:
+            result = await route(execution)
+        except FedgateError as exc:
+            if not execution.outcome.done():
+                execution.outcome.set_exception(exc)
+        except asyncio.CancelledError:
+            # Stopped at shutdown: the task stays open in the table, recovered after a restart.
+            if not execution.outcome.done():
+                execution.outcome.set_exception(
+                    Unavailable(f"task {execution.task_id} was interrupted: {SHUTDOWN}")
+                )
+        except Exception as exc:
+            log.exception("task %s failed inside the gateway", execution.task_id)
+            if not execution.outcome.done():
+                execution.outcome.set_exception(
+                    FedgateError(f"the gateway failed: {type(exc).__name__}")
+                )
+        else:
+            if not execution.outcome.done():
+                execution.outcome.set_result(result)
+        finally:
+            if execution.outcome.done():
+                execution.outcome.exception()  # retrieved: a follower may never come
+            self.by_id.pop(execution.task_id, None)
+            if self.by_key.get(execution.key) is execution:
+                del self.by_key[execution.key]
+            if result is not None:
+                self.remember(execution.key, execution.origin_org, execution.spec, result)
+            execution._end()
+            if not self.by_id:
+                self._idle.set()
+
+    def remember(self, key: TaskKey, origin_org: str, spec: TaskSpec, result: TaskResult) -> None:
+        self._recent_keys[key] = result
+        self._recent_ids[result.task_id] = (origin_org, spec.requester, result)
+        while len(self._recent_keys) > self._remember:
+            self._recent_keys.popitem(last=False)
+        while len(self._recent_ids) > self._remember:
+            self._recent_ids.popitem(last=False)
+
+    def forget(self, key: TaskKey, task_id: str) -> None:
+        """Drop a remembered outcome that must not answer a retry (the key was given back)."""
+        self._recent_keys.pop(key, None)
+        self._recent_ids.pop(task_id, None)
+
+    def recent(self, key: TaskKey) -> TaskResult | None:
+        return self._recent_keys.get(key)
+
+    def recent_by_id(self, task_id: str) -> tuple[str, str, TaskResult] | None:
+        return self._recent_ids.get(task_id)
+
+    async def wait_idle(self, grace: float) -> bool:
+        """Wait until no task runs; False if some still run after `grace` seconds."""
+        if self._idle.is_set():
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+        return self._idle.is_set()
+
+    async def stop(self) -> None:
+        """Stop every execution (at shutdown): their tasks stay open in the task table."""
+        for execution in list(self.by_id.values()):
+            execution.cancel(SHUTDOWN)
+        for execution in list(self.by_id.values()):
+            if execution.task is not None:
+                with contextlib.suppress(BaseException):
+                    await execution.task

@@ -1,0 +1,250 @@
+"""The three routes of an exchange, each a short pipeline of the steps in gateway/exchange/steps.py.
+
+    local     our requester, our agent:   open · dispatch · close
+    inbound   a peer, our agent:          (admitted) open · dispatch · filter+sign · close · release
+    outbound  our requester, a partner:   (admitted) open · send · verify · close · release
+
+Admission (policy, limits, delegation, breaker) runs before a route starts, in the call that
+asked (gateway/exchange/router.py): a refusal there is the call's answer, and never the key's
+stored outcome. A route runs in its own task (gateway/exchange/execution.py) from its opening
+record to its closing one; each record commits with its task-table write in one transaction,
+before anything is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from gateway.audit.store import AuditEvent
+from gateway.edges.wire import spec_to_pb
+from gateway.errors import (
+    AuditUnavailable,
+    Cancelled,
+    DeadlineExceeded,
+    FedgateError,
+    Unavailable,
+)
+from gateway.exchange.execution import Execution, Executions
+from gateway.exchange.steps import Steps, Stopped, error_result
+from gateway.exchange.tasks import TaskResult, TaskSpec, TaskState, TaskUpdate
+from gateway.policy.engine import Policy
+from gateway.store.task_table import TaskOp, TaskRow
+
+log = logging.getLogger("fedgate.exchange")
+
+# A closing write that fails is tried again this often, until the task's deadline and
+# this long after it: the store recovering by itself lets the result go out after all.
+_CLOSE_RETRY_SECONDS = 0.5
+_CLOSE_GRACE_SECONDS = 5.0
+# A partner out of reach is asked again with this backoff (doubling), until the deadline.
+_RESEND_FIRST_SECONDS = 0.2
+_RESEND_MAX_SECONDS = 2.0
+
+
+class Routes:
+    """The routes of one gateway, over its steps and its executions."""
+
+    def __init__(self, steps: Steps, executions: Executions) -> None:
+        self.steps = steps
+        self.executions = executions
+
+    # ---- local: our requester calls our agent ----------------------------------------------
+
+    async def local(self, x: Execution, *, recovered: bool = False) -> TaskResult:
+        s = self.steps
+        if not recovered:
+            written = await s.write(x, None, s.accept(x))
+            if written.existing is not None:
+                return await self.answer_existing(x, written.existing)
+        result = await self._dispatch(x)
+        await self._close(x, None, s.finish(x, result))
+        return result
+
+    # ---- inbound: a peer calls our agent ---------------------------------------------------
+
+    async def inbound(
+        self,
+        x: Execution,
+        policy: Policy | None,
+        opening: AuditEvent | None,
+        started: float,
+    ) -> TaskResult:
+        """`opening` is the request_received record (None for a task recovered after a
+        restart: its record is in the log already)."""
+        s = self.steps
+        if opening is not None:
+            written = await s.write(x, opening, s.accept(x))
+            if written.existing is not None:
+                return await self.answer_existing(x, written.existing)
+        result = await self._dispatch(x)
+        released, event = s.release(x, policy, result, started)
+        await self._close(x, event, s.finish(x, released))
+        return released
+
+    async def _dispatch(self, x: Execution) -> TaskResult:
+        s = self.steps
+        try:
+            return await s.until_done(x, s.dispatch_to_agent(x))
+        except Stopped as stopped:
+            return stopped.result
+        except FedgateError as exc:
+            return error_result(x.task_id, exc.status.name.lower(), exc.message, s.org)
+
+    # ---- outbound: our requester calls a partner's agent ----------------------------------
+
+    async def outbound(
+        self,
+        x: Execution,
+        outbound: TaskSpec,
+        opening: AuditEvent,
+        admitted: float | None,
+        started: float,
+        *,
+        stream: bool,
+        parent: Execution | None,
+    ) -> TaskResult:
+        """Send `outbound` (the filtered request) to the partner; `opening` is request_sent
+        (its copy from the table for a task resumed after a restart: then `admitted` is None
+        and `outbound` carries no input, only `resume`)."""
+        s = self.steps
+        peer = x.spec.target_org
+        resumed = outbound.resume
+        if not resumed:
+            try:
+                written = await s.write(x, opening, s.accept(x))
+            except BaseException:
+                if admitted is not None:
+                    s.peers.record(peer, admitted, failure=None)  # give the admission back
+                raise
+            existing = written.existing
+            if existing is not None and (existing.result is not None or not existing.remote):
+                if admitted is not None:
+                    s.peers.record(peer, admitted, failure=None)
+                return await self.answer_existing(x, existing)
+            # New, or sent before a restart and asked again: send it; the partner runs a key
+            # once and answers a repeat with its stored result.
+        if parent is not None:
+            parent.children.add(x.task_id)
+        request = spec_to_pb(outbound, sender_org=s.org)
+        result: TaskResult
+        closing: AuditEvent
+        op: TaskOp
+        try:
+            update = await s.until_done(x, self._send(x, request, stream, admitted))
+            result, closing = s.receive(x, update, started)
+            op = s.finish(x, result)
+        except Stopped as stopped:
+            # The deadline, or an explicit cancel (the partner was told first).
+            result = stopped.result
+            kind = "canceled" if result.state is TaskState.CANCELED else "failed"
+            code = result.error.code if result.error is not None else None
+            closing, op = (
+                s.closing(opening, kind, stopped.error, started, code=code),
+                s.finish(x, result),
+            )
+        except (DeadlineExceeded, Cancelled) as exc:
+            # The partner ended the task: its deadline, or a cancel there.
+            code = "deadline_exceeded" if isinstance(exc, DeadlineExceeded) else "canceled"
+            result = error_result(x.task_id, code, exc.message, peer)
+            kind = "canceled" if result.state is TaskState.CANCELED else "failed"
+            closing, op = s.closing(opening, kind, exc, started, code=code), s.finish(x, result)
+        except FedgateError as exc:
+            # The partner refused before running the task: nothing is the key's outcome, so
+            # the key is given back and a retry runs the task.
+            closing, op = s.closing(opening, "failed", exc, started), s.forget(x)
+            await self._close(x, closing, op)
+            raise
+        finally:
+            if parent is not None:
+                parent.children.discard(x.task_id)
+        await self._close(x, closing, op)
+        if parent is not None and result.receipt is not None:
+            parent.provenance.extend([result.receipt, *result.provenance])
+        return result
+
+    async def _send(
+        self, x: Execution, request: Any, stream: bool, admitted: float | None
+    ) -> TaskUpdate:
+        """Send until the partner answers; a partner out of reach is asked again (it runs a
+        key once) until the deadline, while the calls following the task hear UNAVAILABLE."""
+        delay = _RESEND_FIRST_SECONDS
+        while True:
+            try:
+                return await self.steps.send_to_peer(x, request, stream=stream, admitted=admitted)
+            except Unavailable as exc:
+                # Out of reach, our breaker open, or the partner answered that it cannot take
+                # or record the task right now (it may be running it already): ask again.
+                x.fail_followers(exc)
+                error: FedgateError = exc
+            admitted = None
+            log.info("task %s: %s; asking again in %.1fs", x.task_id, error.message, delay)
+            await asyncio.sleep(delay)
+            delay = min(_RESEND_MAX_SECONDS, delay * 2)
+            # Each attempt carries a fresh statement of who asked: a used one is a replay.
+            request.delegation = self.steps.delegation_for(x.spec)
+
+    # ---- shared ----------------------------------------------------------------------------
+
+    async def answer_existing(self, x: Execution, row: TaskRow) -> TaskResult:
+        """The task table already held the key (before a restart, or on another replica)."""
+        if row.result is None:
+            raise Unavailable(
+                f"task {row.task_id!r} was interrupted by a restart of {self.steps.org!r} and "
+                "is being recovered: ask for it again later"
+            )
+        await self.answer_retry(x.spec, row.result, x.peer_org)
+        return row.result
+
+    async def answer_retry(
+        self, spec: TaskSpec, result: TaskResult, peer_org: str | None
+    ) -> TaskUpdate:
+        """The stored outcome of a task, for a retry with its key; for a peer, the repeated
+        request and the result sent again are recorded first, under the task's own id."""
+        s = self.steps
+        if peer_org is not None:
+            events: list[AuditEvent] = [s.retry_received(spec, peer_org, result.task_id)]
+            if result.state is TaskState.COMPLETED:
+                events.append(s.sent_again(spec, peer_org, result))
+            await s.write(None, events, None)
+        return TaskUpdate(result.task_id, result.state, result=result)
+
+    async def _close(self, x: Execution, event: AuditEvent | None, op: TaskOp) -> None:
+        """Commit the closing record and the task's final row, before anything is released.
+
+        If the store cannot be written, the calls following the task hear UNAVAILABLE at once;
+        the write is tried again until the deadline (and a grace), so the result goes out when
+        the store is back, to a retry with the key. A result waiting here is not released.
+        """
+        s = self.steps
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + max(0.0, x.spec.remaining()) + _CLOSE_GRACE_SECONDS
+        while True:
+            events: Sequence[AuditEvent] | None = None
+            if event is not None:
+                events = (_as_followed(event, x.followed),)
+            try:
+                await s.write(x, events, op)
+                return
+            except (AuditUnavailable, Unavailable) as exc:
+                if loop.time() >= give_up:
+                    raise
+                x.fail_followers(exc)
+                await asyncio.sleep(_CLOSE_RETRY_SECONDS)
+
+
+def _as_followed(event: AuditEvent, followed: bool) -> AuditEvent:
+    """A result that nobody follows right now is kept for collection, not released."""
+    if event.kind == "result_released" and not followed:
+        return replace(
+            event, kind="result_kept", detail="kept for collection: no call was following the task"
+        )
+    if event.kind == "result_kept" and followed:
+        return replace(event, kind="result_released", detail="")
+    return event
+
+
+__all__ = ["Routes"]

@@ -1,0 +1,846 @@
+"""The named steps of an exchange; gateway/exchange/routes.py composes them into routes.
+
+    admit     before anything is stored: policy (invoke, or send), limits, delegation, breaker;
+              a refusal is recorded (bounded) and raised, and it is not the key's outcome
+    open      the request's record and the task table's accept, in one transaction
+    dispatch  to a local agent instance (waiting for one, failing over), or to a partner
+    filter    the share policy on a result for a peer; the receipt is signed
+    verify    the partner's receipt over what we received
+    close     the result's (or the failure's) record and the task table's finish, in one
+              transaction, committed before the result is released to anyone
+
+A value the policy withholds never reaches a log line or an audit record: records keep paths and
+digests. An agent's free-text progress notes and error messages stay inside the organization; a
+peer sees states and stable error codes only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, TypeVar
+
+import grpc
+
+from gateway.audit.store import AuditEvent, AuditStore, Written
+from gateway.edges.wire import result_from_pb, state_from_pb
+from gateway.errors import (
+    ERROR_MARKER,
+    AuditUnavailable,
+    Cancelled,
+    DeadlineExceeded,
+    FedgateError,
+    InvalidArgument,
+    NotFound,
+    PayloadLimitExceeded,
+    PeerUnreachable,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from gateway.exchange.agents import AgentRegistry
+from gateway.exchange.execution import SHUTDOWN, Claims, Execution
+from gateway.exchange.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
+from gateway.identity.delegation import issue_delegation
+from gateway.identity.signing import (
+    ReceiptBody,
+    SignedReceipt,
+    Signer,
+    Verifier,
+    sign_receipt,
+    verify_receipt,
+)
+from gateway.payload import check_limits, digest
+from gateway.peers import PeerRegistry
+from gateway.policy.engine import FilterResult, Policy, PolicyHolder
+from gateway.store.task_table import Accept, Finish, Forget, TaskOp, TaskRow
+
+log = logging.getLogger("fedgate.exchange")
+T = TypeVar("T")
+
+# Why a task ended when its requester did not wait for it (kept for the records' wording).
+REQUESTER_GONE = "the requester went away before the task ended"
+
+# What a peer is told when one of our agents fails: a stable code, never the agent's own text.
+PEER_ERROR_MESSAGES = {
+    "agent_disconnected": "the agent instance disconnected mid-task",
+    "skill_error": "the agent's skill reported an error",
+    "policy_refused": (
+        "the result could not be evaluated by the sharing policy and was not released"
+    ),
+    "gateway_restarted": "the gateway restarted before the task finished",
+    "no_agent": "no agent instance was available before the deadline",
+    "deadline_exceeded": "the task passed its deadline",
+    "canceled": "the task was canceled",
+}
+
+# The status a closing record names for a task that ended without a result, on both sides of
+# an exchange alike: the status of the cause for a deadline or a cancel, else the task's state.
+_CLOSING_STATUS = {"deadline_exceeded": "DEADLINE_EXCEEDED", "canceled": "CANCELLED"}
+
+# gRPC statuses a peer may answer with, mapped back onto our error tree.
+_STATUS_ERRORS: dict[grpc.StatusCode, type[FedgateError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+}
+# Answers that say the peer itself is not working, as opposed to refusing this one task.
+_TRANSPORT_FAILURES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_depth: int = 32
+    max_fields: int = 10_000
+
+
+def claims_of(spec: TaskSpec) -> dict[str, str | tuple[str, ...]]:
+    """The delegated claims of an inbound task, as the policy sees them (see delegation)."""
+    return {"role": spec.roles, "purpose": spec.purpose, "subject": spec.requester}
+
+
+def owned(requester: str, owner: str | None) -> bool:
+    """Whether a task's requester ('subject' or 'subject/name') belongs to `owner` (None: any)."""
+    return owner is None or requester.partition("/")[0] == owner
+
+
+def error_result(task_id: str, code: str, message: str, responder_org: str) -> TaskResult:
+    """A task's outcome when it ended without a result: failed, or canceled."""
+    state = TaskState.CANCELED if code == "canceled" else TaskState.FAILED
+    return TaskResult(task_id, state, error=TaskError(code, message), responder_org=responder_org)
+
+
+def _describe_claims(spec: TaskSpec) -> str:
+    """The delegated claims of who asked, as kept in the audit record."""
+    parts = []
+    if spec.purpose:
+        parts.append(f"purpose={spec.purpose}")
+    if spec.roles:
+        parts.append("roles=" + ",".join(spec.roles))
+    return " ".join(parts)
+
+
+class Stopped(Exception):
+    """The dispatch ended without a result from its agent or partner: `result` says why."""
+
+    def __init__(self, result: TaskResult, error: FedgateError) -> None:
+        super().__init__(error.message)
+        self.result = result
+        self.error = error
+
+
+class Steps:
+    """The steps, with the collaborators they work with (handed in, not inherited)."""
+
+    def __init__(
+        self,
+        *,
+        org: str,
+        store: AuditStore,
+        agents: AgentRegistry,
+        peers: PeerRegistry,
+        policy: PolicyHolder | None,
+        signer: Signer,
+        verifier: Verifier,
+        limits: Limits = Limits(),
+        store_payloads: bool = False,
+        max_failovers: int = 2,
+        delegation_ttl: float = 300.0,
+    ) -> None:
+        self.org = org
+        self.store = store
+        self.agents = agents
+        self.peers = peers
+        self.policy = policy
+        self.signer = signer
+        self.verifier = verifier
+        self.limits = limits
+        self.store_payloads = store_payloads
+        self.max_failovers = max_failovers
+        self.delegation_ttl = delegation_ttl
+
+    # ---- shared ----------------------------------------------------------------------------
+
+    def current_policy(self) -> Policy | None:
+        return self.policy.current if self.policy is not None else None
+
+    def event(self, kind: str, spec: TaskSpec, peer_org: str, **fields: Any) -> AuditEvent:
+        """An audit event about `spec` and `peer_org`; `fields` fill in the rest."""
+        return AuditEvent(
+            kind=kind,
+            task_id=spec.task_id or "-",
+            peer_org=peer_org,
+            agent=spec.agent,
+            skill=spec.skill,
+            requester=spec.requester,
+            **fields,
+        )
+
+    async def refuse(
+        self,
+        spec: TaskSpec,
+        peer_org: str,
+        exc: FedgateError,
+        *,
+        started: float,
+        kind: str = "rejected",
+        direction: str = "inbound",
+    ) -> None:
+        """Best effort: a refusal is recorded, but a store outage must not hide the refusal.
+
+        The names in a refused request are unverified and may be huge: the record keeps a
+        bounded prefix of each, so refusals cannot fill the audit store.
+        """
+        bounded = replace(
+            spec,
+            task_id=spec.task_id[:128],
+            agent=spec.agent[:64],
+            skill=spec.skill[:64],
+            requester=spec.requester[:256],
+        )
+        try:
+            await self.store.append(
+                self.event(
+                    kind,
+                    bounded,
+                    peer_org[:64],
+                    direction=direction,
+                    decision="denied",
+                    status=exc.status.name,
+                    duration_ms=(time.monotonic() - started) * 1000,
+                    detail=exc.message[:1000],
+                )
+            )
+        except Exception:
+            log.warning(
+                "could not audit a rejection for peer %s (audit store unavailable)", peer_org
+            )
+
+    async def write(
+        self,
+        x: Execution | None,
+        events: AuditEvent | Sequence[AuditEvent] | None,
+        op: TaskOp | None,
+    ) -> Written:
+        """Commit a step: its records and its task-table write in one transaction.
+
+        A cancel of the execution waits until the write has ended. A store that fails for a
+        reason other than an outage fails closed: nothing is released unrecorded.
+        """
+        if x is None:
+            return await self._write(events, op)
+        with x.protected():
+            return await self._write(events, op)
+
+    async def _write(
+        self, events: AuditEvent | Sequence[AuditEvent] | None, op: TaskOp | None
+    ) -> Written:
+        try:
+            return await self.store.write(events, op)
+        except (AuditUnavailable, Unavailable):
+            raise
+        except Exception as exc:  # a store bug must fail closed, not release unaudited data
+            log.exception("audit write failed")
+            raise AuditUnavailable(
+                f"audit store cannot be written: {type(exc).__name__}; exchanges are refused "
+                "until it recovers"
+            ) from None
+
+    def filter(
+        self,
+        policy: Policy | None,
+        peer: str,
+        spec: TaskSpec,
+        direction: Literal["send", "share"],
+        payload: dict[str, Any],
+        claims: Claims = None,
+    ) -> FilterResult:
+        if policy is None:
+            raise PermissionDenied(
+                f"no sharing policy is configured on {self.org!r}: nothing may leave (add [policy] "
+                "to fedgate.toml)"
+            )
+        return policy.filter(
+            peer,
+            spec.agent,
+            spec.skill,
+            direction,
+            payload,
+            claims,
+            max_depth=self.limits.max_depth,
+            max_fields=self.limits.max_fields,
+        )
+
+    @staticmethod
+    def digests(original: dict[str, Any], filtered: FilterResult) -> tuple[str, str]:
+        """Digests of a payload before and after its filter; one, when the filter hid nothing."""
+        before = digest(original)
+        if not filtered.withheld and not filtered.transformed:
+            return before, before  # released unchanged (a property test holds the filter to it)
+        return before, digest(filtered.output)
+
+    async def until_done(self, x: Execution, work: Awaitable[T]) -> T:
+        """Await `work` (a dispatch) until the task's deadline or a cancel.
+
+        Raises Stopped with the outcome (deadline_exceeded, or canceled with the reason); a
+        stop at shutdown propagates, so the task stays open for recovery.
+        """
+        try:
+            async with asyncio.timeout(max(0.0, x.spec.remaining())):
+                return await work
+        except TimeoutError:
+            error: FedgateError = DeadlineExceeded(
+                f"task {x.task_id} for {x.spec.target} passed its deadline"
+            )
+            if x.waiting_for:
+                raise self._gave_up_waiting(x) from None
+            raise Stopped(
+                error_result(x.task_id, "deadline_exceeded", error.message, x.spec.target_org),
+                error,
+            ) from None
+        except asyncio.CancelledError:
+            if x.cancel_reason in ("", SHUTDOWN):
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            error = Cancelled(x.cancel_reason)
+            raise Stopped(
+                error_result(x.task_id, "canceled", x.cancel_reason, x.spec.target_org), error
+            ) from None
+
+    # ---- inbound: a peer calls one of our agents --------------------------------------------
+
+    async def admit_inbound(
+        self, spec: TaskSpec, peer_org: str, claims: Claims, started: float
+    ) -> tuple[Policy | None, AuditEvent]:
+        """Invoke policy and limits, before anything is stored; returns the policy snapshot
+        and the `request_received` event. A refusal is recorded here and raised."""
+        policy = self.current_policy()
+        card = self.agents.known_card(spec.agent)
+        exists = card is not None and card.skill(spec.skill) is not None
+        decision = policy.may_invoke(peer_org, spec.agent, spec.skill, claims) if policy else None
+        if decision is None or not decision.allowed or not exists:
+            # Seen from the peer, a denied invoke and a missing agent are the same answer.
+            error = PermissionDenied(
+                f"agent skill {spec.agent}.{spec.skill} of {self.org!r} does not exist or is not "
+                f"shared with organization {peer_org!r}"
+            )
+            why = "no agent instance has this skill" if not exists else "no invoke rule allows it"
+            try:
+                await self.store.append(
+                    self.event(
+                        "invoke_denied",
+                        spec,
+                        peer_org,
+                        direction="inbound",
+                        decision="denied",
+                        status=error.status.name,
+                        duration_ms=(time.monotonic() - started) * 1000,
+                        policy_version=policy.version if policy else None,
+                        detail=why,
+                    )
+                )
+            except AuditUnavailable:
+                raise
+            except Exception as exc:
+                raise AuditUnavailable(
+                    f"audit store cannot be written: {type(exc).__name__}"
+                ) from None
+            raise error
+        try:
+            check_limits(
+                spec.input, max_depth=self.limits.max_depth, max_fields=self.limits.max_fields
+            )
+        except PayloadLimitExceeded as exc:
+            await self.refuse(spec, peer_org, exc, started=started)
+            raise
+        input_digest = digest(spec.input)
+        return policy, self.event(
+            "request_received",
+            spec,
+            peer_org,
+            direction="inbound",
+            decision="allowed",
+            status=TaskState.SUBMITTED.value,
+            duration_ms=(time.monotonic() - started) * 1000,
+            withheld_paths=tuple(p for p, a in spec.input_field_actions if a == "withheld"),
+            transformed=tuple((p, a) for p, a in spec.input_field_actions if a != "withheld"),
+            digest_before=input_digest,
+            digest_after=input_digest,
+            policy_version=decision.policy_version,
+            detail=_describe_claims(spec),
+            payload=spec.input if self.store_payloads else None,
+        )
+
+    def retry_received(self, spec: TaskSpec, peer_org: str, original_task_id: str) -> AuditEvent:
+        """The record of a repeated request: the task it repeats answers it."""
+        input_digest = digest(spec.input)
+        return self.event(
+            "request_received",
+            replace(spec, task_id=original_task_id),
+            peer_org,
+            direction="inbound",
+            decision="allowed",
+            status=TaskState.SUBMITTED.value,
+            digest_before=input_digest,
+            digest_after=input_digest,
+            detail=(
+                f"retry of task {original_task_id} with the same idempotency key"
+                if spec.task_id == original_task_id
+                else f"retry of task {original_task_id} with the same idempotency key (sent "
+                f"as task id {spec.task_id[:128]})"
+            ),
+        )
+
+    def sent_again(self, spec: TaskSpec, peer_org: str, result: TaskResult) -> AuditEvent:
+        """The record of a stored result sent again to a retry."""
+        return self.event(
+            "result_released",
+            replace(spec, task_id=result.task_id),
+            peer_org,
+            direction="inbound",
+            decision="partial" if result.field_actions else "allowed",
+            status=result.state.value,
+            withheld_paths=tuple(p for p, a in result.field_actions if a == "withheld"),
+            transformed=tuple((p, a) for p, a in result.field_actions if a != "withheld"),
+            digest_after=digest(result.output),
+            policy_version=result.policy_version or None,
+            detail="retry: the stored result was sent again",
+            receipt=result.receipt,
+        )
+
+    async def dispatch_to_agent(self, x: Execution) -> TaskResult:
+        """Hand the task to an instance of its agent and wait for its final update.
+
+        With no instance connected, the task waits for one (until its deadline): an agent
+        restarting is not a refusal. If an instance dies mid-task, the task goes to another
+        one, or to the same agent when it reconnects (up to max_failovers times).
+        """
+        spec = x.spec
+        failovers = 0
+        x.waiting_for = "no_agent"
+        while True:
+            if not self.agents.instance_count(spec.agent):
+                # Give up a little before the deadline, so the requester hears why.
+                margin = min(0.25, 0.1 * max(0.0, spec.remaining()))
+                try:
+                    await asyncio.wait_for(
+                        self.agents.wait_for_instance(spec.agent),
+                        max(0.0, spec.remaining() - margin),
+                    )
+                except TimeoutError:
+                    raise self._gave_up_waiting(x) from None
+            x.waiting_for = ""
+            final: TaskUpdate | None = None
+            async for update in self.agents.dispatch(spec, x.origin_org):
+                if not update.state.final:
+                    # Progress notes are free text written by the agent: they stay inside.
+                    x.publish(
+                        TaskUpdate(
+                            spec.task_id,
+                            update.state,
+                            message=update.message if x.peer_org is None else "",
+                        )
+                    )
+                    continue
+                final = update
+            assert final is not None
+            error = final.result.error if final.result is not None else None
+            if (
+                error is not None
+                and error.code == "agent_disconnected"
+                and failovers < self.max_failovers
+                and spec.remaining() > 0
+            ):
+                failovers += 1
+                log.info("task %s: agent instance died; failing over (%d)", spec.task_id, failovers)
+                x.waiting_for = "agent_disconnected"
+                continue
+            result = final.result or TaskResult(spec.task_id, final.state)
+            return replace(
+                result,
+                task_id=spec.task_id,
+                responder_org=self.org,
+                provenance=tuple(x.provenance),
+            )
+
+    def _gave_up_waiting(self, x: Execution) -> Stopped:
+        """The deadline came while the task waited for an instance of its agent: the outcome
+        says that, not only that time ran out."""
+        message = PEER_ERROR_MESSAGES["no_agent"]
+        if x.waiting_for == "agent_disconnected":
+            message = (
+                "the agent instance disconnected mid-task, and no instance took the task over "
+                "before its deadline"
+            )
+        return Stopped(
+            error_result(x.task_id, x.waiting_for, message, self.org),
+            DeadlineExceeded(f"task {x.task_id} passed its deadline waiting for an agent"),
+        )
+
+    def release(
+        self, x: Execution, policy: Policy | None, result: TaskResult, started: float
+    ) -> tuple[TaskResult, AuditEvent]:
+        """Filter a final result for the peer and sign its receipt.
+
+        Returns what the peer gets and the event to commit before it does: `result_released`
+        (or `result_kept`, when no call follows the task: it waits for a retry to collect it),
+        or `failed`/`canceled` with a stable error code and no free text.
+        """
+        assert x.peer_org is not None
+        spec, peer_org = x.spec, x.peer_org
+        duration = (time.monotonic() - started) * 1000
+        if result.state is not TaskState.COMPLETED:
+            code = result.error.code if result.error else "skill_error"
+            if code not in PEER_ERROR_MESSAGES:
+                code = "skill_error"
+            released = error_result(spec.task_id, code, PEER_ERROR_MESSAGES[code], self.org)
+            return released, self.event(
+                "canceled" if released.state is TaskState.CANCELED else "failed",
+                spec,
+                peer_org,
+                direction="inbound",
+                decision="error",
+                status=_CLOSING_STATUS.get(code, released.state.value),
+                duration_ms=duration,
+                detail=code if code != "canceled" else f"canceled: {x.cancel_reason[:200]}",
+            )
+        try:
+            filtered = self.filter(policy, peer_org, spec, "share", result.output, x.claims)
+        except FedgateError as exc:
+            refused = error_result(
+                spec.task_id, "policy_refused", PEER_ERROR_MESSAGES["policy_refused"], self.org
+            )
+            return refused, self.event(
+                "failed",
+                spec,
+                peer_org,
+                direction="inbound",
+                decision="denied",
+                status=TaskState.FAILED.value,
+                duration_ms=duration,
+                digest_before=digest(result.output) if isinstance(exc, PermissionDenied) else None,
+                detail=f"policy_refused: {exc.message}",
+            )
+        actions = tuple((p, "withheld") for p in filtered.withheld) + filtered.transformed
+        digest_before, released_digest = self.digests(result.output, filtered)
+        receipt = sign_receipt(
+            self.signer,
+            ReceiptBody(
+                task_id=spec.task_id,
+                responder_org=self.org,
+                result_digest=released_digest,
+                withheld_paths=filtered.withheld,
+                field_actions=filtered.transformed,
+                policy_version=filtered.policy_version,
+                signed_at_unix_ms=int(time.time() * 1000),
+            ),
+        ).to_json()
+        released = TaskResult(
+            spec.task_id,
+            TaskState.COMPLETED,
+            output=filtered.output,
+            field_actions=actions,
+            receipt=receipt,
+            responder_org=self.org,
+            policy_version=filtered.policy_version,
+            provenance=self._shared_provenance(policy, x, result),
+        )
+        return released, self.event(
+            "result_released" if x.followed else "result_kept",
+            spec,
+            peer_org,
+            direction="inbound",
+            decision="partial" if actions else "allowed",
+            status=TaskState.COMPLETED.value,
+            duration_ms=duration,
+            withheld_paths=filtered.withheld,
+            transformed=filtered.transformed,
+            digest_before=digest_before,
+            digest_after=released_digest,
+            policy_version=filtered.policy_version,
+            receipt=receipt,
+            payload=result.output if self.store_payloads else None,
+            detail="" if x.followed else "kept for collection: no call was following the task",
+        )
+
+    def _shared_provenance(
+        self, policy: Policy | None, x: Execution, result: TaskResult
+    ) -> tuple[dict[str, Any], ...]:
+        """Receipts of the organizations our agent consulted: only if a share rule lets them
+        go to this peer (default: nothing about sub-tasks leaves)."""
+        if not result.provenance or policy is None or x.peer_org is None:
+            return ()
+        decide = getattr(policy, "may_share_provenance", None)
+        if decide is None:
+            return ()
+        decision = decide(x.peer_org, x.spec.agent, x.spec.skill, x.claims)
+        return result.provenance if decision.allowed else ()
+
+    # ---- outbound: our requester calls a partner's agent -----------------------------------
+
+    def parent_of(self, spec: TaskSpec, running: dict[str, Execution]) -> Execution | None:
+        """The inbound task one of our agents is serving while it makes this call, if any."""
+        return running.get(spec.parent_task_id) if spec.parent_task_id else None
+
+    def delegation_for(self, spec: TaskSpec) -> str:
+        """The signed statement of who asked, for the target organization only, short-lived."""
+        return issue_delegation(
+            self.signer,
+            audience_org=spec.target_org,
+            subject=spec.requester or f"{self.org}:unnamed-requester",
+            roles=spec.roles,
+            purpose=spec.purpose,
+            task_id=spec.task_id,
+            ttl_seconds=self.delegation_ttl,
+        )
+
+    async def admit_outbound(
+        self, spec: TaskSpec, claims: Claims, started: float
+    ) -> tuple[TaskSpec, AuditEvent, float]:
+        """The send policy, the delegation statement and the breaker, before anything is
+        stored; returns what goes to the peer, the `request_sent` event, and the breaker's
+        admission (hand it to send_to_peer, or give it back with `peers.record`)."""
+        peer = spec.target_org
+        try:
+            self.peers.stub(peer)  # NotFound for an organization that is not a peer
+            policy = self.current_policy()
+            filtered = self.filter(policy, peer, spec, "send", spec.input, claims)
+            delegation = self.delegation_for(spec)  # refuses a bad purpose or role
+            # Last: from here on every path reports back to the peer's circuit breaker.
+            admitted = self.peers.admit(peer)  # fails fast while the peer's circuit is open
+        except FedgateError as exc:
+            await self.refuse(spec, peer, exc, started=started, direction="outbound")
+            raise
+        actions = tuple((p, "withheld") for p in filtered.withheld) + filtered.transformed
+        outbound = replace(
+            spec.with_input(filtered.output, actions),
+            delegation=delegation,
+            purpose="",
+            roles=(),
+        )
+        return outbound, self._sent_event(spec, peer, filtered, actions, started), admitted
+
+    def _sent_event(
+        self,
+        spec: TaskSpec,
+        peer: str,
+        filtered: FilterResult,
+        actions: tuple[tuple[str, str], ...],
+        started: float,
+    ) -> AuditEvent:
+        digest_before, digest_after = self.digests(spec.input, filtered)
+        return self.event(
+            "request_sent",
+            spec,
+            peer,
+            direction="outbound",
+            decision="partial" if actions else "allowed",
+            status=TaskState.SUBMITTED.value,
+            duration_ms=(time.monotonic() - started) * 1000,
+            withheld_paths=filtered.withheld,
+            transformed=filtered.transformed,
+            digest_before=digest_before,
+            digest_after=digest_after,
+            policy_version=filtered.policy_version,
+            payload=spec.input if self.store_payloads else None,
+        )
+
+    async def send_to_peer(
+        self, x: Execution, request: Any, *, stream: bool, admitted: float | None
+    ) -> TaskUpdate:
+        """Send the task to the partner's gateway; the final update it answers with.
+
+        Non-final updates carry states only (a partner cannot push output through them). The
+        breaker hears of every transport failure and success; `admitted` is the breaker's
+        admission of this call, if admit_outbound just took it.
+        """
+        peer = x.spec.target_org
+        if admitted is not None:
+            call_started = admitted
+        else:
+            try:
+                call_started = self.peers.admit(peer)
+            except Unavailable as exc:  # the circuit is open: as good as out of reach
+                raise PeerUnreachable(exc.message) from None
+        stub = self.peers.stub(peer)
+        failure: str | None = None
+        call = None
+        try:
+            timeout = max(0.001, x.spec.remaining())
+            if not stream:
+                call = stub.SubmitTask(request, timeout=timeout)
+                message = await call
+                return _final_from_pb(message.task_id, peer, message, result_message=True)
+            call = stub.StreamTask(request, timeout=timeout)
+            async for message in call:
+                update = _final_from_pb(message.task_id, peer, message, result_message=False)
+                if update.state.final:
+                    return update
+                x.publish(TaskUpdate(x.task_id, update.state))
+            raise Unavailable(f"organization {peer!r} closed the task stream without a result")
+        except grpc.aio.AioRpcError as exc:
+            error = self.peer_error(peer, exc)
+            if isinstance(error, PeerUnreachable):
+                failure = error.message
+            raise error from None
+        finally:
+            self.peers.record(peer, call_started, failure=failure)
+            if call is not None:
+                call.cancel()
+
+    def peer_error(self, peer: str, exc: grpc.aio.AioRpcError) -> FedgateError:
+        code = exc.code()
+        details = exc.details() or code.name
+        answered = any(key == ERROR_MARKER for key, _ in (exc.trailing_metadata() or ()))
+        if code in _TRANSPORT_FAILURES and not answered:
+            return PeerUnreachable(
+                f"organization {peer!r} at {self.peers.address(peer)} is unreachable: {details}"
+            )
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return Unavailable(f"organization {peer!r} answered: {details}")
+        error_type = _STATUS_ERRORS.get(code, Unavailable)
+        return error_type(f"organization {peer!r} answered: {details}")
+
+    def receive(
+        self, x: Execution, update: TaskUpdate, started: float
+    ) -> tuple[TaskResult, AuditEvent]:
+        """Verify the responder's receipt; returns the result and its `result_received` event."""
+        spec = x.spec
+        result = update.result or TaskResult(spec.task_id, update.state)
+        peer = spec.target_org
+        decision, detail = ("allowed" if result.state is TaskState.COMPLETED else "error"), ""
+        output_digest: str | None = None
+        if result.state is TaskState.COMPLETED:
+            try:
+                if result.receipt is None:
+                    raise Unauthenticated("the result carries no receipt")
+                receipt = SignedReceipt.from_json(result.receipt)
+                verify_receipt(self.verifier, receipt, expected_org=peer)
+                if receipt.body.task_id != spec.task_id:
+                    raise Unauthenticated(
+                        f"the receipt names task {receipt.body.task_id[:128]!r}, not "
+                        f"{spec.task_id!r}"
+                    )
+                output_digest = digest(result.output)
+                if output_digest != receipt.body.result_digest:
+                    raise Unauthenticated(
+                        f"receipt of task {spec.task_id!r} covers result "
+                        f"{receipt.body.result_digest}, but the output received digests to "
+                        f"{output_digest}: the result was changed after {peer!r} released it"
+                    )
+                check_limits(
+                    result.output,
+                    max_depth=self.limits.max_depth,
+                    max_fields=self.limits.max_fields,
+                )
+            except (FedgateError, ValueError, KeyError, TypeError) as exc:
+                decision, output_digest = "receipt_invalid", None
+                detail = getattr(exc, "message", str(exc))
+                result = error_result(
+                    spec.task_id, "receipt_invalid", f"result of {peer!r} refused: {detail}", peer
+                )
+        kind = {TaskState.COMPLETED: "result_received", TaskState.CANCELED: "canceled"}.get(
+            result.state, "failed"
+        )
+        event = self.event(
+            kind,
+            spec,
+            peer,
+            direction="outbound",
+            decision=decision,
+            status=result.state.value,
+            duration_ms=(time.monotonic() - started) * 1000,
+            withheld_paths=tuple(p for p, a in result.field_actions if a == "withheld"),
+            transformed=tuple((p, a) for p, a in result.field_actions if a != "withheld"),
+            digest_after=output_digest if result.state is TaskState.COMPLETED else None,
+            policy_version=result.policy_version or None,
+            detail=detail or (result.error.code if result.error else ""),
+            receipt=result.receipt,
+            payload=result.output if self.store_payloads and result.output else None,
+        )
+        return replace(result, task_id=spec.task_id, responder_org=peer), event
+
+    def closing(
+        self,
+        opening: AuditEvent,
+        kind: str,
+        error: FedgateError,
+        started: float,
+        *,
+        code: str | None = None,
+    ) -> AuditEvent:
+        """The record that closes an opening record whose task ended without a result."""
+        return replace(
+            opening,
+            kind=kind,
+            decision="error",
+            status=error.status.name,
+            detail=(f"{code}: " if code else "") + error.message[:1000],
+            payload=None,
+            withheld_paths=(),
+            transformed=(),
+            digest_before=None,
+            digest_after=None,
+            duration_ms=(time.monotonic() - started) * 1000,
+        )
+
+    def accept(self, x: Execution) -> Accept:
+        return Accept(x.origin_org, x.spec, x.remote)
+
+    def finish(self, x: Execution, result: TaskResult) -> Finish:
+        return Finish(x.origin_org, x.key[1], result)
+
+    def forget(self, x: Execution) -> Forget:
+        return Forget(x.origin_org, x.key[1])
+
+
+def _final_from_pb(task_id: str, peer: str, message: Any, *, result_message: bool) -> TaskUpdate:
+    """A partner's answer (a TaskResult, or a TaskUpdate of a stream) as an update; one that
+    cannot be read fails the task. A non-final update keeps its state and nothing else."""
+    try:
+        if result_message:
+            result = result_from_pb(message)
+            return TaskUpdate(result.task_id, result.state, result=result)
+        state = state_from_pb(message.state)
+        if not state.final:
+            return TaskUpdate(message.task_id, state)
+        if not message.HasField("result"):
+            return TaskUpdate(message.task_id, state)
+        result = result_from_pb(message.result)
+        return TaskUpdate(message.task_id, state, result=result)
+    except (ValueError, FedgateError) as exc:
+        detail = getattr(exc, "message", None) or str(exc)
+        return TaskUpdate(
+            task_id,
+            TaskState.FAILED,
+            result=error_result(
+                task_id, "invalid_result", f"the answer of {peer!r} cannot be read: {detail}", peer
+            ),
+        )
+
+
+__all__ = [
+    "PEER_ERROR_MESSAGES",
+    "REQUESTER_GONE",
+    "Limits",
+    "Steps",
+    "Stopped",
+    "TaskRow",
+    "claims_of",
+    "error_result",
+    "owned",
+]
