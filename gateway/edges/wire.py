@@ -84,6 +84,7 @@ def spec_from_pb(
         purpose=message.purpose,
         roles=tuple(message.roles),
         resume=message.resume,
+        turn=max(0, message.turn),
     )
 
 
@@ -104,6 +105,7 @@ def spec_to_pb(spec: TaskSpec, *, sender_org: str) -> pb.TaskRequest:
         purpose=spec.purpose,
         roles=list(spec.roles),
         resume=spec.resume,
+        turn=spec.turn,
     )
 
 
@@ -115,6 +117,7 @@ def result_to_pb(result: TaskResult) -> pb.TaskResult:
         field_actions=_actions_to_pb(result.field_actions),
         responder_org=result.responder_org,
         policy_version=result.policy_version,
+        turn=result.turn,
     )
     if result.error is not None:
         message.error.CopyFrom(pb.TaskError(code=result.error.code, message=result.error.message))
@@ -136,6 +139,7 @@ def result_from_pb(message: pb.TaskResult) -> TaskResult:
         responder_org=message.responder_org,
         policy_version=message.policy_version,
         provenance=tuple(receipt_from_pb(r) for r in message.provenance),
+        turn=max(0, message.turn),
     )
 
 

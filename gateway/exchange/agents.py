@@ -167,8 +167,17 @@ class AgentRegistry:
         instance.outbox.put_nowait(CancelRequest(task_id, reason))
         return True
 
+    def end(self, task_id: str, reason: str) -> None:
+        """Give up a task held between turns (its deadline, a cancel): the instance stops it."""
+        instance = self._owner.pop(task_id, None)
+        held = instance is not None and instance.tasks.pop(task_id, None) is not None
+        if held and instance is not None and not instance.closed:
+            instance.outbox.put_nowait(CancelRequest(task_id, reason))
+
     async def dispatch(self, spec: TaskSpec, requester_org: str) -> AsyncIterator[TaskUpdate]:
-        """Run a task on the least busy instance; yields WORKING, then its updates, the last final.
+        """Run a task on the least busy instance; yields WORKING, then its updates, the last one
+        ending the turn: a final one, or input-required (the instance keeps the task for its
+        next turn, see continue_task).
 
         Leaving early (deadline, cancellation) tells the instance to stop the task.
         """
@@ -182,19 +191,49 @@ class AgentRegistry:
         instance.tasks[spec.task_id] = queue
         self._owner[spec.task_id] = instance
         instance.outbox.put_nowait(Assignment(spec, requester_org))
-        finished = False
+        # The task is with an instance now: say so here rather than have every agent send
+        # a message only to say it started (a unary requester never sees this update).
+        yield TaskUpdate(spec.task_id, TaskState.WORKING)
+        async for update in self._turn(instance, spec, queue):
+            yield update
+
+    async def continue_task(self, spec: TaskSpec, requester_org: str) -> AsyncIterator[TaskUpdate]:
+        """The requester's next message for a task held between turns, to the instance that
+        holds it; yields its updates, the last one ending the turn."""
+        instance = self._owner.get(spec.task_id)
+        queue = instance.tasks.get(spec.task_id) if instance is not None else None
+        if instance is None or queue is None or instance.closed:
+            yield TaskUpdate(
+                spec.task_id,
+                TaskState.FAILED,
+                result=TaskResult(
+                    spec.task_id,
+                    TaskState.FAILED,
+                    error=TaskError(
+                        "agent_disconnected", "the agent instance holding the task disconnected"
+                    ),
+                    responder_org=self.org,
+                ),
+            )
+            return
+        instance.outbox.put_nowait(Assignment(spec, requester_org))
+        yield TaskUpdate(spec.task_id, TaskState.WORKING)
+        async for update in self._turn(instance, spec, queue):
+            yield update
+
+    async def _turn(
+        self, instance: AgentInstance, spec: TaskSpec, queue: asyncio.Queue[TaskUpdate]
+    ) -> AsyncIterator[TaskUpdate]:
+        ended = False
         try:
-            # The task is with an instance now: say so here rather than have every agent send
-            # a message only to say it started (a unary requester never sees this update).
-            yield TaskUpdate(spec.task_id, TaskState.WORKING)
             while True:
                 update = await queue.get()
                 yield update
-                if update.state.final:
-                    finished = True
+                if update.state.ends_turn:
+                    ended = True
                     return
         finally:
-            if not finished and instance.tasks.pop(spec.task_id, None) is not None:
+            if not ended and instance.tasks.pop(spec.task_id, None) is not None:
                 self._owner.pop(spec.task_id, None)
                 if not instance.closed:
                     instance.outbox.put_nowait(

@@ -37,10 +37,29 @@ _Item = TaskUpdate | FedgateError | None
 SHUTDOWN = "the gateway is shutting down"
 
 
+@dataclass(frozen=True, slots=True)
+class NextTurn:
+    """The requester's next message for a task whose turn ended input-required: its spec (the
+    turn number and the new input), and what its admission prepared for the route (the opening
+    record and, for a partner, the filtered request)."""
+
+    spec: TaskSpec
+    opening: Any = None
+    outbound: TaskSpec | None = None
+    policy: Any = None
+    started: float = 0.0
+    admitted: float | None = None  # the breaker's admission of the call to a partner
+
+
 @dataclass(eq=False, slots=True)
 class Execution:
     """A task this gateway is working on: inbound (for one of our agents, `peer_org` asked),
-    outbound (`remote`: sent to a partner) or local (our requester, our agent)."""
+    outbound (`remote`: sent to a partner) or local (our requester, our agent).
+
+    A task runs in turns: a turn ends with a final state, or with input-required (its output
+    the agent's question), after which the requester's next message starts the next turn.
+    Calls follow one turn each.
+    """
 
     spec: TaskSpec
     origin_org: str
@@ -57,12 +76,18 @@ class Execution:
     # Set while the task waits for an agent instance: the stable code it ends with if its
     # deadline passes first ("no_agent", or "agent_disconnected" after its instance died).
     waiting_for: str = ""
+    # The current turn, the results of the turns that ended, and the next turns' messages.
+    turn: int = 0
+    # A next message being admitted (its record committing): no second one may start.
+    pending_turn: int = 0
+    turn_results: dict[int, TaskResult] = field(default_factory=dict)
+    next_turns: asyncio.Queue[NextTurn] = field(default_factory=asyncio.Queue)
     outcome: asyncio.Future[TaskResult] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     task: asyncio.Task[None] | None = None
-    # Each following call's queue, and whether it wants the non-final states too.
-    _followers: list[tuple[asyncio.Queue[_Item], bool]] = field(default_factory=list)
+    # Each following call's queue, whether it wants the non-final states too, and its turn.
+    _followers: list[tuple[asyncio.Queue[_Item], bool, int]] = field(default_factory=list)
     # While > 0 the route is committing a record: a cancel waits until the write has ended, so
     # the route always knows what was written.
     _protected: int = 0
@@ -75,20 +100,44 @@ class Execution:
     @property
     def followed(self) -> bool:
         """Whether a call is following this task right now (its result would leave at once)."""
-        return bool(self._followers)
+        return any(turn == self.turn for _, _, turn in self._followers)
+
+    @property
+    def awaiting_input(self) -> bool:
+        """Whether the current turn ended input-required and the next has not started."""
+        ended = self.turn_results.get(self.turn)
+        return ended is not None and not ended.state.final
 
     def publish(self, update: TaskUpdate) -> None:
         """A state change for the followers; non-final updates carry a state and nothing else."""
         self.state = update.state
-        for queue, states in self._followers:
-            if states:
+        for queue, states, turn in self._followers:
+            if states and turn == self.turn:
                 queue.put_nowait(update)
 
     def fail_followers(self, error: FedgateError) -> None:
         """The calls following the task get `error` now; the task goes on (a retry with its key
         follows it again). For a store that cannot be written, or a partner out of reach."""
-        for queue, _ in self._followers:
-            queue.put_nowait(error)
+        for queue, _, turn in self._followers:
+            if turn == self.turn:
+                queue.put_nowait(error)
+
+    def end_turn(self, result: TaskResult) -> None:
+        """The current turn ended input-required with `result`; its followers get it."""
+        self.turn_results[self.turn] = result
+        self.state = result.state
+        for queue, _, turn in self._followers:
+            if turn == self.turn:
+                queue.put_nowait(None)
+
+    def start_turn(self, turn: int) -> None:
+        self.turn = turn
+        self.pending_turn = 0
+        self.state = TaskState.WORKING
+
+    def continue_with(self, next_turn: NextTurn) -> None:
+        """The requester's next message: the route starts the next turn with it."""
+        self.next_turns.put_nowait(next_turn)
 
     def cancel(self, reason: str) -> bool:
         """Stop the task (its route records why); False if it has already ended."""
@@ -115,20 +164,22 @@ class Execution:
                 self.task.cancel()
 
     async def follow(
-        self, *, states: bool = True, until: float | None = None
+        self, *, states: bool = True, until: float | None = None, turn: int | None = None
     ) -> AsyncIterator[TaskUpdate]:
-        """The task's updates as they come (with `states`), then its final one; `until` is the
-        follower's own deadline (seconds since the epoch), if it has a shorter one than the task.
+        """A turn's updates as they come (with `states`), then the one that ends it (final,
+        or input-required); `until` is the follower's own deadline (seconds since the epoch),
+        if it has a shorter one than the task. `turn` defaults to the current one.
 
         Raises the FedgateError the task ended with, if it ended without a result, or one it
         gave its followers while it goes on (fail_followers).
         """
-        if not self.outcome.done():
+        turn = self.turn if turn is None else turn
+        if turn not in self.turn_results and not self.outcome.done():
             queue: asyncio.Queue[_Item] = asyncio.Queue()
-            follower = (queue, states)
+            follower = (queue, states, turn)
             self._followers.append(follower)
             try:
-                if states and self.state is not TaskState.SUBMITTED:
+                if states and turn == self.turn and self.state is not TaskState.SUBMITTED:
                     yield TaskUpdate(self.task_id, self.state)
                 while True:
                     if until is None or until >= self.spec.deadline:
@@ -148,14 +199,15 @@ class Execution:
                     yield item
             finally:
                 self._followers.remove(follower)
-        result = self.outcome.result()
+        ended = self.turn_results.get(turn)
+        result = ended if ended is not None else self.outcome.result()
         if result.error is not None and result.error.code == "deadline_exceeded":
             # The caller's answer to a task that ran out of time is the status, as for a call.
             raise DeadlineExceeded(result.error.message)
         yield TaskUpdate(result.task_id, result.state, result=result)
 
     def _end(self) -> None:
-        for queue, _ in self._followers:
+        for queue, _, _ in self._followers:
             queue.put_nowait(None)
 
 

@@ -35,7 +35,7 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.exchange.agents import AgentRegistry
-from gateway.exchange.execution import Claims, Execution, Executions
+from gateway.exchange.execution import Claims, Execution, Executions, NextTurn
 from gateway.exchange.routes import Routes
 from gateway.exchange.steps import (
     PEER_ERROR_MESSAGES,
@@ -191,6 +191,29 @@ class Router:
             return row.result or TaskResult(task_id, TaskState.WORKING)
         raise unknown
 
+    async def list_tasks(
+        self, *, owner: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[TaskRow]:
+        """Our own requesters' tasks (of `owner`, its token subject, if given), newest first."""
+        return await self.tasks.list(self.org, owner, limit=limit, offset=offset)
+
+    async def subscribe(
+        self, task_id: str, *, owner: str | None = None
+    ) -> AsyncIterator[TaskUpdate]:
+        """Follow a task one of our requesters submitted: its updates from now on, then its
+        final one (at once, for a task that has ended)."""
+        running = self.executions.by_id.get(task_id)
+        if (
+            running is not None
+            and running.origin_org == self.org
+            and owned(running.spec.requester, owner)
+        ):
+            async for update in running.follow():
+                yield update
+            return
+        result = await self.get(task_id, origin_org=self.org, owner=owner)
+        yield TaskUpdate(task_id, result.state, result=result if result.state.final else None)
+
     async def get_for_peer(self, task_id: str, peer_org: str) -> TaskResult:
         """GetTask from a peer: the state of a task it sent us, never its output.
 
@@ -258,7 +281,9 @@ class Router:
         spec = self._prepare(spec)
         key = task_key(self.org, spec)
         execution = self.executions.by_key.get(key)
-        if execution is None:
+        if spec.turn:
+            execution = await self._next_local_turn(execution, spec)
+        elif execution is None:
             recent = self._recent(key, spec)
             if recent is not None:
                 yield await self.routes.answer_retry(spec, recent, None)
@@ -279,8 +304,56 @@ class Router:
                 )
             else:
                 execution = await self._start_outbound(spec, key, started, stream=stream)
-        async for update in execution.follow(states=stream, until=spec.deadline):
+        async for update in execution.follow(states=stream, until=spec.deadline, turn=spec.turn):
             yield update
+
+    def _turn_check(self, execution: Execution | None, spec: TaskSpec) -> Execution:
+        """The task a next message (spec.turn > 0) continues: it must be waiting for it."""
+        if execution is None:
+            raise NotFound(
+                f"task {spec.task_id!r} is not waiting for a next message on the gateway of "
+                f"{self.org!r}: it ended, or it is not known here"
+            )
+        if spec.turn != execution.turn + 1 or not execution.awaiting_input:
+            now = (
+                f"waiting for turn {execution.turn + 1}" if execution.awaiting_input else "running"
+            )
+            raise InvalidArgument(
+                f"task {spec.task_id!r} is at turn {execution.turn} ({now}): turn {spec.turn} "
+                "cannot start now"
+            )
+        if execution.pending_turn:
+            raise InvalidArgument(
+                f"turn {spec.turn} of task {spec.task_id!r} is already being started"
+            )
+        return execution
+
+    async def _next_local_turn(self, execution: Execution | None, spec: TaskSpec) -> Execution:
+        """Our requester's next message for a task waiting for it, local or at a partner."""
+        if execution is not None and spec.turn in execution.turn_results:
+            return execution  # a repeat of a turn that ended: follow() answers its result
+        x = self._turn_check(execution, spec)
+        spec = replace(spec, deadline=min(spec.deadline, x.spec.deadline))
+        x.pending_turn = spec.turn
+        try:
+            if not x.remote:
+                x.continue_with(NextTurn(spec))
+                return x
+            started = time.monotonic()
+            _, claims, spec = self._caller_context(spec)
+            outbound, opening, admitted = await self.steps.admit_outbound(spec, claims, started)
+            try:
+                await self.steps.write(None, opening, None)
+            except BaseException:
+                self.peers.record(spec.target_org, admitted, failure=None)
+                raise
+        except BaseException:
+            x.pending_turn = 0
+            raise
+        x.continue_with(
+            NextTurn(spec, opening, outbound=outbound, started=started, admitted=admitted)
+        )
+        return x
 
     async def _start_outbound(
         self, spec: TaskSpec, key: tuple[str, str], started: float, *, stream: bool
@@ -342,7 +415,22 @@ class Router:
             raise
         key = task_key(peer_org, spec)
         execution = self.executions.by_key.get(key)
-        if execution is not None:
+        if execution is not None and spec.turn in execution.turn_results:
+            # A repeat of a turn that ended: its result again, recorded.
+            yield await self.routes.answer_retry(spec, execution.turn_results[spec.turn], peer_org)
+            return
+        if spec.turn and (execution is None or spec.turn > execution.turn):
+            x = self._turn_check(execution, spec)
+            x.pending_turn = spec.turn
+            try:
+                policy, opening = await self.steps.admit_inbound(spec, peer_org, claims, started)
+                await self.steps.write(None, opening, None)
+            except BaseException:
+                x.pending_turn = 0
+                raise
+            x.continue_with(NextTurn(spec, opening, policy=policy, started=started))
+            execution = x
+        elif execution is not None:
             # A repeat while the task runs: recorded, and it follows the task.
             await self.steps.write(
                 None, self.steps.retry_received(spec, peer_org, execution.task_id), None
@@ -367,7 +455,7 @@ class Router:
                 return await self.routes.inbound(x, policy, opening, started)
 
             self.executions.start(execution, route)
-        async for update in execution.follow(states=stream, until=spec.deadline):
+        async for update in execution.follow(states=stream, until=spec.deadline, turn=spec.turn):
             yield update
 
     def _recent(self, key: tuple[str, str], spec: TaskSpec) -> TaskResult | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -28,7 +28,7 @@ from gateway.errors import (
     FedgateError,
     Unavailable,
 )
-from gateway.exchange.execution import Execution, Executions
+from gateway.exchange.execution import Execution, Executions, NextTurn
 from gateway.exchange.steps import Steps, Stopped, error_result
 from gateway.exchange.tasks import TaskResult, TaskSpec, TaskState, TaskUpdate
 from gateway.policy.engine import Policy
@@ -60,9 +60,17 @@ class Routes:
             written = await s.write(x, None, s.accept(x))
             if written.existing is not None:
                 return await self.answer_existing(x, written.existing)
-        result = await self._dispatch(x)
-        await self._close(x, None, s.finish(x, result))
-        return result
+        work = s.dispatch_to_agent(x)
+        while True:
+            result = await self._dispatch(x, work)
+            await self._close(x, None, s.finish(x, result))
+            if result.state.final:
+                return result
+            next_turn = await self._next_turn(x)
+            if isinstance(next_turn, TaskResult):
+                await self._close(x, None, s.finish(x, next_turn))
+                return next_turn
+            work = s.continue_agent(x, next_turn.spec)
 
     # ---- inbound: a peer calls our agent ---------------------------------------------------
 
@@ -80,19 +88,44 @@ class Routes:
             written = await s.write(x, opening, s.accept(x))
             if written.existing is not None:
                 return await self.answer_existing(x, written.existing)
-        result = await self._dispatch(x)
-        released, event = s.release(x, policy, result, started)
-        await self._close(x, event, s.finish(x, released))
-        return released
+        work = s.dispatch_to_agent(x)
+        while True:
+            result = await self._dispatch(x, work)
+            released, event = s.release(x, policy, result, started)
+            await self._close(x, event, s.finish(x, released))
+            if released.state.final:
+                return released
+            next_turn = await self._next_turn(x, released)
+            if isinstance(next_turn, TaskResult):  # its deadline, or a cancel, came first
+                ended, event = s.release(x, policy, next_turn, started)
+                await self._close(x, event, s.finish(x, ended))
+                return ended
+            policy, started = next_turn.policy, next_turn.started
+            work = s.continue_agent(x, next_turn.spec)
 
-    async def _dispatch(self, x: Execution) -> TaskResult:
+    async def _dispatch(self, x: Execution, work: Awaitable[TaskResult]) -> TaskResult:
         s = self.steps
         try:
-            return await s.until_done(x, s.dispatch_to_agent(x))
+            return await s.until_done(x, work)
         except Stopped as stopped:
             return stopped.result
         except FedgateError as exc:
             return error_result(x.task_id, exc.status.name.lower(), exc.message, s.org)
+
+    async def _next_turn(
+        self, x: Execution, ended: TaskResult | None = None
+    ) -> NextTurn | TaskResult:
+        """Between turns: wait for the requester's next message (its call has recorded it),
+        until the task's deadline or a cancel, which end the task (the outcome returned)."""
+        x.end_turn(ended or x.turn_results.get(x.turn) or TaskResult(x.task_id, x.state))
+        try:
+            next_turn = await self.steps.until_done(x, x.next_turns.get())
+        except Stopped as stopped:
+            if not x.remote:
+                self.steps.agents.end(x.task_id, stopped.error.message)
+            return replace(stopped.result, turn=x.turn)
+        x.start_turn(next_turn.spec.turn)
+        return next_turn
 
     # ---- outbound: our requester calls a partner's agent ----------------------------------
 
@@ -112,8 +145,7 @@ class Routes:
         and `outbound` carries no input, only `resume`)."""
         s = self.steps
         peer = x.spec.target_org
-        resumed = outbound.resume
-        if not resumed:
+        if not outbound.resume:
             try:
                 written = await s.write(x, opening, s.accept(x))
             except BaseException:
@@ -129,8 +161,50 @@ class Routes:
             # once and answers a repeat with its stored result.
         if parent is not None:
             parent.children.add(x.task_id)
+        try:
+            while True:
+                result = await self._outbound_turn(x, outbound, opening, admitted, started, stream)
+                if result.state.final:
+                    break
+                next_turn = await self._next_turn(x, result)
+                if isinstance(next_turn, TaskResult):  # its deadline, or a cancel, came first
+                    error = (
+                        Cancelled(x.cancel_reason)
+                        if next_turn.state is TaskState.CANCELED
+                        else DeadlineExceeded(f"task {x.task_id} passed its deadline")
+                    )
+                    kind = "canceled" if next_turn.state is TaskState.CANCELED else "failed"
+                    code = next_turn.error.code if next_turn.error is not None else None
+                    closing = s.closing(opening, kind, error, started, code=code)
+                    await self._close(x, closing, s.finish(x, next_turn))
+                    return next_turn
+                assert next_turn.outbound is not None
+                outbound, opening, started = (
+                    next_turn.outbound,
+                    next_turn.opening,
+                    next_turn.started,
+                )
+                admitted = next_turn.admitted
+        finally:
+            if parent is not None:
+                parent.children.discard(x.task_id)
+        if parent is not None and result.receipt is not None:
+            parent.provenance.extend([result.receipt, *result.provenance])
+        return result
+
+    async def _outbound_turn(
+        self,
+        x: Execution,
+        outbound: TaskSpec,
+        opening: AuditEvent,
+        admitted: float | None,
+        started: float,
+        stream: bool,
+    ) -> TaskResult:
+        """One turn with the partner: send, verify its answer, close the turn's records."""
+        s = self.steps
+        peer = x.spec.target_org
         request = spec_to_pb(outbound, sender_org=s.org)
-        result: TaskResult
         closing: AuditEvent
         op: TaskOp
         try:
@@ -142,10 +216,8 @@ class Routes:
             result = stopped.result
             kind = "canceled" if result.state is TaskState.CANCELED else "failed"
             code = result.error.code if result.error is not None else None
-            closing, op = (
-                s.closing(opening, kind, stopped.error, started, code=code),
-                s.finish(x, result),
-            )
+            closing = s.closing(opening, kind, stopped.error, started, code=code)
+            op = s.finish(x, result)
         except (DeadlineExceeded, Cancelled) as exc:
             # The partner ended the task: its deadline, or a cancel there.
             code = "deadline_exceeded" if isinstance(exc, DeadlineExceeded) else "canceled"
@@ -154,16 +226,14 @@ class Routes:
             closing, op = s.closing(opening, kind, exc, started, code=code), s.finish(x, result)
         except FedgateError as exc:
             # The partner refused before running the task: nothing is the key's outcome, so
-            # the key is given back and a retry runs the task.
-            closing, op = s.closing(opening, "failed", exc, started), s.forget(x)
-            await self._close(x, closing, op)
-            raise
-        finally:
-            if parent is not None:
-                parent.children.discard(x.task_id)
+            # the key is given back and a retry runs the task. (A later turn refused ends it.)
+            closing = s.closing(opening, "failed", exc, started)
+            if x.turn == 0:
+                await self._close(x, closing, s.forget(x))
+                raise
+            result = error_result(x.task_id, exc.status.name.lower(), exc.message, peer)
+            op = s.finish(x, result)
         await self._close(x, closing, op)
-        if parent is not None and result.receipt is not None:
-            parent.provenance.extend([result.receipt, *result.provenance])
         return result
 
     async def _send(

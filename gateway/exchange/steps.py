@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
@@ -77,6 +77,15 @@ PEER_ERROR_MESSAGES = {
     "deadline_exceeded": "the task passed its deadline",
     "canceled": "the task was canceled",
 }
+
+# The states whose result carries output: filtered, recorded and signed before it leaves.
+_CARRY_OUTPUT = frozenset({TaskState.COMPLETED, TaskState.INPUT_REQUIRED, TaskState.AUTH_REQUIRED})
+
+
+def _turn_note(turn: int) -> str:
+    """Where a record of a later turn says which (turn 0 needs no word)."""
+    return f"turn {turn}; " if turn else ""
+
 
 # The status a closing record names for a task that ended without a result, on both sides of
 # an exchange alike: the status of the cause for a deadline or a cancel, else the task's state.
@@ -423,7 +432,7 @@ class Steps:
         )
 
     async def dispatch_to_agent(self, x: Execution) -> TaskResult:
-        """Hand the task to an instance of its agent and wait for its final update.
+        """Hand the task to an instance of its agent and wait for the update ending its turn.
 
         With no instance connected, the task waits for one (until its deadline): an agent
         restarting is not a refusal. If an instance dies mid-task, the task goes to another
@@ -444,21 +453,8 @@ class Steps:
                 except TimeoutError:
                     raise self._gave_up_waiting(x) from None
             x.waiting_for = ""
-            final: TaskUpdate | None = None
-            async for update in self.agents.dispatch(spec, x.origin_org):
-                if not update.state.final:
-                    # Progress notes are free text written by the agent: they stay inside.
-                    x.publish(
-                        TaskUpdate(
-                            spec.task_id,
-                            update.state,
-                            message=update.message if x.peer_org is None else "",
-                        )
-                    )
-                    continue
-                final = update
-            assert final is not None
-            error = final.result.error if final.result is not None else None
+            result = await self._turn_of_agent(x, self.agents.dispatch(spec, x.origin_org))
+            error = result.error
             if (
                 error is not None
                 and error.code == "agent_disconnected"
@@ -469,13 +465,37 @@ class Steps:
                 log.info("task %s: agent instance died; failing over (%d)", spec.task_id, failovers)
                 x.waiting_for = "agent_disconnected"
                 continue
-            result = final.result or TaskResult(spec.task_id, final.state)
-            return replace(
-                result,
-                task_id=spec.task_id,
-                responder_org=self.org,
-                provenance=tuple(x.provenance),
-            )
+            return result
+
+    async def continue_agent(self, x: Execution, spec: TaskSpec) -> TaskResult:
+        """The requester's next message, to the instance holding the task; the turn's result."""
+        return await self._turn_of_agent(x, self.agents.continue_task(spec, x.origin_org))
+
+    async def _turn_of_agent(self, x: Execution, updates: AsyncIterator[TaskUpdate]) -> TaskResult:
+        final: TaskUpdate | None = None
+        async for update in updates:
+            if not update.state.ends_turn:
+                # States only: no output leaves but with a turn's filtered, recorded result;
+                # and progress notes are free text written by the agent: they stay inside.
+                x.publish(
+                    TaskUpdate(
+                        x.task_id,
+                        update.state,
+                        message=update.message if x.peer_org is None else "",
+                    )
+                )
+                continue
+            final = update
+        assert final is not None
+        result = final.result or TaskResult(x.task_id, final.state)
+        return replace(
+            result,
+            task_id=x.task_id,
+            state=final.state,
+            responder_org=self.org,
+            provenance=tuple(x.provenance) if final.state.final else (),
+            turn=x.turn,
+        )
 
     def _gave_up_waiting(self, x: Execution) -> Stopped:
         """The deadline came while the task waited for an instance of its agent: the outcome
@@ -503,7 +523,7 @@ class Steps:
         assert x.peer_org is not None
         spec, peer_org = x.spec, x.peer_org
         duration = (time.monotonic() - started) * 1000
-        if result.state is not TaskState.COMPLETED:
+        if result.state not in _CARRY_OUTPUT:
             code = result.error.code if result.error else "skill_error"
             if code not in PEER_ERROR_MESSAGES:
                 code = "skill_error"
@@ -551,13 +571,14 @@ class Steps:
         ).to_json()
         released = TaskResult(
             spec.task_id,
-            TaskState.COMPLETED,
+            result.state,
             output=filtered.output,
             field_actions=actions,
             receipt=receipt,
             responder_org=self.org,
             policy_version=filtered.policy_version,
             provenance=self._shared_provenance(policy, x, result),
+            turn=x.turn,
         )
         return released, self.event(
             "result_released" if x.followed else "result_kept",
@@ -565,7 +586,7 @@ class Steps:
             peer_org,
             direction="inbound",
             decision="partial" if actions else "allowed",
-            status=TaskState.COMPLETED.value,
+            status=result.state.value,
             duration_ms=duration,
             withheld_paths=filtered.withheld,
             transformed=filtered.transformed,
@@ -574,7 +595,8 @@ class Steps:
             policy_version=filtered.policy_version,
             receipt=receipt,
             payload=result.output if self.store_payloads else None,
-            detail="" if x.followed else "kept for collection: no call was following the task",
+            detail=_turn_note(x.turn)
+            + ("" if x.followed else "kept for collection: no call was following the task"),
         )
 
     def _shared_provenance(
@@ -722,9 +744,9 @@ class Steps:
         spec = x.spec
         result = update.result or TaskResult(spec.task_id, update.state)
         peer = spec.target_org
-        decision, detail = ("allowed" if result.state is TaskState.COMPLETED else "error"), ""
+        decision, detail = ("allowed" if result.state in _CARRY_OUTPUT else "error"), ""
         output_digest: str | None = None
-        if result.state is TaskState.COMPLETED:
+        if result.state in _CARRY_OUTPUT:
             try:
                 if result.receipt is None:
                     raise Unauthenticated("the result carries no receipt")
@@ -753,9 +775,9 @@ class Steps:
                 result = error_result(
                     spec.task_id, "receipt_invalid", f"result of {peer!r} refused: {detail}", peer
                 )
-        kind = {TaskState.COMPLETED: "result_received", TaskState.CANCELED: "canceled"}.get(
-            result.state, "failed"
-        )
+        kind = "result_received" if result.state in _CARRY_OUTPUT else "failed"
+        if result.state is TaskState.CANCELED:
+            kind = "canceled"
         event = self.event(
             kind,
             spec,
@@ -766,13 +788,13 @@ class Steps:
             duration_ms=(time.monotonic() - started) * 1000,
             withheld_paths=tuple(p for p, a in result.field_actions if a == "withheld"),
             transformed=tuple((p, a) for p, a in result.field_actions if a != "withheld"),
-            digest_after=output_digest if result.state is TaskState.COMPLETED else None,
+            digest_after=output_digest if result.state in _CARRY_OUTPUT else None,
             policy_version=result.policy_version or None,
-            detail=detail or (result.error.code if result.error else ""),
+            detail=_turn_note(x.turn) + (detail or (result.error.code if result.error else "")),
             receipt=result.receipt,
             payload=result.output if self.store_payloads and result.output else None,
         )
-        return replace(result, task_id=spec.task_id, responder_org=peer), event
+        return replace(result, task_id=spec.task_id, responder_org=peer, turn=x.turn), event
 
     def closing(
         self,

@@ -29,8 +29,15 @@ class TaskState(enum.StrEnum):
     def final(self) -> bool:
         return self in _FINAL
 
+    @property
+    def ends_turn(self) -> bool:
+        """Final, or waiting for the requester (input-required, auth-required): the state
+        carries a result, filtered, recorded and signed like a final one."""
+        return self in _FINAL or self in _AWAITING
+
 
 _FINAL = {TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELED, TaskState.REJECTED}
+_AWAITING = {TaskState.INPUT_REQUIRED, TaskState.AUTH_REQUIRED}
 TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -54,6 +61,9 @@ class TaskSpec:
     roles: tuple[str, ...] = ()
     # A requesting gateway asking again, after its restart, for a task it had sent (no input).
     resume: bool = False
+    # 0 for a new task; n > 0 continues a task whose turn n - 1 ended input-required, with the
+    # requester's next message as the input.
+    turn: int = 0
 
     @property
     def target(self) -> str:
@@ -84,6 +94,8 @@ class TaskResult:
     policy_version: str = ""
     # Receipts (JSON form) of the organizations that handled sub-tasks, for multi-hop provenance.
     provenance: tuple[dict[str, Any], ...] = ()
+    # The turn this result ends (see TaskSpec.turn).
+    turn: int = 0
 
 
 @dataclass(frozen=True)

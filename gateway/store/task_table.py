@@ -71,6 +71,7 @@ def result_to_json(result: TaskResult) -> dict[str, Any]:
         "responder_org": result.responder_org,
         "policy_version": result.policy_version,
         "provenance": list(result.provenance),
+        "turn": result.turn,
     }
 
 
@@ -86,6 +87,7 @@ def result_from_json(data: dict[str, Any]) -> TaskResult:
         responder_org=data.get("responder_org", ""),
         policy_version=data.get("policy_version", ""),
         provenance=tuple(data.get("provenance", [])),
+        turn=int(data.get("turn", 0)),
     )
 
 
@@ -105,6 +107,7 @@ def spec_to_json(spec: TaskSpec) -> dict[str, Any]:
         "purpose": spec.purpose,
         "roles": list(spec.roles),
         "input_field_actions": [list(a) for a in spec.input_field_actions],
+        "turn": spec.turn,
     }
 
 
@@ -123,6 +126,7 @@ def spec_from_json(data: dict[str, Any]) -> TaskSpec:
         purpose=data.get("purpose", ""),
         roles=tuple(data.get("roles", ())),
         input_field_actions=tuple((p, a) for p, a in data.get("input_field_actions", [])),
+        turn=int(data.get("turn", 0)),
     )
 
 
@@ -222,6 +226,9 @@ class _Store(Protocol):
     def task_row(self, origin_org: str, key: str) -> Awaitable[TaskRow | None]: ...
     def task_by_id(self, origin_org: str, task_id: str) -> Awaitable[TaskRow | None]: ...
     def unfinished_tasks(self) -> Awaitable[list[TaskRow]]: ...
+    def list_tasks(
+        self, origin_org: str, owner: str | None, *, limit: int, offset: int
+    ) -> Awaitable[list[TaskRow]]: ...
 
 
 class TaskTable:
@@ -251,6 +258,13 @@ class TaskTable:
 
     async def unfinished(self) -> list[TaskRow]:
         return await self._store.unfinished_tasks()
+
+    async def list(
+        self, origin_org: str, owner: str | None = None, *, limit: int = 100, offset: int = 0
+    ) -> list[TaskRow]:
+        """Tasks of `origin_org` (and of the requester `owner`: its token subject), newest
+        first."""
+        return await self._store.list_tasks(origin_org, owner, limit=limit, offset=offset)
 
 
 class TaskRowModel(SQLModel, table=True):

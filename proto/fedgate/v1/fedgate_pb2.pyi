@@ -77,7 +77,7 @@ class AgentCard(_message.Message):
     def __init__(self, org: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., skills: _Optional[_Iterable[_Union[Skill, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
-    __slots__ = ("task_id", "target_org", "agent", "skill", "input", "sender_org", "requester", "deadline_unix_ms", "idempotency_key", "input_field_actions", "delegation", "parent_task_id", "purpose", "roles", "resume")
+    __slots__ = ("task_id", "target_org", "agent", "skill", "input", "sender_org", "requester", "deadline_unix_ms", "idempotency_key", "input_field_actions", "delegation", "parent_task_id", "purpose", "roles", "resume", "turn")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_ORG_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class TaskRequest(_message.Message):
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     target_org: str
     agent: str
@@ -108,7 +109,8 @@ class TaskRequest(_message.Message):
     purpose: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     resume: bool
-    def __init__(self, task_id: _Optional[str] = ..., target_org: _Optional[str] = ..., agent: _Optional[str] = ..., skill: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., sender_org: _Optional[str] = ..., requester: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., input_field_actions: _Optional[_Iterable[_Union[FieldAction, _Mapping]]] = ..., delegation: _Optional[str] = ..., parent_task_id: _Optional[str] = ..., purpose: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., resume: _Optional[bool] = ...) -> None: ...
+    turn: int
+    def __init__(self, task_id: _Optional[str] = ..., target_org: _Optional[str] = ..., agent: _Optional[str] = ..., skill: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., sender_org: _Optional[str] = ..., requester: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., input_field_actions: _Optional[_Iterable[_Union[FieldAction, _Mapping]]] = ..., delegation: _Optional[str] = ..., parent_task_id: _Optional[str] = ..., purpose: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., resume: _Optional[bool] = ..., turn: _Optional[int] = ...) -> None: ...
 
 class TaskError(_message.Message):
     __slots__ = ("code", "message")
@@ -141,7 +143,7 @@ class Receipt(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., responder_org: _Optional[str] = ..., result_digest: _Optional[bytes] = ..., withheld_paths: _Optional[_Iterable[str]] = ..., policy_version: _Optional[str] = ..., signed_at_unix_ms: _Optional[int] = ..., signer_certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., field_actions: _Optional[_Iterable[_Union[FieldAction, _Mapping]]] = ...) -> None: ...
 
 class TaskResult(_message.Message):
-    __slots__ = ("task_id", "state", "output", "field_actions", "error", "receipt", "responder_org", "policy_version", "provenance")
+    __slots__ = ("task_id", "state", "output", "field_actions", "error", "receipt", "responder_org", "policy_version", "provenance", "turn")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +153,7 @@ class TaskResult(_message.Message):
     RESPONDER_ORG_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     state: TaskState
     output: _struct_pb2.Struct
@@ -160,7 +163,8 @@ class TaskResult(_message.Message):
     responder_org: str
     policy_version: str
     provenance: _containers.RepeatedCompositeFieldContainer[Receipt]
-    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., output: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., field_actions: _Optional[_Iterable[_Union[FieldAction, _Mapping]]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ..., responder_org: _Optional[str] = ..., policy_version: _Optional[str] = ..., provenance: _Optional[_Iterable[_Union[Receipt, _Mapping]]] = ...) -> None: ...
+    turn: int
+    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., output: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., field_actions: _Optional[_Iterable[_Union[FieldAction, _Mapping]]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ..., responder_org: _Optional[str] = ..., policy_version: _Optional[str] = ..., provenance: _Optional[_Iterable[_Union[Receipt, _Mapping]]] = ..., turn: _Optional[int] = ...) -> None: ...
 
 class TaskUpdate(_message.Message):
     __slots__ = ("task_id", "state", "message", "result")

@@ -1,0 +1,212 @@
+"""Multi-turn tasks across organizations: a turn that ends input-required carries its output
+only as a filtered, recorded, signed result, and the requester's next message continues the
+same task under the same policies and records.
+
+The agent here is written against the generated `fedgate.v1` stubs alone (no SDK), as any
+protoc client could be; the requester uses the participant listener the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from fedgate.convert import dict_to_struct, struct_to_dict
+from fedgate.v1 import fedgate_pb2 as pb
+from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
+
+from gateway.edges.wire import receipt_from_pb
+from gateway.identity.signing import SignedReceipt, Verifier, verify_receipt
+from gateway.local import LocalFederation
+from tests.conftest import Pki
+from tests.integration.federation import eventually, org_config
+
+HOSPITAL = """\
+p, insurer, intake, chat, invoke, *, allow
+p, insurer, intake, chat, share, question, allow
+p, insurer, intake, chat, share, summary, allow
+"""
+INSURER = """\
+p, hospital, intake, chat, send, answer, allow
+p, hospital, intake, chat, send, topic, allow
+"""
+
+
+@pytest.fixture
+async def two(tmp_path: Path, pki: Pki) -> AsyncIterator[LocalFederation]:
+    paths = [
+        org_config(tmp_path, pki, "hospital", HOSPITAL, ["insurer"]),
+        org_config(tmp_path, pki, "insurer", INSURER, ["hospital"]),
+    ]
+    async with LocalFederation(paths) as fed:
+        yield fed
+
+
+class RawAgent:
+    """An `intake.chat` agent speaking the participant protocol by hand: it asks one question
+    (input-required, with a field the hospital's policy withholds) and answers the reply."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.inputs: list[tuple[int, dict[str, Any]]] = []
+        self.cancelled: list[str] = []
+        self.outbox: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
+        self.registered = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> RawAgent:
+        card = pb.AgentCard(name="intake", skills=[pb.Skill(name="chat")])
+        self.outbox.put_nowait(pb.AgentMessage(register=pb.RegisterAgents(cards=[card])))
+        self._task = asyncio.ensure_future(self._run())
+        await asyncio.wait_for(self.registered.wait(), 10)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.outbox.put_nowait(None)
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+
+    async def _requests(self) -> AsyncIterator[pb.AgentMessage]:
+        while (message := await self.outbox.get()) is not None:
+            yield message
+
+    async def _run(self) -> None:
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = pb_grpc.ParticipantStub(channel)
+            async for message in stub.Connect(self._requests()):
+                kind = message.WhichOneof("kind")
+                if kind == "registered":
+                    self.registered.set()
+                elif kind == "cancel":
+                    self.cancelled.append(message.cancel.task_id)
+                elif kind == "task":
+                    request = message.task.request
+                    data = struct_to_dict(request.input)
+                    self.inputs.append((request.turn, data))
+                    if request.turn == 0:
+                        state = pb.TASK_STATE_INPUT_REQUIRED
+                        output = {"question": "which ward?", "nurse_notes": "patient is anxious"}
+                    else:
+                        state = pb.TASK_STATE_COMPLETED
+                        output = {"summary": f"booked in {data.get('answer')}", "bed": "B-12"}
+                    result = pb.TaskResult(
+                        task_id=request.task_id, state=state, output=dict_to_struct(output)
+                    )
+                    update = pb.TaskUpdate(task_id=request.task_id, state=state, result=result)
+                    self.outbox.put_nowait(pb.AgentMessage(update=update))
+
+
+def _request(task_id: str, data: dict[str, Any], turn: int = 0, **extra: Any) -> pb.TaskRequest:
+    return pb.TaskRequest(
+        task_id=task_id,
+        target_org="hospital",
+        agent="intake",
+        skill="chat",
+        input=dict_to_struct(data),
+        deadline_unix_ms=int((time.time() + extra.pop("seconds", 10)) * 1000),
+        turn=turn,
+        **extra,
+    )
+
+
+def _kinds(fed: LocalFederation, org: str, task_id: str) -> list[tuple[str, str]]:
+    records = sorted(fed[org].audit.query(task_id=task_id), key=lambda r: r.sequence)
+    return [(r.kind, r.status) for r in records]
+
+
+async def test_a_conversation_crosses_organizations_turn_by_turn(
+    two: LocalFederation, pki: Pki
+) -> None:
+    async with (
+        RawAgent(two.participant("hospital")) as agent,
+        grpc.aio.insecure_channel(two.participant("insurer")) as channel,
+    ):
+        stub = pb_grpc.ParticipantStub(channel)
+        first = await stub.SubmitTask(
+            _request("talk-1", {"topic": "admission", "internal": "x"}), timeout=10
+        )
+        assert first.state == pb.TASK_STATE_INPUT_REQUIRED and first.turn == 0
+        # The question leaves filtered, with a receipt, like any result.
+        assert struct_to_dict(first.output) == {"question": "which ward?"}
+        assert [a.path for a in first.field_actions] == ["nurse_notes"]
+        receipt = SignedReceipt.from_json(receipt_from_pb(first.receipt))
+        verify_receipt(Verifier.from_file(pki.ca), receipt, expected_org="hospital")
+        assert receipt.body.task_id == "talk-1"
+        second = await stub.SubmitTask(
+            _request("talk-1", {"answer": "cardiology", "password": "hunter2"}, turn=1),
+            timeout=10,
+        )
+    assert second.state == pb.TASK_STATE_COMPLETED and second.turn == 1
+    assert struct_to_dict(second.output) == {"summary": "booked in cardiology"}
+    # Every turn went through the send policy: what the agent saw of each message.
+    assert agent.inputs == [(0, {"topic": "admission"}), (1, {"answer": "cardiology"})]
+    assert _kinds(two, "insurer", "talk-1") == [
+        ("request_sent", "submitted"),
+        ("result_received", "input-required"),
+        ("request_sent", "submitted"),
+        ("result_received", "completed"),
+    ]
+    assert _kinds(two, "hospital", "talk-1") == [
+        ("request_received", "submitted"),
+        ("result_released", "input-required"),
+        ("request_received", "submitted"),
+        ("result_released", "completed"),
+    ]
+    for org in ("hospital", "insurer"):
+        text = repr(two[org].audit.query(task_id="talk-1"))
+        assert "anxious" not in text and "hunter2" not in text and "B-12" not in text
+        assert two[org].audit.verify(org, two[org].router.verifier).ok
+
+
+async def test_a_repeated_turn_gets_its_result_and_a_wrong_turn_is_refused(
+    two: LocalFederation,
+) -> None:
+    async with (
+        RawAgent(two.participant("hospital")) as agent,
+        grpc.aio.insecure_channel(two.participant("insurer")) as channel,
+    ):
+        stub = pb_grpc.ParticipantStub(channel)
+        first = await stub.SubmitTask(_request("talk-2", {"topic": "a"}), timeout=10)
+        again = await stub.SubmitTask(_request("talk-2", {"topic": "a"}), timeout=10)
+        assert again.state == first.state == pb.TASK_STATE_INPUT_REQUIRED
+        assert again.output == first.output and again.receipt == first.receipt
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.SubmitTask(_request("talk-2", {"answer": "b"}, turn=3), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "turn 3 cannot start now" in (info.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await stub.SubmitTask(_request("talk-nope", {"answer": "b"}, turn=1), timeout=10)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        done = await stub.SubmitTask(_request("talk-2", {"answer": "b"}, turn=1), timeout=10)
+    assert done.state == pb.TASK_STATE_COMPLETED
+    assert [turn for turn, _ in agent.inputs] == [0, 1], "each turn reached the agent once"
+
+
+async def test_a_task_waiting_for_its_next_message_ends_at_its_deadline(
+    two: LocalFederation,
+) -> None:
+    async with (
+        RawAgent(two.participant("hospital")) as agent,
+        grpc.aio.insecure_channel(two.participant("insurer")) as channel,
+    ):
+        stub = pb_grpc.ParticipantStub(channel)
+        first = await stub.SubmitTask(_request("talk-3", {"topic": "a"}, seconds=1.5), timeout=10)
+        assert first.state == pb.TASK_STATE_INPUT_REQUIRED
+        assert await eventually(lambda: "talk-3" in agent.cancelled, 5), (
+            "the agent was told to stop the task when its deadline passed"
+        )
+        assert await eventually(lambda: len(_kinds(two, "hospital", "talk-3")) == 3, 5)
+        assert await eventually(lambda: len(_kinds(two, "insurer", "talk-3")) == 3, 5)
+        answer = await stub.GetTask(pb.GetTaskRequest(task_id="talk-3"), timeout=5)
+    assert answer.state == pb.TASK_STATE_FAILED
+    for org in ("hospital", "insurer"):
+        kind, status = _kinds(two, org, "talk-3")[-1]
+        assert (kind, status) == ("failed", "DEADLINE_EXCEEDED"), org
