@@ -81,6 +81,9 @@ class Execution:
     # A next message being admitted (its record committing): no second one may start.
     pending_turn: int = 0
     turn_results: dict[int, TaskResult] = field(default_factory=dict)
+    # Turns whose result was recorded as kept (no call followed when it committed): a call that
+    # follows it now records its release before it gets the result.
+    kept: set[int] = field(default_factory=set)
     next_turns: asyncio.Queue[NextTurn] = field(default_factory=asyncio.Queue)
     outcome: asyncio.Future[TaskResult] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()

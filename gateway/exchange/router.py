@@ -441,10 +441,13 @@ class Router:
                 row = await self.tasks.get(*key)
                 recent = row.result if row is not None else None
                 if row is None:
-                    raise NotFound(
+                    # The requesting gateway recorded the request but it never arrived here.
+                    unknown = NotFound(
                         f"task {spec.task_id!r} is not known to the gateway of {self.org!r}: "
                         "send it again with its input"
                     )
+                    await self.steps.refuse(spec, peer_org, unknown, started=started)
+                    raise unknown
             if recent is not None:
                 yield await self.routes.answer_retry(spec, recent, peer_org)
                 return
@@ -456,6 +459,11 @@ class Router:
 
             self.executions.start(execution, route)
         async for update in execution.follow(states=stream, until=spec.deadline, turn=spec.turn):
+            result = update.result
+            if result is not None and spec.turn in execution.kept and result.state.ends_turn:
+                # Recorded as kept, as no call followed when it committed: its release to
+                # this call is recorded first.
+                await self.steps.write(None, self.steps.sent_again(spec, peer_org, result), None)
             yield update
 
     def _recent(self, key: tuple[str, str], spec: TaskSpec) -> TaskResult | None:

@@ -298,6 +298,8 @@ class Routes:
                 events = (_as_followed(event, x.followed),)
             try:
                 await s.write(x, events, op)
+                if events and events[0].kind == "result_kept":
+                    x.kept.add(x.turn)
                 return
             except (AuditUnavailable, Unavailable) as exc:
                 if loop.time() >= give_up:

@@ -521,17 +521,6 @@ async def check_histories(
     assert not problems, "no consistent history:\n" + "\n".join(problems)
 
 
-def core_fix(finding: str) -> pytest.MarkDecorator:
-    """Marks a test of issue 15 that fails on today's main until the exchange core is rebuilt.
-
-    Strict: once the fix makes it pass, the XPASS fails the run, so the marker is dropped then.
-    `pytest --runxfail tests/chaos` shows how each fails today.
-    """
-    return pytest.mark.xfail(
-        strict=True, reason=f"{finding}: needs the exchange core fix (fails on main today)"
-    )
-
-
 async def stream_until_working(
     client: Client,
     keys: list[str],

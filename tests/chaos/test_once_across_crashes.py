@@ -11,8 +11,7 @@ same one. What must hold afterwards ("Done when" of issue 15):
   record and in `get`, its receipt is valid for it, no request record is left open, and
   `fedgate audit reconcile` finds 0 mismatches.
 
-Tests marked `core_fix` fail on main today (how each fails is in their docstrings) and pass once
-the exchange core is rebuilt; `pytest --runxfail tests/chaos` shows the failures.
+Each of these failed before the exchange core was rebuilt (how, in their docstrings).
 
 The load's duration is FEDGATE_CHAOS_SECONDS (default 3 s for CI; 30 s for a manual run, as in
 the issue).
@@ -42,7 +41,6 @@ from tests.chaos.conftest import (
     Executions,
     bounded,
     check_histories,
-    core_fix,
     counting_agent,
     drain,
     executions_in_file,
@@ -83,7 +81,6 @@ async def recall(
 # ---- issue 12 defect 1: an idempotent retry answers with a task id nobody knows --------------
 
 
-@core_fix("issue 12 defect 1")
 @pytest.mark.parametrize("when", ["after", "during"])
 async def test_a_retry_by_key_answers_with_a_task_id_every_record_knows(
     chaos: ChaosFederation, when: str
@@ -119,7 +116,7 @@ async def test_a_retry_by_key_answers_with_a_task_id_every_record_knows(
 
 @pytest.mark.parametrize(
     "task_ids",
-    [pytest.param("new", marks=core_fix("issue 15 #1")), "same"],
+    ["new", "same"],
 )
 async def test_a_recall_by_key_after_the_responder_restarts_gives_one_history(
     chaos: ChaosFederation, task_ids: str
@@ -158,7 +155,6 @@ async def test_a_recall_by_key_after_the_responder_restarts_gives_one_history(
 # ---- issue 15 #2: killing the requester's gateway cancels the partner's work ----------------
 
 
-@core_fix("issue 15 #2")
 @pytest.mark.parametrize("task_ids", ["new", "same"])
 async def test_a_dead_requester_gateway_is_not_a_cancel(
     chaos: ChaosFederation, task_ids: str
@@ -211,7 +207,6 @@ async def test_a_dead_requester_gateway_is_not_a_cancel(
 # ---- issue 15 #3: a short agent restart burns keys -------------------------------------------
 
 
-@core_fix("issue 15 #3")
 async def test_a_short_agent_restart_does_not_burn_keys(chaos: ChaosFederation) -> None:
     """Calls while the only agent instance is away are UNAVAILABLE (or wait for an instance
     until their deadline); a later re-call with the key runs.
@@ -273,7 +268,6 @@ async def test_a_short_agent_restart_does_not_burn_keys(chaos: ChaosFederation) 
 # ---- issue 15 #4: tasks in flight when the only agent died fail at once ---------------------
 
 
-@core_fix("issue 15 #4")
 async def test_tasks_in_flight_when_the_only_agent_died_go_to_its_next_instance(
     chaos: ChaosFederation,
 ) -> None:
@@ -319,7 +313,6 @@ async def test_tasks_in_flight_when_the_only_agent_died_go_to_its_next_instance(
 # ---- issue 15 #5: abandoned first attempts stay open, and reconcile does not say so ---------
 
 
-@core_fix("issue 15 #5")
 async def test_reconcile_lists_what_is_open_and_a_recall_closes_it(
     chaos: ChaosFederation,
 ) -> None:
@@ -366,9 +359,9 @@ def in_flight(run_log: Any) -> int:
 @pytest.mark.parametrize(
     "victim",
     [
-        pytest.param("responder", marks=core_fix("issue 15 #1 under load")),
-        pytest.param("requester", marks=core_fix("issue 15 #2 under load")),
-        pytest.param("agent", marks=core_fix("issue 15 #4 under load")),
+        "responder",
+        "requester",
+        "agent",
     ],
 )
 async def test_every_logical_request_of_a_load_ends_once(
