@@ -90,7 +90,8 @@ class OutboundRoutes(RouterBase):
         stub = self.peers.stub(peer)  # NotFound for an organization that is not a peer
         policy = self.current_policy()
         parent = self._parent_of(spec)
-        claims: Claims = None
+        # Conditions fail closed on an absent claim, so a request of our own names us as origin.
+        claims: Claims = {"origin": (self.org,)}
         if parent is not None:
             # Multi-hop: our agent passes on data that came from parent.origin_org. The deadline
             # travels along, and the send policy can tell such data apart (claim `origin`).

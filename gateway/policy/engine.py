@@ -36,7 +36,9 @@ threads and asyncio tasks. PolicyHolder swaps snapshots in one assignment.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -79,6 +81,12 @@ _MAX_PATHS = 65_536
 
 _CONDITION = re.compile(r"\s*([A-Za-z0-9_.:-]+)\s*(!?=)\s*([^&]*?)\s*")
 
+# What a rule decides (Rule.target).
+FIELDS = "fields"
+KEYS = "keys"
+PROVENANCE = "provenance"
+_KEYS_OPEN = "keys("
+
 
 @dataclass(frozen=True)
 class FieldDecision:
@@ -97,23 +105,35 @@ class FilterResult:
 
 
 @dataclass(frozen=True)
-class InvokeDecision:
+class Decision:
+    """A yes/no answer of the policy (invoke, provenance), the rule that gave it, the version."""
+
     allowed: bool
     rule: str | None
     policy_version: str
 
 
+InvokeDecision = Decision  # the name before may_share_provenance shared the type
+
+
 @dataclass(frozen=True)
 class Condition:
-    """One clause of a rule's condition: claim NAME has (or, negated, lacks) VALUE."""
+    """One clause of a rule's condition: claim NAME has (or, negated, lacks) VALUE.
+
+    Fails closed: an absent or empty claim fails every clause on it, negated or not. A claim may
+    hold several values: `x=v` holds iff v is among them; `x!=v` iff there is at least one value
+    and v is none of them.
+    """
 
     name: str
     value: str
     negated: bool = False
 
     def holds(self, claims: Mapping[str, frozenset[str]]) -> bool:
-        present = self.value in claims.get(self.name, frozenset())
-        return not present if self.negated else present
+        values = claims.get(self.name)
+        if not values:
+            return False
+        return self.value not in values if self.negated else self.value in values
 
 
 @dataclass(frozen=True)
@@ -132,6 +152,9 @@ class Rule:
     conditions: tuple[Condition, ...]
     line: int = field(compare=False)
     description: str = field(default="", compare=False)  # "file:line: the line"
+    # What the rule decides: FIELDS (payload fields, or invoke), KEYS (the keys of the maps its
+    # pattern matches: `keys(P)`) or PROVENANCE (whether sub-task receipts leave).
+    target: str = FIELDS
 
     @property
     def precedence(self) -> tuple[Any, ...]:
@@ -140,10 +163,21 @@ class Rule:
     def describe(self) -> str:
         return self.description
 
+    @property
+    def field_text(self) -> str:
+        """The field column in canonical spelling (part of a pseudonym's scope)."""
+        return _field_text(self.target, self.pattern)
+
     def applies(self, segments: paths.PathSegments, claims: Mapping[str, frozenset[str]]) -> bool:
-        return paths.covers(self.pattern, segments) and all(
-            c.holds(claims) for c in self.conditions
-        )
+        """Whether the rule decides a field (FIELDS: its pattern covers it) or a map's keys
+        (KEYS: its pattern matches the map exactly) under these claims."""
+        if self.target == KEYS:
+            matched = paths.matches(self.pattern, segments)
+        elif self.target == PROVENANCE:
+            matched = True  # asked only of @provenance (the table keeps these rules apart)
+        else:
+            matched = paths.covers(self.pattern, segments)
+        return matched and all(c.holds(claims) for c in self.conditions)
 
 
 @dataclass(frozen=True)
@@ -152,6 +186,14 @@ class PolicyReport:
 
     errors: tuple[str, ...]
     warnings: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=4096)
+def _field_text(target: str, pattern: paths.Pattern) -> str:
+    if target == PROVENANCE:
+        return paths.PROVENANCE
+    rendered = paths.render_pattern(pattern)
+    return f"keys({rendered})" if target == KEYS else rendered
 
 
 def _label(path: Path) -> str:
@@ -163,18 +205,42 @@ def _label(path: Path) -> str:
 
 
 def claim_sets(claims: Claims) -> dict[str, frozenset[str]]:
-    """Delegated claims as sets of strings (a single value is a set of one)."""
+    """Delegated claims as sets of strings (a single value is a set of one). None and empty
+    strings are no value, and a claim left without values is absent: it fails every condition."""
     if not claims:
         return {}
     result: dict[str, frozenset[str]] = {}
     for name, value in claims.items():
+        if value is None:
+            continue
         if isinstance(value, str):
-            result[str(name)] = frozenset((value,))
-        elif isinstance(value, Collection):
-            result[str(name)] = frozenset(str(item) for item in value)
+            items = frozenset((value,))
+        elif isinstance(value, Collection) and not isinstance(value, Mapping):
+            items = frozenset(str(item) for item in value if item is not None)
         else:
-            result[str(name)] = frozenset((str(value),))
+            items = frozenset((str(value),))
+        items = items - {""}
+        if items:
+            result[str(name)] = items
     return result
+
+
+def _purpose_of(claims: Claims) -> str:
+    """The requester's purpose values as one canonical text (part of a pseudonym's scope)."""
+    if not claims or not claims.get("purpose"):
+        return "[]"
+    values = claim_sets({"purpose": claims["purpose"]}).get("purpose", frozenset())
+    return json.dumps(sorted(values), ensure_ascii=False)
+
+
+def pseudonym_scope(
+    rule: Rule, direction: str, agent: str, skill: str, purpose: str
+) -> tuple[str, ...]:
+    """What a pseudonym is scoped to beside the peer: the purpose, and the rule's field within
+    this direction, agent and skill, or the author's scope name (`pseudonymize:NAME`)."""
+    if rule.effect.scope:
+        return ("scope", rule.effect.scope, purpose)
+    return ("field", direction, agent, skill, rule.field_text, purpose)
 
 
 def parse_condition(text: str) -> tuple[Condition, ...]:
@@ -238,6 +304,7 @@ def _parse_rule(source: str, line: int, text: str, tokens: list[str]) -> Rule:
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r} (use invoke, send or share)")
     effect = transforms.parse_effect(action)
+    target = FIELDS
     if direction == "invoke":
         if pattern_text not in ("", "*"):
             raise ValueError(
@@ -246,6 +313,27 @@ def _parse_rule(source: str, line: int, text: str, tokens: list[str]) -> Rule:
         if effect.kind not in (transforms.ALLOW, transforms.DENY):
             raise ValueError(f"an invoke rule is allow or deny, not {action!r}")
         pattern: paths.Pattern = ()
+    elif pattern_text == paths.PROVENANCE:
+        if direction != "share":
+            raise ValueError(
+                f"{paths.PROVENANCE} is asked of share rules only (whether receipts of our "
+                "sub-tasks go along with our result): use direction share"
+            )
+        if effect.kind not in (transforms.ALLOW, transforms.DENY):
+            raise ValueError(f"an {paths.PROVENANCE} rule is allow or deny, not {action!r}")
+        target, pattern = PROVENANCE, (paths.Segment(paths.RESERVED, paths.PROVENANCE),)
+    elif pattern_text.startswith(_KEYS_OPEN) and pattern_text.endswith(")"):
+        inner = pattern_text[len(_KEYS_OPEN) : -1].strip()
+        try:
+            pattern = paths.parse_pattern(inner)
+        except paths.PathSyntaxError as exc:
+            raise ValueError(f"bad field pattern {inner!r} in {pattern_text!r}: {exc}") from None
+        if effect.kind not in (transforms.PSEUDONYMIZE, transforms.ALLOW):
+            raise ValueError(
+                f"a keys(...) rule is pseudonymize[:SCOPE] (the keys leave as pseudonyms) or "
+                f"allow (they leave as they are), not {action!r}"
+            )
+        target = KEYS
     else:
         if not pattern_text:
             raise ValueError("a send or share rule names a field pattern (use ** for every field)")
@@ -267,6 +355,7 @@ def _parse_rule(source: str, line: int, text: str, tokens: list[str]) -> Rule:
         conditions=conditions,
         line=line,
         description=f"{source}:{line}: {text.strip()}",
+        target=target,
     )
 
 
@@ -285,12 +374,28 @@ def _name_match(request: str, rule: str) -> bool:
     return rule == "*" or request == rule
 
 
+def _field_kind(text: str) -> tuple[str, str]:
+    """What a field column or a request field names: (target, pattern or path)."""
+    if text == paths.PROVENANCE:
+        return PROVENANCE, ""
+    if text.startswith(_KEYS_OPEN) and text.endswith(")"):
+        return KEYS, text[len(_KEYS_OPEN) : -1].strip()
+    return FIELDS, text
+
+
 def _field_match(request: str, rule: str) -> bool:
     if request == "":
         return rule in ("", "*")  # an invoke request names no field
     if rule == "":
         return False
-    return paths.covers(paths.parse_pattern(rule), paths.parse_normalized(request))
+    request_kind, request_path = _field_kind(request)
+    rule_kind, rule_pattern = _field_kind(rule)
+    if request_kind != rule_kind:  # `*` and `**` never decide @provenance or keys(...)
+        return False
+    if request_kind == PROVENANCE:
+        return True
+    pattern, path = paths.parse_pattern(rule_pattern), paths.parse_normalized(request_path)
+    return paths.matches(pattern, path) if request_kind == KEYS else paths.covers(pattern, path)
 
 
 def _claims_match(claims: Claims, cond: str) -> bool:
@@ -415,18 +520,40 @@ class _Memo:
     __slots__ = ("decisions", "rules")
 
     def __init__(self) -> None:
-        self.rules: dict[str, Rule | None] = {}  # normalized path -> deciding rule
+        # normalized path, `keys(normalized map path)` or `@provenance` -> deciding rule
+        self.rules: dict[str, Rule | None] = {}
         self.decisions: dict[str, FieldDecision] = {}  # concrete path -> its usual decision
 
 
 class _Table:
     """The rules that can apply to one (peer, agent, skill, direction), and their memos."""
 
-    __slots__ = ("memos", "rules")
+    __slots__ = (
+        "all_named",
+        "contexts",
+        "field_rules",
+        "key_rules",
+        "memos",
+        "named",
+        "plans",
+        "provenance_rules",
+        "rules",
+        "vocabulary",
+    )
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
+        self.field_rules = tuple(r for r in rules if r.target == FIELDS)
+        self.key_rules = tuple(r for r in rules if r.target == KEYS)
+        self.provenance_rules = tuple(r for r in rules if r.target == PROVENANCE)
+        # The patterns whose literal keys a reported path may name.
+        self.vocabulary = tuple(r.pattern for r in rules if r.target != PROVENANCE)
         self.memos: dict[tuple[Any, ...], _Memo] = {}
+        self.named: dict[str, tuple[bool, ...]] = {}  # normalized path -> keys a rule names
+        self.all_named: dict[str, bool] = {}
+        self.plans: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
+        # (id(rule), purpose) -> pseudonym context; the table holds its rules, so ids stay valid
+        self.contexts: dict[tuple[int, str], bytes] = {}
 
     def memo(self, claims_key: tuple[Any, ...]) -> _Memo:
         memo = self.memos.get(claims_key)
@@ -437,16 +564,66 @@ class _Table:
         return memo
 
     def decide(self, path: str, claims: Mapping[str, frozenset[str]]) -> Rule | None:
-        segments = paths.parse_normalized(path) if path else ()
-        for rule in self.rules:
+        """The deciding rule for a normalized path, `keys(map path)` or `@provenance`."""
+        segments: paths.PathSegments = ()
+        if path == paths.PROVENANCE:
+            rules = self.provenance_rules
+        elif path.startswith(_KEYS_OPEN):
+            rules = self.key_rules
+            segments = paths.parse_normalized(path[len(_KEYS_OPEN) : -1])
+        else:
+            rules = self.field_rules
+            segments = paths.parse_normalized(path) if path else ()
+        for rule in rules:
             if rule.applies(segments, claims):
                 return rule
         return None
+
+    def names(self, normalized: str) -> tuple[bool, ...]:
+        """For each segment of a normalized path, whether a rule of this table names it."""
+        named = self.named.get(normalized)
+        if named is None:
+            named = paths.named_keys(self.vocabulary, paths.parse_normalized(normalized))
+            if len(self.named) >= _MAX_PATHS:
+                self.named.clear()
+                self.all_named.clear()
+            self.named[normalized] = named
+            self.all_named[normalized] = all(
+                flag or segment is paths.ARRAY
+                for flag, segment in zip(named, paths.parse_normalized(normalized), strict=True)
+            )
+        return named
+
+    def plan(self, concrete: str, normalized: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """For a concrete path: the indices of its keys no rule names, and its prefixes."""
+        found = self.plans.get(concrete)
+        if found is None:
+            named = self.names(normalized)
+            segments = paths.concrete_prefixes(concrete)
+            unnamed = tuple(
+                index
+                for index, (segment, _) in enumerate(segments)
+                if not named[index] and not isinstance(segment, int)
+            )
+            found = (unnamed, tuple(prefix for _, prefix in segments))
+            if len(self.plans) >= _MAX_PATHS:
+                self.plans.clear()
+            self.plans[concrete] = found
+        return found
+
+    def names_all(self, normalized: str) -> bool:
+        """Whether a rule names every key of a normalized path (then it may leave as is)."""
+        found = self.all_named.get(normalized)
+        if found is None:
+            self.names(normalized)
+            found = self.all_named[normalized]
+        return found
 
 
 _MISSING: Any = object()
 _WITHHELD: Any = object()
 _LEAF_TYPES = frozenset({str, int, float, bool, type(None)})
+_KEYS_ACTION = "keys"  # internal: a map whose keys left as pseudonyms
 
 
 class Policy:
@@ -505,7 +682,8 @@ class Policy:
     def rule_for(
         self, peer: str, agent: str, skill: str, direction: str, path: str, claims: Claims = None
     ) -> Rule | None:
-        """The rule the compiled index says decides a normalized path ('' for invoke)."""
+        """The rule the compiled index says decides a normalized path ('' for invoke,
+        `keys(map path)` for a map's keys, `@provenance` for sub-task receipts)."""
         claims_key, sets = self._claims(claims)
         table = self._table(peer, agent, skill, direction)
         memo = table.memo(claims_key).rules
@@ -532,8 +710,10 @@ class Policy:
     def explain_field(
         self, peer: str, agent: str, skill: str, direction: str, path: str, claims: Claims = None
     ) -> str | None:
-        """Casbin's account of which rule decides a field (concrete or normalized path)."""
-        normalized = paths.normalize(path) if path else ""
+        """Casbin's account of which rule decides a field (concrete or normalized path,
+        `keys(...)` or `@provenance`)."""
+        special = path == paths.PROVENANCE or path.startswith(_KEYS_OPEN)
+        normalized = path if special or not path else paths.normalize(path)
         rule = self.casbin_rule_for(peer, agent, skill, direction, normalized, claims)
         return rule.describe() if rule else None
 
@@ -555,17 +735,26 @@ class Policy:
             return value
         if isinstance(value, dict | list):
             return None
-        return transforms.apply(rule.effect, value, self._key, peer)
+        scope = pseudonym_scope(rule, direction, agent, skill, _purpose_of(claims))
+        return transforms.apply(rule.effect, value, self._key, peer, scope)
 
     # -- the public questions -------------------------------------------------------------------
 
-    def may_invoke(
-        self, peer: str, agent: str, skill: str, claims: Claims = None
-    ) -> InvokeDecision:
+    def may_invoke(self, peer: str, agent: str, skill: str, claims: Claims = None) -> Decision:
         """May `peer` call our agent.skill? Default deny."""
         rule = self.rule_for(peer, agent, skill, "invoke", "", claims)
         allowed = rule is not None and rule.effect.kind == transforms.ALLOW
-        return InvokeDecision(allowed, rule.describe() if rule else None, self.version)
+        return Decision(allowed, rule.describe() if rule else None, self.version)
+
+    def may_share_provenance(
+        self, peer: str, agent: str, skill: str, claims: Claims = None
+    ) -> Decision:
+        """May anything about the sub-tasks our agent.skill ran while serving `peer` (their
+        receipts: which organizations were consulted, what they released) go to `peer` with
+        our result? Decided by a share rule on `@provenance`; default deny."""
+        rule = self.rule_for(peer, agent, skill, "share", paths.PROVENANCE, claims)
+        allowed = rule is not None and rule.effect.kind == transforms.ALLOW
+        return Decision(allowed, rule.describe() if rule else None, self.version)
 
     def filter(
         self,
@@ -580,7 +769,11 @@ class Policy:
         max_fields: int = DEFAULT_MAX_FIELDS,
     ) -> FilterResult:
         """What of `payload` may leave to `peer`; raises PayloadLimitExceeded or InvalidArgument
-        for a payload that cannot be evaluated (it is then refused, never passed through)."""
+        for a payload that cannot be evaluated (it is then refused, never passed through).
+
+        `withheld` and `transformed` hold reported paths (paths.parse_reported): they name only
+        keys a rule names or the output shows; `decisions` hold concrete paths and are for local
+        previews only (a key there can be data: never send or log them)."""
         if direction not in ("send", "share"):
             raise InvalidArgument(f"cannot filter for direction {direction!r}: use send or share")
         if not isinstance(payload, dict):
@@ -589,6 +782,7 @@ class Policy:
         claims_key, sets = self._claims(claims)
         table = self._table(peer, agent, skill, direction)
         walk = _Walk(table, table.memo(claims_key), sets, self._key, peer)
+        walk.context = (direction, agent, skill, claims)
         try:
             output = walk.object(payload, "", "")
         except RecursionError:
@@ -596,13 +790,8 @@ class Policy:
                 "payload is nested too deep for this gateway to evaluate: lower "
                 "[limits] max_payload_depth or flatten the payload"
             ) from None
-        return FilterResult(
-            output,
-            tuple(walk.withheld),
-            tuple(walk.transformed),
-            tuple(walk.decisions),
-            self.version,
-        )
+        withheld, transformed = walk.reported()
+        return FilterResult(output, withheld, transformed, tuple(walk.decisions), self.version)
 
 
 class _Walk:
@@ -610,9 +799,26 @@ class _Walk:
 
     Recursive on purpose (fast, order-preserving); check_limits has bounded the depth first, and
     a depth beyond Python's recursion limit is refused, never passed through.
+
+    Paths are collected concrete and turned into reported paths at the end (`reported`), when it
+    is known which containers the output shows.
     """
 
-    __slots__ = ("decisions", "key", "memo", "peer", "sets", "table", "transformed", "withheld")
+    __slots__ = (
+        "context",
+        "decisions",
+        "key",
+        "keyed",
+        "memo",
+        "peer",
+        "renamed",
+        "scopes",
+        "sets",
+        "table",
+        "transformed",
+        "visible",
+        "withheld",
+    )
 
     def __init__(
         self, table: _Table, memo: _Memo, sets: dict[str, frozenset[str]], key: bytes, peer: str
@@ -622,30 +828,84 @@ class _Walk:
         self.sets = sets
         self.key = key
         self.peer = peer
-        self.withheld: list[str] = []
-        self.transformed: list[tuple[str, str]] = []
+        self.context: tuple[str, str, str, Claims] = ("share", "", "", None)
+        self.scopes: dict[int, bytes] = {}  # id(rule) -> pseudonym context, this pass
+        # A path every key of which a rule names is kept as it leaves (a str); any other path
+        # waits for the end of the walk as (concrete, normalized[, action]).
+        self.withheld: list[str | tuple[str, str]] = []
+        self.transformed: list[tuple[str, str] | tuple[str, str, str]] = []
+        self.keyed = 0  # how many maps whose keys leave as pseudonyms enclose this point
         self.decisions: list[FieldDecision] = []
+        self.visible: set[str] = set()  # concrete paths of containers the output shows
+        self.renamed: dict[str, str] = {}  # concrete path of a map entry -> its key's pseudonym
+
+    def scope(self, rule: Rule) -> bytes:
+        """The pseudonym context of a rule in this pass (peer, purpose, field or scope name)."""
+        context = self.scopes.get(id(rule))
+        if context is None:
+            direction, agent, skill, claims = self.context
+            purpose = _purpose_of(claims)
+            cached = self.table.contexts
+            context = cached.get((id(rule), purpose))
+            if context is None:
+                scope = pseudonym_scope(rule, direction, agent, skill, purpose)
+                if rule.target == KEYS:
+                    scope = ("keys", *scope)
+                context = transforms.pseudonym_context(self.peer, scope)
+                if len(cached) >= _MAX_PATHS:
+                    cached.clear()
+                cached[(id(rule), purpose)] = context
+            self.scopes[id(rule)] = context
+        return context
+
+    def key_rule(self, normalized: str) -> Rule | None:
+        """The rule that decides how the keys of the map at a normalized path leave."""
+        request = _KEYS_OPEN + normalized + ")"
+        memo = self.memo.rules
+        rule = memo.get(request, _MISSING)
+        if rule is _MISSING:
+            rule = self.table.decide(request, self.sets)
+            if len(memo) >= _MAX_PATHS:
+                memo.clear()
+            memo[request] = rule
+        return rule  # type: ignore[no-any-return]
 
     def object(self, value: dict[str, Any], concrete: str, normalized: str) -> dict[str, Any]:
         output: dict[str, Any] = {}
         suffixes = _NEXT_SUFFIX if concrete else _FIRST_SUFFIX
+        keyed: Rule | None = None
+        if concrete and self.table.key_rules:
+            keyed = self.key_rule(normalized)
+            if keyed is not None and keyed.effect.kind != transforms.PSEUDONYMIZE:
+                keyed = None
+            if keyed is not None:
+                self.keyed += 1
         for name, child in value.items():
             suffix = suffixes.get(name)
             if suffix is None:
                 suffix = _suffix(name, first=not concrete)
+            path = concrete + suffix
+            if keyed is not None:
+                name = transforms.pseudonymize_key(name, self.key, self.scope(keyed))
+                self.renamed[path] = name
             child_type = type(child)
             if (child_type is dict or child_type is list) and child:
                 released = (
-                    self.object(child, concrete + suffix, normalized + suffix)
+                    self.object(child, path, normalized + suffix)
                     if child_type is dict
-                    else self.array(child, concrete + suffix, normalized + suffix)
+                    else self.array(child, path, normalized + suffix)
                 )
                 if released:  # a container left empty by withholding is removed
                     output[name] = released
+                    self.visible.add(path)
             else:
-                released = self.leaf(child, concrete + suffix, normalized + suffix)
+                released = self.leaf(child, path, normalized + suffix)
                 if released is not _WITHHELD:
                     output[name] = released
+        if keyed is not None:
+            self.keyed -= 1
+            if output:
+                self.transformed.append((concrete, normalized, _KEYS_ACTION))
         return output
 
     def array(self, value: list[Any], concrete: str, normalized: str) -> list[Any]:
@@ -654,13 +914,15 @@ class _Walk:
         for index, child in enumerate(value):
             child_type = type(child)
             if (child_type is dict or child_type is list) and child:
+                path = f"{concrete}[{index}]"
                 released = (
-                    self.object(child, f"{concrete}[{index}]", normalized)
+                    self.object(child, path, normalized)
                     if child_type is dict
-                    else self.array(child, f"{concrete}[{index}]", normalized)
+                    else self.array(child, path, normalized)
                 )
                 if released:
                     output.append(released)
+                    self.visible.add(path)
             else:
                 released = self.leaf(child, f"{concrete}[{index}]", normalized)
                 if released is not _WITHHELD:
@@ -688,14 +950,24 @@ class _Walk:
             elif kind == transforms.DENY or value_type is dict or value_type is list:
                 released, action = _WITHHELD, "withheld"
             else:
-                released = transforms.apply(rule.effect, value, self.key, self.peer)
+                released = (
+                    transforms.pseudonymize(value, self.key, self.peer, context=self.scope(rule))
+                    if kind == transforms.PSEUDONYMIZE
+                    else transforms.apply(rule.effect, value, self.key, self.peer)
+                )
                 if released is None:
                     released, action = _WITHHELD, "withheld"
                 else:
                     action = transforms.ACTION_OF[kind]
-                    self.transformed.append((concrete, action))
+                    if not self.keyed and self.table.all_named.get(normalized):
+                        self.transformed.append((concrete, action))
+                    else:
+                        self.transformed.append((concrete, normalized, action))
         if released is _WITHHELD:
-            self.withheld.append(concrete)
+            if not self.keyed and self.table.all_named.get(normalized):
+                self.withheld.append(concrete)
+            else:
+                self.withheld.append((concrete, normalized))
         decision = memo.decisions.get(concrete)
         if (
             decision is None
@@ -708,6 +980,60 @@ class _Walk:
             memo.decisions[concrete] = decision
         self.decisions.append(decision)
         return released
+
+    # -- what leaves about the paths ------------------------------------------------------------
+
+    def reported(self) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+        """The withheld and transformed paths as they may leave: a withheld path stops at its
+        first key that no rule names and the output does not show, written `*` (paths that
+        thereby coincide are reported once: `hiv.*` stands for all of them, uncounted); a key
+        that left as a pseudonym is written as that pseudonym."""
+        withheld: tuple[str, ...] = tuple(
+            entry if type(entry) is str else self.report(*entry, released=False)
+            for entry in self.withheld
+        )
+        if len(withheld) > 1 and any(type(entry) is not str for entry in self.withheld):
+            withheld = tuple(dict.fromkeys(withheld))
+        transformed: list[tuple[str, str]] = []
+        for entry in self.transformed:
+            if len(entry) == 2:
+                transformed.append(entry)
+                continue
+            concrete, normalized, action = entry
+            if action == _KEYS_ACTION:
+                shown = self.report(concrete, normalized, released=True)
+                transformed.append((shown + ".*", "pseudonymized"))
+            else:
+                transformed.append((self.report(concrete, normalized, released=True), action))
+        return withheld, tuple(transformed)
+
+    def report(self, concrete: str, normalized: str, *, released: bool) -> str:
+        """One concrete path as it may leave (`released`: the field itself is in the output)."""
+        if not self.renamed:
+            unnamed, prefixes = self.table.plan(concrete, normalized)
+            last = len(prefixes) - 1
+            for index in unnamed:  # a key no rule names leaves only if the output shows it
+                if not (released if index == last else prefixes[index] in self.visible):
+                    return prefixes[index - 1] + ".*" if index else paths.HIDDEN_KEY
+            return concrete
+        named = self.table.names(normalized)
+        segments = paths.concrete_prefixes(concrete)
+        reported: list[str | int | None] = []
+        last = len(segments) - 1
+        for index, (segment, here) in enumerate(segments):
+            if isinstance(segment, int):
+                reported.append(segment)
+                continue
+            shown = released if index == last else here in self.visible
+            pseudonym = self.renamed.get(here)
+            if shown:
+                reported.append(pseudonym if pseudonym is not None else segment)
+            elif named[index] and pseudonym is None:
+                reported.append(segment)
+            else:  # nothing below a key that may not be named is told either
+                reported.append(None)
+                break
+        return paths.render_concrete(reported)
 
 
 # Rendered key suffixes, for the first segment of a path and for the following ones.
