@@ -53,8 +53,13 @@ def build_policy(config: GatewayConfig) -> PolicyHolder | None:
     section = config.policy
     if section is None:
         return None
-    key = load_or_create_pseudonym_key(config.pseudonym_key_path)
-    return PolicyHolder(lambda: load_policy(section.model, section.rules, pseudonym_key=key))
+    key_path = config.pseudonym_key_path
+    # The key is read at every (re)load, so a rotated pseudonym key takes effect on reload.
+    return PolicyHolder(
+        lambda: load_policy(
+            section.model, section.rules, pseudonym_key=load_or_create_pseudonym_key(key_path)
+        )
+    )
 
 
 class Gateway:

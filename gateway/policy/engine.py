@@ -41,9 +41,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
-import secrets
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,8 +54,11 @@ from casbin.util import escape_assertion
 from gateway.config import AGENT_NAME, ORG_NAME
 from gateway.errors import InvalidArgument, PayloadLimitExceeded, PolicyError
 from gateway.payload import DEFAULT_MAX_DEPTH, DEFAULT_MAX_FIELDS, check_limits
+from gateway.policy import analysis, transforms
 from gateway.policy import paths as paths
-from gateway.policy import transforms
+from gateway.policy.keys import (  # re-exported: callers load the key from here
+    load_or_create_pseudonym_key as load_or_create_pseudonym_key,
+)
 
 log = logging.getLogger("fedgate.policy")
 
@@ -442,9 +443,12 @@ def check_policy(
     *,
     known_agents: Mapping[str, Collection[str]] | None = None,
     known_peers: Collection[str] | None = None,
+    shadowing: bool = True,
 ) -> tuple[PolicyReport, tuple[Rule, ...], bytes]:
     """Parse and validate the rules; returns every problem found, the rules in precedence order
-    and the version input (model + rules bytes). Raises PolicyError only for unreadable files."""
+    and the version input (model + rules bytes). Raises PolicyError only for unreadable files.
+    `shadowing` adds warnings about rules that can never decide or that a broader rule
+    overrides (gateway.policy.analysis); loading a policy skips that analysis."""
     model_path, rules_path = Path(model_path), Path(rules_path)
     model_bytes = _read(model_path, "model")
     rules_bytes = _read(rules_path, "rules")
@@ -488,6 +492,8 @@ def check_policy(
             (0, f"{label}: no rules: nothing is invoked, sent or shared (default deny)")
         )
     ordered = tuple(sorted(rules, key=lambda r: r.precedence))
+    if shadowing and not errors:
+        warnings += analysis.shadowing_warnings(ordered)
     return (
         PolicyReport(tuple(errors), tuple(text for _, text in sorted(warnings))),
         ordered,
@@ -1087,7 +1093,11 @@ def load_policy(
             "the pseudonym key is shorter than 16 bytes: use load_or_create_pseudonym_key"
         )
     report, rules, version_input = check_policy(
-        model_path, rules_path, known_agents=known_agents, known_peers=known_peers
+        model_path,
+        rules_path,
+        known_agents=known_agents,
+        known_peers=known_peers,
+        shadowing=False,
     )
     if report.errors:
         more = len(report.errors) - 1
@@ -1101,32 +1111,6 @@ def load_policy(
         pseudonym_key=pseudonym_key,
         enforcer=enforcer,
     )
-
-
-def load_or_create_pseudonym_key(path: Path) -> bytes:
-    """The gateway's 32-byte pseudonym key, created (mode 0600) if missing."""
-    path = Path(path)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_bytes(32)
-        try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # created meanwhile by another process: read theirs
-        else:
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(key)
-            return key
-    try:
-        key = path.read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read the pseudonym key: {exc.strerror}") from None
-    if len(key) != 32:
-        raise PolicyError(
-            f"{path}: the pseudonym key must hold 32 bytes, it holds {len(key)}: restore it from "
-            "a backup, or delete it to create a new one (pseudonyms then change)"
-        )
-    return key
 
 
 def _fingerprint(paths_to_watch: Sequence[Path]) -> tuple[str, ...]:
