@@ -208,6 +208,40 @@ def _first_keys_meet(rule: Rule, earlier: Rule) -> bool:
     return a is None or b is None or a == b
 
 
+def _decider(
+    rule: Rule,
+    rules: Sequence[Rule],
+    candidates: Sequence[int],
+    earlier: Rule,
+    example: list[str | None],
+) -> int | None:
+    """The rule that decides an example path for a request both rules select, when it is less
+    strict than `rule`; None when a rule at least as strict decides it first. `candidates` are
+    the earlier rules whose selectors meet the rule's, in precedence order. Rules that ask a
+    condition `rule` does not are left out: they decide only sometimes."""
+    request = [
+        x if x != "*" else y if y != "*" else "\x00any"
+        for x, y in zip(
+            (rule.peer, rule.agent, rule.skill),
+            (earlier.peer, earlier.agent, earlier.skill),
+            strict=True,
+        )
+    ]
+    path = tuple(None if item is paths.ARRAY else item for item in example)
+    conditions = set(rule.conditions)
+    for candidate_index in candidates:
+        candidate = rules[candidate_index]
+        selectors = (candidate.peer, candidate.agent, candidate.skill)
+        if not all(s == "*" or s == r for s, r in zip(selectors, request, strict=True)):
+            continue
+        if not set(candidate.conditions) <= conditions:
+            continue
+        if paths.covers(candidate.pattern, path):
+            stricter = candidate.effect.restrictiveness <= rule.effect.restrictiveness
+            return None if stricter else candidate_index
+    return None
+
+
 def _check(
     rule: Rule,
     index: int,
@@ -243,7 +277,8 @@ def _check(
     if rule.pattern[-1].kind != paths.LITERAL:
         return None
     found: list[tuple[int, int, int, list[str | None]]] = []
-    for earlier_index in _candidates(rule, index, group, overlap=True):
+    candidates = list(_candidates(rule, index, group, overlap=True))
+    for earlier_index in candidates:
         earlier = rules[earlier_index]
         if earlier.effect.restrictiveness <= rule.effect.restrictiveness:
             continue  # the earlier rule is at least as strict: nothing leaves that R would keep
@@ -257,16 +292,29 @@ def _check(
                 break
         if len(found) >= _MAX_EXAMPLES:
             break
-    if not found:
-        return None
     found.sort(key=lambda item: item[:3])
+    confirmed: list[tuple[int, list[str | None]]] = []
+    for position, (_, _, earlier_index, example) in enumerate(found):
+        # where the earlier rule, or another less strict one, really decides the example
+        if any(example == seen for _, seen in confirmed):
+            continue
+        decider = _decider(rule, rules, candidates, rules[earlier_index], example)
+        if decider is not None:
+            confirmed.append((decider, example))
+            if len(confirmed) == _SHOWN:
+                unchecked = len(found) - position - 1
+                break
+    else:
+        unchecked = 0
+    if not confirmed:
+        return None
     shown = [
         f"{_render(example)} (line {rules[i].line}, `{_short(rules[i])}`: "
         f"{_leaves(rules[i].effect)})"
-        for _, _, i, example in found[:_SHOWN]
+        for i, example in confirmed
     ]
-    more = f" and {len(found) - _SHOWN} more" if len(found) > _SHOWN else ""
-    first = _render(found[0][3])
+    more = f" and perhaps {unchecked} more" if unchecked else ""
+    first = _render(confirmed[0][1])
     return (
         f"{rule.source}: `{_short(rule)}` does not decide where a broader, less strict rule "
         f"covers the field first: {', '.join(shown)}{more}; to have such a field "
