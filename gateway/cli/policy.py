@@ -10,12 +10,12 @@ Policy test cases (for `fedgate policy test`) are TOML or JSON files:
     peer = "insurer"
     agent = "records"
     skill = "summary"
-    direction = "share"          # invoke | send | share
+    direction = "share"          # invoke | send | share | provenance
     claims = { purpose = "treatment" }        # optional
     payload = { ... }            # send / share: the payload in
     expect = { ... }             # send / share: exactly what leaves; "<pseudonym>" matches any
     withheld = ["patient.name"]  # optional: exactly these concrete paths are withheld
-    allowed = true               # invoke: the expected answer
+    allowed = true               # invoke, provenance: the expected answer
 
 With no PATH, `fedgate policy test` runs the folder named by [policy] tests; when none is
 configured, or the folder holds no case files, it says so and how to add one, and exits 0 (a
@@ -220,6 +220,11 @@ def explain(
             claim_values,
         )
         rows.append((decision.path, decision.action, leaves, rule))
+    provenance = (
+        loaded.may_share_provenance(peer, agent, skill, claim_values)
+        if direction == "share"
+        else None
+    )
     if as_json:
         click.echo(
             json.dumps(
@@ -232,6 +237,11 @@ def explain(
                     "withheld": list(result.withheld),
                     "transformed": [list(item) for item in result.transformed],
                     "output": result.output,
+                    **(
+                        {"provenance": {"allowed": provenance.allowed, "rule": provenance.rule}}
+                        if provenance is not None
+                        else {}
+                    ),
                 },
                 indent=2,
                 ensure_ascii=False,
@@ -253,6 +263,18 @@ def explain(
             escape(path), f"[{style}]{action}[/{style}]", escape(leaves), escape(_short(rule))
         )
     console.print(table)
+    console.print(
+        "paths that leave with it (withheld, transformed): "
+        + escape(
+            ", ".join([*result.withheld, *(f"{p} ({a})" for p, a in result.transformed)]) or "none"
+        )
+    )
+    if provenance is not None:
+        verdict = "[green]leave[/green]" if provenance.allowed else "[red]stay here[/red]"
+        console.print(
+            f"receipts of sub-tasks (@provenance): {verdict}; rule: "
+            f"{escape(provenance.rule or 'none (default deny)')}"
+        )
     console.print("output that would leave:")
     click.echo(json.dumps(result.output, indent=2, ensure_ascii=False))
 
@@ -347,8 +369,9 @@ def run_case(loaded: Policy, case: dict[str, Any]) -> CaseOutcome:
     except KeyError as exc:
         return CaseOutcome(name, False, f"missing key {exc.args[0]!r}")
     claims = case.get("claims")
-    if direction == "invoke":
-        decision = loaded.may_invoke(peer, agent, skill, claims)
+    if direction in ("invoke", "provenance"):
+        ask = loaded.may_invoke if direction == "invoke" else loaded.may_share_provenance
+        decision = ask(peer, agent, skill, claims)
         expected = bool(case.get("allowed", False))
         if decision.allowed == expected:
             return CaseOutcome(name, True)
@@ -359,7 +382,9 @@ def run_case(loaded: Policy, case: dict[str, Any]) -> CaseOutcome:
             f"(rule: {decision.rule or 'none, default deny'})",
         )
     if direction not in ("send", "share") or "payload" not in case or "expect" not in case:
-        return CaseOutcome(name, False, "needs direction send/share with payload and expect")
+        return CaseOutcome(
+            name, False, "needs direction send/share with payload and expect, or invoke/provenance"
+        )
     try:
         result = loaded.filter(
             peer, agent, skill, "send" if direction == "send" else "share", case["payload"], claims

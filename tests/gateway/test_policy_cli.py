@@ -155,6 +155,22 @@ def test_explain_json(workdir: Path) -> None:
     assert actions["patient.insurance_id"] == "pseudonymized"
     assert "patient.name" in report["withheld"]
     assert report["policy_version"].startswith("sha256:")
+    assert report["provenance"] == {"allowed": False, "rule": None}
+
+
+def test_explain_shows_what_leaves_about_paths_and_provenance(workdir: Path) -> None:
+    (workdir / "lab.json").write_text(
+        json.dumps({"lab": {"test": "hba1c", "result": 6.1, "by_ssn": {"078-05-1120": 1}}})
+    )
+    result = run(
+        "explain", "--peer", "insurer", "--agent", "records", "--skill", "lab_summary",
+        "--payload", "lab.json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "paths that leave with it (withheld, transformed): lab.*" in result.output
+    assert "receipts of sub-tasks (@provenance): leave; rule: policies/hospital.csv:" in (
+        result.output
+    )
 
 
 def test_explain_invoke(workdir: Path) -> None:
@@ -213,7 +229,7 @@ def test_explain_refuses_a_broken_policy(workdir: Path) -> None:
 def test_test_runs_the_configured_cases(workdir: Path) -> None:
     result = run("test")
     assert result.exit_code == 0, result.output
-    assert "11 passed, 0 failed" in result.output
+    assert "13 passed, 0 failed" in result.output
 
 
 def test_test_reports_a_failure_with_a_diff(workdir: Path) -> None:
