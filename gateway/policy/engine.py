@@ -6,10 +6,14 @@ Three questions, per peer organization, each default deny:
   invoke  may the peer call our agent.skill?                       -> Policy.may_invoke
   send    may this field of our outbound request go to the peer?   -> Policy.filter(..., "send")
   share   may this field of our result go to the peer that asked?  -> Policy.filter(..., "share")
+and, for multi-hop results:
+  may anything about our sub-tasks (their receipts) go along?      -> Policy.may_share_provenance
 A field that no rule covers does not leave. Withheld fields are removed from the output, and a
-container left empty by withholding is removed too.
+container left empty by withholding is removed too. What leaves about the fields besides values,
+the withheld and transformed paths, names only keys a rule names or the output shows (`_Walk.
+reported`); a `keys(...)` rule lets the keys of a map leave as pseudonyms.
 
-Rules are Casbin `p` lines (see policies/README.md):
+Rules are Casbin `p` lines, parsed by gateway.policy.rules (see policies/README.md):
 
     p, PEER, AGENT, SKILL, DIRECTION, FIELD, EFFECT[, CONDITION]
 
