@@ -113,6 +113,7 @@ log = logging.getLogger("fedgate.policy")
 _MAX_TABLES = 4096
 _MAX_CLAIM_VARIANTS = 256
 _MAX_PATHS = 65_536
+_MAX_NAMED = 4096  # per table: how paths are reported (only withheld or transformed ones)
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,6 @@ class _Table:
     """The rules that can apply to one (peer, agent, skill, direction), and their memos."""
 
     __slots__ = (
-        "all_named",
         "contexts",
         "field_rules",
         "key_rules",
@@ -196,8 +196,8 @@ class _Table:
         # The patterns whose literal keys a reported path may name.
         self.vocabulary = tuple(r.pattern for r in rules if r.target != PROVENANCE)
         self.memos: dict[tuple[Any, ...], _Memo] = {}
-        self.named: dict[str, tuple[bool, ...]] = {}  # normalized path -> keys a rule names
-        self.all_named: dict[str, bool] = {}
+        # normalized path -> (keys a rule names, whether it names every key)
+        self.named: dict[str, tuple[tuple[bool, ...], bool]] = {}
         self.plans: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
         # (id(rule), purpose) -> pseudonym context; the table holds its rules, so ids stay valid
         self.contexts: dict[tuple[int, str], bytes] = {}
@@ -228,18 +228,19 @@ class _Table:
 
     def names(self, normalized: str) -> tuple[bool, ...]:
         """For each segment of a normalized path, whether a rule of this table names it."""
-        named = self.named.get(normalized)
-        if named is None:
-            named = paths.named_keys(self.vocabulary, paths.parse_normalized(normalized))
-            if len(self.named) >= _MAX_PATHS:
+        return self._naming(normalized)[0]
+
+    def _naming(self, normalized: str) -> tuple[tuple[bool, ...], bool]:
+        found = self.named.get(normalized)
+        if found is None:
+            segments = paths.parse_normalized(normalized)
+            named = paths.named_keys(self.vocabulary, segments)
+            every = all(flag or s is paths.ARRAY for flag, s in zip(named, segments, strict=True))
+            found = (named, every)
+            if len(self.named) >= _MAX_NAMED:
                 self.named.clear()
-                self.all_named.clear()
-            self.named[normalized] = named
-            self.all_named[normalized] = all(
-                flag or segment is paths.ARRAY
-                for flag, segment in zip(named, paths.parse_normalized(normalized), strict=True)
-            )
-        return named
+            self.named[normalized] = found  # one entry: a concurrent clear cannot split it
+        return found
 
     def plan(self, concrete: str, normalized: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """For a concrete path: the indices of its keys no rule names, and its prefixes."""
@@ -253,18 +254,14 @@ class _Table:
                 if not named[index] and not isinstance(segment, int)
             )
             found = (unnamed, tuple(prefix for _, prefix in segments))
-            if len(self.plans) >= _MAX_PATHS:
+            if len(self.plans) >= _MAX_NAMED:
                 self.plans.clear()
             self.plans[concrete] = found
         return found
 
     def names_all(self, normalized: str) -> bool:
         """Whether a rule names every key of a normalized path (then it may leave as is)."""
-        found = self.all_named.get(normalized)
-        if found is None:
-            self.names(normalized)
-            found = self.all_named[normalized]
-        return found
+        return self._naming(normalized)[1]
 
 
 _MISSING: Any = object()
@@ -457,9 +454,10 @@ class _Walk:
         "key",
         "keyed",
         "memo",
+        "named",
         "peer",
+        "purpose",
         "renamed",
-        "scopes",
         "sets",
         "table",
         "transformed",
@@ -476,7 +474,8 @@ class _Walk:
         self.key = key
         self.peer = peer
         self.context: tuple[str, str, str, Claims] = ("share", "", "", None)
-        self.scopes: dict[int, bytes] = {}  # id(rule) -> pseudonym context, this pass
+        self.purpose: str | None = None  # the requester's purpose, once a pseudonym needs it
+        self.named = table.named  # how the table reports paths (see _Table.names)
         # A path every key of which a rule names is kept as it leaves (a str); any other path
         # waits for the end of the walk as (concrete, normalized[, action]).
         self.withheld: list[str | tuple[str, str]] = []
@@ -488,21 +487,20 @@ class _Walk:
 
     def scope(self, rule: Rule) -> bytes:
         """The pseudonym context of a rule in this pass (peer, purpose, field or scope name)."""
-        context = self.scopes.get(id(rule))
+        direction, agent, skill, claims = self.context
+        purpose = self.purpose
+        if purpose is None:
+            purpose = self.purpose = _purpose_of(claims)
+        cached = self.table.contexts
+        context = cached.get((id(rule), purpose))
         if context is None:
-            direction, agent, skill, claims = self.context
-            purpose = _purpose_of(claims)
-            cached = self.table.contexts
-            context = cached.get((id(rule), purpose))
-            if context is None:
-                scope = pseudonym_scope(rule, direction, agent, skill, purpose)
-                if rule.target == KEYS:
-                    scope = ("keys", *scope)
-                context = transforms.pseudonym_context(self.peer, scope)
-                if len(cached) >= _MAX_PATHS:
-                    cached.clear()
-                cached[(id(rule), purpose)] = context
-            self.scopes[id(rule)] = context
+            scope = pseudonym_scope(rule, direction, agent, skill, purpose)
+            if rule.target == KEYS:
+                scope = ("keys", *scope)
+            context = transforms.pseudonym_context(self.peer, scope)
+            if len(cached) >= _MAX_PATHS:
+                cached.clear()
+            cached[(id(rule), purpose)] = context
         return context
 
     def key_rule(self, normalized: str) -> Rule | None:
@@ -606,12 +604,14 @@ class _Walk:
                     released, action = _WITHHELD, "withheld"
                 else:
                     action = transforms.ACTION_OF[kind]
-                    if not self.keyed and self.table.all_named.get(normalized):
+                    named = self.named.get(normalized)
+                    if not self.keyed and named is not None and named[1]:
                         self.transformed.append((concrete, action))
                     else:
                         self.transformed.append((concrete, normalized, action))
         if released is _WITHHELD:
-            if not self.keyed and self.table.all_named.get(normalized):
+            named = self.named.get(normalized)
+            if not self.keyed and named is not None and named[1]:
                 self.withheld.append(concrete)
             else:
                 self.withheld.append((concrete, normalized))
