@@ -396,3 +396,31 @@ def test_pseudonym_of_a_field_that_is_not_pseudonymized(workdir: Path) -> None:
     )  # fmt: skip
     assert result.exit_code == 2
     assert "patient.name is not pseudonymized for insurer" in result.output
+
+
+def test_a_gateway_reload_picks_up_a_rotated_key_and_refuses_a_missing_one(
+    workdir: Path,
+) -> None:
+    from gateway.config import load_config
+    from gateway.errors import PolicyError
+    from gateway.server import build_policy
+
+    holder = build_policy(load_config(workdir / "fedgate.toml"))
+    assert holder is not None
+    payload = {"patient": {"insurance_id": "INS-99812"}}
+
+    def pseudonym() -> str:
+        result = holder.current.filter("insurer", "records", "summary", "share", payload)
+        return str(result.output["patient"]["insurance_id"])
+
+    before = pseudonym()
+    assert run("rotate-pseudonym-key").exit_code == 0
+    assert pseudonym() == before  # until the gateway reloads
+    holder.reload()
+    rotated = pseudonym()
+    assert rotated != before
+    (workdir / "data" / "pseudonym.key").unlink()
+    with pytest.raises(PolicyError, match="no pseudonym key file"):
+        holder.reload()  # a reload never makes a new key behind the operator's back
+    assert pseudonym() == rotated
+    assert not (workdir / "data" / "pseudonym.key").exists()
