@@ -26,6 +26,7 @@ from gateway.identity.tls import ReloadingTls, TlsFiles, TlsMaterial
 from gateway.identity.tokens import token_authority
 from gateway.peers import PeerRegistry
 from gateway.policy.engine import PolicyHolder, load_or_create_pseudonym_key, load_policy
+from gateway.policy.keys import load_pseudonym_keys
 
 log = logging.getLogger("fedgate.server")
 
@@ -52,8 +53,15 @@ def build_policy(config: GatewayConfig) -> PolicyHolder | None:
     section = config.policy
     if section is None:
         return None
-    key = load_or_create_pseudonym_key(config.pseudonym_key_path)
-    return PolicyHolder(lambda: load_policy(section.model, section.rules, pseudonym_key=key))
+    key_path = config.pseudonym_key_path
+    load_or_create_pseudonym_key(key_path)  # created at start only, never by a reload
+    # The key is read at every (re)load, so a rotated pseudonym key takes effect on reload; a
+    # key file gone missing is refused then (the old policy keeps serving), not silently replaced.
+    return PolicyHolder(
+        lambda: load_policy(
+            section.model, section.rules, pseudonym_key=load_pseudonym_keys(key_path).current.key
+        )
+    )
 
 
 class Gateway:

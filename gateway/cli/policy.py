@@ -10,12 +10,21 @@ Policy test cases (for `fedgate policy test`) are TOML or JSON files:
     peer = "insurer"
     agent = "records"
     skill = "summary"
-    direction = "share"          # invoke | send | share
+    direction = "share"          # invoke | send | share | provenance
     claims = { purpose = "treatment" }        # optional
     payload = { ... }            # send / share: the payload in
     expect = { ... }             # send / share: exactly what leaves; "<pseudonym>" matches any
     withheld = ["patient.name"]  # optional: exactly these concrete paths are withheld
-    allowed = true               # invoke: the expected answer
+    allowed = true               # invoke, provenance: the expected answer
+
+With no PATH, `fedgate policy test` runs the folder named by [policy] tests; when none is
+configured, or the folder holds no case files, it says so and how to add one, and exits 0 (a
+gateway fresh from `fedgate init` has no tests yet). A PATH or configured folder that does not
+exist is an error (exit 2).
+
+`fedgate policy rotate-pseudonym-key` makes a new pseudonym key current (gateway.policy.keys);
+`fedgate policy pseudonym` recomputes the pseudonym a value had under a key, so that an old
+pseudonym a partner asks about can be matched to a value.
 
 (`fedgate policy reload` talks to a running gateway and is added with the server.)
 """
@@ -48,6 +57,7 @@ from gateway.policy.engine import (
     load_or_create_pseudonym_key,
     load_policy,
 )
+from gateway.policy.keys import load_pseudonym_keys, rotate_pseudonym_key
 
 # Test cases must not depend on a gateway's real key: "<pseudonym>" stands for any pseudonym.
 TEST_KEY = b"fedgate policy test key, not secret"[:32]
@@ -210,6 +220,11 @@ def explain(
             claim_values,
         )
         rows.append((decision.path, decision.action, leaves, rule))
+    provenance = (
+        loaded.may_share_provenance(peer, agent, skill, claim_values)
+        if direction == "share"
+        else None
+    )
     if as_json:
         click.echo(
             json.dumps(
@@ -222,6 +237,11 @@ def explain(
                     "withheld": list(result.withheld),
                     "transformed": [list(item) for item in result.transformed],
                     "output": result.output,
+                    **(
+                        {"provenance": {"allowed": provenance.allowed, "rule": provenance.rule}}
+                        if provenance is not None
+                        else {}
+                    ),
                 },
                 indent=2,
                 ensure_ascii=False,
@@ -243,6 +263,18 @@ def explain(
             escape(path), f"[{style}]{action}[/{style}]", escape(leaves), escape(_short(rule))
         )
     console.print(table)
+    console.print(
+        "paths that leave with it (withheld, transformed): "
+        + escape(
+            ", ".join([*result.withheld, *(f"{p} ({a})" for p, a in result.transformed)]) or "none"
+        )
+    )
+    if provenance is not None:
+        verdict = "[green]leave[/green]" if provenance.allowed else "[red]stay here[/red]"
+        console.print(
+            f"receipts of sub-tasks (@provenance): {verdict}; rule: "
+            f"{escape(provenance.rule or 'none (default deny)')}"
+        )
     console.print("output that would leave:")
     click.echo(json.dumps(result.output, indent=2, ensure_ascii=False))
 
@@ -337,8 +369,9 @@ def run_case(loaded: Policy, case: dict[str, Any]) -> CaseOutcome:
     except KeyError as exc:
         return CaseOutcome(name, False, f"missing key {exc.args[0]!r}")
     claims = case.get("claims")
-    if direction == "invoke":
-        decision = loaded.may_invoke(peer, agent, skill, claims)
+    if direction in ("invoke", "provenance"):
+        ask = loaded.may_invoke if direction == "invoke" else loaded.may_share_provenance
+        decision = ask(peer, agent, skill, claims)
         expected = bool(case.get("allowed", False))
         if decision.allowed == expected:
             return CaseOutcome(name, True)
@@ -349,7 +382,9 @@ def run_case(loaded: Policy, case: dict[str, Any]) -> CaseOutcome:
             f"(rule: {decision.rule or 'none, default deny'})",
         )
     if direction not in ("send", "share") or "payload" not in case or "expect" not in case:
-        return CaseOutcome(name, False, "needs direction send/share with payload and expect")
+        return CaseOutcome(
+            name, False, "needs direction send/share with payload and expect, or invoke/provenance"
+        )
     try:
         result = loaded.filter(
             peer, agent, skill, "send" if direction == "send" else "share", case["payload"], claims
@@ -396,10 +431,28 @@ def run_tests(config_path: str, targets: tuple[Path, ...]) -> None:
     if not targets:
         folder = section().tests
         if folder is None:
-            raise ConfigError("no test cases: pass PATH or set [policy] tests in fedgate.toml")
+            console.print(
+                "no policy tests: none are configured. Write [[case]] tables in "
+                'policies/tests/NAME.toml and set [policy] tests = "policies/tests" in '
+                "fedgate.toml (see policies/README.md), or pass PATH"
+            )
+            return
+        if not folder.is_dir():
+            raise ConfigError(
+                f"[policy] tests names {folder}, which is not a folder: create it with a .toml "
+                "file of [[case]] tables, or remove the setting"
+            )
         targets = (folder,)
+    files = _test_files(targets)
+    if not files:
+        shown = ", ".join(str(t) for t in targets)
+        click.echo(
+            f"no policy tests in {shown}: add a .toml or .json file of [[case]] tables "
+            "(see policies/README.md)"
+        )
+        return
     passed = failed = 0
-    for file in _test_files(targets):
+    for file in files:
         try:
             document, cases = _load_cases(file)
             model = file.parent / document["model"] if "model" in document else section().model
@@ -421,6 +474,88 @@ def run_tests(config_path: str, targets: tuple[Path, ...]) -> None:
     console.print(f"{passed} passed, {failed} failed")
     if failed or not passed:
         raise SystemExit(1)
+
+
+# -- pseudonym keys ---------------------------------------------------------------------------
+
+
+@policy.command("rotate-pseudonym-key")
+@config_option
+@click.option(
+    "--drop-retired",
+    is_flag=True,
+    help="Delete every retired key: old pseudonyms can then never be matched to a value again.",
+)
+def rotate_key(config_path: str, drop_retired: bool) -> None:
+    """Make a new pseudonym key current; every pseudonym changes from the next policy load."""
+    config = read_config(config_path)
+    path = config.pseudonym_key_path
+    new, dropped = rotate_pseudonym_key(path, drop_retired=drop_retired)
+    click.echo(
+        f"pseudonym key {new.id} is now current in {path}: every pseudonym changes once the "
+        "gateway loads it (`fedgate policy reload`, or a restart)"
+    )
+    if dropped:
+        click.echo(
+            f"deleted retired keys {', '.join(k.id for k in dropped)}: pseudonyms made with them "
+            "can no longer be matched to values by anyone"
+        )
+    else:
+        click.echo(
+            "the previous key is kept, retired, so that an old pseudonym can still be matched to "
+            "its value (`fedgate policy pseudonym --key-id ...`); --drop-retired deletes it"
+        )
+
+
+@policy.command("pseudonym")
+@config_option
+@click.option("--peer", required=True, help="Peer organization the pseudonym went to.")
+@click.option("--agent", required=True, help="Agent (ours for share, theirs for send).")
+@click.option("--skill", required=True, help="Skill of that agent.")
+@click.option("--direction", type=click.Choice(["send", "share"]), default="share")
+@click.option("--field", "field_path", required=True, help="Concrete path, e.g. patient.ssn.")
+@click.option("--value", required=True, help="The value (JSON if it parses, else a string).")
+@click.option("--claim", "claims", multiple=True, help="Delegated claim NAME=VALUE (repeatable).")
+@click.option("--key-id", help="A key of the ring (default: the current one).")
+def pseudonym(
+    config_path: str,
+    peer: str,
+    agent: str,
+    skill: str,
+    direction: str,
+    field_path: str,
+    value: str,
+    claims: tuple[str, ...],
+    key_id: str | None,
+) -> None:
+    """Print the pseudonym a value leaves as at a field, under the current rules and a key."""
+    config = read_config(config_path)
+    section = _policy_section(config)
+    ring = load_pseudonym_keys(config.pseudonym_key_path)
+    key = ring.current if key_id is None else ring.get(key_id)
+    if key is None:
+        known = ", ".join(k.id for k in ring.keys)
+        raise InvalidArgument(
+            f"--key-id {key_id!r} is not in {config.pseudonym_key_path} ({known})"
+        )
+    try:
+        parsed: Any = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    loaded = load_policy(section.model, section.rules, pseudonym_key=key.key)
+    claim_values = _parse_claims(claims)
+    rule = loaded.rule_for(peer, agent, skill, direction, paths.normalize(field_path), claim_values)
+    if rule is None or rule.effect.kind != transforms.PSEUDONYMIZE:
+        raise InvalidArgument(
+            f"{field_path} is not pseudonymized for {peer} ({agent}.{skill}, {direction}) under "
+            f"the current rules: check --field, --peer and --claim purpose=..."
+        )
+    released = loaded.released_value(
+        peer, agent, skill, direction, field_path, parsed, claim_values
+    )
+    if released is None:
+        raise InvalidArgument(f"{value!r} cannot be pseudonymized: a string or number is")
+    click.echo(f"{released}  (key {key.id}, rule {rule.source})")
 
 
 COMMANDS: list[click.Command] = [policy]

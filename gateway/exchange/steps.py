@@ -606,10 +606,7 @@ class Steps:
         go to this peer (default: nothing about sub-tasks leaves)."""
         if not result.provenance or policy is None or x.peer_org is None:
             return ()
-        decide = getattr(policy, "may_share_provenance", None)
-        if decide is None:
-            return ()
-        decision = decide(x.peer_org, x.spec.agent, x.spec.skill, x.claims)
+        decision = policy.may_share_provenance(x.peer_org, x.spec.agent, x.spec.skill, x.claims)
         return result.provenance if decision.allowed else ()
 
     # ---- outbound: our requester calls a partner's agent -----------------------------------

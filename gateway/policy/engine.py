@@ -6,10 +6,14 @@ Three questions, per peer organization, each default deny:
   invoke  may the peer call our agent.skill?                       -> Policy.may_invoke
   send    may this field of our outbound request go to the peer?   -> Policy.filter(..., "send")
   share   may this field of our result go to the peer that asked?  -> Policy.filter(..., "share")
+and, for multi-hop results:
+  may anything about our sub-tasks (their receipts) go along?      -> Policy.may_share_provenance
 A field that no rule covers does not leave. Withheld fields are removed from the output, and a
-container left empty by withholding is removed too.
+container left empty by withholding is removed too. What leaves about the fields besides values,
+the withheld and transformed paths, names only keys a rule names or the output shows (`_Walk.
+reported`); a `keys(...)` rule lets the keys of a map leave as pseudonyms.
 
-Rules are Casbin `p` lines (see policies/README.md):
+Rules are Casbin `p` lines, parsed by gateway.policy.rules (see policies/README.md):
 
     p, PEER, AGENT, SKILL, DIRECTION, FIELD, EFFECT[, CONDITION]
 
@@ -37,47 +41,79 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import math
-import os
-import re
-import secrets
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import casbin
-from casbin.util import escape_assertion
 
-from gateway.config import AGENT_NAME, ORG_NAME
 from gateway.errors import InvalidArgument, PayloadLimitExceeded, PolicyError
 from gateway.payload import DEFAULT_MAX_DEPTH, DEFAULT_MAX_FIELDS, check_limits
 from gateway.policy import paths as paths
 from gateway.policy import transforms
+from gateway.policy.keys import load_or_create_pseudonym_key
+from gateway.policy.rules import (
+    _KEYS_OPEN,
+    DIRECTIONS,
+    FIELDS,
+    KEYS,
+    MODEL_EFFECT,
+    MODEL_MATCHER,
+    MODEL_POLICY,
+    MODEL_REQUEST,
+    PROVENANCE,
+    Claims,
+    Condition,
+    Direction,
+    PolicyReport,
+    Rule,
+    _build_enforcer,
+    check_policy,
+    claim_sets,
+    parse_condition,
+    split_line,
+)
+
+# Names of gateway.policy.rules and .keys stay importable from here, where callers found them.
+__all__ = [
+    "DIRECTIONS",
+    "MODEL_EFFECT",
+    "MODEL_MATCHER",
+    "MODEL_POLICY",
+    "MODEL_REQUEST",
+    "Claims",
+    "Condition",
+    "Decision",
+    "Direction",
+    "FieldDecision",
+    "FilterResult",
+    "InvokeDecision",
+    "Policy",
+    "PolicyHolder",
+    "PolicyReport",
+    "Rule",
+    "_build_enforcer",
+    "check_policy",
+    "claim_sets",
+    "load_or_create_pseudonym_key",
+    "load_policy",
+    "parse_condition",
+    "pseudonym_scope",
+    "split_line",
+]
 
 log = logging.getLogger("fedgate.policy")
-
-Direction = Literal["invoke", "send", "share"]
-DIRECTIONS: tuple[str, ...] = ("invoke", "send", "share")
-Claims = Mapping[str, str | Sequence[str]] | None
-
-# The Casbin model Fedgate compiles. model.conf must say exactly this (comments aside).
-MODEL_REQUEST = ("peer", "agent", "skill", "dir", "field", "claims")
-MODEL_POLICY = ("peer", "agent", "skill", "dir", "field", "action", "cond")
-MODEL_EFFECT = "priority(p.eft) || deny"
-MODEL_MATCHER = (
-    "nameMatch(r.peer, p.peer) && nameMatch(r.agent, p.agent) && nameMatch(r.skill, p.skill) "
-    "&& r.dir == p.dir && fieldMatch(r.field, p.field) && claimsMatch(r.claims, p.cond)"
-)
 
 # Memo bounds: paths and claims come from payloads and tokens, so the caches must not grow forever.
 _MAX_TABLES = 4096
 _MAX_CLAIM_VARIANTS = 256
 _MAX_PATHS = 65_536
-
-_CONDITION = re.compile(r"\s*([A-Za-z0-9_.:-]+)\s*(!?=)\s*([^&]*?)\s*")
+_MAX_NAMED = 4096  # per table: how paths are reported (only withheld or transformed ones)
 
 
 @dataclass(frozen=True)
@@ -97,316 +133,33 @@ class FilterResult:
 
 
 @dataclass(frozen=True)
-class InvokeDecision:
+class Decision:
+    """A yes/no answer of the policy (invoke, provenance), the rule that gave it, the version."""
+
     allowed: bool
     rule: str | None
     policy_version: str
 
 
-@dataclass(frozen=True)
-class Condition:
-    """One clause of a rule's condition: claim NAME has (or, negated, lacks) VALUE."""
-
-    name: str
-    value: str
-    negated: bool = False
-
-    def holds(self, claims: Mapping[str, frozenset[str]]) -> bool:
-        present = self.value in claims.get(self.name, frozenset())
-        return not present if self.negated else present
+InvokeDecision = Decision  # the name before may_share_provenance shared the type
 
 
-@dataclass(frozen=True)
-class Rule:
-    """One `p` line of the rules file, parsed."""
-
-    source: str  # "policies/hospital.csv:12"
-    text: str  # the line as written
-    values: tuple[str, ...]  # the seven Casbin columns, as Casbin sees them
-    peer: str
-    agent: str
-    skill: str
-    direction: str
-    pattern: paths.Pattern
-    effect: transforms.Effect
-    conditions: tuple[Condition, ...]
-    line: int = field(compare=False)
-    description: str = field(default="", compare=False)  # "file:line: the line"
-
-    @property
-    def precedence(self) -> tuple[Any, ...]:
-        return (paths.sort_key(self.pattern), self.effect.restrictiveness, self.line)
-
-    def describe(self) -> str:
-        return self.description
-
-    def applies(self, segments: paths.PathSegments, claims: Mapping[str, frozenset[str]]) -> bool:
-        return paths.covers(self.pattern, segments) and all(
-            c.holds(claims) for c in self.conditions
-        )
+def _purpose_of(claims: Claims) -> str:
+    """The requester's purpose values as one canonical text (part of a pseudonym's scope)."""
+    if not claims or not claims.get("purpose"):
+        return "[]"
+    values = claim_sets({"purpose": claims["purpose"]}).get("purpose", frozenset())
+    return json.dumps(sorted(values), ensure_ascii=False)
 
 
-@dataclass(frozen=True)
-class PolicyReport:
-    """What `check_policy` found: errors make a policy unusable, warnings do not."""
-
-    errors: tuple[str, ...]
-    warnings: tuple[str, ...]
-
-
-def _label(path: Path) -> str:
-    """A path as shown in messages: relative to the working folder when it is below it."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def claim_sets(claims: Claims) -> dict[str, frozenset[str]]:
-    """Delegated claims as sets of strings (a single value is a set of one)."""
-    if not claims:
-        return {}
-    result: dict[str, frozenset[str]] = {}
-    for name, value in claims.items():
-        if isinstance(value, str):
-            result[str(name)] = frozenset((value,))
-        elif isinstance(value, Collection):
-            result[str(name)] = frozenset(str(item) for item in value)
-        else:
-            result[str(name)] = frozenset((str(value),))
-    return result
-
-
-def parse_condition(text: str) -> tuple[Condition, ...]:
-    """`purpose=treatment & role!=intern` as clauses; empty means always. Raises ValueError."""
-    if not text.strip():
-        return ()
-    clauses = []
-    for part in text.split("&"):
-        match = _CONDITION.fullmatch(part)
-        if match is None or not match.group(3):
-            raise ValueError(
-                f"malformed condition {text.strip()!r}: use claim=value or claim!=value, "
-                "joined with '&' (e.g. purpose=treatment & role=doctor)"
-            )
-        clauses.append(Condition(match.group(1), match.group(3), match.group(2) == "!="))
-    return tuple(clauses)
-
-
-def split_line(line: str) -> list[str] | None:
-    """Split a rules line into stripped tokens the way Casbin's file adapter does."""
-    line = line.strip()
-    if not line or line.startswith("#"):
-        return None
-    tokens: list[str] = []
-    depth = 0
-    start = 0
-    for index, char in enumerate(line):
-        if char in "[(":
-            depth += 1
-        elif char in "])":
-            depth -= 1
-            if depth < 0:
-                raise ValueError("unbalanced brackets")
-        elif char == "," and depth == 0:
-            tokens.append(line[start:index].strip())
-            start = index + 1
-    if depth != 0:
-        raise ValueError("unbalanced brackets")
-    tokens.append(line[start:].strip())
-    return tokens
-
-
-def _parse_rule(source: str, line: int, text: str, tokens: list[str]) -> Rule:
-    """One `p` line as a Rule; raises ValueError with the cause and the fix."""
-    if tokens[0] != "p":
-        raise ValueError(f"unknown line type {tokens[0]!r}: every rule starts with 'p,'")
-    columns = tokens[1:]
-    if len(columns) == 6:
-        columns.append("")
-    if len(columns) != 7:
-        raise ValueError(
-            f"expected 6 or 7 fields after 'p' (peer, agent, skill, direction, field, effect"
-            f"[, condition]), got {len(columns)}"
-        )
-    peer, agent, skill, direction, pattern_text, action, cond = columns
-    if peer != "*" and not ORG_NAME.fullmatch(peer):
-        raise ValueError(f"peer {peer!r} is not an organization name or '*'")
-    for kind, name in (("agent", agent), ("skill", skill)):
-        if name != "*" and not AGENT_NAME.fullmatch(name):
-            raise ValueError(f"{kind} {name!r} is not a valid name or '*'")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r} (use invoke, send or share)")
-    effect = transforms.parse_effect(action)
-    if direction == "invoke":
-        if pattern_text not in ("", "*"):
-            raise ValueError(
-                f"an invoke rule names no field: use '*' or leave it empty, not {pattern_text!r}"
-            )
-        if effect.kind not in (transforms.ALLOW, transforms.DENY):
-            raise ValueError(f"an invoke rule is allow or deny, not {action!r}")
-        pattern: paths.Pattern = ()
-    else:
-        if not pattern_text:
-            raise ValueError("a send or share rule names a field pattern (use ** for every field)")
-        try:
-            pattern = paths.parse_pattern(pattern_text)
-        except paths.PathSyntaxError as exc:
-            raise ValueError(f"bad field pattern {pattern_text!r}: {exc}") from None
-    conditions = parse_condition(cond)
-    return Rule(
-        source=f"{source}:{line}",
-        text=text.strip(),
-        values=tuple(columns),
-        peer=peer,
-        agent=agent,
-        skill=skill,
-        direction=direction,
-        pattern=pattern,
-        effect=effect,
-        conditions=conditions,
-        line=line,
-        description=f"{source}:{line}: {text.strip()}",
-    )
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise PolicyError(
-            f"{_label(path)}: {what} file not found: check [policy] {what} in fedgate.toml"
-        ) from None
-    except OSError as exc:
-        raise PolicyError(f"{_label(path)}: cannot read the {what} file: {exc.strerror}") from None
-
-
-def _name_match(request: str, rule: str) -> bool:
-    return rule == "*" or request == rule
-
-
-def _field_match(request: str, rule: str) -> bool:
-    if request == "":
-        return rule in ("", "*")  # an invoke request names no field
-    if rule == "":
-        return False
-    return paths.covers(paths.parse_pattern(rule), paths.parse_normalized(request))
-
-
-def _claims_match(claims: Claims, cond: str) -> bool:
-    sets = claim_sets(claims)
-    return all(c.holds(sets) for c in parse_condition(cond))
-
-
-def _build_enforcer(model_path: Path, rules: Sequence[Rule]) -> casbin.Enforcer:
-    label = _label(model_path)
-    try:
-        enforcer = casbin.Enforcer(str(model_path))
-        model = enforcer.get_model()
-        request = tuple(t.removeprefix("r_") for t in model["r"]["r"].tokens)
-        policy = tuple(t.removeprefix("p_") for t in model["p"]["p"].tokens)
-        effect = model["e"]["e"].value
-        matcher = model["m"]["m"].value
-    except Exception as exc:  # Casbin raises whatever its parser meets
-        raise PolicyError(
-            f"{label}: not a valid Casbin model ({type(exc).__name__}: {exc}): "
-            "restore policies/model.conf from the Fedgate release"
-        ) from None
-    expected = (
-        ("request_definition r", request, MODEL_REQUEST),
-        ("policy_definition p", policy, MODEL_POLICY),
-        ("policy_effect e", " ".join(effect.split()), escape_assertion(MODEL_EFFECT)),
-        ("matchers m", " ".join(matcher.split()), escape_assertion(MODEL_MATCHER)),
-    )
-    for name, found, wanted in expected:
-        if found != wanted:
-            shown = ", ".join(wanted) if isinstance(wanted, tuple) else wanted
-            raise PolicyError(
-                f"{label}: {name} differs from the model Fedgate compiles: set it to {shown!r}"
-            )
-    enforcer.add_function("nameMatch", _name_match)
-    enforcer.add_function("fieldMatch", _field_match)
-    enforcer.add_function("claimsMatch", _claims_match)
-    enforcer.add_policies([list(rule.values) for rule in rules])
-    return enforcer
-
-
-def check_policy(
-    model_path: Path | str,
-    rules_path: Path | str,
-    *,
-    known_agents: Mapping[str, Collection[str]] | None = None,
-    known_peers: Collection[str] | None = None,
-) -> tuple[PolicyReport, tuple[Rule, ...], bytes]:
-    """Parse and validate the rules; returns every problem found, the rules in precedence order
-    and the version input (model + rules bytes). Raises PolicyError only for unreadable files."""
-    model_path, rules_path = Path(model_path), Path(rules_path)
-    model_bytes = _read(model_path, "model")
-    rules_bytes = _read(rules_path, "rules")
-    label = _label(rules_path)
-    errors: list[str] = []
-    warnings: list[tuple[int, str]] = []
-    try:
-        text = rules_bytes.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PolicyError(f"{label}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
-    rules: list[Rule] = []
-    seen: dict[tuple[str, ...], int] = {}
-    repeated: dict[str, list[Rule]] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        try:
-            tokens = split_line(line)
-            if tokens is None:
-                continue
-            rule = _parse_rule(label, number, line, tokens)
-        except ValueError as exc:
-            errors.append(f"{label}:{number}: {exc}")
-            continue
-        if rule.values in seen:
-            warnings.append(
-                (
-                    number,
-                    f"{label}:{number}: duplicates line {seen[rule.values]}; this line is ignored",
-                )
-            )
-            continue
-        seen[rule.values] = number
-        rules.append(rule)
-        for warning in _rule_warnings(rule, known_agents, known_peers):
-            repeated.setdefault(warning, []).append(rule)
-    # One warning per distinct problem, at its first line, rather than one per rule.
-    for warning, found in repeated.items():
-        more = f" (and {len(found) - 1} more rules)" if len(found) > 1 else ""
-        warnings.append((found[0].line, f"{found[0].source}: {warning}{more}"))
-    if not rules and not errors:
-        warnings.append(
-            (0, f"{label}: no rules: nothing is invoked, sent or shared (default deny)")
-        )
-    ordered = tuple(sorted(rules, key=lambda r: r.precedence))
-    return (
-        PolicyReport(tuple(errors), tuple(text for _, text in sorted(warnings))),
-        ordered,
-        model_bytes + b"\x00" + rules_bytes,
-    )
-
-
-def _rule_warnings(
-    rule: Rule,
-    known_agents: Mapping[str, Collection[str]] | None,
-    known_peers: Collection[str] | None,
-) -> list[str]:
-    found = []
-    if known_peers is not None and rule.peer != "*" and rule.peer not in known_peers:
-        found.append(f"rule names peer {rule.peer!r} which is not a peer of this gateway")
-    # A send rule names the remote target's agent and skill, which we cannot know here.
-    if known_agents is not None and rule.direction != "send" and rule.agent != "*":
-        if rule.agent not in known_agents:
-            found.append(f"rule names agent {rule.agent!r} which this gateway does not have")
-        elif rule.skill != "*" and rule.skill not in known_agents[rule.agent]:
-            found.append(
-                f"rule names skill '{rule.agent}.{rule.skill}' which this gateway does not have"
-            )
-    return found
+def pseudonym_scope(
+    rule: Rule, direction: str, agent: str, skill: str, purpose: str
+) -> tuple[str, ...]:
+    """What a pseudonym is scoped to beside the peer: the purpose, and the rule's field within
+    this direction, agent and skill, or the author's scope name (`pseudonymize:NAME`)."""
+    if rule.effect.scope:
+        return ("scope", rule.effect.scope, purpose)
+    return ("field", direction, agent, skill, rule.field_text, purpose)
 
 
 class _Memo:
@@ -415,18 +168,39 @@ class _Memo:
     __slots__ = ("decisions", "rules")
 
     def __init__(self) -> None:
-        self.rules: dict[str, Rule | None] = {}  # normalized path -> deciding rule
+        # normalized path, `keys(normalized map path)` or `@provenance` -> deciding rule
+        self.rules: dict[str, Rule | None] = {}
         self.decisions: dict[str, FieldDecision] = {}  # concrete path -> its usual decision
 
 
 class _Table:
     """The rules that can apply to one (peer, agent, skill, direction), and their memos."""
 
-    __slots__ = ("memos", "rules")
+    __slots__ = (
+        "contexts",
+        "field_rules",
+        "key_rules",
+        "memos",
+        "named",
+        "plans",
+        "provenance_rules",
+        "rules",
+        "vocabulary",
+    )
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
+        self.field_rules = tuple(r for r in rules if r.target == FIELDS)
+        self.key_rules = tuple(r for r in rules if r.target == KEYS)
+        self.provenance_rules = tuple(r for r in rules if r.target == PROVENANCE)
+        # The patterns whose literal keys a reported path may name.
+        self.vocabulary = tuple(r.pattern for r in rules if r.target != PROVENANCE)
         self.memos: dict[tuple[Any, ...], _Memo] = {}
+        # normalized path -> (keys a rule names, whether it names every key)
+        self.named: dict[str, tuple[tuple[bool, ...], bool]] = {}
+        self.plans: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
+        # (id(rule), purpose) -> pseudonym context; the table holds its rules, so ids stay valid
+        self.contexts: dict[tuple[int, str], bytes] = {}
 
     def memo(self, claims_key: tuple[Any, ...]) -> _Memo:
         memo = self.memos.get(claims_key)
@@ -437,16 +211,63 @@ class _Table:
         return memo
 
     def decide(self, path: str, claims: Mapping[str, frozenset[str]]) -> Rule | None:
-        segments = paths.parse_normalized(path) if path else ()
-        for rule in self.rules:
+        """The deciding rule for a normalized path, `keys(map path)` or `@provenance`."""
+        segments: paths.PathSegments = ()
+        if path == paths.PROVENANCE:
+            rules = self.provenance_rules
+        elif path.startswith(_KEYS_OPEN):
+            rules = self.key_rules
+            segments = paths.parse_normalized(path[len(_KEYS_OPEN) : -1])
+        else:
+            rules = self.field_rules
+            segments = paths.parse_normalized(path) if path else ()
+        for rule in rules:
             if rule.applies(segments, claims):
                 return rule
         return None
+
+    def names(self, normalized: str) -> tuple[bool, ...]:
+        """For each segment of a normalized path, whether a rule of this table names it."""
+        return self._naming(normalized)[0]
+
+    def _naming(self, normalized: str) -> tuple[tuple[bool, ...], bool]:
+        found = self.named.get(normalized)
+        if found is None:
+            segments = paths.parse_normalized(normalized)
+            named = paths.named_keys(self.vocabulary, segments)
+            every = all(flag or s is paths.ARRAY for flag, s in zip(named, segments, strict=True))
+            found = (named, every)
+            if len(self.named) >= _MAX_NAMED:
+                self.named.clear()
+            self.named[normalized] = found  # one entry: a concurrent clear cannot split it
+        return found
+
+    def plan(self, concrete: str, normalized: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """For a concrete path: the indices of its keys no rule names, and its prefixes."""
+        found = self.plans.get(concrete)
+        if found is None:
+            named = self.names(normalized)
+            segments = paths.concrete_prefixes(concrete)
+            unnamed = tuple(
+                index
+                for index, (segment, _) in enumerate(segments)
+                if not named[index] and not isinstance(segment, int)
+            )
+            found = (unnamed, tuple(prefix for _, prefix in segments))
+            if len(self.plans) >= _MAX_NAMED:
+                self.plans.clear()
+            self.plans[concrete] = found
+        return found
+
+    def names_all(self, normalized: str) -> bool:
+        """Whether a rule names every key of a normalized path (then it may leave as is)."""
+        return self._naming(normalized)[1]
 
 
 _MISSING: Any = object()
 _WITHHELD: Any = object()
 _LEAF_TYPES = frozenset({str, int, float, bool, type(None)})
+_KEYS_ACTION = "keys"  # internal: a map whose keys left as pseudonyms
 
 
 class Policy:
@@ -505,7 +326,8 @@ class Policy:
     def rule_for(
         self, peer: str, agent: str, skill: str, direction: str, path: str, claims: Claims = None
     ) -> Rule | None:
-        """The rule the compiled index says decides a normalized path ('' for invoke)."""
+        """The rule the compiled index says decides a normalized path ('' for invoke,
+        `keys(map path)` for a map's keys, `@provenance` for sub-task receipts)."""
         claims_key, sets = self._claims(claims)
         table = self._table(peer, agent, skill, direction)
         memo = table.memo(claims_key).rules
@@ -532,8 +354,10 @@ class Policy:
     def explain_field(
         self, peer: str, agent: str, skill: str, direction: str, path: str, claims: Claims = None
     ) -> str | None:
-        """Casbin's account of which rule decides a field (concrete or normalized path)."""
-        normalized = paths.normalize(path) if path else ""
+        """Casbin's account of which rule decides a field (concrete or normalized path,
+        `keys(...)` or `@provenance`)."""
+        special = path == paths.PROVENANCE or path.startswith(_KEYS_OPEN)
+        normalized = path if special or not path else paths.normalize(path)
         rule = self.casbin_rule_for(peer, agent, skill, direction, normalized, claims)
         return rule.describe() if rule else None
 
@@ -555,17 +379,26 @@ class Policy:
             return value
         if isinstance(value, dict | list):
             return None
-        return transforms.apply(rule.effect, value, self._key, peer)
+        scope = pseudonym_scope(rule, direction, agent, skill, _purpose_of(claims))
+        return transforms.apply(rule.effect, value, self._key, peer, scope)
 
     # -- the public questions -------------------------------------------------------------------
 
-    def may_invoke(
-        self, peer: str, agent: str, skill: str, claims: Claims = None
-    ) -> InvokeDecision:
+    def may_invoke(self, peer: str, agent: str, skill: str, claims: Claims = None) -> Decision:
         """May `peer` call our agent.skill? Default deny."""
         rule = self.rule_for(peer, agent, skill, "invoke", "", claims)
         allowed = rule is not None and rule.effect.kind == transforms.ALLOW
-        return InvokeDecision(allowed, rule.describe() if rule else None, self.version)
+        return Decision(allowed, rule.describe() if rule else None, self.version)
+
+    def may_share_provenance(
+        self, peer: str, agent: str, skill: str, claims: Claims = None
+    ) -> Decision:
+        """May anything about the sub-tasks our agent.skill ran while serving `peer` (their
+        receipts: which organizations were consulted, what they released) go to `peer` with
+        our result? Decided by a share rule on `@provenance`; default deny."""
+        rule = self.rule_for(peer, agent, skill, "share", paths.PROVENANCE, claims)
+        allowed = rule is not None and rule.effect.kind == transforms.ALLOW
+        return Decision(allowed, rule.describe() if rule else None, self.version)
 
     def filter(
         self,
@@ -580,7 +413,11 @@ class Policy:
         max_fields: int = DEFAULT_MAX_FIELDS,
     ) -> FilterResult:
         """What of `payload` may leave to `peer`; raises PayloadLimitExceeded or InvalidArgument
-        for a payload that cannot be evaluated (it is then refused, never passed through)."""
+        for a payload that cannot be evaluated (it is then refused, never passed through).
+
+        `withheld` and `transformed` hold reported paths (paths.parse_reported): they name only
+        keys a rule names or the output shows; `decisions` hold concrete paths and are for local
+        previews only (a key there can be data: never send or log them)."""
         if direction not in ("send", "share"):
             raise InvalidArgument(f"cannot filter for direction {direction!r}: use send or share")
         if not isinstance(payload, dict):
@@ -589,6 +426,7 @@ class Policy:
         claims_key, sets = self._claims(claims)
         table = self._table(peer, agent, skill, direction)
         walk = _Walk(table, table.memo(claims_key), sets, self._key, peer)
+        walk.context = (direction, agent, skill, claims)
         try:
             output = walk.object(payload, "", "")
         except RecursionError:
@@ -596,13 +434,8 @@ class Policy:
                 "payload is nested too deep for this gateway to evaluate: lower "
                 "[limits] max_payload_depth or flatten the payload"
             ) from None
-        return FilterResult(
-            output,
-            tuple(walk.withheld),
-            tuple(walk.transformed),
-            tuple(walk.decisions),
-            self.version,
-        )
+        withheld, transformed = walk.reported()
+        return FilterResult(output, withheld, transformed, tuple(walk.decisions), self.version)
 
 
 class _Walk:
@@ -610,9 +443,27 @@ class _Walk:
 
     Recursive on purpose (fast, order-preserving); check_limits has bounded the depth first, and
     a depth beyond Python's recursion limit is refused, never passed through.
+
+    Paths are collected concrete and turned into reported paths at the end (`reported`), when it
+    is known which containers the output shows.
     """
 
-    __slots__ = ("decisions", "key", "memo", "peer", "sets", "table", "transformed", "withheld")
+    __slots__ = (
+        "context",
+        "decisions",
+        "key",
+        "keyed",
+        "memo",
+        "named",
+        "peer",
+        "purpose",
+        "renamed",
+        "sets",
+        "table",
+        "transformed",
+        "visible",
+        "withheld",
+    )
 
     def __init__(
         self, table: _Table, memo: _Memo, sets: dict[str, frozenset[str]], key: bytes, peer: str
@@ -622,30 +473,84 @@ class _Walk:
         self.sets = sets
         self.key = key
         self.peer = peer
-        self.withheld: list[str] = []
-        self.transformed: list[tuple[str, str]] = []
+        self.context: tuple[str, str, str, Claims] = ("share", "", "", None)
+        self.purpose: str | None = None  # the requester's purpose, once a pseudonym needs it
+        self.named = table.named  # how the table reports paths (see _Table.names)
+        # A path every key of which a rule names is kept as it leaves (a str); any other path
+        # waits for the end of the walk as (concrete, normalized[, action]).
+        self.withheld: list[str | tuple[str, str]] = []
+        self.transformed: list[tuple[str, str] | tuple[str, str, str]] = []
+        self.keyed = 0  # how many maps whose keys leave as pseudonyms enclose this point
         self.decisions: list[FieldDecision] = []
+        self.visible: set[str] = set()  # concrete paths of containers the output shows
+        self.renamed: dict[str, str] = {}  # concrete path of a map entry -> its key's pseudonym
+
+    def scope(self, rule: Rule) -> bytes:
+        """The pseudonym context of a rule in this pass (peer, purpose, field or scope name)."""
+        direction, agent, skill, claims = self.context
+        purpose = self.purpose
+        if purpose is None:
+            purpose = self.purpose = _purpose_of(claims)
+        cached = self.table.contexts
+        context = cached.get((id(rule), purpose))
+        if context is None:
+            scope = pseudonym_scope(rule, direction, agent, skill, purpose)
+            if rule.target == KEYS:
+                scope = ("keys", *scope)
+            context = transforms.pseudonym_context(self.peer, scope)
+            if len(cached) >= _MAX_PATHS:
+                cached.clear()
+            cached[(id(rule), purpose)] = context
+        return context
+
+    def key_rule(self, normalized: str) -> Rule | None:
+        """The rule that decides how the keys of the map at a normalized path leave."""
+        request = _KEYS_OPEN + normalized + ")"
+        memo = self.memo.rules
+        rule = memo.get(request, _MISSING)
+        if rule is _MISSING:
+            rule = self.table.decide(request, self.sets)
+            if len(memo) >= _MAX_PATHS:
+                memo.clear()
+            memo[request] = rule
+        return rule  # type: ignore[no-any-return]
 
     def object(self, value: dict[str, Any], concrete: str, normalized: str) -> dict[str, Any]:
         output: dict[str, Any] = {}
         suffixes = _NEXT_SUFFIX if concrete else _FIRST_SUFFIX
+        keyed: Rule | None = None
+        if concrete and self.table.key_rules:
+            keyed = self.key_rule(normalized)
+            if keyed is not None and keyed.effect.kind != transforms.PSEUDONYMIZE:
+                keyed = None
+            if keyed is not None:
+                self.keyed += 1
         for name, child in value.items():
             suffix = suffixes.get(name)
             if suffix is None:
                 suffix = _suffix(name, first=not concrete)
+            path = concrete + suffix
+            if keyed is not None:
+                name = transforms.pseudonymize_key(name, self.key, self.scope(keyed))
+                self.renamed[path] = name
             child_type = type(child)
             if (child_type is dict or child_type is list) and child:
                 released = (
-                    self.object(child, concrete + suffix, normalized + suffix)
+                    self.object(child, path, normalized + suffix)
                     if child_type is dict
-                    else self.array(child, concrete + suffix, normalized + suffix)
+                    else self.array(child, path, normalized + suffix)
                 )
                 if released:  # a container left empty by withholding is removed
                     output[name] = released
+                    self.visible.add(path)
             else:
-                released = self.leaf(child, concrete + suffix, normalized + suffix)
+                released = self.leaf(child, path, normalized + suffix)
                 if released is not _WITHHELD:
                     output[name] = released
+        if keyed is not None:
+            self.keyed -= 1
+            if output:
+                self.transformed.append((concrete, normalized, _KEYS_ACTION))
         return output
 
     def array(self, value: list[Any], concrete: str, normalized: str) -> list[Any]:
@@ -654,13 +559,15 @@ class _Walk:
         for index, child in enumerate(value):
             child_type = type(child)
             if (child_type is dict or child_type is list) and child:
+                path = f"{concrete}[{index}]"
                 released = (
-                    self.object(child, f"{concrete}[{index}]", normalized)
+                    self.object(child, path, normalized)
                     if child_type is dict
-                    else self.array(child, f"{concrete}[{index}]", normalized)
+                    else self.array(child, path, normalized)
                 )
                 if released:
                     output.append(released)
+                    self.visible.add(path)
             else:
                 released = self.leaf(child, f"{concrete}[{index}]", normalized)
                 if released is not _WITHHELD:
@@ -688,14 +595,26 @@ class _Walk:
             elif kind == transforms.DENY or value_type is dict or value_type is list:
                 released, action = _WITHHELD, "withheld"
             else:
-                released = transforms.apply(rule.effect, value, self.key, self.peer)
+                released = (
+                    transforms.pseudonymize(value, self.key, self.peer, context=self.scope(rule))
+                    if kind == transforms.PSEUDONYMIZE
+                    else transforms.apply(rule.effect, value, self.key, self.peer)
+                )
                 if released is None:
                     released, action = _WITHHELD, "withheld"
                 else:
                     action = transforms.ACTION_OF[kind]
-                    self.transformed.append((concrete, action))
+                    named = self.named.get(normalized)
+                    if not self.keyed and named is not None and named[1]:
+                        self.transformed.append((concrete, action))
+                    else:
+                        self.transformed.append((concrete, normalized, action))
         if released is _WITHHELD:
-            self.withheld.append(concrete)
+            named = self.named.get(normalized)
+            if not self.keyed and named is not None and named[1]:
+                self.withheld.append(concrete)
+            else:
+                self.withheld.append((concrete, normalized))
         decision = memo.decisions.get(concrete)
         if (
             decision is None
@@ -708,6 +627,60 @@ class _Walk:
             memo.decisions[concrete] = decision
         self.decisions.append(decision)
         return released
+
+    # -- what leaves about the paths ------------------------------------------------------------
+
+    def reported(self) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+        """The withheld and transformed paths as they may leave: a withheld path stops at its
+        first key that no rule names and the output does not show, written `*` (paths that
+        thereby coincide are reported once: `hiv.*` stands for all of them, uncounted); a key
+        that left as a pseudonym is written as that pseudonym."""
+        withheld: tuple[str, ...] = tuple(
+            entry if type(entry) is str else self.report(*entry, released=False)
+            for entry in self.withheld
+        )
+        if len(withheld) > 1 and any(type(entry) is not str for entry in self.withheld):
+            withheld = tuple(dict.fromkeys(withheld))
+        transformed: list[tuple[str, str]] = []
+        for entry in self.transformed:
+            if len(entry) == 2:
+                transformed.append(entry)
+                continue
+            concrete, normalized, action = entry
+            if action == _KEYS_ACTION:
+                shown = self.report(concrete, normalized, released=True)
+                transformed.append((shown + ".*", "pseudonymized"))
+            else:
+                transformed.append((self.report(concrete, normalized, released=True), action))
+        return withheld, tuple(transformed)
+
+    def report(self, concrete: str, normalized: str, *, released: bool) -> str:
+        """One concrete path as it may leave (`released`: the field itself is in the output)."""
+        if not self.renamed:
+            unnamed, prefixes = self.table.plan(concrete, normalized)
+            last = len(prefixes) - 1
+            for index in unnamed:  # a key no rule names leaves only if the output shows it
+                if not (released if index == last else prefixes[index] in self.visible):
+                    return prefixes[index - 1] + ".*" if index else paths.HIDDEN_KEY
+            return concrete
+        named = self.table.names(normalized)
+        segments = paths.concrete_prefixes(concrete)
+        reported: list[str | int | None] = []
+        last = len(segments) - 1
+        for index, (segment, here) in enumerate(segments):
+            if isinstance(segment, int):
+                reported.append(segment)
+                continue
+            shown = released if index == last else here in self.visible
+            pseudonym = self.renamed.get(here)
+            if shown:
+                reported.append(pseudonym if pseudonym is not None else segment)
+            elif named[index] and pseudonym is None:
+                reported.append(segment)
+            else:  # nothing below a key that may not be named is told either
+                reported.append(None)
+                break
+        return paths.render_concrete(reported)
 
 
 # Rendered key suffixes, for the first segment of a path and for the following ones.
@@ -761,7 +734,11 @@ def load_policy(
             "the pseudonym key is shorter than 16 bytes: use load_or_create_pseudonym_key"
         )
     report, rules, version_input = check_policy(
-        model_path, rules_path, known_agents=known_agents, known_peers=known_peers
+        model_path,
+        rules_path,
+        known_agents=known_agents,
+        known_peers=known_peers,
+        shadowing=False,
     )
     if report.errors:
         more = len(report.errors) - 1
@@ -775,32 +752,6 @@ def load_policy(
         pseudonym_key=pseudonym_key,
         enforcer=enforcer,
     )
-
-
-def load_or_create_pseudonym_key(path: Path) -> bytes:
-    """The gateway's 32-byte pseudonym key, created (mode 0600) if missing."""
-    path = Path(path)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_bytes(32)
-        try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # created meanwhile by another process: read theirs
-        else:
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(key)
-            return key
-    try:
-        key = path.read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read the pseudonym key: {exc.strerror}") from None
-    if len(key) != 32:
-        raise PolicyError(
-            f"{path}: the pseudonym key must hold 32 bytes, it holds {len(key)}: restore it from "
-            "a backup, or delete it to create a new one (pseudonyms then change)"
-        )
-    return key
 
 
 def _fingerprint(paths_to_watch: Sequence[Path]) -> tuple[str, ...]:

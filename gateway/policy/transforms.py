@@ -3,8 +3,11 @@
     allow            the value leaves as is
     deny             the field is withheld (removed from the output)
     mask[:N]         keep the last N characters (default 4), the rest become '*'
-    pseudonymize     'pseu_' + 32 hex of HMAC-SHA256(gateway key, peer org + value):
-                     stable for one peer, unlinkable across peers
+    pseudonymize[:S] 'pseu_' + 32 hex of HMAC-SHA256(gateway key, scope + value): stable within
+                     one scope, unlinkable across scopes. The scope is the peer org, the
+                     requester's purpose and either the rule's field (direction, agent, skill,
+                     pattern) or, with `:S`, the author's scope name S (rules that share a name
+                     give linkable pseudonyms, across fields and skills, on purpose)
     generalize:year  an ISO date or date-time string becomes its year ('1984')
     generalize:N     a number becomes the range of width N holding it ('40-49' for N=10)
 
@@ -34,7 +37,9 @@ GENERALIZE_RANGE = "generalize:range"
 DEFAULT_MASK_KEEP = 4
 PSEUDONYM_PREFIX = "pseu_"
 PSEUDONYM = re.compile(r"pseu_[0-9a-f]{32}")
-EFFECT_HELP = "use allow, deny, mask[:N], pseudonymize, generalize[:year|N]"
+EFFECT_HELP = "use allow, deny, mask[:N], pseudonymize[:SCOPE], generalize[:year|N]"
+SCOPE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_PSEUDONYM_DOMAIN = b"fedgate-pseudonym/2\x00"
 
 # The action reported for a field whose rule has this effect and whose transform applied.
 ACTION_OF = {
@@ -55,6 +60,7 @@ class Effect:
 
     kind: str
     parameter: int = 0
+    scope: str = ""  # pseudonymize:SCOPE: the author's scope name
 
     @property
     def restrictiveness(self) -> tuple[int, int]:
@@ -72,6 +78,8 @@ class Effect:
             return f"mask:{self.parameter}"
         if self.kind == GENERALIZE_RANGE:
             return f"generalize:{self.parameter}"
+        if self.kind == PSEUDONYMIZE and self.scope:
+            return f"pseudonymize:{self.scope}"
         return self.kind
 
 
@@ -82,8 +90,15 @@ def parse_effect(text: str) -> Effect:
         return Effect(ALLOW)
     if name == DENY and not colon:
         return Effect(DENY)
-    if name == PSEUDONYMIZE and not colon:
-        return Effect(PSEUDONYMIZE)
+    if name == PSEUDONYMIZE:
+        if not colon:
+            return Effect(PSEUDONYMIZE)
+        if SCOPE_NAME.fullmatch(parameter):
+            return Effect(PSEUDONYMIZE, scope=parameter)
+        raise ValueError(
+            f"pseudonymize takes a scope name of lowercase letters, digits, '-' and '_', got "
+            f"{text!r} (e.g. pseudonymize:insurance-id)"
+        )
     if name == MASK:
         if not colon:
             return Effect(MASK, DEFAULT_MASK_KEEP)
@@ -114,15 +129,36 @@ def mask(value: Any, keep: int) -> str | None:
     return None if masked == value else masked
 
 
-def pseudonymize(value: Any, key: bytes, peer: str) -> str | None:
-    """A keyed pseudonym of a string or number, stable per peer and unlinkable across peers."""
+def pseudonym_context(peer: str, scope: tuple[str, ...] = ()) -> bytes:
+    """What a pseudonym is bound to beside the value: the peer and the scope, unambiguously."""
+    context = _dumps([peer, *scope]).encode("utf-8", "surrogatepass")
+    return _PSEUDONYM_DOMAIN + context + b"\x00"
+
+
+def pseudonym(text: str, key: bytes, context: bytes) -> str:
+    """The keyed pseudonym of a canonical JSON text within a context (pseudonym_context)."""
+    message = context + text.encode("utf-8", "surrogatepass")
+    return PSEUDONYM_PREFIX + hmac.digest(key, message, "sha256").hex()[:32]
+
+
+def pseudonymize(
+    value: Any, key: bytes, peer: str, scope: tuple[str, ...] = (), *, context: bytes = b""
+) -> str | None:
+    """A keyed pseudonym of a string or number: stable for one (peer, scope) and unlinkable
+    across peers and scopes (the filter passes purpose and field, or the author's scope name;
+    `context`, when given, is pseudonym_context(peer, scope) computed once)."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         return None
     # For a string, json.dumps without options gives the same bytes as canonical_json, faster.
     text = _dumps(value) if isinstance(value, str) else canonical_json(value).decode("utf-8")
-    message = peer.encode("utf-8") + b"\x00" + text.encode("utf-8", "surrogatepass")
-    token = PSEUDONYM_PREFIX + hmac.digest(key, message, "sha256").hex()[:32]
+    token = pseudonym(text, key, context or pseudonym_context(peer, scope))
     return None if token == value else token
+
+
+def pseudonymize_key(name: str, key: bytes, context: bytes) -> str:
+    """The pseudonym an object key leaves as, under `keys(...), pseudonymize` (never the key);
+    `context` is pseudonym_context(peer, ("keys", *scope))."""
+    return pseudonym(_dumps(name), key, context)
 
 
 def generalize_year(value: Any) -> str | None:
@@ -152,12 +188,14 @@ def generalize_range(value: Any, width: int) -> str | None:
     return f"{low}-{low + width - 1}"
 
 
-def apply(effect: Effect, value: Any, key: bytes, peer: str) -> Any | None:
+def apply(
+    effect: Effect, value: Any, key: bytes, peer: str, scope: tuple[str, ...] = ()
+) -> Any | None:
     """The value that leaves under a transform effect, or None to withhold the field."""
     if effect.kind == MASK:
         return mask(value, effect.parameter)
     if effect.kind == PSEUDONYMIZE:
-        return pseudonymize(value, key, peer)
+        return pseudonymize(value, key, peer, scope)
     if effect.kind == GENERALIZE_YEAR:
         return generalize_year(value)
     if effect.kind == GENERALIZE_RANGE:

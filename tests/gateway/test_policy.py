@@ -366,6 +366,12 @@ def test_keys_with_dots_cannot_pose_as_nested_paths(tmp_path: Path) -> None:
         "x", "a", "s", "share", {"patient.name": "secret", "patient": {"name": "ok"}}
     )
     assert result.output == {"patient": {"name": "ok"}}
+    assert result.withheld == ("*",)  # no rule names the key "patient.name": it is not named
+    named = make_policy(
+        tmp_path,
+        'p, *, a, s, share, patient.name, allow\np, *, a, s, share, ["patient.name"], deny\n',
+    )
+    result = named.filter("x", "a", "s", "share", {"patient.name": "secret"})
     assert result.withheld == ('["patient.name"]',)
 
 
@@ -422,7 +428,17 @@ def test_invoke_rules(tmp_path: Path) -> None:
         ("purpose=treatment", {"purpose": "treatment"}, True),
         ("purpose=treatment", {"purpose": "research"}, False),
         ("purpose=treatment", {"purpose": ["research", "treatment"]}, True),
-        ("role!=intern", None, True),
+        ("role!=intern", None, False),  # an absent claim fails every condition
+        ("role!=intern", {"role": []}, False),
+        ("role!=intern", {"role": ""}, False),
+        ("role!=intern", {"role": None}, False),
+        ("role!=intern", {"role": ["doctor", "intern"]}, False),
+        ("role!=intern", {"role": ["doctor", "nurse"]}, True),
+        ("origin!=insurer", {}, False),
+        ("origin!=insurer", {"origin": ("hospital",)}, True),
+        ("origin!=insurer", {"origin": ("hospital", "insurer")}, False),
+        ("origin=hospital", {"origin": ("lab", "hospital")}, True),
+        ("origin=hospital", {"origin": ()}, False),
         ("role!=intern", {"role": "intern"}, False),
         ("role!=intern", {"role": "doctor"}, True),
         ("purpose=treatment & role=doctor", {"purpose": "treatment", "role": "doctor"}, True),
@@ -492,7 +508,8 @@ def test_transform_that_cannot_apply_withholds(tmp_path: Path) -> None:
     payload = {"born": "1990-01-02", "n": 5, "obj": {}, "tags": ["2001-02-03", "x"]}
     result = policy.filter("insurer", "a", "s", "share", payload)
     assert result.output == {"born": "1990", "tags": ["2001"]}
-    assert set(result.withheld) == {"n", "obj", "tags[1]"}
+    # no rule names `n` or `obj` (`**` names nothing); `tags` shows in the output
+    assert set(result.withheld) == {"*", "tags[1]"}
 
 
 def test_empty_containers_and_pruning(tmp_path: Path) -> None:
@@ -503,7 +520,7 @@ def test_empty_containers_and_pruning(tmp_path: Path) -> None:
     payload = {"keep": {}, "drop": {"x": 1}, "list": [{"drop": 1}, {"keep": 2}, {"keep": []}]}
     result = policy.filter("insurer", "a", "s", "share", payload)
     assert result.output == {"keep": {}, "list": [{"keep": 2}, {"keep": []}]}
-    assert result.withheld == ("drop.x", "list[0].drop")
+    assert result.withheld == ("*", "list[0].*")
 
 
 # -- errors and warnings ------------------------------------------------------------------------
@@ -514,7 +531,7 @@ def test_empty_containers_and_pruning(tmp_path: Path) -> None:
     [
         (
             "p, insurer, a, s, share, x, maskk",
-            "rules.csv:2: unknown effect 'maskk' (use allow, deny, mask[:N], pseudonymize, "
+            "rules.csv:2: unknown effect 'maskk' (use allow, deny, mask[:N], pseudonymize[:SCOPE], "
             "generalize[:year|N])",
         ),
         ("p, insurer, a, s, share, x", "rules.csv:2: expected 6 or 7 fields"),

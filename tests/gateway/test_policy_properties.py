@@ -19,12 +19,19 @@ POLICIES = Path(__file__).resolve().parents[2] / "policies"
 MODEL = POLICIES / "model.conf"
 KEY = bytes(range(32))
 
-KEYS = ["a", "b", "c", "odd.key"]
+KEYS = ["a", "b", "c", "odd.key", "@provenance"]
 PEERS = ["insurer", "clinic"]
 AGENTS = ["records", "claims"]
 SKILLS = ["summary", "check"]
 EFFECTS = ["allow", "deny", "mask", "mask:2", "pseudonymize", "generalize:year", "generalize:10"]
-CONDITIONS = ["", "purpose=treatment", "role!=intern", "purpose=research & role=doctor"]
+CONDITIONS = [
+    "",
+    "purpose=treatment",
+    "role!=intern",
+    "purpose=research & role=doctor",
+    "origin!=insurer",
+    "origin=hospital & role!=doctor",
+]
 SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -58,9 +65,16 @@ def rules(draw: st.DrawFn) -> str:
     agent = draw(st.sampled_from([*AGENTS, "*"]))
     skill = draw(st.sampled_from([*SKILLS, "*"]))
     condition = draw(st.sampled_from(CONDITIONS))
+    target = draw(st.sampled_from(["fields", "fields", "keys", "provenance"]))
     if direction == "invoke":
         effect = draw(st.sampled_from(["allow", "deny"]))
         field = draw(st.sampled_from(["*", ""]))
+    elif target == "keys":
+        effect = draw(st.sampled_from(["allow", "pseudonymize", "pseudonymize:ids"]))
+        field = f"keys({draw(patterns)})"
+    elif target == "provenance" and direction == "share":
+        effect = draw(st.sampled_from(["allow", "deny"]))
+        field = "@provenance"
     else:
         effect = draw(st.sampled_from(EFFECTS))
         field = draw(patterns)
@@ -82,15 +96,18 @@ def share_rules(draw: st.DrawFn) -> str:
 
 share_rule_files = st.lists(share_rules(), max_size=15).map(lambda lines: "\n".join(lines) + "\n")
 
+CLAIM_VALUES = ["treatment", "research", "intern", "doctor", "hospital", "insurer", ""]
 claims = st.one_of(
     st.none(),
     st.dictionaries(
-        st.sampled_from(["purpose", "role", "unused"]),
+        st.sampled_from(["purpose", "role", "origin", "unused"]),
         st.one_of(
-            st.sampled_from(["treatment", "research", "intern", "doctor"]),
-            st.lists(st.sampled_from(["treatment", "research", "intern", "doctor"]), max_size=2),
+            st.none(),
+            st.sampled_from(CLAIM_VALUES),
+            st.lists(st.sampled_from(CLAIM_VALUES), max_size=2),
+            st.lists(st.sampled_from(CLAIM_VALUES), max_size=2).map(tuple),
         ),
-        max_size=3,
+        max_size=4,
     ),
 )
 
@@ -147,13 +164,15 @@ def test_no_withheld_or_transformed_value_leaves(
     decided = {d.path for d in result.decisions}
     assert decided == set(originals)  # every leaf decided, exactly once
     assert len(result.decisions) == len(originals)
-    hidden = list(result.withheld) + [path for path, _ in result.transformed]
+    hidden = [d.path for d in result.decisions if d.action != "allowed"]
+    assert bool(hidden) == bool(result.withheld or result.transformed)
+    transformed = [d.path for d in result.decisions if d.action not in ("allowed", "withheld")]
     for path in hidden:
         value = originals[path]
         if isinstance(value, str) and value.startswith("wv"):
             assert value not in as_json, path
             assert value.encode("utf-8") not in as_struct, path
-    for path, _ in result.transformed:
+    for path in transformed:
         released = policy.released_value(
             peer, "records", "summary", direction, path, originals[path], claims
         )
@@ -182,6 +201,7 @@ def test_a_filter_that_hides_nothing_releases_the_payload_unchanged(
     skill=st.sampled_from(SKILLS),
     direction=st.sampled_from(["invoke", "send", "share"]),
     path=st.lists(st.sampled_from([*KEYS, "[]"]), min_size=1, max_size=5),
+    asks=st.sampled_from(["fields", "fields", "keys", "provenance"]),
     claims=claims,
 )
 def test_compiled_decisions_equal_casbins(
@@ -192,17 +212,31 @@ def test_compiled_decisions_equal_casbins(
     skill: str,
     direction: str,
     path: list[str],
+    asks: str,
     claims: Any,
 ) -> None:
+    """For fields, for a map's keys (`keys(...)`) and for `@provenance`, under claims that may be
+    absent, empty or multi-valued."""
     policy = load(tmp_path, text)
     if path[0] == "[]":
         path[0] = "a"
-    normalized = (
-        "" if direction == "invoke" else paths.render(tuple(None if s == "[]" else s for s in path))
-    )
+    normalized = paths.render(tuple(None if s == "[]" else s for s in path))
+    if asks == "provenance":
+        direction = "share"
+    if direction == "invoke":
+        normalized = ""
+    elif asks == "keys":
+        normalized = f"keys({normalized})"
+    elif asks == "provenance":
+        normalized = "@provenance"
     for _ in range(2):  # the second answer comes from the memo
         compiled = policy.rule_for(peer, agent, skill, direction, normalized, claims)
         assert compiled == policy.casbin_rule_for(peer, agent, skill, direction, normalized, claims)
+    if asks == "provenance":
+        decision = policy.may_share_provenance(peer, agent, skill, claims)
+        by_casbin = policy.casbin_rule_for(peer, agent, skill, "share", "@provenance", claims)
+        assert decision.rule == (by_casbin.describe() if by_casbin else None)
+        assert decision.allowed == (by_casbin is not None and by_casbin.values[5] == "allow")
 
 
 @SETTINGS
