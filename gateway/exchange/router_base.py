@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gateway.audit.store import AuditEvent, AuditStore
@@ -20,6 +19,7 @@ from gateway.errors import (
     PermissionDenied,
 )
 from gateway.exchange.agents import AgentRegistry
+from gateway.exchange.refusals import RefusalLog
 from gateway.exchange.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
 from gateway.identity.signing import Signer, Verifier
 from gateway.payload import digest
@@ -266,30 +266,9 @@ class RouterBase:
         The names in a refused request are unverified and may be huge: the record keeps a
         bounded prefix of each, so refusals cannot fill the audit store.
         """
-        bounded = replace(
-            spec,
-            task_id=spec.task_id[:128],
-            agent=spec.agent[:64],
-            skill=spec.skill[:64],
-            requester=spec.requester[:256],
+        await RefusalLog.for_store(self.audit).record(
+            spec, peer_org, exc, started=started, kind=kind, direction=direction
         )
-        try:
-            await self.audit.append(
-                self._event(
-                    kind,
-                    bounded,
-                    peer_org[:64],
-                    direction=direction,
-                    decision="denied",
-                    status=exc.status.name,
-                    duration_ms=(time.monotonic() - started) * 1000,
-                    detail=exc.message[:1000],
-                )
-            )
-        except Exception:
-            log.warning(
-                "could not audit a rejection for peer %s (audit store unavailable)", peer_org
-            )
 
     @staticmethod
     def _digests(original: dict[str, Any], filtered: FilterResult) -> tuple[str, str]:
