@@ -8,6 +8,7 @@ and gateway.edges.participant (local agents and requesters).
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,8 @@ from gateway.errors import ERROR_MARKER, FedgateError, InvalidArgument
 from gateway.exchange.router import Router
 from gateway.exchange.tasks import TaskResult, TaskSpec, TaskUpdate
 
+log = logging.getLogger("fedgate.servicers")
+
 
 async def abort(context: grpc.aio.ServicerContext, exc: FedgateError) -> None:
     context.set_trailing_metadata(((ERROR_MARKER, type(exc).__name__),))
@@ -27,6 +30,17 @@ async def abort(context: grpc.aio.ServicerContext, exc: FedgateError) -> None:
     # input must never grow past that and turn a clear refusal into a broken stream.
     message = exc.message if len(exc.message) <= 2000 else exc.message[:2000] + "…"
     await context.abort(exc.status, message)
+
+
+async def _fail(servicer: Any, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """The one place an error becomes a status: a FedgateError as the service shows it to its
+    callers (`public_error`); anything else, logged with its traceback, as INTERNAL with a stable
+    message and no marker (the caller treats it as a gateway that is not working)."""
+    if isinstance(exc, FedgateError):
+        await abort(context, servicer.public_error(exc))
+        return
+    log.error("%s failed", type(servicer).__name__, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, servicer.internal_error_message(exc))
 
 
 def refused_spec(request: Any) -> TaskSpec:
@@ -51,14 +65,16 @@ async def result_of(updates: AsyncIterator[TaskUpdate]) -> pb.TaskResult:
 
 
 def maps_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """A unary handler's FedgateError becomes its gRPC status and message."""
+    """A unary handler's errors become its gRPC status and message (see `_fail`)."""
 
     @functools.wraps(method)
     async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
-        except FedgateError as exc:
-            await abort(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _fail(self, context, exc)
             raise  # abort raises; this keeps type checkers honest
 
     return handler
@@ -67,7 +83,7 @@ def maps_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitabl
 def maps_stream_errors(
     method: Callable[..., AsyncIterator[Any]],
 ) -> Callable[..., AsyncIterator[Any]]:
-    """A streaming handler's FedgateError becomes its gRPC status and message."""
+    """A streaming handler's errors become its gRPC status and message (see `_fail`)."""
 
     @functools.wraps(method)
     async def handler(
@@ -76,8 +92,10 @@ def maps_stream_errors(
         try:
             async for message in method(self, request, context):
                 yield message
-        except FedgateError as exc:
-            await abort(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _fail(self, context, exc)
 
     return handler
 
@@ -86,6 +104,16 @@ class ServicerBase:
     def __init__(self, config: GatewayConfig, router: Router) -> None:
         self.config = config
         self.router = router
+
+    def public_error(self, exc: FedgateError) -> FedgateError:
+        """The error as this service's callers see it (the participant service: as it is)."""
+        return exc
+
+    def internal_error_message(self, exc: BaseException) -> str:
+        return (
+            f"the gateway of {self.router.org!r} failed while handling this call "
+            f"({type(exc).__name__}): its log has the detail"
+        )
 
     def _spec(self, request: pb.TaskRequest, context: grpc.aio.ServicerContext) -> TaskSpec:
         check_decoded(request)
