@@ -24,10 +24,13 @@ from gateway.edges.rpc import (
     result_of,
 )
 from gateway.edges.wire import (
+    MAX_TEXT_CHARS,
     card_from_pb,
     card_to_pb,
+    check_text,
     result_to_pb,
     spec_to_pb,
+    state_from_pb,
     state_to_pb,
     update_from_pb,
     update_to_pb,
@@ -42,6 +45,7 @@ from gateway.exchange.tasks import (
     TaskState,
     TaskUpdate,
     validate_names,
+    validate_task_id,
 )
 from gateway.identity.tokens import TokenAuthority, TokenClaims
 
@@ -95,10 +99,18 @@ class ParticipantServicer(ServicerBase, pb_grpc.ParticipantServicer):
     async def Connect(
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GatewayMessage]:
+        wait = self.config.participant.connect_timeout_seconds
         try:
-            first = await anext(aiter(request_iterator))
+            first = await asyncio.wait_for(anext(aiter(request_iterator)), wait)
         except StopAsyncIteration:
             return
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no RegisterAgents message within {wait:g} s of opening Connect: an agent "
+                "registers its cards (and token) first; participant.connect_timeout_seconds sets "
+                "the wait",
+            )
         if (
             isinstance(first, Malformed)
             or first.WhichOneof("kind") != "register"
@@ -188,7 +200,8 @@ class ParticipantServicer(ServicerBase, pb_grpc.ParticipantServicer):
             if card.name in cards:
                 raise InvalidArgument(f"agent {card.name!r} is registered twice in one message")
             cards[card.name] = card
-        instance_id = register.instance_id[:128] or uuid.uuid4().hex
+        instance_id = check_text("the instance id", register.instance_id[:128], 128)
+        instance_id = instance_id or uuid.uuid4().hex
         return AgentInstance(instance_id=instance_id, cards=cards)
 
     async def _read_updates(
@@ -198,24 +211,28 @@ class ParticipantServicer(ServicerBase, pb_grpc.ParticipantServicer):
             if isinstance(message, Malformed) or message.WhichOneof("kind") != "update":
                 continue
             try:
-                update = update_from_pb(message.update)
+                state_from_pb(message.update.state)
             except FedgateError:
                 log.warning(
                     "agent instance %s sent an update with an unknown state", instance.instance_id
                 )
                 continue
-            except ValueError as exc:
-                # An output JSON cannot carry (NaN, infinity): the task fails, the gateway does not.
+            try:
+                update = update_from_pb(message.update)
+            except (ValueError, FedgateError) as exc:
+                # An output JSON cannot carry (NaN, infinity, a NUL in a key) or a field past its
+                # bound: the task fails, the gateway does not.
+                cause = (
+                    f"the skill's output is not valid JSON: {exc}"
+                    if isinstance(exc, ValueError)
+                    else f"the skill's result was refused: {exc.message}"
+                )
                 task_id = message.update.task_id
                 update = TaskUpdate(
                     task_id,
                     TaskState.FAILED,
                     result=TaskResult(
-                        task_id,
-                        TaskState.FAILED,
-                        error=TaskError(
-                            "skill_error", f"the skill's output is not valid JSON: {exc}"
-                        ),
+                        task_id, TaskState.FAILED, error=TaskError("skill_error", cause)
                     ),
                 )
             self.agents.deliver(instance, update)
@@ -240,6 +257,8 @@ class ParticipantServicer(ServicerBase, pb_grpc.ParticipantServicer):
         self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelTaskResponse:
         check_decoded(request)
+        validate_task_id(request.task_id)
+        check_text("the cancel reason", request.reason, MAX_TEXT_CHARS)
         claims = self._claims(context)
         state = await self.router.cancel(
             request.task_id,
@@ -254,15 +273,25 @@ class ParticipantServicer(ServicerBase, pb_grpc.ParticipantServicer):
         self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.TaskResult:
         check_decoded(request)
+        validate_task_id(request.task_id)
         claims = self._claims(context)
         owner = claims.subject if claims is not None else None
         return result_to_pb(
             await self.router.get(request.task_id, origin_org=self.router.org, owner=owner)
         )
 
+    def _operator(self, context: grpc.aio.ServicerContext, what: str) -> None:
+        """Refuse unless the caller holds an operator token (when this gateway requires tokens)."""
+        claims = self._claims(context)
+        if claims is not None and self.tokens is not None:
+            self.tokens.check_operator(claims, what)
+
+    @maps_errors
     async def ListConnectedAgents(
         self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListConnectedAgentsResponse:
+        """The connected agents, their cards and load: for an operator token only."""
+        self._operator(context, "the connected agents")
         return pb.ListConnectedAgentsResponse(
             agents=[
                 pb.ConnectedAgent(
@@ -274,9 +303,12 @@ class ParticipantServicer(ServicerBase, pb_grpc.ParticipantServicer):
             ]
         )
 
+    @maps_errors
     async def ListPeers(
         self, request: pb.ListPeersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListPeersResponse:
+        """The peers, their addresses, circuits and last errors: for an operator token only."""
+        self._operator(context, "the peers' status")
         peers = self.router.peers
         return pb.ListPeersResponse(
             peers=[
