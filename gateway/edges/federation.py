@@ -46,6 +46,7 @@ from gateway.edges.wire import (
     checkpoint_from_pb,
     checkpoint_to_pb,
     result_to_pb,
+    signed_output_only,
     state_to_pb,
     update_to_pb,
 )
@@ -232,16 +233,10 @@ class FederationServicer(ServicerBase, pb_grpc.FederationServicer):
     def _released(self, update: TaskUpdate) -> TaskUpdate:
         """An update as it may leave for a peer: output only with the receipt that signs it, and
         our own failures in stable text."""
+        update = signed_output_only(update)
         result = update.result
         if result is None:
             return update
-        if result.output and result.receipt is None:
-            log.error(
-                "task %s: a %s result without a receipt held output; the output was not sent",
-                update.task_id,
-                update.state.value,
-            )
-            result = replace(result, output={})
         if result.error is not None and result.error.code in _INTERNAL_CODES:
             text = self._unavailable_text(_store_named(result.error.message))
             result = replace(result, error=TaskError(result.error.code, text))

@@ -29,6 +29,7 @@ from gateway.edges.wire import (
     card_to_pb,
     check_text,
     result_to_pb,
+    signed_output_only,
     spec_to_pb,
     state_from_pb,
     state_to_pb,
@@ -242,8 +243,10 @@ class ParticipantServicer(ServicerBase, pb_grpc.ParticipantServicer):
         self, request: pb.TaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TaskUpdate]:
         spec = self._authorize_call(self._spec(request, context), context)
+        remote = spec.target_org != self.router.org
         async for update in self.router.submit(spec):
-            yield update_to_pb(update)
+            # From a partner, output reaches our requester only as a result its receipt signs.
+            yield update_to_pb(signed_output_only(update) if remote else update)
 
     @maps_errors
     async def SubmitTask(

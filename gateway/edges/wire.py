@@ -18,7 +18,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fedgate.convert import (
@@ -303,6 +303,20 @@ def update_to_pb(update: TaskUpdate) -> pb.TaskUpdate:
                 update.state.value,
             )
     return message
+
+
+def signed_output_only(update: TaskUpdate) -> TaskUpdate:
+    """`update` with any output that no receipt signs removed: what crosses a boundary (to a
+    peer, or from one to our requester) carries output only as a signed result."""
+    result = update.result
+    if result is None or not result.output or result.receipt is not None:
+        return update
+    log.error(
+        "task %s: a %s result without a receipt held output; the output was not passed on",
+        update.task_id,
+        update.state.value,
+    )
+    return replace(update, result=replace(result, output={}))
 
 
 def update_from_pb(message: pb.TaskUpdate) -> TaskUpdate:

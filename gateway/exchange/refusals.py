@@ -1,12 +1,12 @@
 """Refusal records: every refusal shows in the audit log, and a flood of them costs bounded storage.
 
-A refusal (kind `rejected`: a call refused before any other record of it exists, such as an
-unknown peer, a limit, a malformed request) is recorded per *source*: the peer organization, or
-for a federation member that is not a peer the fingerprint of its certificate. Per (source, kind,
-direction, status) and per window of `window_seconds`, the first `full_per_window` refusals are
-recorded in full; the rest are counted, and one aggregate record at the end of the window names
-how many there were and the last cause. So 1,000 refusals in a minute cost at most
-`full_per_window + 1` records, and a flood still shows, with its size.
+A refusal (kind `rejected` or `invoke_denied`: a call refused before any other record of it
+exists, such as an unknown peer, a limit, a malformed request) is recorded per *source*: the peer
+organization, or for a federation member that is not a peer the fingerprint of its certificate.
+Per (source, kind, direction, status) and per window of `window_seconds`, the first
+`full_per_window` refusals are recorded in full; the rest are counted, and one aggregate record
+at the end of the window names how many there were and the last cause. So 1,000 refusals in a
+minute cost at most `full_per_window + 1` records, and a flood still shows, with its size.
 
 Records that close an exchange already recorded (kinds `failed` and `canceled`, which the router
 also writes through here) are never sampled: every request record is closed.
@@ -38,7 +38,9 @@ from gateway.exchange.tasks import TaskSpec
 
 log = logging.getLogger("fedgate.refusals")
 
-SAMPLED_KINDS = frozenset({"rejected"})
+# Refusals that no other record of the same call precedes: a denied invoke is one too (the router
+# writes it itself today; through here it would be sampled like the rest).
+SAMPLED_KINDS = frozenset({"rejected", "invoke_denied"})
 # Sources beyond this many share one overflow window (and its bound): memory stays bounded too.
 _MAX_WINDOWS = 4096
 _OVERFLOW = "*"

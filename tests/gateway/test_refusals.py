@@ -129,3 +129,16 @@ async def test_one_log_per_store() -> None:
     audit = MemoryAuditStore()
     assert RefusalLog.for_store(audit) is RefusalLog.for_store(audit)
     assert RefusalLog.for_store(MemoryAuditStore()) is not RefusalLog.for_store(audit)
+
+
+async def test_a_denied_invoke_is_sampled_like_a_rejection() -> None:
+    audit = MemoryAuditStore()
+    refusals = RefusalLog(audit, full_per_window=2)
+    denied = PermissionDenied("agent skill echo.say of 'hospital' is not shared with 'lab'")
+    for n in range(30):
+        await refusals.record(
+            spec(n), "lab", denied, started=time.monotonic(), kind="invoke_denied"
+        )
+    await refusals.flush()
+    assert [r.kind for r in audit.rows] == ["invoke_denied"] * 3
+    assert aggregated(audit.rows) == 30

@@ -101,12 +101,18 @@ async def test_a_raw_agents_output_on_non_final_updates_never_reaches_the_partne
 
 
 class _LeakingPartner(pb_grpc.FederationServicer):
-    """'insurer' as a gateway acting in bad faith: output on WORKING, then a failure."""
+    """'insurer' as a gateway acting in bad faith: unsigned output on every update before its
+    failure (WORKING, SUBMITTED, INPUT_REQUIRED)."""
 
     async def StreamTask(  # type: ignore[override]
         self, request: pb.TaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TaskUpdate]:
-        for state in (pb.TASK_STATE_WORKING, pb.TASK_STATE_SUBMITTED, pb.TASK_STATE_WORKING):
+        for state in (
+            pb.TASK_STATE_WORKING,
+            pb.TASK_STATE_SUBMITTED,
+            pb.TASK_STATE_INPUT_REQUIRED,
+            pb.TASK_STATE_WORKING,
+        ):
             yield _leak(request.task_id, state).update
         yield pb.TaskUpdate(
             task_id=request.task_id,
@@ -152,8 +158,9 @@ async def test_a_partners_output_on_non_final_updates_never_reaches_our_requeste
             updates = [u async for u in call]
         finally:
             hospital.peers.set_address("insurer", real)
-    assert [u.state for u in updates][-1] == pb.TASK_STATE_FAILED
-    assert pb.TASK_STATE_WORKING in [u.state for u in updates]
+    states = [u.state for u in updates]
+    assert states[-1] == pb.TASK_STATE_FAILED
+    assert pb.TASK_STATE_WORKING in states and pb.TASK_STATE_INPUT_REQUIRED in states
     for update in updates:
         wire = update.SerializeToString()
         assert not any(secret in wire for secret in SECRETS), update
