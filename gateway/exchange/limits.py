@@ -235,9 +235,12 @@ class PeerCheckpoints:
 
     Every checkpoint offered is verified and compared with the highest one seen from that peer
     (in memory): a head behind it, or at its sequence with another hash, is refused as the store
-    refuses one behind what it keeps (the peer's log lost records or was rewritten). A higher head
-    is kept at once when the peer's interval is over, else remembered and kept with the next
-    offer after it: storage grows by one row per peer per `store_interval`, whatever the rate.
+    refuses one behind what it keeps (the peer's log lost records or was rewritten), and the head
+    it went back from is kept as evidence if it was only in memory. A higher head is kept at once
+    when the peer's interval is over, else remembered (and kept with the first offer after the
+    interval): storage grows by at most one row per peer per `store_interval`, and one more of
+    evidence, whatever the rate. A remembered head not yet kept is lost on a restart; the peer's
+    next regular exchange brings it again.
     """
 
     def __init__(
