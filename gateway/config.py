@@ -69,6 +69,8 @@ class ParticipantSection(_Section):
     listen: str = "127.0.0.1:7400"
     # Agents and requesters must present a token issued by `fedgate tokens issue`.
     require_tokens: bool = True
+    # A Connect stream whose first message (RegisterAgents) takes longer than this is closed.
+    connect_timeout_seconds: float = Field(10.0, gt=0, le=3_600)
 
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 

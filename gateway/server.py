@@ -19,6 +19,7 @@ from gateway.edges.wire import checkpoint_from_pb, checkpoint_to_pb
 from gateway.errors import ConfigError, FedgateError, PermissionDenied
 from gateway.exchange.agents import AgentRegistry
 from gateway.exchange.limits import PeerLimiter
+from gateway.exchange.refusals import RefusalLog
 from gateway.exchange.router import Limits, Router
 from gateway.identity.delegation import DelegationVerifier
 from gateway.identity.signing import Signer, Verifier
@@ -186,6 +187,7 @@ class Gateway:
         await self._federation.stop(1.0)
         await self._participant.stop(1.0)
         await self.peers.close()
+        await RefusalLog.for_store(self.audit).flush()  # the counts of refusal floods
         await self.audit.close()
 
     async def exchange_checkpoints(self) -> dict[str, str]:

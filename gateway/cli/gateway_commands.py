@@ -237,27 +237,49 @@ def certs_dev(out: str, orgs: tuple[str, ...]) -> None:
     click.echo(f"wrote a development federation ({', '.join(orgs)}) to {target}")
 
 
-def _ask_gateway(target: str, request: Callable[[Any], Awaitable[Any]]) -> Any:
-    """One call to a running gateway's participant listener, with a clear error if it is down."""
+def _ask_gateway(
+    target: str, request: Callable[[Any, Any], Awaitable[Any]], token: str | None
+) -> Any:
+    """One call to a running gateway's participant listener, with a clear error if it is down.
+
+    `request(stub, metadata)`; the metadata carries the operator token, if any.
+    """
     from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
+
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     async def ask() -> Any:
         async with grpc.aio.insecure_channel(target) as channel:
-            return await request(pb_grpc.ParticipantStub(channel))
+            return await request(pb_grpc.ParticipantStub(channel), metadata)
 
     try:
         return asyncio.run(ask())
     except grpc.aio.AioRpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            raise ConfigError(
+                f"gateway at {target} refused: {exc.details()}; pass an operator token with "
+                "--token or FEDGATE_TOKEN (`fedgate tokens issue --subject NAME --operator`)"
+            ) from None
         raise ConfigError(
             f"gateway at {target} did not answer ({exc.code().name}): is `fedgate serve` running?"
         ) from None
+
+
+def _token_option(func: Any) -> Any:
+    return click.option(
+        "--token",
+        envvar="FEDGATE_TOKEN",
+        default=None,
+        help="An operator token (`fedgate tokens issue --operator`); default $FEDGATE_TOKEN.",
+    )(func)
 
 
 @click.command()
 @config_option
 @click.option("--address", default=None, help="Participant listener (default: from the config).")
 @click.option("--json", "as_json", is_flag=True)
-def agents(config_path: str, address: str | None, as_json: bool) -> None:
+@_token_option
+def agents(config_path: str, address: str | None, as_json: bool, token: str | None) -> None:
     """The agents connected to a running gateway."""
     import json
 
@@ -266,7 +288,11 @@ def agents(config_path: str, address: str | None, as_json: bool) -> None:
     target = address or read_config(config_path).participant.listen
 
     response: pb.ListConnectedAgentsResponse = _ask_gateway(
-        target, lambda stub: stub.ListConnectedAgents(pb.ListAgentsRequest(), timeout=5)
+        target,
+        lambda stub, metadata: stub.ListConnectedAgents(
+            pb.ListAgentsRequest(), timeout=5, metadata=metadata
+        ),
+        token,
     )
     rows = [
         {
@@ -297,7 +323,8 @@ def agents(config_path: str, address: str | None, as_json: bool) -> None:
 @config_option
 @click.option("--address", default=None, help="Participant listener (default: from the config).")
 @click.option("--json", "as_json", is_flag=True)
-def peers(config_path: str, address: str | None, as_json: bool) -> None:
+@_token_option
+def peers(config_path: str, address: str | None, as_json: bool, token: str | None) -> None:
     """Each partner's circuit state, latency and last error, as the running gateway sees them."""
     import json
 
@@ -306,7 +333,9 @@ def peers(config_path: str, address: str | None, as_json: bool) -> None:
     target = address or read_config(config_path).participant.listen
 
     response: pb.ListPeersResponse = _ask_gateway(
-        target, lambda stub: stub.ListPeers(pb.ListPeersRequest(), timeout=5)
+        target,
+        lambda stub, metadata: stub.ListPeers(pb.ListPeersRequest(), timeout=5, metadata=metadata),
+        token,
     )
     rows = [
         {

@@ -30,7 +30,8 @@ def _status(record: TokenRecord, now: float) -> str:
 
 @click.group()
 def tokens() -> None:
-    """Participant tokens: which agents an SDK process may register and what it may call."""
+    """Participant tokens: which agents an SDK process may register and what it may call (and, for
+    an operator token, reading `fedgate agents` and `fedgate peers`)."""
 
 
 @tokens.command("issue")
@@ -50,6 +51,11 @@ def tokens() -> None:
     help="What it may call: ORG/AGENT.SKILL, ORG/AGENT, ORG/* or '*'. Repeatable.",
 )
 @click.option(
+    "--operator",
+    is_flag=True,
+    help="It may read the running gateway's agents and peers (`fedgate agents`, `fedgate peers`).",
+)
+@click.option(
     "--ttl-days",
     default=30.0,
     show_default=True,
@@ -61,12 +67,15 @@ def issue(
     subject: str,
     agents: tuple[str, ...],
     calls: tuple[str, ...],
+    operator: bool,
     ttl_days: float,
     config_path: str,
 ) -> None:
     """Issue a token and print it (alone on stdout, so that it can be captured)."""
     authority = _authority(config_path)
-    token = authority.issue(subject, agents=agents, calls=calls, ttl_seconds=ttl_days * 86_400)
+    token = authority.issue(
+        subject, agents=agents, calls=calls, operator=operator, ttl_seconds=ttl_days * 86_400
+    )
     click.echo(token)
     claims = authority.verify(token)
     click.echo(
@@ -92,7 +101,7 @@ def list_tokens(as_json: bool, config_path: str) -> None:
         )
         return
     table = Table(title=f"{len(records)} participant token(s)")
-    for column in ("id", "subject", "agents", "calls", "issued", "expires", "status"):
+    for column in ("id", "subject", "agents", "calls", "operator", "issued", "expires", "status"):
         table.add_column(column, overflow="fold")
     for record in records:
         table.add_row(
@@ -100,6 +109,7 @@ def list_tokens(as_json: bool, config_path: str) -> None:
             record.subject,
             ", ".join(record.agents) or "-",
             ", ".join(record.calls) or "-",
+            "yes" if record.operator else "-",
             _iso(record.issued_at),
             _iso(record.expires_at),
             _status(record, now),

@@ -52,6 +52,9 @@ class AgentInstance:
     # The participant token's subject that connected this instance ("" without tokens): a call
     # it makes while serving a task is known to come from that task.
     subject: str = ""
+    # Tasks held between turns (their turn ended input-required): updates for them are dropped
+    # until the requester's next message starts the next turn.
+    parked: set[str] = field(default_factory=set)
 
 
 class AgentRegistry:
@@ -154,6 +157,13 @@ class AgentRegistry:
         queue = instance.tasks.get(update.task_id)
         if queue is None:
             return False
+        if update.task_id in instance.parked:
+            log.warning(
+                "agent instance %s sent an update for task %s between its turns; dropped",
+                instance.instance_id,
+                update.task_id,
+            )
+            return False
         if update.state.final:
             instance.tasks.pop(update.task_id, None)
             self._owner.pop(update.task_id, None)
@@ -170,6 +180,8 @@ class AgentRegistry:
     def end(self, task_id: str, reason: str) -> None:
         """Give up a task held between turns (its deadline, a cancel): the instance stops it."""
         instance = self._owner.pop(task_id, None)
+        if instance is not None:
+            instance.parked.discard(task_id)
         held = instance is not None and instance.tasks.pop(task_id, None) is not None
         if held and instance is not None and not instance.closed:
             instance.outbox.put_nowait(CancelRequest(task_id, reason))
@@ -216,6 +228,7 @@ class AgentRegistry:
                 ),
             )
             return
+        instance.parked.discard(spec.task_id)
         instance.outbox.put_nowait(Assignment(spec, requester_org))
         yield TaskUpdate(spec.task_id, TaskState.WORKING)
         async for update in self._turn(instance, spec, queue):
@@ -231,6 +244,8 @@ class AgentRegistry:
                 yield update
                 if update.state.ends_turn:
                     ended = True
+                    if not update.state.final:
+                        instance.parked.add(spec.task_id)
                     return
         finally:
             if not ended and instance.tasks.pop(spec.task_id, None) is not None:

@@ -44,6 +44,7 @@ from gateway.errors import (
 )
 from gateway.exchange.agents import AgentRegistry
 from gateway.exchange.execution import SHUTDOWN, Claims, Execution
+from gateway.exchange.refusals import RefusalLog
 from gateway.exchange.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
 from gateway.identity.delegation import issue_delegation
 from gateway.identity.signing import (
@@ -179,6 +180,7 @@ class Steps:
         self.store_payloads = store_payloads
         self.max_failovers = max_failovers
         self.delegation_ttl = delegation_ttl
+        self.refusals = RefusalLog.for_store(store)
 
     # ---- shared ----------------------------------------------------------------------------
 
@@ -209,33 +211,12 @@ class Steps:
     ) -> None:
         """Best effort: a refusal is recorded, but a store outage must not hide the refusal.
 
-        The names in a refused request are unverified and may be huge: the record keeps a
-        bounded prefix of each, so refusals cannot fill the audit store.
+        Through the store's RefusalLog: names bounded, and a flood sampled per peer and window
+        (records that close an exchange, `failed` and `canceled`, are always written).
         """
-        bounded = replace(
-            spec,
-            task_id=spec.task_id[:128],
-            agent=spec.agent[:64],
-            skill=spec.skill[:64],
-            requester=spec.requester[:256],
+        await self.refusals.record(
+            spec, peer_org, exc, started=started, kind=kind, direction=direction
         )
-        try:
-            await self.store.append(
-                self.event(
-                    kind,
-                    bounded,
-                    peer_org[:64],
-                    direction=direction,
-                    decision="denied",
-                    status=exc.status.name,
-                    duration_ms=(time.monotonic() - started) * 1000,
-                    detail=exc.message[:1000],
-                )
-            )
-        except Exception:
-            log.warning(
-                "could not audit a rejection for peer %s (audit store unavailable)", peer_org
-            )
 
     async def write(
         self,
@@ -348,26 +329,19 @@ class Steps:
                 f"shared with organization {peer_org!r}"
             )
             why = "no agent instance has this skill" if not exists else "no invoke rule allows it"
-            try:
-                await self.store.append(
-                    self.event(
-                        "invoke_denied",
-                        spec,
-                        peer_org,
-                        direction="inbound",
-                        decision="denied",
-                        status=error.status.name,
-                        duration_ms=(time.monotonic() - started) * 1000,
-                        policy_version=policy.version if policy else None,
-                        detail=why,
-                    )
-                )
-            except AuditUnavailable:
-                raise
-            except Exception as exc:
-                raise AuditUnavailable(
-                    f"audit store cannot be written: {type(exc).__name__}"
-                ) from None
+            denied = self.event(
+                "invoke_denied",
+                spec,
+                peer_org,
+                direction="inbound",
+                decision="denied",
+                status=error.status.name,
+                duration_ms=(time.monotonic() - started) * 1000,
+                policy_version=policy.version if policy else None,
+                detail=why,
+            )
+            if self.refusals.sample(peer_org, denied):  # a flood is counted, not written
+                await self.write(None, denied, None)  # fails closed
             raise error
         try:
             check_limits(
@@ -707,7 +681,7 @@ class Steps:
             call = stub.StreamTask(request, timeout=timeout)
             async for message in call:
                 update = _final_from_pb(message.task_id, peer, message, result_message=False)
-                if update.state.final:
+                if update.state.ends_turn:
                     return update
                 x.publish(TaskUpdate(x.task_id, update.state))
             raise Unavailable(f"organization {peer!r} closed the task stream without a result")
@@ -835,7 +809,7 @@ def _final_from_pb(task_id: str, peer: str, message: Any, *, result_message: boo
             result = result_from_pb(message)
             return TaskUpdate(result.task_id, result.state, result=result)
         state = state_from_pb(message.state)
-        if not state.final:
+        if not state.ends_turn:
             return TaskUpdate(message.task_id, state)
         if not message.HasField("result"):
             return TaskUpdate(message.task_id, state)

@@ -1,4 +1,5 @@
-"""Participant tokens: which local agents an SDK process may register, which skills it may call.
+"""Participant tokens: which local agents an SDK process may register, which skills it may call,
+and whether it may read the gateway's operator views (`fedgate agents`, `fedgate peers`).
 
 The gateway issues ES256 JWTs signed with its own token key (DATA_DIR/token.key, P-256, created
 0600 when missing; deliberately not the TLS key, so that rotating one never touches the other).
@@ -6,7 +7,8 @@ The gateway issues ES256 JWTs signed with its own token key (DATA_DIR/token.key,
     header   {"alg": "ES256", "typ": "fedgate-participant+jwt", "kid": <key id>}
     payload  {"iss": "fedgate:<org>", "aud": "fedgate:<org>:participant", "sub": <subject>,
               "jti": <token id>, "iat": ..., "exp": ...,
-              "agents": [<agent name> | "*", ...], "calls": [<call pattern>, ...]}
+              "agents": [<agent name> | "*", ...], "calls": [<call pattern>, ...],
+              "operator": true  (only on operator tokens)}
 
 Call patterns (checked when issued, stored in their full form):
 
@@ -20,6 +22,10 @@ Call patterns (checked when issued, stored in their full form):
 A "*" stands for a whole name, never part of one ("claims-*" is refused), so "insurer/*" means
 every agent of insurer, "*/claims.check" that skill at any organization (this one included:
 calls to local agents are checked the same way). "*" alone is "*/*.*".
+
+An operator token (`fedgate tokens issue --operator`) may read what the participant listener
+tells about the gateway itself: the connected agents with their cards, schemas and load, and the
+peers with their addresses and last errors. Nothing else grants that, not even "*".
 
 Only verified tokens are trusted: ES256 alone (so neither "none" nor an HMAC keyed with the public
 key passes), this gateway's issuer and audience, not expired, not revoked. Revocations live in a
@@ -130,6 +136,7 @@ class TokenClaims:
     agents: tuple[str, ...]
     calls: tuple[str, ...]
     expires_at: float
+    operator: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,7 @@ class TokenRecord:
     issued_at: float
     expires_at: float
     revoked_at: float | None = None
+    operator: bool = False
 
     @property
     def revoked(self) -> bool:
@@ -157,6 +165,7 @@ class TokenRecord:
             "issued_at": self.issued_at,
             "expires_at": self.expires_at,
             "revoked_at": self.revoked_at,
+            "operator": self.operator,
         }
 
     @classmethod
@@ -172,6 +181,7 @@ class TokenRecord:
             issued_at=float(data["issued_at"]),
             expires_at=float(data["expires_at"]),
             revoked_at=None if revoked_at is None else float(revoked_at),
+            operator=data.get("operator", False) is True,
         )
 
 
@@ -301,6 +311,7 @@ class TokenAuthority:
         *,
         agents: Iterable[str] = (),
         calls: Iterable[str] = (),
+        operator: bool = False,
         ttl_seconds: float = DEFAULT_TTL_SECONDS,
     ) -> str:
         """A signed token for `subject`, recorded in the ledger."""
@@ -317,10 +328,11 @@ class TokenAuthority:
                     "or '*'"
                 )
         call_grants = tuple(dict.fromkeys(normalize_call_pattern(c) for c in calls))
-        if not agent_grants and not call_grants:
+        if not agent_grants and not call_grants and not operator:
             raise InvalidArgument(
                 f"a token for {subject!r} would grant nothing: pass --agent NAME to let it "
-                "register an agent and/or --call ORG/AGENT.SKILL to let it call one"
+                "register an agent, --call ORG/AGENT.SKILL to let it call one, and/or "
+                "--operator to let it read `fedgate agents` and `fedgate peers`"
             )
         if not 0 < ttl_seconds <= MAX_TTL_SECONDS:
             raise InvalidArgument(
@@ -335,8 +347,9 @@ class TokenAuthority:
             calls=call_grants,
             issued_at=now,
             expires_at=float(int(now + ttl_seconds)),
+            operator=operator,
         )
-        payload = {
+        payload: dict[str, Any] = {
             "iss": self.issuer,
             "aud": self.audience,
             "sub": subject,
@@ -346,6 +359,8 @@ class TokenAuthority:
             "agents": list(agent_grants),
             "calls": list(call_grants),
         }
+        if operator:
+            payload["operator"] = True
         token = jwt.encode(
             payload,
             self._key,
@@ -469,7 +484,12 @@ class TokenAuthority:
             or not 0 <= expires < 1e11  # also refuses NaN and infinities
         ):
             raise Unauthenticated("malformed participant token: claim 'exp' is not a time")
-        return TokenClaims(token_id, subject, tuple(agents), tuple(calls), float(expires))
+        operator = payload.get("operator", False)
+        if not isinstance(operator, bool):
+            raise Unauthenticated("malformed participant token: claim 'operator' is not a boolean")
+        return TokenClaims(
+            token_id, subject, tuple(agents), tuple(calls), float(expires), operator=operator
+        )
 
     def _revocations(self) -> dict[str, float]:
         """The revoked token ids, re-read whenever the file was replaced or changed."""
@@ -499,6 +519,15 @@ class TokenAuthority:
             return
         raise PermissionDenied(
             f"{_describe(claims)} may not register agent {agent!r}: issue one with --agent {agent}"
+        )
+
+    def check_operator(self, claims: TokenClaims, what: str) -> None:
+        """Refuse unless the token is an operator token (it may read `what`)."""
+        if claims.operator:
+            return
+        raise PermissionDenied(
+            f"{_describe(claims)} may not read {what}: that takes an operator token, issued "
+            "with `fedgate tokens issue --subject NAME --operator`"
         )
 
     def check_call(self, claims: TokenClaims, target_org: str, agent: str, skill: str) -> None:

@@ -1,4 +1,5 @@
-"""Per-peer limits: token bucket, concurrency cap, release exactly once, fairness between peers."""
+"""Per-peer limits: token bucket, concurrency cap, release exactly once, fairness between peers;
+and the caches that bound what a peer can make us sign or store."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import asyncio
 
 import pytest
 
-from gateway.errors import ConfigError, ResourceExhausted
-from gateway.exchange.limits import PeerLimiter, Permit
+from gateway.audit.chain import AuditEvent
+from gateway.audit.store import MemoryAuditStore
+from gateway.errors import ConfigError, PermissionDenied, ResourceExhausted, Unauthenticated
+from gateway.exchange.limits import PeerCheckpoints, PeerLimiter, Permit, SignedHeadCache
+from gateway.identity.signing import SignedCheckpoint, Signer, Verifier, sign_checkpoint
+from tests.conftest import Pki
 
-RATE_REFUSAL = "organization 'insurer' exceeded its rate of 2 tasks/s: retry later"
+RATE_REFUSAL = "organization 'insurer' exceeded its rate of 2 requests/s: retry later"
 
 
 class Clock:
@@ -143,7 +148,7 @@ def test_one_peer_flooding_does_not_affect_another(clock: Clock) -> None:
         permit.release()
     limits.acquire("lab").release()
     assert refusal(limits, "lab") == (
-        "organization 'lab' exceeded its rate of 2 tasks/s: retry later"
+        "organization 'lab' exceeded its rate of 2 requests/s: retry later"
     )
 
 
@@ -177,3 +182,133 @@ def test_bad_limits_are_refused(kwargs: dict[str, float], cause: str) -> None:
     with pytest.raises(ConfigError) as caught:
         PeerLimiter(**arguments)  # type: ignore[arg-type]
     assert caught.value.message == cause
+
+
+# -- every federation call spends rate; a refused caller is named by its certificate -------------
+
+
+def test_a_short_call_spends_rate_but_holds_no_slot(clock: Clock) -> None:
+    """CancelTask and friends spend the bucket tasks do, yet work for a peer at its task cap."""
+    limits = limiter(clock, rate=1, burst=3, concurrent=1)
+    held = limits.acquire("insurer")
+    limits.spend("insurer")  # a cancel while the one slot is taken
+    assert limits.in_flight("insurer") == 1
+    limits.spend("insurer")
+    with pytest.raises(ResourceExhausted) as caught:
+        limits.spend("insurer")
+    assert (
+        caught.value.message
+        == "organization 'insurer' exceeded its rate of 1 requests/s: retry later"
+    )
+    held.release()
+    with pytest.raises(ResourceExhausted):
+        limits.acquire("insurer")  # the calls spent the tasks' bucket too
+    clock.now += 1
+    limits.acquire("insurer").release()
+
+
+def test_a_limiter_keyed_by_certificate_names_it(clock: Clock) -> None:
+    limits = PeerLimiter(
+        rate_per_second=1, burst=1, max_concurrent=1, clock=clock, describe=lambda k: f"cert {k}"
+    )
+    limits.spend("sha256:ab")
+    with pytest.raises(ResourceExhausted, match=r"^cert sha256:ab exceeded its rate of 1"):
+        limits.spend("sha256:ab")
+    limits.spend("sha256:cd")  # another certificate, another bucket
+
+
+# -- our signed head: signed at most once a second, and only when the chain moved ----------------
+
+
+def _signer(pki: Pki, org: str = "hospital") -> Signer:
+    return Signer.from_files(pki.cert(org), pki.key(org))
+
+
+async def test_our_signed_head_is_cached(pki: Pki, clock: Clock) -> None:
+    audit = MemoryAuditStore(verifier=Verifier.from_file(pki.ca))
+    signer = _signer(pki)
+    heads = SignedHeadCache(audit, lambda: signer, min_interval=1.0, clock=clock)
+    first = await heads.current()
+    assert (first.org, first.sequence) == ("hospital", 0)
+    assert await heads.current() is first
+    clock.now += 5
+    assert await heads.current() is first, "nothing was committed: the same head, not re-signed"
+    await audit.append(AuditEvent(kind="rejected", task_id="t-1", peer_org="lab"))
+    second = await heads.current()
+    assert second.sequence == 1
+    await audit.append(AuditEvent(kind="rejected", task_id="t-2", peer_org="lab"))
+    assert await heads.current() is second, "within the second: the cached one"
+    clock.now += 1
+    third = await heads.current()
+    assert third.sequence == 2
+    together = await asyncio.gather(*(heads.current() for _ in range(50)))
+    assert all(h is third for h in together)
+    assert [c.sequence for c in audit.own_checkpoints()] == [0, 1, 2], "one row a signature"
+    await audit.close()
+
+
+async def test_a_rotated_key_signs_a_fresh_head(pki: Pki, clock: Clock) -> None:
+    audit = MemoryAuditStore(verifier=Verifier.from_file(pki.ca))
+    signers = [_signer(pki)]
+    heads = SignedHeadCache(audit, lambda: signers[-1], clock=clock)
+    await heads.current()
+    clock.now += 2
+    signers.append(_signer(pki, "insurer"))  # stands for a new certificate of ours
+    assert (await heads.current()).org == "insurer"
+    await audit.close()
+
+
+# -- peers' signed heads: kept at most once per interval, the rest answered from memory -----------
+
+
+def _head(
+    pki: Pki, sequence: int, head_hash: str | None = None, org: str = "lab"
+) -> SignedCheckpoint:
+    return sign_checkpoint(_signer(pki, org), sequence, head_hash or f"{sequence:064x}")
+
+
+async def test_peer_heads_are_kept_once_per_interval(pki: Pki, clock: Clock) -> None:
+    audit = MemoryAuditStore(verifier=Verifier.from_file(pki.ca))
+    gate = PeerCheckpoints(audit, store_interval=60, clock=clock)
+    for sequence in range(10, 110):
+        await gate.offer(_head(pki, sequence))
+    await gate.offer(_head(pki, 5, org="insurer"))  # another peer, its own interval
+    assert [c.sequence for c in audit.peer_checkpoints("lab")] == [10]
+    clock.now += 60
+    await gate.offer(_head(pki, 200))
+    await gate.offer(_head(pki, 200))  # the same head again: nothing new
+    assert [c.sequence for c in audit.peer_checkpoints("lab")] == [10, 200]
+    assert [c.sequence for c in audit.peer_checkpoints("insurer")] == [5]
+    await audit.close()
+
+
+async def test_a_head_that_goes_back_is_refused_and_its_evidence_kept(
+    pki: Pki, clock: Clock
+) -> None:
+    audit = MemoryAuditStore(verifier=Verifier.from_file(pki.ca))
+    gate = PeerCheckpoints(audit, store_interval=60, clock=clock)
+    await gate.offer(_head(pki, 10))
+    await gate.offer(_head(pki, 50))  # remembered, not yet kept
+    for sequence, head_hash in ((40, None), (50, "ee" * 32), (20, None)):
+        with pytest.raises(PermissionDenied) as caught:
+            await gate.offer(_head(pki, sequence, head_hash))
+        assert caught.value.message.startswith(
+            f"peer 'lab' signed head {sequence}, behind or diverging from its earlier signed head 50"
+        )
+    # The head it went back from is kept as evidence, once: alternating costs no more rows.
+    assert [c.sequence for c in audit.peer_checkpoints("lab")] == [10, 50]
+    await audit.close()
+
+
+async def test_a_forged_head_is_refused_whatever_the_interval(pki: Pki, clock: Clock) -> None:
+    audit = MemoryAuditStore(verifier=Verifier.from_file(pki.ca))
+    gate = PeerCheckpoints(audit, store_interval=60, clock=clock)
+    await gate.offer(_head(pki, 10))
+    honest = _head(pki, 11)
+    forged = SignedCheckpoint(
+        "lab", 11, "ff" * 32, honest.signed_at_unix_ms, honest.signer_certificate, honest.signature
+    )
+    with pytest.raises(Unauthenticated):
+        await gate.offer(forged)
+    await gate.offer(honest)  # the forgery left no trace in memory either
+    await audit.close()

@@ -472,3 +472,51 @@ def test_issued_patterns_are_checked_end_to_end(authority: TokenAuthority) -> No
 def test_absurd_expiry_is_refused(authority: TokenAuthority, exp: object) -> None:
     token = sign_with_token_key(authority, good_payload(exp=exp))
     assert refused(authority, token) == "malformed participant token: claim 'exp' is not a time"
+
+
+# -- operator tokens: the only ones that read the gateway's own views ------------------------------
+
+
+def test_an_operator_token_grants_the_operator_views_only(authority: TokenAuthority) -> None:
+    token = authority.issue("ops", operator=True)
+    claims = authority.verify(token)
+    assert claims.operator and claims.agents == () and claims.calls == ()
+    assert jwt.decode(token, options={"verify_signature": False})["operator"] is True
+    authority.check_operator(claims, "the peers' status")
+    with pytest.raises(PermissionDenied):
+        authority.check_register(claims, "records")
+    with pytest.raises(PermissionDenied):
+        authority.check_call(claims, "insurer", "claims", "check")
+    (record,) = authority.list()
+    assert record.operator and record.subject == "ops"
+
+
+def test_no_other_grant_makes_an_operator(authority: TokenAuthority) -> None:
+    everything = authority.verify(authority.issue("bot", agents=["*"], calls=["*"]))
+    assert not everything.operator
+    assert "operator" not in jwt.decode(
+        authority.issue("bot", calls=["*"]), options={"verify_signature": False}
+    )
+    with pytest.raises(PermissionDenied) as caught:
+        authority.check_operator(everything, "the connected agents")
+    assert caught.value.message == (
+        f"token {everything.token_id!r} (bot) may not read the connected agents: that takes an "
+        "operator token, issued with `fedgate tokens issue --subject NAME --operator`"
+    )
+
+
+def test_an_operator_claim_of_the_wrong_type_is_refused(authority: TokenAuthority) -> None:
+    token = sign_with_token_key(authority, good_payload(operator="yes"))
+    assert refused(authority, token) == (
+        "malformed participant token: claim 'operator' is not a boolean"
+    )
+
+
+def test_a_ledger_written_before_operator_tokens_still_reads(authority: TokenAuthority) -> None:
+    authority.issue("records-service", agents=["records"])
+    ledger = json.loads(authority.ledger_path.read_text())
+    for entry in ledger["tokens"]:
+        del entry["operator"]
+    authority.ledger_path.write_text(json.dumps(ledger))
+    (record,) = authority.list()
+    assert not record.operator

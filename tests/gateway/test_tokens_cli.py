@@ -158,3 +158,19 @@ def test_missing_config_is_one_line(tmp_path: Path) -> None:
         f"fedgate: {tmp_path / 'absent.toml'}: file not found: create one with `fedgate init` "
         "or pass --config\n"
     )
+
+
+def test_issue_an_operator_token(config_path: Path) -> None:
+    result = run(config_path, "issue", "--subject", "ops", "--operator")
+    assert result.exit_code == 0, result.output
+    claims = authority(config_path).verify(result.stdout.strip())
+    assert claims.operator and claims.agents == () and claims.calls == ()
+    rows = json.loads(run(config_path, "list", "--json").stdout)
+    assert [(row["subject"], row["operator"]) for row in rows] == [("ops", True)]
+    assert "operator" in run(config_path, "list").stdout
+
+
+def test_a_token_that_grants_nothing_names_the_operator_flag(config_path: Path) -> None:
+    result = run(config_path, "issue", "--subject", "nobody")
+    assert result.exit_code == 2
+    assert "--operator to let it read `fedgate agents` and `fedgate peers`" in result.output
