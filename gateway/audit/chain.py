@@ -1,6 +1,12 @@
 """The audit log's records and hash chain: what an event is, how it is hashed, how a chain verifies.
 
-    record_hash = SHA-256( prev_hash (64 hex) || canonical_json(every field but the two hashes) )
+    record_hash = SHA-256( prev_hash (64 hex, ASCII) || canonical(body) )
+
+`body` is every field but the two hashes. A record names the canonical JSON version it was hashed
+with (`canonical`): version 1 records (written before versions existed) have no `canonical`,
+`turn` or `evidence` in their body and hash under canonical JSON version 1, exactly as they always
+did; version 2 records add those three fields and hash under RFC 8785 (JCS). New records are
+version 2. docs/protocol.md ("Audit record") gives the exact body.
 
 The first record's prev_hash is 64 zeros, or, after retention pruned the start of the log, the
 head hash of a signed retention checkpoint at the cut. Signed checkpoints of our head, ours or
@@ -15,15 +21,23 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from gateway.errors import FedgateError, InvalidArgument
 from gateway.identity.signing import SignedCheckpoint, Verifier, verify_checkpoint
-from gateway.payload import canonical_json
+from gateway.payload import (
+    CANONICAL_V1,
+    CANONICAL_VERSION,
+    CANONICAL_VERSIONS,
+    canonical_bytes,
+    jcs,
+    unknown_canonical_version,
+)
 
 GENESIS_HASH = "0" * 64
 
@@ -43,6 +57,8 @@ EVENT_KINDS = frozenset(
     }
 )
 DIRECTIONS = frozenset({"outbound", "inbound"})
+# A counterpart's evidence (a checkpoint or a delegation statement) is small; more is refused.
+MAX_EVIDENCE_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,9 @@ class AuditEvent:
     (request_received, result_received) digest_before is what arrived (reconciliation falls back
     to digest_after when only that is set). `detail` is a reason,
     never a field value; `payload` is set only when the organization opted in, own side only.
+    `turn` is the task's turn (0 for the first). `evidence` is the counterpart's signed chain
+    position received with this exchange, as a JSON object: {"checkpoint": <SignedCheckpoint
+    JSON>} or {"delegation": "<compact JWS>"} (a receipt already sits in `receipt`).
     """
 
     kind: str
@@ -74,11 +93,16 @@ class AuditEvent:
     detail: str = ""
     receipt: dict[str, Any] | None = None
     payload: dict[str, Any] | None = None
+    turn: int = 0
+    evidence: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class AuditRecord:
-    """An AuditEvent as stored: numbered, timed and chained."""
+    """An AuditEvent as stored: numbered, timed and chained (under canonical version `canonical`).
+
+    The three fields after record_hash are version 2's; a version 1 record has the defaults.
+    """
 
     sequence: int
     time_ms: int
@@ -102,14 +126,20 @@ class AuditRecord:
     payload: dict[str, Any] | None
     prev_hash: str
     record_hash: str
+    canonical: int = CANONICAL_V1
+    turn: int = 0
+    evidence: dict[str, Any] | None = None
 
     @property
     def time(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.time_ms / 1000, dt.UTC)
 
     def body(self) -> dict[str, Any]:
-        """Every field except the two hashes: what the record hash covers."""
-        return {
+        """Every field except the two hashes: what the record hash covers.
+
+        A version 1 body is exactly what version 1 hashed (no canonical, turn or evidence).
+        """
+        body = {
             "sequence": self.sequence,
             "time_ms": self.time_ms,
             "kind": self.kind,
@@ -131,9 +161,17 @@ class AuditRecord:
             "receipt": self.receipt,
             "payload": self.payload,
         }
+        if self.canonical != CANONICAL_V1:
+            body["canonical"] = self.canonical
+            body["turn"] = self.turn
+            body["evidence"] = self.evidence
+        return body
 
     def computed_hash(self) -> str:
-        return chain_hash(self.prev_hash, self.body())
+        try:
+            return chain_hash(self.prev_hash, self.body())
+        except (TypeError, ValueError, InvalidArgument):
+            return "<not canonical JSON>"  # a stored body that cannot be hashed never matches
 
     def to_json(self) -> dict[str, Any]:
         return {**self.body(), "prev_hash": self.prev_hash, "record_hash": self.record_hash}
@@ -143,6 +181,9 @@ class AuditRecord:
         """Read a record from its JSON form; raises InvalidArgument naming what is wrong."""
         if not isinstance(data, dict):
             raise InvalidArgument("an audit record must be a JSON object")
+        canonical = CANONICAL_V1 if "canonical" not in data else _typed(data, "canonical", int)
+        if canonical not in CANONICAL_VERSIONS:
+            raise InvalidArgument(f"audit record: {unknown_canonical_version(canonical)}")
         try:
             return cls(
                 sequence=_typed(data, "sequence", int),
@@ -169,6 +210,9 @@ class AuditRecord:
                 payload=_optional(data, "payload", dict),
                 prev_hash=_typed(data, "prev_hash", str),
                 record_hash=_typed(data, "record_hash", str),
+                canonical=canonical,
+                turn=0 if canonical == CANONICAL_V1 else _typed(data, "turn", int),
+                evidence=None if canonical == CANONICAL_V1 else _optional(data, "evidence", dict),
             )
         except (IndexError, TypeError) as exc:
             raise InvalidArgument(f"malformed audit record: {exc}") from None
@@ -186,16 +230,19 @@ def _optional(data: dict[str, Any], name: str, kind: type) -> Any:
 
 
 def chain_hash(prev_hash: str, body: dict[str, Any]) -> str:
-    """The record hash: SHA-256 over the previous hash and the canonical JSON of the body."""
-    return hashlib.sha256(prev_hash.encode("ascii") + canonical_json(body)).hexdigest()
+    """The record hash: SHA-256 over the previous hash and the canonical JSON of the body, under
+    the version the body names (no `canonical` field: version 1)."""
+    version = body.get("canonical", CANONICAL_V1)
+    return hashlib.sha256(prev_hash.encode("ascii") + canonical_bytes(body, version)).hexdigest()
 
 
 def normalize_event(event: AuditEvent) -> AuditEvent:
     """Check an event and bring it to the exact shape it has after a round trip through storage.
 
-    Raises InvalidArgument for an unknown kind or direction, a non-finite duration, or a receipt
-    or payload that is not JSON. Dicts are round-tripped through JSON, so what is hashed now is
-    what a later read hashes again.
+    Raises InvalidArgument for an unknown kind or direction, a non-finite duration, a negative
+    turn, or a receipt, payload or evidence that is not canonical JSON (version 2: no NaN, no
+    integer beyond 2**53, string keys) or evidence over MAX_EVIDENCE_BYTES. Dicts are
+    round-tripped through JSON, so what is hashed now is what a later read hashes again.
     """
     if event.kind not in EVENT_KINDS:
         raise InvalidArgument(
@@ -208,6 +255,8 @@ def normalize_event(event: AuditEvent) -> AuditEvent:
     duration = float(event.duration_ms)
     if not math.isfinite(duration):
         raise InvalidArgument("audit duration_ms must be a finite number")
+    if isinstance(event.turn, bool) or not isinstance(event.turn, int) or event.turn < 0:
+        raise InvalidArgument(f"audit turn must be an integer >= 0, not {event.turn!r}")
     normalized = AuditEvent(
         kind=event.kind,
         task_id=str(event.task_id),
@@ -227,6 +276,8 @@ def normalize_event(event: AuditEvent) -> AuditEvent:
         detail=str(event.detail),
         receipt=_json_round_trip(event.receipt, "receipt"),
         payload=_json_round_trip(event.payload, "payload"),
+        turn=int(event.turn),
+        evidence=_json_round_trip(event.evidence, "evidence", max_bytes=MAX_EVIDENCE_BYTES),
     )
     # A NUL character cannot be stored in PostgreSQL text: refuse it here, for this event alone,
     # rather than fail the whole batch it would be committed with.
@@ -245,21 +296,37 @@ def normalize_event(event: AuditEvent) -> AuditEvent:
         *normalized.withheld_paths,
         *(part for pair in normalized.transformed for part in pair),
     ]
-    if any("\x00" in text for text in texts):
+    joined = "".join(texts)
+    if "\x00" in joined:
         raise InvalidArgument("audit event fields must not contain NUL characters")
+    try:
+        joined.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(
+            "audit event fields must be valid Unicode text (a lone surrogate is not)"
+        ) from None
     return normalized
 
 
-def _json_round_trip(value: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+def _json_round_trip(
+    value: dict[str, Any] | None, name: str, *, max_bytes: int | None = None
+) -> dict[str, Any] | None:
     if value is None:
         return None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"audit {name} must be a JSON object")
     try:
-        loaded = json.loads(canonical_json(value))
+        # JCS refuses what a version 2 record could not hash (NaN, huge integers, non-string
+        # keys); orjson's round trip keeps every float a float, as a later read gets it back.
+        encoded = jcs(value)
+        loaded = orjson.loads(orjson.dumps(value))
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"audit {name} is not a JSON object: {exc}") from None
-    if not isinstance(loaded, dict):
-        raise InvalidArgument(f"audit {name} must be a JSON object")
-    return loaded
+    if max_bytes is not None and len(encoded) > max_bytes:
+        raise InvalidArgument(
+            f"audit {name} holds {len(encoded)} bytes of JSON, more than the {max_bytes} allowed"
+        )
+    return loaded  # type: ignore[no-any-return]
 
 
 def make_record(event: AuditEvent, sequence: int, time_ms: int, prev_hash: str) -> AuditRecord:
@@ -287,12 +354,15 @@ def make_record(event: AuditEvent, sequence: int, time_ms: int, prev_hash: str) 
         payload=event.payload,
         prev_hash=prev_hash,
         record_hash="",
+        canonical=CANONICAL_VERSION,
+        turn=event.turn,
+        evidence=event.evidence,
     )
     return _with_hash(unhashed)
 
 
 def _with_hash(record: AuditRecord) -> AuditRecord:
-    object.__setattr__(record, "record_hash", record.computed_hash())
+    object.__setattr__(record, "record_hash", chain_hash(record.prev_hash, record.body()))
     return record
 
 
@@ -429,7 +499,9 @@ def _check_signature(
     if verifier is None:
         return True
     try:
-        verify_checkpoint(verifier, checkpoint)
+        # A stored checkpoint was checked when it arrived (or is our own): offline, its signing
+        # time is the time its certificate must have been valid at.
+        verify_checkpoint(verifier, checkpoint, received_at_unix_ms=checkpoint.signed_at_unix_ms)
     except FedgateError as exc:
         report.add(
             checkpoint.sequence,

@@ -247,10 +247,20 @@ def verify_position(position: SignedPosition, verifier: Verifier, *, holder: str
     `holder` (it is checked as of its issue time: it expired long ago, by design).
     """
     material = position.material
+    # protocol: offline, signed material is checked at its signing time (it was checked online
+    # at the time of receipt when it arrived).
+    signed_at = position.signed_at_unix_ms
     if position.source == "checkpoint":
-        verify_checkpoint(verifier, SignedCheckpoint.from_json(material))
+        verify_checkpoint(
+            verifier, SignedCheckpoint.from_json(material), received_at_unix_ms=signed_at
+        )
     elif position.source == "receipt":
-        verify_receipt(verifier, SignedReceipt.from_json(material), expected_org=position.org)
+        verify_receipt(
+            verifier,
+            SignedReceipt.from_json(material),
+            expected_org=position.org,
+            received_at_unix_ms=signed_at,
+        )
     elif position.source == "delegation":
         issued = position.signed_at_unix_ms / 1000
         DelegationVerifier(holder, verifier, max_ttl_seconds=math.inf, clock=lambda: issued).verify(

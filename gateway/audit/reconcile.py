@@ -296,7 +296,10 @@ def receipt_problem(record: AuditRecord, responder: str, verifier: Verifier | No
     try:
         receipt = SignedReceipt.from_json(record.receipt)
         if verifier is not None:
-            verify_receipt(verifier, receipt, expected_org=responder)
+            # protocol: a stored receipt is checked at the time its record received it.
+            verify_receipt(
+                verifier, receipt, expected_org=responder, received_at_unix_ms=record.time_ms
+            )
     except FedgateError as exc:
         return f"is invalid: {exc.message}"
     if receipt.body.task_id != record.task_id:

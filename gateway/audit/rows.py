@@ -14,7 +14,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, LargeBinary, Text
+from sqlalchemy import BigInteger, Column, Integer, LargeBinary, Text, inspect, text
+from sqlalchemy.engine import Engine
 from sqlmodel import Field, SQLModel
 
 from gateway.audit.chain import AuditRecord
@@ -48,6 +49,10 @@ class AuditRecordRow(SQLModel, table=True):
     payload: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     prev_hash: str
     record_hash: str
+    # Audit record version 2 (gateway.audit.chain): NULL in records written before it (version 1).
+    canonical: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    turn: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    evidence: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
 class AuditCheckpointRow(SQLModel, table=True):
@@ -76,6 +81,13 @@ _WITHHELD, _TRANSFORMED, _DURATION = (
     _FIELDS.index("duration_ms"),
 )
 _RECEIPT, _PAYLOAD = _FIELDS.index("receipt"), _FIELDS.index("payload")
+_CANONICAL, _TURN, _EVIDENCE = (
+    _FIELDS.index("canonical"),
+    _FIELDS.index("turn"),
+    _FIELDS.index("evidence"),
+)
+# Columns added after the table was first created: (name, SQL type), added by upgrade_schema.
+ADDED_COLUMNS = (("canonical", "INTEGER"), ("turn", "INTEGER"), ("evidence", "TEXT"))
 SELECTED_COLUMNS = [RECORDS.c[name] for name in _FIELDS]
 assert _FIELDS[0] == "sequence"
 
@@ -122,7 +134,27 @@ def record_row(record: AuditRecord) -> tuple[Any, ...]:
         None if record.payload is None else json.dumps(record.payload),
         record.prev_hash,
         record.record_hash,
+        record.canonical,
+        record.turn,
+        None if record.evidence is None else json.dumps(record.evidence),
     )
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Add the columns of audit record version 2 to an audit table created before them.
+
+    Additive only (nullable columns, no rewrite of a row): records written before keep NULL
+    there and are read as version 1.
+    """
+    present = {column["name"] for column in inspect(engine).get_columns(RECORDS.name)}
+    missing = [(name, kind) for name, kind in ADDED_COLUMNS if name not in present]
+    if not missing:
+        return
+    # IF NOT EXISTS on PostgreSQL: replicas of one organization may start at the same moment.
+    guard = "" if engine.dialect.name == "sqlite" else "IF NOT EXISTS "
+    with engine.begin() as connection:
+        for name, kind in missing:
+            connection.execute(text(f"ALTER TABLE {RECORDS.name} ADD COLUMN {guard}{name} {kind}"))
 
 
 def record_values(record: AuditRecord) -> dict[str, Any]:
@@ -175,11 +207,16 @@ def record_from_row(row: Sequence[Any]) -> AuditRecord:
         values[_TRANSFORMED] = _parse_pairs(values[_TRANSFORMED])
         values[_RECEIPT] = _parse_object(values[_RECEIPT])
         values[_PAYLOAD] = _parse_object(values[_PAYLOAD])
+        values[_EVIDENCE] = _parse_object(values[_EVIDENCE])
     except (ValueError, TypeError):
         values[_WITHHELD] = ("<unreadable stored value>",)
         values[_TRANSFORMED] = ()
-        values[_RECEIPT] = values[_PAYLOAD] = None
+        values[_RECEIPT] = values[_PAYLOAD] = values[_EVIDENCE] = None
     values[_DURATION] = float(values[_DURATION])
+    if values[_CANONICAL] is None:  # written before version 2
+        values[_CANONICAL] = 1
+    if values[_TURN] is None:
+        values[_TURN] = 0
     return AuditRecord(*values)
 
 

@@ -69,6 +69,7 @@ from gateway.audit.rows import (
     record_from_row,
     record_row,
     record_values,
+    upgrade_schema,
 )
 from gateway.errors import (
     AuditUnavailable,
@@ -734,6 +735,7 @@ class SqlAuditStore(AuditStore):
         engine = create_store_engine(self.url, busy_timeout_ms=self.busy_timeout_ms)
         try:
             SQLModel.metadata.create_all(engine, tables=[RECORDS, CHECKPOINTS, TASKS])
+            upgrade_schema(engine)
         except Exception:
             engine.dispose()
             raise

@@ -245,7 +245,11 @@ def result_to_pb(result: TaskResult) -> pb.TaskResult:
     if result.error is not None:
         message.error.CopyFrom(pb.TaskError(code=result.error.code, message=result.error.message))
     if result.receipt is not None:
-        message.receipt.CopyFrom(receipt_to_pb(result.receipt))
+        receipt = SignedReceipt.from_json(result.receipt)
+        message.receipt.CopyFrom(_signed_receipt_to_pb(receipt))
+        # protocol: the salt travels beside the receipt, to the direct requester only.
+        message.receipt_salt = receipt.salt
+    # A provenance Receipt has no salt field, so no salt can leave inside provenance.
     message.provenance.extend(receipt_to_pb(r) for r in result.provenance)
     return message
 
@@ -273,7 +277,11 @@ def result_from_pb(message: pb.TaskResult) -> TaskResult:
             "the result's field_actions", message.field_actions, known_only=False
         ),
         error=TaskError(error.code, error.message) if error is not None else None,
-        receipt=receipt_from_pb(message.receipt) if message.HasField("receipt") else None,
+        receipt=(
+            receipt_json(message.receipt, salt=message.receipt_salt)
+            if message.HasField("receipt")
+            else None
+        ),
         responder_org=message.responder_org,
         policy_version=message.policy_version,
         provenance=tuple(receipt_from_pb(r) for r in message.provenance),
@@ -323,13 +331,16 @@ def update_from_pb(message: pb.TaskUpdate) -> TaskUpdate:
 
 
 def receipt_to_pb(receipt: dict[str, Any]) -> pb.Receipt:
-    """A receipt in its JSON form (gateway.identity.signing.SignedReceipt.to_json) as a message."""
-    signed = SignedReceipt.from_json(receipt)
+    """A receipt in its JSON form (gateway.identity.signing.SignedReceipt.to_json) as a message
+    (without its salt, which only TaskResult.receipt_salt carries)."""
+    return _signed_receipt_to_pb(SignedReceipt.from_json(receipt))
+
+
+def _signed_receipt_to_pb(signed: SignedReceipt) -> pb.Receipt:
     body = signed.body
-    return pb.Receipt(
+    message = pb.Receipt(
         task_id=body.task_id,
         responder_org=body.responder_org,
-        result_digest=body.result_digest.encode(),
         withheld_paths=list(body.withheld_paths),
         field_actions=_actions_to_pb(body.field_actions),
         policy_version=body.policy_version,
@@ -337,6 +348,17 @@ def receipt_to_pb(receipt: dict[str, Any]) -> pb.Receipt:
         signer_certificate=signed.signer_certificate,
         signature=signed.signature,
     )
+    if body.version == 1:
+        message.result_digest = body.result_digest.encode()
+    else:  # protocol: the version 2 fields
+        message.version = body.version
+        message.canonical = body.canonical
+        message.result_commitment = body.result_commitment
+        message.state = state_to_pb(TaskState(body.state))
+        message.turn = body.turn
+        message.chain_sequence = body.chain_sequence
+        message.chain_head = body.chain_head
+    return message
 
 
 def receipt_from_pb(message: pb.Receipt) -> dict[str, Any]:

@@ -7,14 +7,17 @@ prior key exchange:
     header   {"alg": "ES256", "typ": "fedgate-delegation+jwt", "x5c": [<signer cert, DER, base64>]}
     payload  {"iss": <sending org>, "aud": <target org>, "sub": <requesting agent or user>,
               "roles": [...], "purpose": "...", "task_id": "...", "jti": <unique>,
-              "iat": ..., "exp": ...  (default 5 minutes ahead)}
+              "iat": ..., "exp": ...  (default 5 minutes ahead),
+              "chs": <sequence>, "chh": <head hash>  (the sending gateway's committed audit
+              chain position when it signed: a signed lower bound on its log for the responder)}
 
 The responder accepts a statement only when all of these hold, and names the first that fails:
 the algorithm is ES256; the certificate was issued by the federation CA and is valid now; it names
 the organization proven by the connection's mTLS client certificate (guarantee 1: a body never
 changes who the peer is); `iss` is that same organization; `aud` is the responder; it has not
-expired and was not issued for longer than the responder allows; it is for this task; and its
-`jti` was not seen before within its lifetime (replay).
+expired and was not issued for longer than the responder allows; it is for this task; `chs` and
+`chh`, when present, come together and are a sequence and a 64-hex-digit hash; and its `jti` was
+not seen before within its lifetime (replay). docs/protocol.md has the exact format.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ _SEGMENT = re.compile(r"^[A-Za-z0-9_-]*$")
 _ORG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _MAX_TEXT = 256
 _MAX_ROLES = 64
+_HEAD = re.compile(r"^[0-9a-f]{64}$")
+_MAX_SEQUENCE = 2**53 - 1
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,10 @@ class Delegation:
     token_id: str
     task_id: str
     expires_at: float
+    # The issuer's committed audit chain position when it signed (claims chs, chh); None from a
+    # gateway that does not send it.
+    chain_sequence: int | None = None
+    chain_head: str | None = None
 
     def claims(self) -> dict[str, str | tuple[str, ...]]:
         """What the sharing policy sees of the requester."""
@@ -125,8 +134,13 @@ def issue_delegation(
     purpose: str = "",
     task_id: str,
     ttl_seconds: float = DEFAULT_TTL_SECONDS,
+    chain_sequence: int | None = None,
+    chain_head: str | None = None,
 ) -> str:
-    """A statement, signed as the signer's organization, that `subject` asks `audience_org`."""
+    """A statement, signed as the signer's organization, that `subject` asks `audience_org`.
+
+    `chain_sequence` and `chain_head` (together or not at all) are our committed audit head.
+    """
     if not _ORG.match(audience_org):
         raise InvalidArgument(f"delegation audience {audience_org!r} is not an organization name")
     role_list = list(roles)
@@ -136,6 +150,7 @@ def issue_delegation(
     _check_roles(role_list, InvalidArgument)
     if not ttl_seconds > 0:
         raise InvalidArgument(f"delegation lifetime must be positive, got {ttl_seconds:g} s")
+    _check_chain(chain_sequence, chain_head, InvalidArgument)
     now = time.time()
     payload = {
         "iss": signer.org,
@@ -148,6 +163,9 @@ def issue_delegation(
         "iat": int(now),
         "exp": int(now + ttl_seconds),
     }
+    if chain_sequence is not None:
+        payload["chs"] = chain_sequence
+        payload["chh"] = chain_head
     return _sign_jws(signer, _header_segment(signer.cert_der), payload)
 
 
@@ -165,6 +183,22 @@ def _check_roles(roles: Any, error: type[Exception]) -> None:
         raise error("delegation roles must be a list of non-empty strings")
     if len(roles) > _MAX_ROLES or any(len(r) > _MAX_TEXT for r in roles):
         raise error(f"delegation roles: at most {_MAX_ROLES}, each at most {_MAX_TEXT} characters")
+
+
+def _check_chain(sequence: Any, head: Any, error: type[Exception]) -> None:
+    if sequence is None and head is None:
+        return
+    if (
+        isinstance(sequence, bool)
+        or not isinstance(sequence, int)
+        or not 0 <= sequence <= _MAX_SEQUENCE
+        or not isinstance(head, str)
+        or not _HEAD.match(head)
+    ):
+        raise error(
+            "delegation chain position: 'chs' is a sequence from 0 to 2**53 - 1 and 'chh' a head "
+            "hash of 64 lowercase hex digits, both or neither"
+        )
 
 
 def _epoch(value: Any) -> float | None:
@@ -425,6 +459,7 @@ class DelegationVerifier:
             _check_text("purpose", purpose, ValueError)
             _check_text("id (jti)", token_id, ValueError, required=True)
             _check_roles(roles, ValueError)
+            _check_chain(payload.get("chs"), payload.get("chh"), ValueError)
         except ValueError as exc:
             raise malformed(str(exc)) from None
         assert isinstance(token_id, str) and isinstance(subject, str)
@@ -442,6 +477,8 @@ class DelegationVerifier:
             token_id=token_id,
             task_id=task_id,
             expires_at=expires_at,
+            chain_sequence=payload.get("chs"),
+            chain_head=payload.get("chh"),
         )
 
 

@@ -57,19 +57,51 @@ def field_actions_from_pb(actions: Iterable[pb.FieldAction]) -> tuple[tuple[str,
     return tuple((a.path, ACTION_NAMES.get(a.action, "withheld")) for a in actions)
 
 
-def receipt_json(message: pb.Receipt) -> dict[str, Any]:
-    """A receipt in the JSON form the gateways keep in their audit logs (bytes as base64)."""
-    return {
+RECEIPT_V2_TYPE = "fedgate/receipt/v2"
+
+
+def receipt_json(message: pb.Receipt, *, salt: bytes = b"") -> dict[str, Any]:
+    """A receipt in the JSON form the gateways keep in their audit logs (bytes as base64).
+
+    The form follows the receipt's version (docs/protocol.md, "Receipt"); `salt` is the
+    TaskResult's receipt_salt, kept beside the signed fields as "salt" (version 2 only).
+    A version this code does not know keeps its number in "type", so verification refuses it.
+    """
+    actions = [list(pair) for pair in field_actions_from_pb(message.field_actions)]
+    certificate = base64.b64encode(message.signer_certificate).decode("ascii")
+    signature = base64.b64encode(message.signature).decode("ascii")
+    if message.version <= 1:
+        return {
+            "task_id": message.task_id,
+            "responder_org": message.responder_org,
+            "result_digest": message.result_digest.decode("ascii", "replace"),
+            "withheld_paths": list(message.withheld_paths),
+            "field_actions": actions,
+            "policy_version": message.policy_version,
+            "signed_at_unix_ms": message.signed_at_unix_ms,
+            "signer_certificate": certificate,
+            "signature": signature,
+        }
+    data: dict[str, Any] = {
+        "type": RECEIPT_V2_TYPE if message.version == 2 else f"fedgate/receipt/v{message.version}",
+        "canonical": message.canonical,
         "task_id": message.task_id,
         "responder_org": message.responder_org,
-        "result_digest": message.result_digest.decode("ascii", "replace"),
+        "result_commitment": message.result_commitment,
         "withheld_paths": list(message.withheld_paths),
-        "field_actions": [list(pair) for pair in field_actions_from_pb(message.field_actions)],
+        "field_actions": actions,
         "policy_version": message.policy_version,
         "signed_at_unix_ms": message.signed_at_unix_ms,
-        "signer_certificate": base64.b64encode(message.signer_certificate).decode("ascii"),
-        "signature": base64.b64encode(message.signature).decode("ascii"),
+        "state": state_name(message.state),
+        "turn": message.turn,
+        "chain_sequence": message.chain_sequence,
+        "chain_head": message.chain_head,
+        "signer_certificate": certificate,
+        "signature": signature,
     }
+    if salt:
+        data["salt"] = base64.b64encode(salt).decode("ascii")
+    return data
 
 
 def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:

@@ -19,18 +19,24 @@ from gateway.identity.certs import (
 )
 from gateway.identity.signing import (
     ECDSA_SHA256,
+    EMPTY_CHAIN_HEAD,
+    SALT_BYTES,
     ReceiptBody,
     SignedCheckpoint,
     SignedReceipt,
     Signer,
     Verifier,
+    commit_result,
     now_unix_ms,
     sign_checkpoint,
     sign_receipt,
+    sign_result,
     verify_checkpoint,
+    verify_provenance_receipt,
     verify_receipt,
+    without_salt,
 )
-from gateway.payload import digest
+from gateway.payload import CANONICAL_V1, canonical_bytes, digest
 
 OUTPUT = {"diagnosis": "flu", "patient": {"age": 41}}
 
@@ -39,7 +45,7 @@ def _body(org: str = "beta", output: dict[str, object] = OUTPUT) -> ReceiptBody:
     return ReceiptBody(
         task_id="task-1",
         responder_org=org,
-        result_digest=digest(output),
+        result_digest=digest(output, CANONICAL_V1),
         withheld_paths=("patient.name",),
         field_actions=(("patient.zip", "masked"),),
         policy_version="sha256:policy",
@@ -118,7 +124,10 @@ def test_expired_certificate_is_refused(tmp_path: Path, audit_pki) -> None:
         verify_receipt(audit_pki.verifier(), receipt, expected_org="beta")
 
 
-def test_signature_made_while_valid_still_verifies_later(tmp_path: Path, audit_pki) -> None:
+def test_signature_received_while_valid_still_verifies_later_offline(
+    tmp_path: Path, audit_pki
+) -> None:
+    """A stored receipt is checked at the time it was received (the record's time), not now."""
     start = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
     write_pair(
         issue_gateway_cert(audit_pki.ca, "beta", days=1, not_before=start),
@@ -128,7 +137,14 @@ def test_signature_made_while_valid_still_verifies_later(tmp_path: Path, audit_p
     signer = Signer.from_files(tmp_path / "old.crt", tmp_path / "old.key")
     signed_then = int((start + dt.timedelta(hours=1)).timestamp() * 1000)
     receipt = sign_receipt(signer, dataclasses.replace(_body(), signed_at_unix_ms=signed_then))
-    verify_receipt(audit_pki.verifier(), receipt, expected_org="beta")
+    verify_receipt(
+        audit_pki.verifier(),
+        receipt,
+        expected_org="beta",
+        received_at_unix_ms=signed_then + 1000,
+    )
+    with pytest.raises(Unauthenticated, match="was not valid at"):
+        verify_receipt(audit_pki.verifier(), receipt, expected_org="beta")
 
 
 def test_malformed_receipt_json_is_invalid_argument() -> None:
@@ -266,3 +282,276 @@ def test_ca_certificate_cannot_sign_as_a_gateway(audit_pki) -> None:
     for _ in range(2):
         with pytest.raises(Unauthenticated, match="is a CA certificate, not a gateway's"):
             audit_pki.verifier().verify(data, ca_key.sign(data, ECDSA_SHA256), der, "beta")
+
+
+# -- receipt version 2: salted commitment, state, turn, chain position ---------------------------
+
+HEAD = "ab" * 32
+
+
+def _v2(signer: Signer, output: dict[str, object] = OUTPUT, **overrides: object) -> SignedReceipt:
+    fields: dict[str, object] = {
+        "task_id": "task-1",
+        "output": output,
+        "withheld_paths": ("patient.name",),
+        "field_actions": (("patient.zip", "masked"),),
+        "policy_version": "sha256:policy",
+        "chain_sequence": 7,
+        "chain_head": HEAD,
+    }
+    fields.update(overrides)
+    return sign_result(signer, **fields)  # type: ignore[arg-type]
+
+
+def test_v2_receipt_signs_and_verifies_with_its_salt(audit_pki) -> None:
+    receipt = _v2(audit_pki.signer("beta"))
+    body = receipt.body
+    assert (body.version, body.canonical, body.state, body.turn) == (2, 2, "completed", 0)
+    assert (body.chain_sequence, body.chain_head, body.result_digest) == (7, HEAD, "")
+    assert len(receipt.salt) == SALT_BYTES
+    assert body.result_commitment == commit_result(receipt.salt, OUTPUT)
+    verify_receipt(
+        audit_pki.verifier(),
+        receipt,
+        expected_org="beta",
+        released_output=OUTPUT,
+        task_id="task-1",
+        turn=0,
+        state="completed",
+    )
+
+
+def test_v2_salt_is_fresh_per_receipt_and_not_signed(audit_pki) -> None:
+    signer = audit_pki.signer("beta")
+    first, second = _v2(signer), _v2(signer)
+    assert first.salt != second.salt
+    assert first.body.result_commitment != second.body.result_commitment
+    assert first.salt not in first.body.signed_bytes()
+    assert first.salt.hex() not in first.body.signed_bytes().decode()
+
+
+def test_v2_commitment_is_no_dictionary_oracle(audit_pki) -> None:
+    """Issue 11 #2: the plain digest of a guessed output no longer matches anything signed."""
+    receipt = _v2(audit_pki.signer("beta"), {"hiv": "negative"})
+    signed = receipt.body.signed_bytes().decode()
+    for guess in ({"hiv": "negative"}, {"hiv": "positive"}):
+        assert digest(guess) not in signed
+        assert digest(guess, CANONICAL_V1) not in signed
+    assert "negative" not in signed
+
+
+def test_v2_json_round_trip_keeps_the_salt_beside_the_signed_fields(audit_pki) -> None:
+    receipt = _v2(audit_pki.signer("beta"))
+    data = receipt.to_json()
+    assert data["type"] == "fedgate/receipt/v2" and "salt" in data
+    again = SignedReceipt.from_json(data)
+    assert again == receipt
+    verify_receipt(audit_pki.verifier(), again, expected_org="beta", released_output=OUTPUT)
+
+
+def test_provenance_form_has_no_salt_and_cannot_prove_content(audit_pki) -> None:
+    receipt = _v2(audit_pki.signer("beta"))
+    for form in (receipt.provenance_json(), without_salt(receipt.to_json())):
+        assert "salt" not in form
+        passed_on = SignedReceipt.from_json(form)
+        verify_provenance_receipt(audit_pki.verifier(), passed_on)
+        verify_receipt(audit_pki.verifier(), passed_on, expected_org="beta")  # signer, no content
+        with pytest.raises(Unauthenticated, match="came without its 32-byte salt"):
+            verify_receipt(
+                audit_pki.verifier(), passed_on, expected_org="beta", released_output=OUTPUT
+            )
+
+
+def test_v2_changed_output_is_refused(audit_pki) -> None:
+    receipt = _v2(audit_pki.signer("beta"))
+    with pytest.raises(Unauthenticated, match="commits to another result"):
+        verify_receipt(
+            audit_pki.verifier(),
+            receipt,
+            expected_org="beta",
+            released_output={**OUTPUT, "diagnosis": "cold"},
+        )
+    with pytest.raises(Unauthenticated, match="commits to another result"):
+        verify_receipt(
+            audit_pki.verifier(),
+            receipt,
+            expected_org="beta",
+            released_output=OUTPUT,
+            salt=bytes(SALT_BYTES),
+        )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"result_commitment": "hmac-sha256:" + "00" * 32},
+        {"state": "input-required"},
+        {"turn": 1},
+        {"chain_sequence": 6},
+        {"chain_head": EMPTY_CHAIN_HEAD},
+        {"canonical": 1},
+        {"withheld_paths": ()},
+    ],
+)
+def test_v2_every_signed_field_is_covered(audit_pki, change: dict[str, object]) -> None:
+    receipt = _v2(audit_pki.signer("beta"))
+    changed = dataclasses.replace(receipt, body=dataclasses.replace(receipt.body, **change))
+    with pytest.raises(Unauthenticated, match="does not verify"):
+        verify_receipt(audit_pki.verifier(), changed, expected_org="beta")
+
+
+def test_receipt_of_another_task_is_refused(audit_pki) -> None:
+    """Issue 11 (online receipt checks): the receipt's task id must be the task's."""
+    receipt = _v2(audit_pki.signer("beta"))
+    with pytest.raises(Unauthenticated, match="is for task 'task-1', not for task 'task-2'"):
+        verify_receipt(audit_pki.verifier(), receipt, expected_org="beta", task_id="task-2")
+    v1 = sign_receipt(audit_pki.signer("beta"), _body())
+    with pytest.raises(Unauthenticated, match="not for task 'task-2'"):
+        verify_receipt(audit_pki.verifier(), v1, expected_org="beta", task_id="task-2")
+
+
+def test_receipt_of_another_turn_or_state_is_refused(audit_pki) -> None:
+    receipt = _v2(audit_pki.signer("beta"), turn=2, state="input-required")
+    verify_receipt(
+        audit_pki.verifier(), receipt, expected_org="beta", turn=2, state="input-required"
+    )
+    with pytest.raises(Unauthenticated, match="is for turn 2, not for turn 1"):
+        verify_receipt(audit_pki.verifier(), receipt, expected_org="beta", turn=1)
+    with pytest.raises(Unauthenticated, match="says the task is 'input-required'"):
+        verify_receipt(audit_pki.verifier(), receipt, expected_org="beta", state="completed")
+
+
+def test_certificate_validity_is_checked_at_receipt_not_at_the_chosen_signing_time(
+    tmp_path: Path, audit_pki
+) -> None:
+    """Issue 11: an expired gateway certificate cannot sign by backdating signed_at."""
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
+    write_pair(
+        issue_gateway_cert(audit_pki.ca, "beta", days=1, not_before=start),
+        tmp_path / "old.crt",
+        tmp_path / "old.key",
+    )
+    expired = Signer.from_files(tmp_path / "old.crt", tmp_path / "old.key")
+    backdated = int((start + dt.timedelta(hours=1)).timestamp() * 1000)
+    for receipt in (
+        _v2(expired, signed_at_unix_ms=backdated),
+        sign_receipt(expired, dataclasses.replace(_body(), signed_at_unix_ms=backdated)),
+    ):
+        with pytest.raises(Unauthenticated, match="was not valid at"):
+            verify_receipt(audit_pki.verifier(), receipt, expected_org="beta")
+        with pytest.raises(Unauthenticated, match="was not valid at"):
+            verify_provenance_receipt(audit_pki.verifier(), receipt)
+
+
+def test_receipt_signed_after_it_was_received_is_refused(audit_pki) -> None:
+    future = now_unix_ms() + 3_600_000
+    receipt = _v2(audit_pki.signer("beta"), signed_at_unix_ms=future)
+    with pytest.raises(Unauthenticated, match="ms after it was received"):
+        verify_receipt(audit_pki.verifier(), receipt, expected_org="beta")
+
+
+def test_provenance_receipt_is_checked_against_the_org_it_names(audit_pki) -> None:
+    alpha = audit_pki.signer("alpha")
+    body = _v2(audit_pki.signer("beta")).body
+    forged = SignedReceipt(body, alpha.cert_der, alpha.sign(body.signed_bytes()))
+    with pytest.raises(PermissionDenied, match="signed by organization 'alpha', expected 'beta'"):
+        verify_provenance_receipt(audit_pki.verifier(), forged)
+    rogue = Signer.from_files(audit_pki.directory / "rogue.crt", audit_pki.directory / "rogue.key")
+    with pytest.raises(Unauthenticated, match="not issued by the federation CA"):
+        verify_provenance_receipt(audit_pki.verifier(), _v2(rogue))
+
+
+def test_v2_receipt_under_canonical_version_1_verifies(audit_pki) -> None:
+    receipt = _v2(audit_pki.signer("beta"), canonical=1)
+    assert receipt.body.signed_bytes() == canonical_bytes(receipt.body.to_json(), 1)
+    verify_receipt(audit_pki.verifier(), receipt, expected_org="beta", released_output=OUTPUT)
+
+
+def test_precomputed_output_bytes_give_the_same_commitment(audit_pki) -> None:
+    salt = bytes(range(32))
+    receipt = _v2(audit_pki.signer("beta"), salt=salt, encoded_output=canonical_bytes(OUTPUT))
+    assert receipt.body.result_commitment == commit_result(salt, OUTPUT)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"type": "fedgate/receipt/v9"}, "receipt type 'fedgate/receipt/v9' is unknown"),
+        ({"canonical": 3}, "canonical JSON version 3 is unknown"),
+        ({"state": "working"}, "state 'working' is not one a receipt ends"),
+        ({"chain_head": "xyz"}, "chain_head must be 64 lowercase hex digits"),
+        ({"result_commitment": "sha256:" + "0" * 64}, "result_commitment must be"),
+        ({"turn": -1}, r"'turn' must be between 0 and 2\*\*53 - 1"),
+        ({"salt": "AAAA"}, "the salt is 32 bytes, got 3"),
+    ],
+)
+def test_malformed_v2_receipt_json_is_invalid_argument(
+    audit_pki, change: dict[str, object], message: str
+) -> None:
+    data = {**_v2(audit_pki.signer("beta")).to_json(), **change}
+    with pytest.raises(InvalidArgument, match=message):
+        SignedReceipt.from_json(data)
+
+
+def test_v1_receipt_with_a_salt_is_invalid(audit_pki) -> None:
+    data = {**sign_receipt(audit_pki.signer("beta"), _body()).to_json(), "salt": "AA=="}
+    with pytest.raises(InvalidArgument, match="version 1 receipt has no salt"):
+        SignedReceipt.from_json(data)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"state": "failed"}, "ends a turn in state completed or input-required"),
+        ({"turn": -1}, "turn must be a non-negative integer"),
+        ({"chain_head": "short"}, "chain position must be"),
+        ({"canonical": 7}, "canonical JSON version 7 is unknown"),
+        ({"salt": b"short"}, "a receipt salt is 32 bytes"),
+    ],
+)
+def test_sign_result_refuses_what_it_cannot_sign(
+    audit_pki, fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        _v2(audit_pki.signer("beta"), **fields)
+
+
+# -- checkpoints: online checks ----------------------------------------------------------------
+
+
+def test_checkpoint_of_another_org_than_expected_is_refused(audit_pki) -> None:
+    checkpoint = sign_checkpoint(audit_pki.signer("alpha"), 3, HEAD)
+    verify_checkpoint(audit_pki.verifier(), checkpoint, expected_org="alpha")
+    with pytest.raises(PermissionDenied, match="checkpoint of organization 'alpha', expected"):
+        verify_checkpoint(audit_pki.verifier(), checkpoint, expected_org="beta")
+
+
+def test_checkpoint_certificate_is_checked_when_received(tmp_path: Path, audit_pki) -> None:
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
+    write_pair(
+        issue_gateway_cert(audit_pki.ca, "alpha", days=1, not_before=start),
+        tmp_path / "old.crt",
+        tmp_path / "old.key",
+    )
+    expired = Signer.from_files(tmp_path / "old.crt", tmp_path / "old.key")
+    backdated = int((start + dt.timedelta(hours=1)).timestamp() * 1000)
+    checkpoint = sign_checkpoint(expired, 3, HEAD, signed_at_unix_ms=backdated)
+    with pytest.raises(Unauthenticated, match="was not valid at"):
+        verify_checkpoint(audit_pki.verifier(), checkpoint)
+    verify_checkpoint(audit_pki.verifier(), checkpoint, received_at_unix_ms=backdated)
+
+
+@pytest.mark.parametrize(
+    "change", [{"head_hash": "AB" * 32}, {"sequence": -1}, {"sequence": 2**60}, {"org": "Alpha"}]
+)
+def test_malformed_checkpoint_is_refused_before_its_signature(
+    audit_pki, change: dict[str, object]
+) -> None:
+    checkpoint = dataclasses.replace(sign_checkpoint(audit_pki.signer("alpha"), 3, HEAD), **change)
+    with pytest.raises(Unauthenticated, match="malformed checkpoint"):
+        verify_checkpoint(audit_pki.verifier(), checkpoint)
+
+
+def test_sign_checkpoint_refuses_a_malformed_head(audit_pki) -> None:
+    with pytest.raises(InvalidArgument, match="64-hex-digit head hash"):
+        sign_checkpoint(audit_pki.signer("alpha"), 3, "not a hash")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x64gate/v1/fedgate.proto\x12\nfedgate.v1\x1a\x1cgoogle/protobuf/struct.proto\"H\n\x0b\x46ieldAction\x12\x0c\n\x04path\x18\x01 \x01(\t\x12+\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1b.fedgate.v1.FieldActionKind\"\x89\x01\n\x05Skill\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\routput_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"o\n\tAgentCard\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12!\n\x06skills\x18\x04 \x03(\x0b\x32\x11.fedgate.v1.Skill\x12\x0f\n\x07version\x18\x05 \x01(\t\"\xf2\x02\n\x0bTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\ntarget_org\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\r\n\x05skill\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nsender_org\x18\x06 \x01(\t\x12\x11\n\trequester\x18\x07 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x08 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x34\n\x13input_field_actions\x18\n \x03(\x0b\x32\x17.fedgate.v1.FieldAction\x12\x12\n\ndelegation\x18\x0b \x01(\t\x12\x16\n\x0eparent_task_id\x18\x0c \x01(\t\x12\x0f\n\x07purpose\x18\r \x01(\t\x12\r\n\x05roles\x18\x0e \x03(\t\x12\x0e\n\x06resume\x18\x14 \x01(\x08\x12\x0c\n\x04turn\x18\x15 \x01(\x05\"*\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf2\x01\n\x07Receipt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\rresponder_org\x18\x02 \x01(\t\x12\x15\n\rresult_digest\x18\x03 \x01(\x0c\x12\x16\n\x0ewithheld_paths\x18\x04 \x03(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x19\n\x11signed_at_unix_ms\x18\x06 \x01(\x03\x12\x1a\n\x12signer_certificate\x18\x07 \x01(\x0c\x12\x11\n\tsignature\x18\x08 \x01(\x0c\x12.\n\rfield_actions\x18\t \x03(\x0b\x32\x17.fedgate.v1.FieldAction\"\xce\x02\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.fedgate.v1.TaskState\x12\'\n\x06output\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\rfield_actions\x18\x04 \x03(\x0b\x32\x17.fedgate.v1.FieldAction\x12$\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x15.fedgate.v1.TaskError\x12$\n\x07receipt\x18\x06 \x01(\x0b\x32\x13.fedgate.v1.Receipt\x12\x15\n\rresponder_org\x18\x07 \x01(\t\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\x12\'\n\nprovenance\x18\t \x03(\x0b\x32\x13.fedgate.v1.Receipt\x12\x0c\n\x04turn\x18\x14 \x01(\x05\"|\n\nTaskUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.fedgate.v1.TaskState\x12\x0f\n\x07message\x18\x03 \x01(\t\x12&\n\x06result\x18\x04 \x01(\x0b\x32\x16.fedgate.v1.TaskResult\"\x13\n\x11ListAgentsRequest\";\n\x12ListAgentsResponse\x12%\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x15.fedgate.v1.AgentCard\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\":\n\x12\x43\x61ncelTaskResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.fedgate.v1.TaskState\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x8e\x01\n\x10SignedCheckpoint\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x11\n\thead_hash\x18\x03 \x01(\t\x12\x19\n\x11signed_at_unix_ms\x18\x04 \x01(\x03\x12\x1a\n\x12signer_certificate\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"Z\n\x0eRegisterAgents\x12$\n\x05\x63\x61rds\x18\x01 \x03(\x0b\x32\x15.fedgate.v1.AgentCard\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\")\n\nRegistered\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x0e\n\x06\x61gents\x18\x02 \x03(\t\"Q\n\x0eTaskAssignment\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.fedgate.v1.TaskRequest\x12\x15\n\rrequester_org\x18\x02 \x01(\t\"3\n\x10\x43\x61ncelAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"p\n\x0c\x41gentMessage\x12.\n\x08register\x18\x01 \x01(\x0b\x32\x1a.fedgate.v1.RegisterAgentsH\x00\x12(\n\x06update\x18\x02 \x01(\x0b\x32\x16.fedgate.v1.TaskUpdateH\x00\x42\x06\n\x04kind\"\xa2\x01\n\x0eGatewayMessage\x12,\n\nregistered\x18\x01 \x01(\x0b\x32\x16.fedgate.v1.RegisteredH\x00\x12*\n\x04task\x18\x02 \x01(\x0b\x32\x1a.fedgate.v1.TaskAssignmentH\x00\x12.\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1c.fedgate.v1.CancelAssignmentH\x00\x42\x06\n\x04kind\"a\n\x0e\x43onnectedAgent\x12#\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x15.fedgate.v1.AgentCard\x12\x11\n\tinstances\x18\x02 \x01(\x05\x12\x17\n\x0ftasks_in_flight\x18\x03 \x01(\x05\"I\n\x1bListConnectedAgentsResponse\x12*\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1a.fedgate.v1.ConnectedAgent\"\x12\n\x10ListPeersRequest\"\x94\x01\n\nPeerStatus\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07\x63ircuit\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x1c\n\x14\x63onsecutive_failures\x18\x06 \x01(\x03\x12\x11\n\tin_flight\x18\x07 \x01(\x03\":\n\x11ListPeersResponse\x12%\n\x05peers\x18\x01 \x03(\x0b\x32\x16.fedgate.v1.PeerStatus*\xf9\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14TASK_STATE_SUBMITTED\x10\x01\x12\x16\n\x12TASK_STATE_WORKING\x10\x02\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x17\n\x13TASK_STATE_CANCELED\x10\x05\x12\x1d\n\x19TASK_STATE_INPUT_REQUIRED\x10\x06\x12\x17\n\x13TASK_STATE_REJECTED\x10\x07\x12\x1c\n\x18TASK_STATE_AUTH_REQUIRED\x10\x08*\xba\x01\n\x0f\x46ieldActionKind\x12!\n\x1d\x46IELD_ACTION_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x46IELD_ACTION_KIND_WITHHELD\x10\x01\x12\x1c\n\x18\x46IELD_ACTION_KIND_MASKED\x10\x02\x12#\n\x1f\x46IELD_ACTION_KIND_PSEUDONYMIZED\x10\x03\x12!\n\x1d\x46IELD_ACTION_KIND_GENERALIZED\x10\x04\x32\xb7\x03\n\nFederation\x12K\n\nListAgents\x12\x1d.fedgate.v1.ListAgentsRequest\x1a\x1e.fedgate.v1.ListAgentsResponse\x12=\n\nSubmitTask\x12\x17.fedgate.v1.TaskRequest\x1a\x16.fedgate.v1.TaskResult\x12?\n\nStreamTask\x12\x17.fedgate.v1.TaskRequest\x1a\x16.fedgate.v1.TaskUpdate0\x01\x12K\n\nCancelTask\x12\x1d.fedgate.v1.CancelTaskRequest\x1a\x1e.fedgate.v1.CancelTaskResponse\x12=\n\x07GetTask\x12\x1a.fedgate.v1.GetTaskRequest\x1a\x16.fedgate.v1.TaskResult\x12P\n\x12\x45xchangeCheckpoint\x12\x1c.fedgate.v1.SignedCheckpoint\x1a\x1c.fedgate.v1.SignedCheckpoint2\x87\x04\n\x0bParticipant\x12\x43\n\x07\x43onnect\x12\x18.fedgate.v1.AgentMessage\x1a\x1a.fedgate.v1.GatewayMessage(\x01\x30\x01\x12=\n\nSubmitTask\x12\x17.fedgate.v1.TaskRequest\x1a\x16.fedgate.v1.TaskResult\x12?\n\nStreamTask\x12\x17.fedgate.v1.TaskRequest\x1a\x16.fedgate.v1.TaskUpdate0\x01\x12K\n\nCancelTask\x12\x1d.fedgate.v1.CancelTaskRequest\x1a\x1e.fedgate.v1.CancelTaskResponse\x12=\n\x07GetTask\x12\x1a.fedgate.v1.GetTaskRequest\x1a\x16.fedgate.v1.TaskResult\x12]\n\x13ListConnectedAgents\x12\x1d.fedgate.v1.ListAgentsRequest\x1a\'.fedgate.v1.ListConnectedAgentsResponse\x12H\n\tListPeers\x12\x1c.fedgate.v1.ListPeersRequest\x1a\x1d.fedgate.v1.ListPeersResponseB:\n\x0e\x64\x65v.fedgate.v1P\x01Z&fedgate.dev/proto/fedgate/v1;fedgatev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x64gate/v1/fedgate.proto\x12\nfedgate.v1\x1a\x1cgoogle/protobuf/struct.proto\"H\n\x0b\x46ieldAction\x12\x0c\n\x04path\x18\x01 \x01(\t\x12+\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1b.fedgate.v1.FieldActionKind\"\x89\x01\n\x05Skill\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\routput_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"o\n\tAgentCard\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12!\n\x06skills\x18\x04 \x03(\x0b\x32\x11.fedgate.v1.Skill\x12\x0f\n\x07version\x18\x05 \x01(\t\"\xf2\x02\n\x0bTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\ntarget_org\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\r\n\x05skill\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nsender_org\x18\x06 \x01(\t\x12\x11\n\trequester\x18\x07 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x08 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x34\n\x13input_field_actions\x18\n \x03(\x0b\x32\x17.fedgate.v1.FieldAction\x12\x12\n\ndelegation\x18\x0b \x01(\t\x12\x16\n\x0eparent_task_id\x18\x0c \x01(\t\x12\x0f\n\x07purpose\x18\r \x01(\t\x12\r\n\x05roles\x18\x0e \x03(\t\x12\x0e\n\x06resume\x18\x14 \x01(\x08\x12\x0c\n\x04turn\x18\x15 \x01(\x05\"*\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x95\x03\n\x07Receipt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\rresponder_org\x18\x02 \x01(\t\x12\x19\n\rresult_digest\x18\x03 \x01(\x0c\x42\x02\x18\x01\x12\x16\n\x0ewithheld_paths\x18\x04 \x03(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x19\n\x11signed_at_unix_ms\x18\x06 \x01(\x03\x12\x1a\n\x12signer_certificate\x18\x07 \x01(\x0c\x12\x11\n\tsignature\x18\x08 \x01(\x0c\x12.\n\rfield_actions\x18\t \x03(\x0b\x32\x17.fedgate.v1.FieldAction\x12\x0f\n\x07version\x18\n \x01(\x05\x12\x11\n\tcanonical\x18\x0b \x01(\x05\x12\x19\n\x11result_commitment\x18\x0c \x01(\t\x12$\n\x05state\x18\r \x01(\x0e\x32\x15.fedgate.v1.TaskState\x12\x0c\n\x04turn\x18\x0e \x01(\x05\x12\x16\n\x0e\x63hain_sequence\x18\x0f \x01(\x03\x12\x12\n\nchain_head\x18\x10 \x01(\t\"\xa0\x03\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.fedgate.v1.TaskState\x12\'\n\x06output\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\rfield_actions\x18\x04 \x03(\x0b\x32\x17.fedgate.v1.FieldAction\x12$\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x15.fedgate.v1.TaskError\x12$\n\x07receipt\x18\x06 \x01(\x0b\x32\x13.fedgate.v1.Receipt\x12\x15\n\rresponder_org\x18\x07 \x01(\t\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\x12\'\n\nprovenance\x18\t \x03(\x0b\x32\x13.fedgate.v1.Receipt\x12\x14\n\x0creceipt_salt\x18\n \x01(\x0c\x12:\n\x14responder_checkpoint\x18\x0b \x01(\x0b\x32\x1c.fedgate.v1.SignedCheckpoint\x12\x0c\n\x04turn\x18\x14 \x01(\x05\"|\n\nTaskUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.fedgate.v1.TaskState\x12\x0f\n\x07message\x18\x03 \x01(\t\x12&\n\x06result\x18\x04 \x01(\x0b\x32\x16.fedgate.v1.TaskResult\"\x13\n\x11ListAgentsRequest\";\n\x12ListAgentsResponse\x12%\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x15.fedgate.v1.AgentCard\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\":\n\x12\x43\x61ncelTaskResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.fedgate.v1.TaskState\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x8e\x01\n\x10SignedCheckpoint\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x11\n\thead_hash\x18\x03 \x01(\t\x12\x19\n\x11signed_at_unix_ms\x18\x04 \x01(\x03\x12\x1a\n\x12signer_certificate\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"Z\n\x0eRegisterAgents\x12$\n\x05\x63\x61rds\x18\x01 \x03(\x0b\x32\x15.fedgate.v1.AgentCard\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\")\n\nRegistered\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x0e\n\x06\x61gents\x18\x02 \x03(\t\"Q\n\x0eTaskAssignment\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.fedgate.v1.TaskRequest\x12\x15\n\rrequester_org\x18\x02 \x01(\t\"3\n\x10\x43\x61ncelAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"p\n\x0c\x41gentMessage\x12.\n\x08register\x18\x01 \x01(\x0b\x32\x1a.fedgate.v1.RegisterAgentsH\x00\x12(\n\x06update\x18\x02 \x01(\x0b\x32\x16.fedgate.v1.TaskUpdateH\x00\x42\x06\n\x04kind\"\xa2\x01\n\x0eGatewayMessage\x12,\n\nregistered\x18\x01 \x01(\x0b\x32\x16.fedgate.v1.RegisteredH\x00\x12*\n\x04task\x18\x02 \x01(\x0b\x32\x1a.fedgate.v1.TaskAssignmentH\x00\x12.\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1c.fedgate.v1.CancelAssignmentH\x00\x42\x06\n\x04kind\"a\n\x0e\x43onnectedAgent\x12#\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x15.fedgate.v1.AgentCard\x12\x11\n\tinstances\x18\x02 \x01(\x05\x12\x17\n\x0ftasks_in_flight\x18\x03 \x01(\x05\"I\n\x1bListConnectedAgentsResponse\x12*\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1a.fedgate.v1.ConnectedAgent\"\x12\n\x10ListPeersRequest\"\x94\x01\n\nPeerStatus\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07\x63ircuit\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x1c\n\x14\x63onsecutive_failures\x18\x06 \x01(\x03\x12\x11\n\tin_flight\x18\x07 \x01(\x03\":\n\x11ListPeersResponse\x12%\n\x05peers\x18\x01 \x03(\x0b\x32\x16.fedgate.v1.PeerStatus*\xf9\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14TASK_STATE_SUBMITTED\x10\x01\x12\x16\n\x12TASK_STATE_WORKING\x10\x02\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x17\n\x13TASK_STATE_CANCELED\x10\x05\x12\x1d\n\x19TASK_STATE_INPUT_REQUIRED\x10\x06\x12\x17\n\x13TASK_STATE_REJECTED\x10\x07\x12\x1c\n\x18TASK_STATE_AUTH_REQUIRED\x10\x08*\xba\x01\n\x0f\x46ieldActionKind\x12!\n\x1d\x46IELD_ACTION_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x46IELD_ACTION_KIND_WITHHELD\x10\x01\x12\x1c\n\x18\x46IELD_ACTION_KIND_MASKED\x10\x02\x12#\n\x1f\x46IELD_ACTION_KIND_PSEUDONYMIZED\x10\x03\x12!\n\x1d\x46IELD_ACTION_KIND_GENERALIZED\x10\x04\x32\xb7\x03\n\nFederation\x12K\n\nListAgents\x12\x1d.fedgate.v1.ListAgentsRequest\x1a\x1e.fedgate.v1.ListAgentsResponse\x12=\n\nSubmitTask\x12\x17.fedgate.v1.TaskRequest\x1a\x16.fedgate.v1.TaskResult\x12?\n\nStreamTask\x12\x17.fedgate.v1.TaskRequest\x1a\x16.fedgate.v1.TaskUpdate0\x01\x12K\n\nCancelTask\x12\x1d.fedgate.v1.CancelTaskRequest\x1a\x1e.fedgate.v1.CancelTaskResponse\x12=\n\x07GetTask\x12\x1a.fedgate.v1.GetTaskRequest\x1a\x16.fedgate.v1.TaskResult\x12P\n\x12\x45xchangeCheckpoint\x12\x1c.fedgate.v1.SignedCheckpoint\x1a\x1c.fedgate.v1.SignedCheckpoint2\x87\x04\n\x0bParticipant\x12\x43\n\x07\x43onnect\x12\x18.fedgate.v1.AgentMessage\x1a\x1a.fedgate.v1.GatewayMessage(\x01\x30\x01\x12=\n\nSubmitTask\x12\x17.fedgate.v1.TaskRequest\x1a\x16.fedgate.v1.TaskResult\x12?\n\nStreamTask\x12\x17.fedgate.v1.TaskRequest\x1a\x16.fedgate.v1.TaskUpdate0\x01\x12K\n\nCancelTask\x12\x1d.fedgate.v1.CancelTaskRequest\x1a\x1e.fedgate.v1.CancelTaskResponse\x12=\n\x07GetTask\x12\x1a.fedgate.v1.GetTaskRequest\x1a\x16.fedgate.v1.TaskResult\x12]\n\x13ListConnectedAgents\x12\x1d.fedgate.v1.ListAgentsRequest\x1a\'.fedgate.v1.ListConnectedAgentsResponse\x12H\n\tListPeers\x12\x1c.fedgate.v1.ListPeersRequest\x1a\x1d.fedgate.v1.ListPeersResponseB:\n\x0e\x64\x65v.fedgate.v1P\x01Z&fedgate.dev/proto/fedgate/v1;fedgatev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedgate.v1.fedgate_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.fedgate.v1P\001Z&fedgate.dev/proto/fedgate/v1;fedgatev1'
-  _globals['_TASKSTATE']._serialized_start=2854
-  _globals['_TASKSTATE']._serialized_end=3103
-  _globals['_FIELDACTIONKIND']._serialized_start=3106
-  _globals['_FIELDACTIONKIND']._serialized_end=3292
+  _globals['_RECEIPT'].fields_by_name['result_digest']._loaded_options = None
+  _globals['_RECEIPT'].fields_by_name['result_digest']._serialized_options = b'\030\001'
+  _globals['_TASKSTATE']._serialized_start=3099
+  _globals['_TASKSTATE']._serialized_end=3348
+  _globals['_FIELDACTIONKIND']._serialized_start=3351
+  _globals['_FIELDACTIONKIND']._serialized_end=3537
   _globals['_FIELDACTION']._serialized_start=70
   _globals['_FIELDACTION']._serialized_end=142
   _globals['_SKILL']._serialized_start=145
@@ -48,47 +50,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKERROR']._serialized_start=770
   _globals['_TASKERROR']._serialized_end=812
   _globals['_RECEIPT']._serialized_start=815
-  _globals['_RECEIPT']._serialized_end=1057
-  _globals['_TASKRESULT']._serialized_start=1060
-  _globals['_TASKRESULT']._serialized_end=1394
-  _globals['_TASKUPDATE']._serialized_start=1396
-  _globals['_TASKUPDATE']._serialized_end=1520
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1522
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1541
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1543
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1602
-  _globals['_CANCELTASKREQUEST']._serialized_start=1604
-  _globals['_CANCELTASKREQUEST']._serialized_end=1656
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1658
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1716
-  _globals['_GETTASKREQUEST']._serialized_start=1718
-  _globals['_GETTASKREQUEST']._serialized_end=1751
-  _globals['_SIGNEDCHECKPOINT']._serialized_start=1754
-  _globals['_SIGNEDCHECKPOINT']._serialized_end=1896
-  _globals['_REGISTERAGENTS']._serialized_start=1898
-  _globals['_REGISTERAGENTS']._serialized_end=1988
-  _globals['_REGISTERED']._serialized_start=1990
-  _globals['_REGISTERED']._serialized_end=2031
-  _globals['_TASKASSIGNMENT']._serialized_start=2033
-  _globals['_TASKASSIGNMENT']._serialized_end=2114
-  _globals['_CANCELASSIGNMENT']._serialized_start=2116
-  _globals['_CANCELASSIGNMENT']._serialized_end=2167
-  _globals['_AGENTMESSAGE']._serialized_start=2169
-  _globals['_AGENTMESSAGE']._serialized_end=2281
-  _globals['_GATEWAYMESSAGE']._serialized_start=2284
-  _globals['_GATEWAYMESSAGE']._serialized_end=2446
-  _globals['_CONNECTEDAGENT']._serialized_start=2448
-  _globals['_CONNECTEDAGENT']._serialized_end=2545
-  _globals['_LISTCONNECTEDAGENTSRESPONSE']._serialized_start=2547
-  _globals['_LISTCONNECTEDAGENTSRESPONSE']._serialized_end=2620
-  _globals['_LISTPEERSREQUEST']._serialized_start=2622
-  _globals['_LISTPEERSREQUEST']._serialized_end=2640
-  _globals['_PEERSTATUS']._serialized_start=2643
-  _globals['_PEERSTATUS']._serialized_end=2791
-  _globals['_LISTPEERSRESPONSE']._serialized_start=2793
-  _globals['_LISTPEERSRESPONSE']._serialized_end=2851
-  _globals['_FEDERATION']._serialized_start=3295
-  _globals['_FEDERATION']._serialized_end=3734
-  _globals['_PARTICIPANT']._serialized_start=3737
-  _globals['_PARTICIPANT']._serialized_end=4256
+  _globals['_RECEIPT']._serialized_end=1220
+  _globals['_TASKRESULT']._serialized_start=1223
+  _globals['_TASKRESULT']._serialized_end=1639
+  _globals['_TASKUPDATE']._serialized_start=1641
+  _globals['_TASKUPDATE']._serialized_end=1765
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1767
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1786
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1788
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1847
+  _globals['_CANCELTASKREQUEST']._serialized_start=1849
+  _globals['_CANCELTASKREQUEST']._serialized_end=1901
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1903
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1961
+  _globals['_GETTASKREQUEST']._serialized_start=1963
+  _globals['_GETTASKREQUEST']._serialized_end=1996
+  _globals['_SIGNEDCHECKPOINT']._serialized_start=1999
+  _globals['_SIGNEDCHECKPOINT']._serialized_end=2141
+  _globals['_REGISTERAGENTS']._serialized_start=2143
+  _globals['_REGISTERAGENTS']._serialized_end=2233
+  _globals['_REGISTERED']._serialized_start=2235
+  _globals['_REGISTERED']._serialized_end=2276
+  _globals['_TASKASSIGNMENT']._serialized_start=2278
+  _globals['_TASKASSIGNMENT']._serialized_end=2359
+  _globals['_CANCELASSIGNMENT']._serialized_start=2361
+  _globals['_CANCELASSIGNMENT']._serialized_end=2412
+  _globals['_AGENTMESSAGE']._serialized_start=2414
+  _globals['_AGENTMESSAGE']._serialized_end=2526
+  _globals['_GATEWAYMESSAGE']._serialized_start=2529
+  _globals['_GATEWAYMESSAGE']._serialized_end=2691
+  _globals['_CONNECTEDAGENT']._serialized_start=2693
+  _globals['_CONNECTEDAGENT']._serialized_end=2790
+  _globals['_LISTCONNECTEDAGENTSRESPONSE']._serialized_start=2792
+  _globals['_LISTCONNECTEDAGENTSRESPONSE']._serialized_end=2865
+  _globals['_LISTPEERSREQUEST']._serialized_start=2867
+  _globals['_LISTPEERSREQUEST']._serialized_end=2885
+  _globals['_PEERSTATUS']._serialized_start=2888
+  _globals['_PEERSTATUS']._serialized_end=3036
+  _globals['_LISTPEERSRESPONSE']._serialized_start=3038
+  _globals['_LISTPEERSRESPONSE']._serialized_end=3096
+  _globals['_FEDERATION']._serialized_start=3540
+  _globals['_FEDERATION']._serialized_end=3979
+  _globals['_PARTICIPANT']._serialized_start=3982
+  _globals['_PARTICIPANT']._serialized_end=4501
 # @@protoc_insertion_point(module_scope)

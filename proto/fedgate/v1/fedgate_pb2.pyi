@@ -121,7 +121,7 @@ class TaskError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Receipt(_message.Message):
-    __slots__ = ("task_id", "responder_org", "result_digest", "withheld_paths", "policy_version", "signed_at_unix_ms", "signer_certificate", "signature", "field_actions")
+    __slots__ = ("task_id", "responder_org", "result_digest", "withheld_paths", "policy_version", "signed_at_unix_ms", "signer_certificate", "signature", "field_actions", "version", "canonical", "result_commitment", "state", "turn", "chain_sequence", "chain_head")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RESPONDER_ORG_FIELD_NUMBER: _ClassVar[int]
     RESULT_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,13 @@ class Receipt(_message.Message):
     SIGNER_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     FIELD_ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANONICAL_FIELD_NUMBER: _ClassVar[int]
+    RESULT_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_HEAD_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     responder_org: str
     result_digest: bytes
@@ -140,10 +147,17 @@ class Receipt(_message.Message):
     signer_certificate: bytes
     signature: bytes
     field_actions: _containers.RepeatedCompositeFieldContainer[FieldAction]
-    def __init__(self, task_id: _Optional[str] = ..., responder_org: _Optional[str] = ..., result_digest: _Optional[bytes] = ..., withheld_paths: _Optional[_Iterable[str]] = ..., policy_version: _Optional[str] = ..., signed_at_unix_ms: _Optional[int] = ..., signer_certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., field_actions: _Optional[_Iterable[_Union[FieldAction, _Mapping]]] = ...) -> None: ...
+    version: int
+    canonical: int
+    result_commitment: str
+    state: TaskState
+    turn: int
+    chain_sequence: int
+    chain_head: str
+    def __init__(self, task_id: _Optional[str] = ..., responder_org: _Optional[str] = ..., result_digest: _Optional[bytes] = ..., withheld_paths: _Optional[_Iterable[str]] = ..., policy_version: _Optional[str] = ..., signed_at_unix_ms: _Optional[int] = ..., signer_certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., field_actions: _Optional[_Iterable[_Union[FieldAction, _Mapping]]] = ..., version: _Optional[int] = ..., canonical: _Optional[int] = ..., result_commitment: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., turn: _Optional[int] = ..., chain_sequence: _Optional[int] = ..., chain_head: _Optional[str] = ...) -> None: ...
 
 class TaskResult(_message.Message):
-    __slots__ = ("task_id", "state", "output", "field_actions", "error", "receipt", "responder_org", "policy_version", "provenance", "turn")
+    __slots__ = ("task_id", "state", "output", "field_actions", "error", "receipt", "responder_org", "policy_version", "provenance", "receipt_salt", "responder_checkpoint", "turn")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +167,8 @@ class TaskResult(_message.Message):
     RESPONDER_ORG_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_SALT_FIELD_NUMBER: _ClassVar[int]
+    RESPONDER_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     TURN_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     state: TaskState
@@ -163,8 +179,10 @@ class TaskResult(_message.Message):
     responder_org: str
     policy_version: str
     provenance: _containers.RepeatedCompositeFieldContainer[Receipt]
+    receipt_salt: bytes
+    responder_checkpoint: SignedCheckpoint
     turn: int
-    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., output: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., field_actions: _Optional[_Iterable[_Union[FieldAction, _Mapping]]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ..., responder_org: _Optional[str] = ..., policy_version: _Optional[str] = ..., provenance: _Optional[_Iterable[_Union[Receipt, _Mapping]]] = ..., turn: _Optional[int] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., output: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., field_actions: _Optional[_Iterable[_Union[FieldAction, _Mapping]]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ..., responder_org: _Optional[str] = ..., policy_version: _Optional[str] = ..., provenance: _Optional[_Iterable[_Union[Receipt, _Mapping]]] = ..., receipt_salt: _Optional[bytes] = ..., responder_checkpoint: _Optional[_Union[SignedCheckpoint, _Mapping]] = ..., turn: _Optional[int] = ...) -> None: ...
 
 class TaskUpdate(_message.Message):
     __slots__ = ("task_id", "state", "message", "result")
