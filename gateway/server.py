@@ -25,6 +25,7 @@ from gateway.identity.delegation import DelegationVerifier
 from gateway.identity.signing import Signer, Verifier
 from gateway.identity.tls import ReloadingTls, TlsFiles, TlsMaterial
 from gateway.identity.tokens import token_authority
+from gateway.payload import load_or_create_digest_key
 from gateway.peers import PeerRegistry
 from gateway.policy.engine import PolicyHolder, load_or_create_pseudonym_key, load_policy
 from gateway.policy.keys import load_pseudonym_keys
@@ -100,6 +101,7 @@ class Gateway:
             verifier=verifier,
             limits=Limits(config.limits.max_payload_depth, config.limits.max_payload_fields),
             store_payloads=config.audit.store_payloads,
+            digest_key=load_or_create_digest_key(config.data_dir),
         )
         self.health = (
             health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -121,7 +123,14 @@ class Gateway:
         add_servicer(
             self._federation,
             "Federation",
-            FederationServicer(config, self.router, self.tls, self.limiter, self.delegations),
+            FederationServicer(
+                config,
+                self.router,
+                self.tls,
+                self.limiter,
+                self.delegations,
+                own_head=self.router.steps.own_head,
+            ),
         )
         add_servicer(
             self._participant,

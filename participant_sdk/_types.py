@@ -50,7 +50,11 @@ class TaskResult:
     @classmethod
     def from_pb(cls, message: pb.TaskResult) -> TaskResult:
         error = message.error if message.HasField("error") else None
-        receipt = receipt_json(message.receipt) if message.HasField("receipt") else None
+        receipt = (
+            receipt_json(message.receipt, salt=message.receipt_salt)
+            if message.HasField("receipt")
+            else None
+        )
         return cls(
             task_id=message.task_id,
             state=state_name(message.state),

@@ -177,6 +177,7 @@ class AuditStore(ABC):
         self._queue: asyncio.Queue[_Step | None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._head: tuple[int, str] | None = None  # (sequence, hash) of the last committed record
+        self._last_head: tuple[int, str] = (0, GENESIS_HASH)  # the same, kept across a failure
         self._last_time_ms = 0
         self._healthy = True
         self._closed = False
@@ -192,9 +193,11 @@ class AuditStore(ABC):
         self._start_writer()
         try:
             await self._run(self._open)
+            self._head = await self._run(self._read_head)
         except Exception as exc:
             self._healthy = False
             raise _unavailable(_cause(exc)) from None
+        self._last_head = self._head
 
     def _start_writer(self) -> None:
         if self._writer is None:
@@ -251,6 +254,12 @@ class AuditStore(ABC):
             self._writer = None
             self._queue = None
         await self._release()
+
+    @property
+    def committed_head(self) -> tuple[int, str]:
+        """(sequence, hash) of the last record committed by this process (or read at start):
+        what a receipt or a delegation statement states as a lower bound of our log."""
+        return self._last_head
 
     @property
     def healthy(self) -> bool:
@@ -461,7 +470,7 @@ class AuditStore(ABC):
 
         records = self._write_step_batch(ops, write_records, time_ms)
         if records:
-            self._head = (records[-1].sequence, records[-1].record_hash)
+            self._head = self._last_head = (records[-1].sequence, records[-1].record_hash)
         outcomes: list[Written] = []
         chained = iter(records)
         for number, (step_events, _) in enumerate(steps):

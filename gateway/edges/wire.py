@@ -251,6 +251,10 @@ def result_to_pb(result: TaskResult) -> pb.TaskResult:
         message.receipt_salt = receipt.salt
     # A provenance Receipt has no salt field, so no salt can leave inside provenance.
     message.provenance.extend(receipt_to_pb(r) for r in result.provenance)
+    if result.checkpoint is not None:
+        message.responder_checkpoint.CopyFrom(
+            checkpoint_to_pb(SignedCheckpoint.from_json(result.checkpoint))
+        )
     return message
 
 
@@ -286,6 +290,11 @@ def result_from_pb(message: pb.TaskResult) -> TaskResult:
         policy_version=message.policy_version,
         provenance=tuple(receipt_from_pb(r) for r in message.provenance),
         turn=max(0, message.turn),
+        checkpoint=(
+            checkpoint_from_pb(message.responder_checkpoint).to_json()
+            if message.HasField("responder_checkpoint")
+            else None
+        ),
     )
 
 

@@ -82,6 +82,7 @@ class Router:
         store_payloads: bool = False,
         max_failovers: int = 2,
         finished_capacity: int = 1_000,
+        digest_key: bytes = b"",
     ) -> None:
         self.org = org
         self.agents = agents
@@ -99,6 +100,7 @@ class Router:
             limits=limits or Limits(),
             store_payloads=store_payloads,
             max_failovers=max_failovers,
+            digest_key=digest_key,
         )
         self.executions = Executions(remember=finished_capacity)
         self.routes = Routes(self.steps, self.executions)

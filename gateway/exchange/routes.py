@@ -31,6 +31,7 @@ from gateway.errors import (
 from gateway.exchange.execution import Execution, Executions, NextTurn
 from gateway.exchange.steps import Steps, Stopped, error_result
 from gateway.exchange.tasks import TaskResult, TaskSpec, TaskState, TaskUpdate
+from gateway.identity.signing import without_salt
 from gateway.policy.engine import Policy
 from gateway.store.task_table import TaskOp, TaskRow
 
@@ -94,12 +95,12 @@ class Routes:
             released, event = s.release(x, policy, result, started)
             await self._close(x, event, s.finish(x, released))
             if released.state.final:
-                return released
+                return await s.with_head(released)
             next_turn = await self._next_turn(x, released)
             if isinstance(next_turn, TaskResult):  # its deadline, or a cancel, came first
                 ended, event = s.release(x, policy, next_turn, started)
                 await self._close(x, event, s.finish(x, ended))
-                return ended
+                return await s.with_head(ended)
             policy, started = next_turn.policy, next_turn.started
             work = s.continue_agent(x, next_turn.spec)
 
@@ -189,7 +190,8 @@ class Routes:
             if parent is not None:
                 parent.children.discard(x.task_id)
         if parent is not None and result.receipt is not None:
-            parent.provenance.extend([result.receipt, *result.provenance])
+            # Without its salt: a provenance receipt never lets anyone check a guess.
+            parent.provenance.extend([without_salt(result.receipt), *result.provenance])
         return result
 
     async def _outbound_turn(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, replace
@@ -44,18 +45,27 @@ from gateway.errors import (
 )
 from gateway.exchange.agents import AgentRegistry
 from gateway.exchange.execution import SHUTDOWN, Claims, Execution
+from gateway.exchange.limits import SignedHeadCache
 from gateway.exchange.refusals import RefusalLog
 from gateway.exchange.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
 from gateway.identity.delegation import issue_delegation
 from gateway.identity.signing import (
-    ReceiptBody,
+    SignedCheckpoint,
     SignedReceipt,
     Signer,
     Verifier,
-    sign_receipt,
+    sign_result,
+    verify_checkpoint,
     verify_receipt,
 )
-from gateway.payload import check_limits, digest
+from gateway.payload import (
+    canonical_bytes,
+    check_limits,
+    digest,
+    hmac_digest,
+    keyed_digest,
+    sha256_digest,
+)
 from gateway.peers import PeerRegistry
 from gateway.policy.engine import FilterResult, Policy, PolicyHolder
 from gateway.store.task_table import Accept, Finish, Forget, TaskOp, TaskRow
@@ -81,11 +91,6 @@ PEER_ERROR_MESSAGES = {
 
 # The states whose result carries output: filtered, recorded and signed before it leaves.
 _CARRY_OUTPUT = frozenset({TaskState.COMPLETED, TaskState.INPUT_REQUIRED, TaskState.AUTH_REQUIRED})
-
-
-def _turn_note(turn: int) -> str:
-    """Where a record of a later turn says which (turn 0 needs no word)."""
-    return f"turn {turn}; " if turn else ""
 
 
 # The status a closing record names for a task that ended without a result, on both sides of
@@ -168,6 +173,7 @@ class Steps:
         store_payloads: bool = False,
         max_failovers: int = 2,
         delegation_ttl: float = 300.0,
+        digest_key: bytes = b"",
     ) -> None:
         self.org = org
         self.store = store
@@ -181,6 +187,11 @@ class Steps:
         self.max_failovers = max_failovers
         self.delegation_ttl = delegation_ttl
         self.refusals = RefusalLog.for_store(store)
+        # The local secret of pre-filter digests (data folder, digest.key): a digest of what a
+        # policy withheld may go into an export, and must not let anyone confirm a guess.
+        self.digest_key = digest_key or secrets.token_bytes(32)
+        # Our signed audit head, for every answer without a receipt (re-signed at most 1/s).
+        self.own_head = SignedHeadCache(store, lambda: self.signer)
 
     # ---- shared ----------------------------------------------------------------------------
 
@@ -273,13 +284,17 @@ class Steps:
             max_fields=self.limits.max_fields,
         )
 
-    @staticmethod
-    def digests(original: dict[str, Any], filtered: FilterResult) -> tuple[str, str]:
-        """Digests of a payload before and after its filter; one, when the filter hid nothing."""
-        before = digest(original)
+    def digests(self, original: dict[str, Any], filtered: FilterResult) -> tuple[str, str, bytes]:
+        """Digests of a payload before (keyed: it may leave in an export, and must not let
+        anyone confirm a guess of what was withheld) and after its filter (plain: the partner
+        holds what left), and the canonical bytes of what left. Each payload is encoded once.
+        """
+        after = canonical_bytes(filtered.output)
         if not filtered.withheld and not filtered.transformed:
-            return before, before  # released unchanged (a property test holds the filter to it)
-        return before, digest(filtered.output)
+            # Released unchanged (a property test holds the filter to it): the same bytes.
+            return hmac_digest(self.digest_key, after), sha256_digest(after), after
+        before = keyed_digest(self.digest_key, original)
+        return before, sha256_digest(after), after
 
     async def until_done(self, x: Execution, work: Awaitable[T]) -> T:
         """Await `work` (a dispatch) until the task's deadline or a cancel.
@@ -366,6 +381,9 @@ class Steps:
             policy_version=decision.policy_version,
             detail=_describe_claims(spec),
             payload=spec.input if self.store_payloads else None,
+            turn=spec.turn,
+            # The requester's signed statement, with its chain position: what we hold of its log.
+            evidence={"delegation": spec.delegation} if spec.delegation else None,
         )
 
     def retry_received(self, spec: TaskSpec, peer_org: str, original_task_id: str) -> AuditEvent:
@@ -511,6 +529,7 @@ class Steps:
                 status=_CLOSING_STATUS.get(code, released.state.value),
                 duration_ms=duration,
                 detail=code if code != "canceled" else f"canceled: {x.cancel_reason[:200]}",
+                turn=x.turn,
             )
         try:
             filtered = self.filter(policy, peer_org, spec, "share", result.output, x.claims)
@@ -526,23 +545,29 @@ class Steps:
                 decision="denied",
                 status=TaskState.FAILED.value,
                 duration_ms=duration,
-                digest_before=digest(result.output) if isinstance(exc, PermissionDenied) else None,
+                digest_before=(
+                    keyed_digest(self.digest_key, result.output)
+                    if isinstance(exc, PermissionDenied)
+                    else None
+                ),
                 detail=f"policy_refused: {exc.message}",
+                turn=x.turn,
             )
         actions = tuple((p, "withheld") for p in filtered.withheld) + filtered.transformed
-        digest_before, released_digest = self.digests(result.output, filtered)
-        receipt = sign_receipt(
+        digest_before, released_digest, encoded = self.digests(result.output, filtered)
+        chain_sequence, chain_head = self.store.committed_head
+        receipt = sign_result(
             self.signer,
-            ReceiptBody(
-                task_id=spec.task_id,
-                responder_org=self.org,
-                result_digest=released_digest,
-                withheld_paths=filtered.withheld,
-                field_actions=filtered.transformed,
-                policy_version=filtered.policy_version,
-                signed_at_unix_ms=int(time.time() * 1000),
-            ),
-        ).to_json()
+            task_id=spec.task_id,
+            encoded_output=encoded,
+            withheld_paths=filtered.withheld,
+            field_actions=filtered.transformed,
+            policy_version=filtered.policy_version,
+            state=result.state.value,
+            turn=x.turn,
+            chain_sequence=chain_sequence,
+            chain_head=chain_head,
+        ).to_json()  # with its salt: kept in our record, and sent beside the receipt
         released = TaskResult(
             spec.task_id,
             result.state,
@@ -569,8 +594,8 @@ class Steps:
             policy_version=filtered.policy_version,
             receipt=receipt,
             payload=result.output if self.store_payloads else None,
-            detail=_turn_note(x.turn)
-            + ("" if x.followed else "kept for collection: no call was following the task"),
+            detail="" if x.followed else "kept for collection: no call was following the task",
+            turn=x.turn,
         )
 
     def _shared_provenance(
@@ -591,6 +616,7 @@ class Steps:
 
     def delegation_for(self, spec: TaskSpec) -> str:
         """The signed statement of who asked, for the target organization only, short-lived."""
+        chain_sequence, chain_head = self.store.committed_head
         return issue_delegation(
             self.signer,
             audience_org=spec.target_org,
@@ -599,6 +625,8 @@ class Steps:
             purpose=spec.purpose,
             task_id=spec.task_id,
             ttl_seconds=self.delegation_ttl,
+            chain_sequence=chain_sequence,  # a signed lower bound of our log, for the partner
+            chain_head=chain_head,
         )
 
     async def admit_outbound(
@@ -635,7 +663,7 @@ class Steps:
         actions: tuple[tuple[str, str], ...],
         started: float,
     ) -> AuditEvent:
-        digest_before, digest_after = self.digests(spec.input, filtered)
+        digest_before, digest_after, _ = self.digests(spec.input, filtered)
         return self.event(
             "request_sent",
             spec,
@@ -650,6 +678,7 @@ class Steps:
             digest_after=digest_after,
             policy_version=filtered.policy_version,
             payload=spec.input if self.store_payloads else None,
+            turn=spec.turn,
         )
 
     async def send_to_peer(
@@ -717,24 +746,23 @@ class Steps:
         peer = spec.target_org
         decision, detail = ("allowed" if result.state in _CARRY_OUTPUT else "error"), ""
         output_digest: str | None = None
+        evidence: dict[str, Any] | None = None
         if result.state in _CARRY_OUTPUT:
             try:
                 if result.receipt is None:
                     raise Unauthenticated("the result carries no receipt")
                 receipt = SignedReceipt.from_json(result.receipt)
-                verify_receipt(self.verifier, receipt, expected_org=peer)
-                if receipt.body.task_id != spec.task_id:
-                    raise Unauthenticated(
-                        f"the receipt names task {receipt.body.task_id[:128]!r}, not "
-                        f"{spec.task_id!r}"
-                    )
+                # Signer (valid now), task, turn, state, and the output it commits to.
+                verify_receipt(
+                    self.verifier,
+                    receipt,
+                    expected_org=peer,
+                    released_output=result.output,
+                    task_id=spec.task_id,
+                    turn=x.turn,
+                    state=result.state.value,
+                )
                 output_digest = digest(result.output)
-                if output_digest != receipt.body.result_digest:
-                    raise Unauthenticated(
-                        f"receipt of task {spec.task_id!r} covers result "
-                        f"{receipt.body.result_digest}, but the output received digests to "
-                        f"{output_digest}: the result was changed after {peer!r} released it"
-                    )
                 check_limits(
                     result.output,
                     max_depth=self.limits.max_depth,
@@ -746,6 +774,8 @@ class Steps:
                 result = error_result(
                     spec.task_id, "receipt_invalid", f"result of {peer!r} refused: {detail}", peer
                 )
+        elif result.checkpoint is not None:
+            evidence = self._checkpoint_evidence(peer, result.checkpoint)
         kind = "result_received" if result.state in _CARRY_OUTPUT else "failed"
         if result.state is TaskState.CANCELED:
             kind = "canceled"
@@ -761,11 +791,41 @@ class Steps:
             transformed=tuple((p, a) for p, a in result.field_actions if a != "withheld"),
             digest_after=output_digest if result.state in _CARRY_OUTPUT else None,
             policy_version=result.policy_version or None,
-            detail=_turn_note(x.turn) + (detail or (result.error.code if result.error else "")),
+            detail=detail or (result.error.code if result.error else ""),
             receipt=result.receipt,
             payload=result.output if self.store_payloads and result.output else None,
+            turn=x.turn,
+            evidence=evidence,
         )
         return replace(result, task_id=spec.task_id, responder_org=peer, turn=x.turn), event
+
+    async def with_head(self, result: TaskResult) -> TaskResult:
+        """An answer without a receipt (failed, canceled) carries our signed audit head: the
+        partner always holds a signed lower bound of our log. Best effort: a store that cannot
+        sign one now does not hold the answer back."""
+        if result.receipt is not None:
+            return result
+        try:
+            head = await self.own_head.current()
+        except FedgateError as exc:
+            log.warning("no signed head for the answer of task %s: %s", result.task_id, exc.message)
+            return result
+        return replace(result, checkpoint=head.to_json())
+
+    def _checkpoint_evidence(self, peer: str, checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+        """A partner's signed head that came with an answer without a receipt, kept as
+        evidence of its log if it verifies as that partner's (else not kept)."""
+        try:
+            signed = SignedCheckpoint.from_json(checkpoint)
+            verify_checkpoint(self.verifier, signed, expected_org=peer)
+        except (FedgateError, ValueError, KeyError, TypeError) as exc:
+            log.warning(
+                "organization %s answered with a checkpoint that does not verify (%s); not kept",
+                peer,
+                getattr(exc, "message", type(exc).__name__),
+            )
+            return None
+        return {"checkpoint": signed.to_json()}
 
     def closing(
         self,

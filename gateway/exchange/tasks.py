@@ -96,6 +96,9 @@ class TaskResult:
     provenance: tuple[dict[str, Any], ...] = ()
     # The turn this result ends (see TaskSpec.turn).
     turn: int = 0
+    # On an answer without a receipt (failed, canceled): the responder's signed audit head
+    # (gateway.identity.signing.SignedCheckpoint in its JSON form), a lower bound of its log.
+    checkpoint: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
