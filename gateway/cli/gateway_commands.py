@@ -130,13 +130,28 @@ rules = "policies/{org}.csv"
 )
 def serve(config_path: str, log_level: str) -> None:
     """Run this organization's gateway until SIGTERM (in-flight tasks get a grace period)."""
+    from gateway.grpc_log import GrpcLogTap
     from gateway.server import serve as run
 
     config = read_config(config_path)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Casbin logs its model and rules at INFO on every (re)load: noise in a gateway's log.
-    logging.getLogger("casbin").setLevel(max(logging.WARNING, logging.getLevelName(log_level)))
-    sys.exit(asyncio.run(run(config)))
+    # grpc's log (fd 2) is read by a thread; Python's own stderr goes straight to the terminal.
+    tap = GrpcLogTap()
+    tap.install()
+    try:
+        logging.basicConfig(
+            level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        # Casbin logs its model and rules at INFO on every (re)load: noise in a gateway's log.
+        logging.getLogger("casbin").setLevel(max(logging.WARNING, logging.getLevelName(log_level)))
+        if not tap.active:
+            logging.getLogger("fedgate.tls").warning(
+                "refused TLS handshakes are not logged: grpc was loaded before `fedgate serve` "
+                "could turn on its handshake trace"
+            )
+        status = asyncio.run(run(config, handshakes=tap.handshakes))
+    finally:
+        tap.close()
+    sys.exit(status)
 
 
 @click.group()
@@ -399,12 +414,19 @@ def policy_reload(config_path: str) -> None:
         config.policy.rules,
         pseudonym_key=load_or_create_pseudonym_key(config.pseudonym_key_path),
     )
-    pid_file = config.data_dir / "fedgate.pid"
-    try:
-        pid = int(pid_file.read_text().strip())
-        os.kill(pid, signal.SIGHUP)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    from gateway.data_folder import running_gateway
+
+    pid = running_gateway(config.data_dir)
+    if pid is None:
         raise ConfigError(
-            f"{pid_file}: no running gateway found: start it with `fedgate serve`"
+            f"{config.data_dir}: no running gateway holds this data folder: start it with "
+            "`fedgate serve`"
+        )
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise ConfigError(
+            f"{config.data_dir}: the gateway (pid {pid}) has just stopped: start it with "
+            "`fedgate serve`"
         ) from None
     click.echo(f"asked gateway (pid {pid}) to reload policy {policy.version}")

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
 from participant_sdk import Agent, Client, RetryPolicy, TaskContext, Unavailable
 from tests.conftest import Pki
-from tests.integration.federation import configs, serving, slow_agent
+from tests.integration.federation import configs, eventually, serving, slow_agent
 from tests.processes import spawn_gateway
 
 
@@ -174,3 +177,209 @@ async def test_agents_and_peers_commands_read_a_running_gateway(tmp_path: Path, 
     )
     _, err = await asyncio.wait_for(down.communicate(), 30)
     assert down.returncode == 2 and "is `fedgate serve` running?" in err.decode()
+
+
+async def _serve_until_exit(config: Path, *, within: float = 60.0) -> tuple[int, str]:
+    """Run `fedgate serve` expecting it to refuse: its exit status and its stderr.
+
+    A gateway that starts serving instead of exiting is killed, and the test fails.
+    """
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "serve",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), within)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        pytest.fail(f"fedgate serve kept running on {config} instead of refusing to start")
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+def _listen_on(config: Path, listener: str, address: str) -> None:
+    """Point the [listener] listen key of a config written by write_gateway_config at address."""
+    text = config.read_text()
+    section = text.index(f"[{listener}]")
+    start = text.index('listen = "127.0.0.1:0"', section)
+    config.write_text(text[:start] + f'listen = "{address}"' + text[start + 22 :])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("listener", ["federation", "participant"])
+async def test_a_port_in_use_is_one_line_naming_the_listener_and_exit_2(
+    tmp_path: Path, pki: Pki, listener: str
+) -> None:
+    config = configs(tmp_path, pki)[0]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        _listen_on(config, listener, address)
+        status, err = await _serve_until_exit(config)
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert f"the {listener} listener cannot listen on {address}" in lines[0]
+    assert "already in use" in lines[0] and f"[{listener}] listen" in lines[0]
+    # Nothing is left behind: the data folder is free for the next start.
+    assert not (config.parent / "data" / "fedgate.pid").exists()
+
+
+@pytest.mark.slow
+async def test_a_second_gateway_on_the_same_data_folder_refuses_and_the_first_keeps_it(
+    tmp_path: Path, pki: Pki
+) -> None:
+    config = configs(tmp_path, pki)[0]
+    pid_file = config.parent / "data" / "fedgate.pid"
+    first, _, _ = await spawn_gateway(config)
+    try:
+        assert await eventually(pid_file.exists, 10)
+        status, err = await _serve_until_exit(config)
+        assert status == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert f"the data folder is in use by another gateway (pid {first.pid})" in lines[0]
+        assert "[gateway] data_dir" in lines[0]
+        # The refused one removed nothing: the first gateway's pid file is still there...
+        assert pid_file.read_text().strip() == str(first.pid)
+        # ...so `fedgate policy reload` still reaches it.
+        reload = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "policy",
+            "reload",
+            "--config",
+            str(config),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err_bytes = await asyncio.wait_for(reload.communicate(), 30)
+        assert reload.returncode == 0, err_bytes.decode()
+        assert f"asked gateway (pid {first.pid})" in out.decode()
+    finally:
+        first.terminate()
+        assert await asyncio.wait_for(first.wait(), 30) == 0
+    assert not pid_file.exists(), "the holder removes its pid file when it stops"
+
+
+@pytest.mark.slow
+async def test_policy_reload_never_signals_the_pid_a_crashed_gateway_left(
+    tmp_path: Path, pki: Pki
+) -> None:
+    config = configs(tmp_path, pki)[0]
+    first, _, _ = await spawn_gateway(config)
+    data = config.parent / "data"
+    assert await eventually((data / "fedgate.pid").exists, 10)
+    first.kill()  # a crash: no clean-up, the pid file stays
+    await first.wait()
+    # The pid is reused by an unrelated process (SIGHUP would end it).
+    bystander = await asyncio.create_subprocess_exec("sleep", "60")
+    try:
+        (data / "fedgate.pid").write_text(f"{bystander.pid}\n")
+        reload = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "policy",
+            "reload",
+            "--config",
+            str(config),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(reload.communicate(), 30)
+        assert reload.returncode == 2
+        assert "no running gateway holds this data folder" in err.decode()
+        assert bystander.returncode is None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(bystander.wait(), 0.5)
+        assert bystander.returncode is None, "an unrelated process got the gateway's SIGHUP"
+        # And a new gateway starts on the folder the crashed one left: the lock died with it.
+        again, _, _ = await spawn_gateway(config)
+        again.terminate()
+        assert await asyncio.wait_for(again.wait(), 30) == 0
+    finally:
+        bystander.kill()
+        await bystander.wait()
+
+
+async def _refused_handshake(pki: Pki, port: int, cert: str | None) -> None:
+    from fedgate.v1 import fedgate_pb2 as pb
+    from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
+
+    from tests.integration.federation import federation_channel
+
+    channel = federation_channel(pki, f"127.0.0.1:{port}", cert=cert, target_org="hospital")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.FederationStub(channel).ListAgents(pb.ListAgentsRequest(), timeout=3)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await channel.close()
+
+
+@pytest.mark.slow
+async def test_refused_tls_handshakes_are_fedgate_log_lines_with_address_and_reason(
+    tmp_path: Path, pki: Pki
+) -> None:
+    from fedgate.v1 import fedgate_pb2 as pb
+    from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
+
+    from gateway.identity.certs import create_ca
+    from tests.integration.federation import federation_channel
+
+    own = create_ca("insurer")  # a self-signed certificate
+    (tmp_path / "self-insurer.crt").write_bytes(own.cert_pem)
+    (tmp_path / "self-insurer.key").write_bytes(own.key_pem)
+    (tmp_path / "ca.crt").write_bytes(pki.ca.read_bytes())
+    selfsigned = Pki(tmp_path)
+    lines: list[str] = []
+    config = configs(tmp_path, pki)[0]
+    process, port, _ = await spawn_gateway(config, on_line=lines.append)
+
+    def refusals() -> list[str]:
+        return [x for x in lines if "TLS handshake refused" in x]
+
+    prefix = "fedgate.tls: TLS handshake refused on the federation listener from 127.0.0.1:"
+    try:
+        for number, (cert, reason) in enumerate(
+            [
+                (None, "no client certificate"),
+                ("rogue-insurer", "certificate not issued by the federation CA"),
+                ("self-insurer", "self-signed certificate"),
+                ("expired-insurer", "certificate expired"),
+            ],
+            start=1,
+        ):
+            await _refused_handshake(selfsigned if cert == "self-insurer" else pki, port, cert)
+            assert await eventually(lambda n=number: len(refusals()) == n, 10), lines[-5:]
+            line = refusals()[-1]
+            assert prefix in line, line
+            assert line.endswith(f": {reason} (refused since start: {number})"), line
+        # grpc's own lines about them (and the handshake trace) are not passed on.
+        assert not [x for x in lines if "Handshake failed" in x or "handshaker.cc" in x]
+        # The same host and reason again within the minute: counted, not logged again...
+        for _ in range(3):
+            await _refused_handshake(pki, port, None)
+        # ...as the next line of another reason shows: 4 + 3 + 1 refused, 5 lines.
+        await _refused_handshake(pki, port, "future-insurer")
+        assert await eventually(lambda: len(refusals()) == 5, 10), lines[-5:]
+        assert refusals()[-1].endswith(": certificate not yet valid (refused since start: 8)")
+        # A good handshake still works after the refusals.
+        channel = federation_channel(
+            pki, f"127.0.0.1:{port}", cert="insurer", target_org="hospital"
+        )
+        await pb_grpc.FederationStub(channel).ListAgents(pb.ListAgentsRequest(), timeout=5)
+        await channel.close()
+    finally:
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), 30) == 0
