@@ -383,3 +383,65 @@ async def test_refused_tls_handshakes_are_fedgate_log_lines_with_address_and_rea
     finally:
         process.terminate()
         assert await asyncio.wait_for(process.wait(), 30) == 0
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.slow
+async def test_data_at_rest_is_the_gateway_users_alone(tmp_path: Path, pki: Pki) -> None:
+    from tests.integration.federation import HOSPITAL_RULES, org_config
+
+    config = org_config(tmp_path, pki, "hospital", HOSPITAL_RULES, ["insurer"], require_tokens=True)
+    data = config.parent / "data"
+    issue = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "tokens",
+        "issue",
+        "--subject",
+        "records-service",
+        "--agent",
+        "slow",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    token, err = await asyncio.wait_for(issue.communicate(), 30)
+    assert issue.returncode == 0, err.decode()
+    process, _, port = await spawn_gateway(config)
+    try:
+        # Something is written: the audit log and the task table have WAL files by now.
+        async with serving(f"127.0.0.1:{port}", slow_agent(), token=token.decode().strip()):
+            pass
+        files = {p.name: _mode(p) for p in data.iterdir() if not p.name.startswith(".")}
+        assert _mode(data) == 0o700
+        for name in (
+            "audit.db",
+            "audit.db-wal",
+            "audit.db-shm",
+            "tasks.db",
+            "tasks.db-wal",
+            "tasks.db-shm",
+            "tokens.json",
+            "token.key",
+            "pseudonym.key",
+            "fedgate.pid",
+            "fedgate.lock",
+        ):
+            assert files.get(name) == 0o600, (name, {k: oct(v) for k, v in files.items()})
+        assert all(mode & 0o077 == 0 for mode in files.values()), files
+    finally:
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    # A folder others may read: the gateway refuses to start, naming the folder and the fix.
+    data.chmod(0o755)
+    status, err = await _serve_until_exit(config)
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert f"{data}: the data folder is accessible to other users (mode 755)" in lines[0]
+    assert f"run `chmod 700 {data}`" in lines[0]
