@@ -246,4 +246,11 @@ def _check_files(config: GatewayConfig, label: str) -> None:
         table = getattr(config, section)
         value = getattr(table, key, None) if table is not None else None
         if value is not None and not Path(value).is_file():
+            request = Path(value).with_suffix(".csr")
+            if (section, key) == ("federation", "cert") and request.is_file():
+                raise ConfigError(
+                    f"{label}: {section}.{key}: file not found: {value}: the federation CA has "
+                    f"not issued it yet: send {request} to its operator (`fedgate certs issue "
+                    f"--org {config.org} --csr {request.name}`) and put the certificate there"
+                )
             raise ConfigError(f"{label}: {section}.{key}: file not found: {value}")

@@ -92,7 +92,7 @@ class Gateway:
                 create_private_file(database)
         self.data_folder = DataFolderLock(config.data_dir)
         fed = config.federation
-        self.tls = ReloadingTls(TlsFiles(fed.cert, fed.key, fed.ca, fed.crl))
+        self.tls = ReloadingTls(TlsFiles(fed.cert, fed.key, fed.ca, fed.crl, org=config.org))
         self.agents = AgentRegistry(config.org)
         self.peers = PeerRegistry(
             config.org, config.peers, self.tls, max_message_bytes=config.limits.max_message_bytes
