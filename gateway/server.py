@@ -93,6 +93,13 @@ class Gateway:
         self.data_folder = DataFolderLock(config.data_dir)
         fed = config.federation
         self.tls = ReloadingTls(TlsFiles(fed.cert, fed.key, fed.ca, fed.crl, org=config.org))
+        part = config.participant
+        ca = config.participant_ca
+        self.participant_tls = (
+            ReloadingTls(TlsFiles(part.cert, part.key, ca))
+            if part.cert is not None and part.key is not None and ca is not None
+            else None
+        )
         self.agents = AgentRegistry(config.org)
         self.peers = PeerRegistry(
             config.org, config.peers, self.tls, max_message_bytes=config.limits.max_message_bytes
@@ -168,7 +175,12 @@ class Gateway:
                 self.tls.server_credentials(),
             )
             part_port = self._bind(
-                self._participant, "participant", self.config.participant.listen, None
+                self._participant,
+                "participant",
+                self.config.participant.listen,
+                None
+                if self.participant_tls is None
+                else self.participant_tls.server_credentials(require_client_auth=False),
             )
             await self.audit.start()
             await self.router.recover()
@@ -191,10 +203,11 @@ class Gateway:
             self._exchange = asyncio.ensure_future(self._exchange_loop(interval))
         self.ports = BoundPorts(fed_port, part_port)
         log.info(
-            "gateway of %r serving: federation on port %d (mTLS), participants on port %d",
+            "gateway of %r serving: federation on port %d (mTLS), participants on port %d%s",
             self.config.org,
             fed_port,
             part_port,
+            " (TLS)" if self.participant_tls is not None else "",
         )
         return self.ports
 

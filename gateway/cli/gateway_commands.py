@@ -8,11 +8,13 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 import grpc
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from rich.console import Console
 from rich.table import Table
@@ -462,8 +464,18 @@ def certs_dev(out: str, orgs: tuple[str, ...]) -> None:
     click.echo(f"wrote a development federation ({', '.join(orgs)}) to {target}")
 
 
+@dataclass(frozen=True)
+class _Listener:
+    """How to reach a gateway's participant listener: its address and, with TLS, the CA that
+    issued its certificate and a name that certificate carries."""
+
+    address: str
+    ca_pem: bytes | None = None
+    server_name: str | None = None
+
+
 def _ask_gateway(
-    target: str, request: Callable[[Any, Any], Awaitable[Any]], token: str | None
+    listener: _Listener, request: Callable[[Any, Any], Awaitable[Any]], token: str | None
 ) -> Any:
     """One call to a running gateway's participant listener, with a clear error if it is down.
 
@@ -474,7 +486,15 @@ def _ask_gateway(
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     async def ask() -> Any:
-        async with grpc.aio.insecure_channel(target) as channel:
+        if listener.ca_pem is None:
+            channel = grpc.aio.insecure_channel(listener.address)
+        else:
+            options = []
+            if listener.server_name:
+                options.append(("grpc.ssl_target_name_override", listener.server_name))
+            credentials = grpc.ssl_channel_credentials(root_certificates=listener.ca_pem)
+            channel = grpc.aio.secure_channel(listener.address, credentials, options)
+        async with channel:
             return await request(pb_grpc.ParticipantStub(channel), metadata)
 
     try:
@@ -482,11 +502,12 @@ def _ask_gateway(
     except grpc.aio.AioRpcError as exc:
         if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             raise ConfigError(
-                f"gateway at {target} refused: {exc.details()}; pass an operator token with "
-                "--token or FEDGATE_TOKEN (`fedgate tokens issue --subject NAME --operator`)"
+                f"gateway at {listener.address} refused: {exc.details()}; pass an operator token "
+                "with --token or FEDGATE_TOKEN (`fedgate tokens issue --subject NAME --operator`)"
             ) from None
         raise ConfigError(
-            f"gateway at {target} did not answer ({exc.code().name}): is `fedgate serve` running?"
+            f"gateway at {listener.address} did not answer ({exc.code().name}): is `fedgate "
+            "serve` running?"
         ) from None
 
 
@@ -497,6 +518,31 @@ def _token_option(func: Any) -> Any:
         default=None,
         help="An operator token (`fedgate tokens issue --operator`); default $FEDGATE_TOKEN.",
     )(func)
+
+
+def _participant_listener(config_path: str, address: str | None) -> _Listener:
+    """The participant listener to ask: from --address alone when there is no config file,
+    else from the config (with TLS when it has a certificate)."""
+    if address is not None and not Path(config_path).exists():
+        return _Listener(address)
+    config = read_config(config_path)
+    listen = config.participant.listen
+    host, _, port = listen.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::"):  # noqa: S104 (an address to dial, not to bind)
+        listen = f"127.0.0.1:{port}"
+    target = address or listen
+    ca, cert = config.participant_ca, config.participant.cert
+    if ca is None or cert is None:
+        return _Listener(target)
+    # Dialed as a name its certificate carries, whatever address reaches it from here.
+    try:
+        san = load_cert(cert.read_bytes()).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        )
+        names = san.value.get_values_for_type(x509.DNSName)
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        names = []
+    return _Listener(target, ca.read_bytes(), names[0] if names else None)
 
 
 @click.command()
@@ -510,10 +556,11 @@ def agents(config_path: str, address: str | None, as_json: bool, token: str | No
 
     from fedgate.v1 import fedgate_pb2 as pb
 
-    target = address or read_config(config_path).participant.listen
+    listener = _participant_listener(config_path, address)
+    target = listener.address
 
     response: pb.ListConnectedAgentsResponse = _ask_gateway(
-        target,
+        listener,
         lambda stub, metadata: stub.ListConnectedAgents(
             pb.ListAgentsRequest(), timeout=5, metadata=metadata
         ),
@@ -555,10 +602,11 @@ def peers(config_path: str, address: str | None, as_json: bool, token: str | Non
 
     from fedgate.v1 import fedgate_pb2 as pb
 
-    target = address or read_config(config_path).participant.listen
+    listener = _participant_listener(config_path, address)
+    target = listener.address
 
     response: pb.ListPeersResponse = _ask_gateway(
-        target,
+        listener,
         lambda stub, metadata: stub.ListPeers(pb.ListPeersRequest(), timeout=5, metadata=metadata),
         token,
     )

@@ -213,8 +213,10 @@ class ReloadingTls:
                 log.error("after a TLS reload: %s", exc)
         return True
 
-    def server_credentials(self) -> grpc.ServerCredentials:
-        """Server credentials that require a client certificate and pick up rotated files."""
+    def server_credentials(self, *, require_client_auth: bool = True) -> grpc.ServerCredentials:
+        """Server credentials that pick up rotated files and, by default, require a client
+        certificate of the CA (the federation listener; the participant listener's TLS does
+        not: its callers hold tokens)."""
         served = [self._material.stamp]
 
         def _config(m: TlsMaterial) -> grpc.ServerCertificateConfiguration:
@@ -233,7 +235,7 @@ class ReloadingTls:
             return _config(material)
 
         return grpc.dynamic_ssl_server_credentials(
-            _config(self._material), fetch, require_client_authentication=True
+            _config(self._material), fetch, require_client_authentication=require_client_auth
         )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:

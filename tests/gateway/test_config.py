@@ -251,3 +251,59 @@ def test_a_trial_joins_the_federation_with_init_ca_cert(tmp_path: Path) -> None:
     )
     assert refused.exit_code == 2
     assert "not a CA certificate" in refused.output
+
+
+@pytest.mark.parametrize(
+    ("listen", "extra", "expected"),
+    [
+        (
+            "0.0.0.0:7400",
+            "",
+            "participant: listen = '0.0.0.0:7400' is reachable from other hosts, but the "
+            "participant listener has no TLS (tokens and payloads would cross the network in "
+            "plaintext): set [participant] cert and key (`fedgate certs issue --san HOST`), or "
+            "listen on 127.0.0.1",
+        ),
+        ("gw.hospital.internal:7400", "", "is reachable from other hosts, but the participant"),
+        ("[::]:7400", "", "is reachable from other hosts"),
+        ("127.0.0.1:7400", 'cert = "{cert}"\n', "participant: cert and key: give both"),
+        (
+            "0.0.0.0:7400",
+            'cert = "{cert}"\nkey = "{key}"\nrequire_tokens = false\n',
+            "require_tokens = false would let anyone there call through this gateway",
+        ),
+    ],
+)
+def test_a_participant_listener_off_loopback_needs_tls_and_tokens(
+    tmp_path: Path, pki: Pki, listen: str, extra: str, expected: str
+) -> None:
+    path = _write(tmp_path, pki)
+    body = extra.format(cert=pki.cert("hospital"), key=pki.key("hospital"))
+    path.write_text(path.read_text() + f'[participant]\nlisten = "{listen}"\n{body}')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.message.startswith(f"{path}: ")
+    assert expected in info.value.message
+
+
+@pytest.mark.parametrize(
+    "listen", ["127.0.0.1:7400", "127.0.0.2:7400", "[::1]:7400", "localhost:1"]
+)
+def test_a_loopback_participant_listener_needs_no_tls(
+    tmp_path: Path, pki: Pki, listen: str
+) -> None:
+    path = _write(tmp_path, pki)
+    path.write_text(path.read_text() + f'[participant]\nlisten = "{listen}"\n')
+    assert load_config(path).participant.cert is None
+
+
+def test_a_participant_listener_off_loopback_with_tls(tmp_path: Path, pki: Pki) -> None:
+    path = _write(tmp_path, pki)
+    path.write_text(
+        path.read_text()
+        + '[participant]\nlisten = "0.0.0.0:7400"\n'
+        + f'cert = "{pki.cert("hospital")}"\nkey = "{pki.key("hospital")}"\n'
+    )
+    config = load_config(path)
+    assert config.participant.cert == pki.cert("hospital")
+    assert config.participant_ca == pki.ca, "trusted by the CLI: the federation CA by default"
