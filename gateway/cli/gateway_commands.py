@@ -16,8 +16,10 @@ import click
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from gateway.cli._common import config_option, read_config
 from gateway.config import ORG_NAME
@@ -625,21 +627,45 @@ def peers(config_path: str, address: str | None, as_json: bool, token: str | Non
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"peers of the gateway at {target}")
-    for column in ("peer", "address", "circuit", "latency", "in flight", "failures", "last error"):
-        table.add_column(column, overflow="fold")
+    render_peers(rows, target, Console())
+
+
+def render_peers(rows: list[dict[str, Any]], target: str, console: Console) -> None:
+    """The peers table: short columns that fit 80 columns, each last error on its own line(s)
+    below (an error is long free text; in a column it made the table unreadable)."""
+    if not rows:
+        console.print("no peers are configured")
+        return
+    # One space between columns and no edges: an address of 34 characters still fits in 80.
+    table = Table(
+        title=f"peers of the gateway at {target}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=0,
+    )
+    table.add_column("peer", no_wrap=True)
+    table.add_column("address", overflow="fold")
+    table.add_column("circuit", no_wrap=True)
+    for column in ("latency", "in flight", "failures"):
+        table.add_column(column, justify="right", no_wrap=True)
     for row in rows:
         style = {"closed": "green", "open": "red"}.get(str(row["circuit"]), "yellow")
+        latency = row["latency_ms"]
         table.add_row(
-            str(row["org"]),
-            str(row["address"]),
-            f"[{style}]{row['circuit']}[/]",
-            f"{row['latency_ms']} ms",
+            Text(str(row["org"])),
+            Text(str(row["address"])),
+            Text(str(row["circuit"]), style=style),
+            f"{latency} ms" if latency else "—",
             str(row["in_flight"]),
             str(row["consecutive_failures"]),
-            str(row["last_error"]) or "—",
         )
-    Console().print(table if rows else "no peers are configured")
+    console.print(table)
+    for row in rows:
+        if row["last_error"]:
+            line = Text(f"{row['org']}: ", style="bold")
+            line.append(f"last error: {row['last_error']}")  # a Text: no markup read from it
+            console.print(line)
 
 
 @click.command()

@@ -445,3 +445,33 @@ async def test_data_at_rest_is_the_gateway_users_alone(tmp_path: Path, pki: Pki)
     assert len(lines) == 1, err
     assert f"{data}: the data folder is accessible to other users (mode 755)" in lines[0]
     assert f"run `chmod 700 {data}`" in lines[0]
+
+
+@pytest.mark.slow
+async def test_peers_fits_80_columns_with_its_last_error_below(tmp_path: Path, pki: Pki) -> None:
+    hospital_config = configs(tmp_path, pki)[0]
+    process, port = await _start(hospital_config)
+    address = f"127.0.0.1:{port}"
+    try:
+        async with Client(address, retry=RetryPolicy(max_attempts=1)) as client:
+            with pytest.raises(Unavailable):  # the insurer's gateway does not run: a last error
+                await client.call("insurer/claims.check", {}, timeout=5)
+        run = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "gateway.cli", "peers", "--address", address),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "COLUMNS": "80"},
+        )
+        out, err = await asyncio.wait_for(run.communicate(), 30)
+        assert run.returncode == 0, err.decode()
+    finally:
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    lines = out.decode().splitlines()
+    assert max(len(line) for line in lines) <= 80, out.decode()
+    header = next(line for line in lines if line.startswith("peer "))
+    assert header.split() == ["peer", "address", "circuit", "latency", "in", "flight", "failures"]
+    (row,) = [line for line in lines if line.startswith("insurer ")]
+    assert row.split()[1:3] == ["127.0.0.1:1", "closed"], row
+    errors = [line for line in lines if line.startswith("insurer: last error: ")]
+    assert len(errors) == 1 and "is unreachable" in errors[0], out.decode()
