@@ -130,6 +130,36 @@ def _federation_certs(certs: Path, org: str, ca_cert: Path) -> list[str]:
     return set_aside
 
 
+def _check_default_cert_paths(config_path: Path, org: str) -> None:
+    """A fedgate.toml that `init --ca-cert` may keep: [federation] names init's own files."""
+    import tomllib
+
+    try:
+        federation = tomllib.loads(config_path.read_text()).get("federation", {})
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{config_path}: cannot be read ({exc}): pass --force") from None
+    expected = {"cert": f"certs/{org}.crt", "key": f"certs/{org}.key", "ca": "certs/ca.crt"}
+    if any(federation.get(key) != value for key, value in expected.items()):
+        raise ConfigError(
+            f"{config_path}: [federation] names other files than `fedgate init` writes: put the "
+            "federation CA's certificate at its ca yourself, make a key and request with `fedgate "
+            f"certs request --org {org}`, or pass --force to write a new fedgate.toml"
+        )
+
+
+def _joined(certs: Path, org: str, ca_cert: Path, set_aside: list[str]) -> None:
+    """What `init --ca-cert` did, and what to do next."""
+    if set_aside:
+        click.echo(f"the trial's development certificates set aside: {', '.join(set_aside)}")
+    click.echo(f"trusts the federation CA of {ca_cert} (copied to {certs / 'ca.crt'})")
+    if (certs / f"{org}.csr").exists() and not (certs / f"{org}.crt").exists():
+        click.echo(
+            f"send {certs / f'{org}.csr'} to the federation CA's operator, who runs `fedgate "
+            f"certs issue --org {org} --csr {org}.csr` and sends back {org}.crt: put it at "
+            f"{certs / f'{org}.crt'} (the key {certs / f'{org}.key'} never leaves this host)"
+        )
+
+
 @click.command()
 @click.option(
     "--org", required=True, callback=_org_name, help="Your organization's name, e.g. hospital."
@@ -164,8 +194,12 @@ def init(
 
     root = Path(directory)
     config_path = root / "fedgate.toml"
-    if config_path.exists() and not force:
+    # An existing gateway (a trial) that joins a federation keeps its fedgate.toml.
+    joining = config_path.exists() and not force and ca_cert is not None
+    if config_path.exists() and not force and not joining:
         raise ConfigError(f"{config_path}: already exists: pass --force to overwrite it")
+    if joining:
+        _check_default_cert_paths(config_path, org)
     root.mkdir(parents=True, exist_ok=True)
     ensure_private_folder(root / "data")
     certs = root / "certs"
@@ -189,6 +223,10 @@ def init(
             "# See policies/README.md in the Fedgate repository for the rule format.\n"
         )
     load_or_create_pseudonym_key(root / "data" / "pseudonym.key")
+    if joining:
+        click.echo(f"kept {config_path}")
+        _joined(certs, org, Path(ca_cert or ""), set_aside)
+        return
     config_path.write_text(
         f"""# Fedgate gateway of {org}. Paths are relative to this file.
 [gateway]
@@ -226,19 +264,11 @@ rules = "policies/{org}.csv"
     if ca_cert is None:
         click.echo(f"development certificates in {certs} ({DEV_WARNING})")
         click.echo(
-            "for a real federation, run `fedgate init --org "
-            f"{org} --ca-cert FEDERATION-CA.crt --force` (keeps your policies)"
+            f"to join a real federation later: `fedgate init --org {org} --ca-cert "
+            "FEDERATION-CA.crt` (keeps this fedgate.toml and your policies)"
         )
     else:
-        if set_aside:
-            click.echo(f"the trial's development certificates set aside: {', '.join(set_aside)}")
-        click.echo(f"trusts the federation CA of {ca_cert} (copied to {certs / 'ca.crt'})")
-        if (certs / f"{org}.csr").exists() and not (certs / f"{org}.crt").exists():
-            click.echo(
-                f"send {certs / f'{org}.csr'} to the federation CA's operator, who runs `fedgate "
-                f"certs issue --org {org} --csr {org}.csr` and sends back {org}.crt: put it at "
-                f"{certs / f'{org}.crt'} (the key {certs / f'{org}.key'} never leaves this host)"
-            )
+        _joined(certs, org, Path(ca_cert), set_aside)
     click.echo(
         f"next: add partners under [peers.NAME], write rules in {rules}, then `fedgate serve`"
     )

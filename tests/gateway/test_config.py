@@ -223,16 +223,20 @@ def test_init_with_the_federation_ca_makes_a_request_and_serve_says_what_is_miss
 
 
 def test_a_trial_joins_the_federation_with_init_ca_cert(tmp_path: Path) -> None:
-    """The trial's development CA and certificate are set aside, its policy is kept."""
+    """The trial's development CA and certificate are set aside; its config and policy kept."""
     assert _run("init", "--org", "hospital", "--dir", str(tmp_path)).exit_code == 0
     rules = tmp_path / "policies" / "hospital.csv"
     rules.write_text("p, insurer, records, summary, invoke, *, allow\n")
+    config = tmp_path / "fedgate.toml"
+    config.write_text(config.read_text() + '[peers.insurer]\naddress = "127.0.0.1:1"\n')
+    kept = config.read_text()
     assert _run("certs", "ca", "--out", str(tmp_path / "fedca"), env=PASSPHRASE).exit_code == 0
     joined = _run(
-        *("init", "--org", "hospital", "--dir", str(tmp_path), "--force"),
+        *("init", "--org", "hospital", "--dir", str(tmp_path)),
         *("--ca-cert", str(tmp_path / "fedca" / "ca.crt")),
     )
     assert joined.exit_code == 0, joined.output
+    assert config.read_text() == kept
     certs = tmp_path / "certs"
     assert sorted(p.name for p in certs.iterdir()) == [
         "ca.crt",
