@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -155,6 +156,8 @@ class Gateway:
         self._watch: asyncio.Task[None] | None = None
         self._exchange: asyncio.Task[None] | None = None
         self.ports: BoundPorts | None = None
+        # Called with the bound ports as soon as both listeners are bound, before they serve.
+        self.on_bound: list[Callable[[BoundPorts], object]] = []
 
     def _follow_tls(self, material: TlsMaterial) -> None:
         """Rotated files: sign with the new key and trust the new CA set, without a restart."""
@@ -182,6 +185,8 @@ class Gateway:
                 if self.participant_tls is None
                 else self.participant_tls.server_credentials(require_client_auth=False),
             )
+            for callback in self.on_bound:
+                callback(BoundPorts(fed_port, part_port))
             await self.audit.start()
             await self.router.recover()
             await self._federation.start()
@@ -351,18 +356,22 @@ async def serve(config: GatewayConfig, *, handshakes: HandshakeLog | None = None
     # Whatever the gateway creates (databases and their WAL files, keys, ledgers) is ours alone.
     os.umask(0o077)
     gateway = Gateway(config)
-    ports = await gateway.start()
     if handshakes is not None:
-        handshakes.listeners.update(
-            {ports.federation: "federation", ports.participant: "participant"}
+        gateway.on_bound.append(
+            lambda ports: handshakes.listeners.update(
+                {ports.federation: "federation", ports.participant: "participant"}
+            )
         )
+    # Before start: a SIGTERM while the gateway starts stops it cleanly once it has started,
+    # and a SIGHUP (`fedgate policy reload` signals the pid in the pid file) reloads the policy.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, gateway.reload_policy)
-    # Only now: `fedgate policy reload` sends SIGHUP to the pid it finds there.
-    gateway.data_folder.write_pid_file()
+    # Written once the folder is ours and bound, so it is there when "serving" is logged.
+    gateway.on_bound.append(lambda _: gateway.data_folder.write_pid_file())
+    await gateway.start()
     try:
         await stop.wait()
         log.info(
