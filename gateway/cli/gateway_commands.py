@@ -489,9 +489,9 @@ def certs_dev(out: str, orgs: tuple[str, ...]) -> None:
     for org in orgs:
         write_pair(issue_gateway_cert(ca, org), target / f"{org}.crt", target / f"{org}.key")
     (target / "README.md").write_text(
-        f"# {DEV_WARNING}\n\nMade by `fedgate certs dev` on {dt.date.today()}. "
-        "These keys are public "
-        "(committed to the repository): never use them outside a local demo or test.\n"
+        f"# {DEV_WARNING}\n\nMade by `fedgate certs dev` on {dt.date.today()}. The CA key is "
+        "unencrypted and every certificate names localhost: never use them outside a local "
+        "demo or test, and never commit them. A real federation's CA: `fedgate certs ca`.\n"
     )
     click.echo(f"wrote a development federation ({', '.join(orgs)}) to {target}")
 
