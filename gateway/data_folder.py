@@ -1,8 +1,9 @@
 """The gateway's data folder: private to its owner, and held by one running gateway at a time.
 
-The folder holds the audit log and the task table (SQLite and their WAL files), the token and
-pseudonym keys and the token ledger. It is created 0700, the files in it 0600, and a gateway
-refuses to start on a folder that other users can enter or read, or that another user owns.
+The folder holds the store of the audit log and the task table (SQLite and its WAL files), the
+token and pseudonym keys and the token ledger. It is created 0700, the files in it 0600, and a
+gateway refuses to start on a folder that other users can enter or read, or that another user
+owns.
 
 A running gateway holds an exclusive lock (flock) on `fedgate.lock` in the folder for its
 lifetime. The kernel drops the lock when the process ends, however it ends, so a second gateway

@@ -87,10 +87,9 @@ class Gateway:
         self.config = config
         # Before anything writes to it: the folder is ours alone, and so are its databases.
         ensure_private_folder(config.data_dir)
-        for url in {config.audit_database_url, config.tasks_database_url}:
-            database = sqlite_file(url)
-            if database is not None and database.parent.is_dir():
-                create_private_file(database)
+        database = sqlite_file(config.audit_database_url)  # the task table lives in it too
+        if database is not None and database.parent.is_dir():
+            create_private_file(database)
         self.data_folder = DataFolderLock(config.data_dir)
         fed = config.federation
         self.tls = ReloadingTls(TlsFiles(fed.cert, fed.key, fed.ca, fed.crl, org=config.org))
@@ -194,7 +193,7 @@ class Gateway:
         except BaseException:
             await self._federation.stop(None)
             await self._participant.stop(None)
-            for close in (self.router.stop_background, self.router.tasks.close, self.audit.close):
+            for close in (self.router.stop_background, self.audit.close):
                 with contextlib.suppress(Exception):
                     await close()
             self.data_folder.release()

@@ -414,7 +414,7 @@ async def test_data_at_rest_is_the_gateway_users_alone(tmp_path: Path, pki: Pki)
     assert issue.returncode == 0, err.decode()
     process, _, port = await spawn_gateway(config)
     try:
-        # Something is written: the audit log and the task table have WAL files by now.
+        # Something is written: the store (audit log and task table) has its WAL files by now.
         async with serving(f"127.0.0.1:{port}", slow_agent(), token=token.decode().strip()):
             pass
         files = {p.name: _mode(p) for p in data.iterdir() if not p.name.startswith(".")}
@@ -423,9 +423,6 @@ async def test_data_at_rest_is_the_gateway_users_alone(tmp_path: Path, pki: Pki)
             "audit.db",
             "audit.db-wal",
             "audit.db-shm",
-            "tasks.db",
-            "tasks.db-wal",
-            "tasks.db-shm",
             "tokens.json",
             "token.key",
             "pseudonym.key",
