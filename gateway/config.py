@@ -187,14 +187,6 @@ class GatewayConfig(_Section):
         return f"sqlite:///{self.data_dir / 'audit.db'}"
 
     @property
-    def tasks_database_url(self) -> str:
-        """The task table: beside the audit log on PostgreSQL, its own SQLite file otherwise."""
-        url = self.audit_database_url
-        if url.startswith("sqlite"):
-            return f"sqlite:///{self.data_dir / 'tasks.db'}"
-        return url
-
-    @property
     def participant_ca(self) -> Path | None:
         """The CA that `fedgate agents`/`peers` trust for a participant listener with TLS."""
         if self.participant.cert is None:
