@@ -7,13 +7,14 @@ A bad value fails at start with one line naming the file, the key and what is wr
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import ConfigError
 
@@ -65,14 +66,52 @@ class FederationSection(_Section):
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 
 
+def is_loopback(address: str) -> bool:
+    """Whether HOST:PORT is reachable from this host only (127.0.0.0/8, ::1, localhost)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
 class ParticipantSection(_Section):
     listen: str = "127.0.0.1:7400"
     # Agents and requesters must present a token issued by `fedgate tokens issue`.
     require_tokens: bool = True
     # A Connect stream whose first message (RegisterAgents) takes longer than this is closed.
     connect_timeout_seconds: float = Field(10.0, gt=0, le=3_600)
+    # TLS on the participant listener (its certificate and key), required off loopback; the
+    # SDK then connects with `tls_ca`. `ca`: the CA that issued `cert`, which `fedgate agents`
+    # and `fedgate peers` trust (default: [federation] ca).
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
 
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
+
+    @model_validator(mode="after")
+    def _tls_off_loopback(self) -> ParticipantSection:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key: give both (TLS on the participant listener) or neither")
+        if is_loopback(self.listen):
+            return self
+        if self.cert is None:
+            raise ValueError(
+                f"listen = {self.listen!r} is reachable from other hosts, but the participant "
+                "listener has no TLS (tokens and payloads would cross the network in "
+                "plaintext): set [participant] cert and key (`fedgate certs issue --san HOST`), "
+                "or listen on 127.0.0.1"
+            )
+        if not self.require_tokens:
+            raise ValueError(
+                f"listen = {self.listen!r} is reachable from other hosts, so require_tokens = "
+                "false would let anyone there call through this gateway: keep require_tokens = "
+                "true, or listen on 127.0.0.1"
+            )
+        return self
 
 
 class PeerSection(_Section):
@@ -148,12 +187,11 @@ class GatewayConfig(_Section):
         return f"sqlite:///{self.data_dir / 'audit.db'}"
 
     @property
-    def tasks_database_url(self) -> str:
-        """The task table: beside the audit log on PostgreSQL, its own SQLite file otherwise."""
-        url = self.audit_database_url
-        if url.startswith("sqlite"):
-            return f"sqlite:///{self.data_dir / 'tasks.db'}"
-        return url
+    def participant_ca(self) -> Path | None:
+        """The CA that `fedgate agents`/`peers` trust for a participant listener with TLS."""
+        if self.participant.cert is None:
+            return None
+        return self.participant.ca or self.federation.ca
 
     @property
     def pseudonym_key_path(self) -> Path:
@@ -183,6 +221,7 @@ def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
 _PATH_KEYS = {
     "gateway": ("data_dir",),
     "federation": ("cert", "key", "ca", "crl"),
+    "participant": ("cert", "key", "ca"),
     "policy": ("model", "rules", "tests", "pseudonym_key"),
 }
 _MUST_EXIST = {
@@ -190,6 +229,9 @@ _MUST_EXIST = {
     ("federation", "key"),
     ("federation", "ca"),
     ("federation", "crl"),
+    ("participant", "cert"),
+    ("participant", "key"),
+    ("participant", "ca"),
     ("policy", "model"),
     ("policy", "rules"),
 }
@@ -246,4 +288,11 @@ def _check_files(config: GatewayConfig, label: str) -> None:
         table = getattr(config, section)
         value = getattr(table, key, None) if table is not None else None
         if value is not None and not Path(value).is_file():
+            request = Path(value).with_suffix(".csr")
+            if (section, key) == ("federation", "cert") and request.is_file():
+                raise ConfigError(
+                    f"{label}: {section}.{key}: file not found: {value}: the federation CA has "
+                    f"not issued it yet: send {request} to its operator (`fedgate certs issue "
+                    f"--org {config.org} --csr {request.name}`) and put the certificate there"
+                )
             raise ConfigError(f"{label}: {section}.{key}: file not found: {value}")

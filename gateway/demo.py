@@ -1,8 +1,10 @@
-"""`fedgate demo`: a hospital and an insurer, their gateways, agents, policies and audit trails.
+"""`fedgate demo`: a hospital, an insurer and a lab, their gateways, agents, policies and logs.
 
-Everything is real: both gateways listen on loopback with mutual TLS from the development
-certificates in certs_dev/, agents register through the participant SDK, the policies in
-policies/ decide what leaves, and both sides write and verify their audit logs.
+Everything is real: the gateways listen on loopback with mutual TLS from a federation CA made
+for this run (and thrown away after it), agents register through the participant SDK, the
+policies in policies/ decide what leaves, and every side writes and verifies its audit log.
+The policies come from the checkout when run from a clone, and from the copy built into the
+package otherwise (setup.py), so `pip install .` then `fedgate demo` works from anywhere.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from rich.panel import Panel
 from rich.table import Table
 
 from gateway.audit.store import AuditRecord
+from gateway.errors import ConfigError
+from gateway.identity.certs import create_ca, issue_gateway_cert, write_pair
 from gateway.identity.signing import SignedReceipt, verify_receipt
 from gateway.identity.tokens import token_authority
 from gateway.local import LocalFederation, write_gateway_config
@@ -56,17 +60,29 @@ CLAIM: dict[str, Any] = {
 }
 
 
-def _repository_root() -> Path:
-    """The folder holding certs_dev/ and policies/: the source checkout, else the current one."""
-    for candidate in (Path(__file__).resolve().parents[1], Path.cwd()):
-        if (candidate / "certs_dev" / "ca.crt").is_file() and (
-            candidate / "policies" / "model.conf"
-        ).is_file():
+DEMO_POLICY_FILES = ("model.conf", "hospital.csv", "insurer.csv", "lab.csv")
+# Where the package build puts its copy of policies/ (see setup.py).
+PACKAGED_POLICIES = Path(__file__).resolve().parent / "resources" / "demo_policies"
+
+
+def demo_policies() -> Path:
+    """The folder of the demo's policies: the checkout's policies/, else the packaged copy."""
+    for candidate in (Path(__file__).resolve().parents[1] / "policies", PACKAGED_POLICIES):
+        if all((candidate / name).is_file() for name in DEMO_POLICY_FILES):
             return candidate
-    raise FileNotFoundError(
-        "certs_dev/ and policies/ not found: run `fedgate demo` from a clone of the Fedgate "
-        "repository (pip install -e .)"
+    raise ConfigError(
+        f"the demo's policies are missing from {PACKAGED_POLICIES}: reinstall Fedgate "
+        "(`pip install --force-reinstall fedgate`), or run the demo from a clone"
     )
+
+
+def _throwaway_federation(folder: Path) -> Path:
+    """A federation CA and one certificate per organization, made for this run only."""
+    ca = create_ca("Fedgate demo CA, made for one run and deleted after it")
+    write_pair(ca, folder / "ca.crt", folder / "ca.key")
+    for org in ORGS:
+        write_pair(issue_gateway_cert(ca, org), folder / f"{org}.crt", folder / f"{org}.key")
+    return folder
 
 
 def _hospital_agents() -> list[Agent]:
@@ -225,18 +241,19 @@ PEERS = {"hospital": ["insurer", "lab"], "insurer": ["hospital"], "lab": ["hospi
 
 async def run_demo(*, quiet: bool = False) -> int:
     console = Console(quiet=quiet, width=None if Console().is_terminal else 150)
-    root = _repository_root()
-    certs, policies = root / "certs_dev", root / "policies"
-    console.print(
-        Panel.fit(
-            "[bold]Fedgate demo[/]: a hospital, an insurer and a lab cooperate through their "
-            "own gateways.\n"
-            "Each gateway enforces its organization's sharing policy and writes its own "
-            "audit log.\n"
-            f"[dim]mTLS with the development certificates in {certs} (insecure, local use only)[/]"
-        )
-    )
+    policies = demo_policies()
     with tempfile.TemporaryDirectory(prefix="fedgate-demo-") as tmp:
+        certs = _throwaway_federation(Path(tmp) / "pki")
+        console.print(
+            Panel.fit(
+                "[bold]Fedgate demo[/]: a hospital, an insurer and a lab cooperate through their "
+                "own gateways.\n"
+                "Each gateway enforces its organization's sharing policy and writes its own "
+                "audit log.\n"
+                "[dim]mTLS with a federation CA made for this run (deleted after it); "
+                f"policies from {policies}[/]"
+            )
+        )
         paths = [
             write_gateway_config(
                 Path(tmp) / org,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -14,6 +17,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gateway.audit.store import AuditStore, open_store
 from gateway.config import GatewayConfig
+from gateway.data_folder import (
+    DataFolderLock,
+    create_private_file,
+    ensure_private_folder,
+    sqlite_file,
+)
 from gateway.edges.servicers import FederationServicer, ParticipantServicer, add_servicer
 from gateway.edges.wire import checkpoint_from_pb, checkpoint_to_pb
 from gateway.errors import ConfigError, FedgateError, PermissionDenied
@@ -21,6 +30,7 @@ from gateway.exchange.agents import AgentRegistry
 from gateway.exchange.limits import PeerLimiter
 from gateway.exchange.refusals import RefusalLog
 from gateway.exchange.router import Limits, Router
+from gateway.grpc_log import HandshakeLog
 from gateway.identity.delegation import DelegationVerifier
 from gateway.identity.signing import Signer, Verifier
 from gateway.identity.tls import ReloadingTls, TlsFiles, TlsMaterial
@@ -76,9 +86,21 @@ class Gateway:
         audit: AuditStore | None = None,
     ) -> None:
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        # Before anything writes to it: the folder is ours alone, and so are its databases.
+        ensure_private_folder(config.data_dir)
+        database = sqlite_file(config.audit_database_url)  # the task table lives in it too
+        if database is not None and database.parent.is_dir():
+            create_private_file(database)
+        self.data_folder = DataFolderLock(config.data_dir)
         fed = config.federation
-        self.tls = ReloadingTls(TlsFiles(fed.cert, fed.key, fed.ca, fed.crl))
+        self.tls = ReloadingTls(TlsFiles(fed.cert, fed.key, fed.ca, fed.crl, org=config.org))
+        part = config.participant
+        ca = config.participant_ca
+        self.participant_tls = (
+            ReloadingTls(TlsFiles(part.cert, part.key, ca))
+            if part.cert is not None and part.key is not None and ca is not None
+            else None
+        )
         self.agents = AgentRegistry(config.org)
         self.peers = PeerRegistry(
             config.org, config.peers, self.tls, max_message_bytes=config.limits.max_message_bytes
@@ -142,6 +164,8 @@ class Gateway:
         self._watch: asyncio.Task[None] | None = None
         self._exchange: asyncio.Task[None] | None = None
         self.ports: BoundPorts | None = None
+        # Called with the bound ports as soon as both listeners are bound, before they serve.
+        self.on_bound: list[Callable[[BoundPorts], object]] = []
 
     def _follow_tls(self, material: TlsMaterial) -> None:
         """Rotated files: sign with the new key and trust the new CA set, without a restart."""
@@ -150,17 +174,39 @@ class Gateway:
         self.router.verifier.trust(Verifier.from_pem(material.ca_pem).ca_certificates)
 
     async def start(self) -> BoundPorts:
-        """Bind both listeners and start serving; returns the bound ports (port 0 picks one)."""
-        await self.audit.start()
-        await self.router.recover()
-        fed_port = self._federation.add_secure_port(
-            self.config.federation.listen, self.tls.server_credentials()
-        )
-        part_port = self._participant.add_insecure_port(self.config.participant.listen)
-        if not fed_port or not part_port:
-            raise ConfigError(f"{self.config.source}: cannot bind the listen addresses")
-        await self._federation.start()
-        await self._participant.start()
+        """Take the data folder, bind both listeners and start serving; returns the bound ports
+        (port 0 picks one). A folder held by another gateway, or an address that cannot be
+        bound, is a ConfigError that names it, and nothing is left running."""
+        self.data_folder.acquire()
+        try:
+            fed_port = self._bind(
+                self._federation,
+                "federation",
+                self.config.federation.listen,
+                self.tls.server_credentials(),
+            )
+            part_port = self._bind(
+                self._participant,
+                "participant",
+                self.config.participant.listen,
+                None
+                if self.participant_tls is None
+                else self.participant_tls.server_credentials(require_client_auth=False),
+            )
+            for callback in self.on_bound:
+                callback(BoundPorts(fed_port, part_port))
+            await self.audit.start()
+            await self.router.recover()
+            await self._federation.start()
+            await self._participant.start()
+        except BaseException:
+            await self._federation.stop(None)
+            await self._participant.stop(None)
+            for close in (self.router.stop_background, self.audit.close):
+                with contextlib.suppress(Exception):
+                    await close()
+            self.data_folder.release()
+            raise
         await _set_serving(self.health, True)
         if self.policy is not None and self.config.policy is not None and self.config.policy.watch:
             paths = [self.config.policy.model, self.config.policy.rules]
@@ -170,12 +216,35 @@ class Gateway:
             self._exchange = asyncio.ensure_future(self._exchange_loop(interval))
         self.ports = BoundPorts(fed_port, part_port)
         log.info(
-            "gateway of %r serving: federation on port %d (mTLS), participants on port %d",
+            "gateway of %r serving: federation on port %d (mTLS), participants on port %d%s",
             self.config.org,
             fed_port,
             part_port,
+            " (TLS)" if self.participant_tls is not None else "",
         )
         return self.ports
+
+    def _bind(
+        self,
+        server: grpc.aio.Server,
+        listener: str,
+        address: str,
+        credentials: grpc.ServerCredentials | None,
+    ) -> int:
+        """Bind one listener; an address that cannot be bound becomes one line with the fix."""
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpc says only "Failed to bind to address"
+            port = 0
+        if not port:
+            raise ConfigError(
+                f"{self.config.source}: the {listener} listener cannot listen on {address}: "
+                + _bind_problem(address, listener)
+            )
+        return int(port)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting tasks, let in-flight ones finish within `grace`, then close."""
@@ -198,6 +267,7 @@ class Gateway:
         await self.peers.close()
         await RefusalLog.for_store(self.audit).flush()  # the counts of refusal floods
         await self.audit.close()
+        self.data_folder.release()
 
     async def exchange_checkpoints(self) -> dict[str, str]:
         """Send our signed audit head to every peer and keep theirs; report per peer."""
@@ -254,25 +324,69 @@ async def _set_serving(servicer: health.HealthServicer, serving: bool) -> None:
             await result
 
 
-async def serve(config: GatewayConfig) -> int:
-    """Run a gateway until SIGTERM or SIGINT; returns the process exit status."""
+def _bind_problem(address: str, listener: str) -> str:
+    """Why `address` cannot be bound (asked of the OS, since grpc does not say) and the fix."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    fix = f"set another address in [{listener}] listen"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"{host!r} does not resolve ({exc}): {fix}"
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return (
+                        "the address is already in use (another gateway, or another program): "
+                        f"stop what listens there, or {fix}"
+                    )
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return f"this host has no address {host}: {fix}"
+                if exc.errno == errno.EACCES:
+                    return (
+                        f"binding port {port} needs privileges this process lacks: use a port "
+                        f"above 1023, or {fix}"
+                    )
+                return f"{exc.strerror}: {fix}"
+    return f"grpc refused to bind it: {fix}"
+
+
+async def serve(config: GatewayConfig, *, handshakes: HandshakeLog | None = None) -> int:
+    """Run a gateway until SIGTERM or SIGINT; returns the process exit status.
+
+    `handshakes` (from the command line's grpc log tap) learns which port is which listener,
+    so a refused TLS handshake names it.
+    """
+    # Whatever the gateway creates (databases and their WAL files, keys, ledgers) is ours alone.
+    os.umask(0o077)
     gateway = Gateway(config)
-    await gateway.start()
-    pid_file = config.data_dir / "fedgate.pid"
-    pid_file.write_text(str(os.getpid()))
+    if handshakes is not None:
+        gateway.on_bound.append(
+            lambda ports: handshakes.listeners.update(
+                {ports.federation: "federation", ports.participant: "participant"}
+            )
+        )
+    # Before start: a SIGTERM while the gateway starts stops it cleanly once it has started,
+    # and a SIGHUP (`fedgate policy reload` signals the pid in the pid file) reloads the policy.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, gateway.reload_policy)
+    # Written once the folder is ours and bound, so it is there when "serving" is logged.
+    gateway.on_bound.append(lambda _: gateway.data_folder.write_pid_file())
+    await gateway.start()
     try:
         await stop.wait()
         log.info(
             "stopping: no new tasks; waiting up to %.0fs for in-flight ones",
             config.gateway.shutdown_grace_seconds,
         )
-        await gateway.stop()
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(pid_file)
+        # Removes the pid file, then lets the data folder go.
+        await gateway.stop()
     return 0

@@ -19,6 +19,7 @@ from fedgate.convert import dict_to_struct, struct_to_dict
 from fedgate.v1 import fedgate_pb2 as pb
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
+from participant_sdk._channel import TlsCa, ca_pem, open_channel
 from participant_sdk._client import Client
 from participant_sdk._errors import DeadlineExceeded, SkillDefinitionError, from_rpc_error
 from participant_sdk._types import TaskContext, scoped_task_key
@@ -198,6 +199,7 @@ class AgentWorker:
         instance_id: str | None = None,
         max_backoff: float = 5.0,
         remember_finished: int = 1_000,
+        tls_ca: TlsCa = None,
     ) -> None:
         if not agents:
             raise SkillDefinitionError("serve at least one agent")
@@ -207,6 +209,8 @@ class AgentWorker:
         self.agents = {agent.name: agent for agent in agents}
         self.gateway = gateway
         self.token = token or ""
+        # TLS to a participant listener with a certificate: the CA that issued it (see Client).
+        self.tls_ca = ca_pem(tls_ca)
         self.instance_id = instance_id or uuid.uuid4().hex
         self.max_backoff = max_backoff
         self.connected = asyncio.Event()
@@ -253,7 +257,10 @@ class AgentWorker:
         """A Client on this worker's gateway and token, for skills that call onward."""
         if self._client is None:
             self._client = Client(
-                self.gateway, token=self.token or None, requester=f"agent:{','.join(self.agents)}"
+                self.gateway,
+                token=self.token or None,
+                requester=f"agent:{','.join(self.agents)}",
+                tls_ca=self.tls_ca,
             )
         return self._client
 
@@ -293,7 +300,7 @@ class AgentWorker:
                 yield message
 
         metadata = (("authorization", f"Bearer {self.token}"),) if self.token else ()
-        async with grpc.aio.insecure_channel(self.gateway) as channel:
+        async with open_channel(self.gateway, self.tls_ca) as channel:
             stub = pb_grpc.ParticipantStub(channel)
             self._call = call = stub.Connect(requests(), metadata=metadata)
             self._outgoing = outgoing
@@ -427,9 +434,13 @@ async def serve(
     gateway: str = "127.0.0.1:7400",
     token: str | None = None,
     instance_id: str | None = None,
+    tls_ca: TlsCa = None,
 ) -> None:
-    """Serve agents against the local gateway until cancelled, reconnecting as needed."""
-    worker = AgentWorker(agents, gateway, token=token, instance_id=instance_id)
+    """Serve agents against the local gateway until cancelled, reconnecting as needed.
+
+    `tls_ca`: the CA certificate (PEM bytes or a path) of a participant listener with TLS.
+    """
+    worker = AgentWorker(agents, gateway, token=token, instance_id=instance_id, tls_ca=tls_ca)
     try:
         await worker.run()
     finally:

@@ -14,6 +14,7 @@ from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 from google.protobuf.message import DecodeError
 
 from participant_sdk import _patterns
+from participant_sdk._channel import TlsCa, ca_pem, open_channel
 from participant_sdk._errors import FedgateError, InvalidArgument, TaskFailed, from_rpc_error
 from participant_sdk._patterns import FallbackResult, FanOutResult, RetryPolicy, Strategy
 from participant_sdk._types import TaskResult, TaskUpdate
@@ -27,6 +28,8 @@ class Client:
 
     `retry` is the default RetryPolicy of `call`, `call_first` and `fan_out`: by default
     `RetryPolicy()`, a few attempts on UNAVAILABLE; `RetryPolicy(max_attempts=1)` turns it off.
+    `tls_ca` (the CA certificate, PEM bytes or a file's path) connects with TLS, for a gateway
+    whose participant listener has a certificate ([participant] cert); plaintext otherwise.
     """
 
     def __init__(
@@ -36,12 +39,14 @@ class Client:
         requester: str = "",
         token: str | None = None,
         retry: RetryPolicy | None = None,
+        tls_ca: TlsCa = None,
     ) -> None:
         self.gateway = gateway
         self.requester = requester
         self.token = token
         self.retry = retry if retry is not None else RetryPolicy()
-        self._channel = grpc.aio.insecure_channel(gateway)
+        self.tls_ca = ca_pem(tls_ca)
+        self._channel = open_channel(gateway, self.tls_ca)
         self._stub = pb_grpc.ParticipantStub(self._channel)
 
     async def __aenter__(self) -> Client:

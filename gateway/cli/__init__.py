@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import sys
 
+from gateway import grpc_log
+
+# Before anything imports grpc, which reads GRPC_TRACE once: `fedgate serve` reads grpc's
+# handshake trace to log refused TLS handshakes as its own lines (gateway/grpc_log.py).
+if sys.argv[1:2] == ["serve"]:
+    grpc_log.prepare_for_serve()
+
 import click
 
 from gateway.errors import FedgateError

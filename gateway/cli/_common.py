@@ -26,5 +26,12 @@ def config_option(func: F) -> F:
 
 
 def read_config(config_path: str) -> GatewayConfig:
-    """Load and validate the config; a ConfigError becomes one line and exit 2."""
-    return load_config(config_path)
+    """Load and validate the config; a ConfigError becomes one line and exit 2.
+
+    A missing data folder is created here, 0700, whichever command needs it first (a token
+    issued before the first `fedgate serve` must not leave it readable by others).
+    """
+    config = load_config(config_path)
+    if not config.data_dir.exists():
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return config

@@ -8,6 +8,13 @@ certificate of that organization is accepted on the other end.
 
 Keys are ECDSA P-256: fast handshakes, and the same keys sign receipts and checkpoints.
 
+Two kinds of CA. A development CA (`fedgate init`, `fedgate certs dev`, the demo) says so in its
+subject (OU "INSECURE DEVELOPMENT CERTIFICATE") and keeps its key unencrypted: for a trial on one
+machine. A federation CA (`fedgate certs ca`) is the real thing: its key is encrypted with a
+passphrase, it issues only end-entity certificates (pathLenConstraint 0), for the validity its
+operator chooses, and it signs gateways' certificate requests (`fedgate certs request` makes the
+key and the request on the gateway's host; the key never leaves it).
+
 Reading a certificate (its names, extensions and key) costs about half a signature check, and
 the same few peer certificates come back on every exchange, so what identity checks read from a
 certificate is parsed once per DER (`certificate_facts`). Only what the bytes alone decide is
@@ -20,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.errors import FedgateError, PermissionDenied, Unauthenticated
+from gateway.errors import ConfigError, FedgateError, PermissionDenied, Unauthenticated
 
 SAN_SUFFIX = ".fedgate"
 DEV_WARNING = "INSECURE DEVELOPMENT CERTIFICATE - local use only"
@@ -66,15 +74,18 @@ def create_ca(
     *,
     days: int = 3650,
     not_before: dt.datetime | None = None,
+    development: bool = True,
 ) -> IssuedCert:
-    """A self-signed CA certificate and key for a federation."""
+    """A self-signed CA certificate and (unencrypted) key for a federation.
+
+    A development CA names itself as one (OU `DEV_WARNING`); `development=False` is for
+    `fedgate certs ca`, whose caller encrypts the key (`encrypt_key`).
+    """
     key = _new_key()
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, name),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, DEV_WARNING),
-        ]
-    )
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
+    if development:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, DEV_WARNING))
+    subject = x509.Name(attributes)
     start = not_before or _now() - dt.timedelta(minutes=5)
     cert = (
         x509.CertificateBuilder()
@@ -113,19 +124,45 @@ def issue_gateway_cert(
     not_before: dt.datetime | None = None,
     extra_dns: tuple[str, ...] = ("localhost",),
     san_org: str | None = None,
+    names: tuple[str, ...] | None = None,
 ) -> IssuedCert:
-    """A gateway certificate for `org`, usable as TLS server and client, signed by `ca`.
+    """A new key and a gateway certificate for `org`, usable as TLS server and client, signed
+    by `ca`. Besides `<org>.fedgate` it names `names` (DNS names or IP addresses) when given,
+    else `extra_dns` and 127.0.0.1 (a development set's habit).
 
     `san_org` exists for tests that need a certificate whose SAN disagrees with its O.
     """
+    key = _new_key()
+    if names is None:
+        names = (*extra_dns, "127.0.0.1")
+    cert_pem = _gateway_cert(
+        ca, org, key.public_key(), days=days, not_before=not_before, names=names, san_org=san_org
+    )
+    return IssuedCert(cert_pem, _key_pem(key))
+
+
+def _gateway_cert(
+    ca: IssuedCert,
+    org: str,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    days: int,
+    not_before: dt.datetime | None = None,
+    names: tuple[str, ...] = (),
+    san_org: str | None = None,
+) -> bytes:
+    """The certificate (PEM) of a gateway of `org` for `public_key`; `names` are further DNS
+    names or IP addresses the listener is reached by."""
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = _new_key()
     start = not_before or _now() - dt.timedelta(minutes=5)
-    names: list[x509.GeneralName] = [x509.DNSName(org_dns_name(san_org or org))]
-    names += [x509.DNSName(name) for name in extra_dns]
-    names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    general: list[x509.GeneralName] = [x509.DNSName(org_dns_name(san_org or org))]
+    for name in names:
+        try:
+            general.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            general.append(x509.DNSName(name))
     cert = (
         x509.CertificateBuilder()
         .subject_name(
@@ -137,12 +174,12 @@ def issue_gateway_cert(
             )
         )
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.SubjectAlternativeName(general), critical=False)
         .add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -154,7 +191,126 @@ def issue_gateway_cert(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    return IssuedCert(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def is_development_ca(ca_pem: bytes) -> bool:
+    """Whether a CA certificate names itself a development CA (OU `DEV_WARNING`)."""
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    units = ca.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    return any(unit.value == DEV_WARNING for unit in units)
+
+
+def certificate_request(org: str) -> IssuedCert:
+    """A new gateway key and a certificate signing request (PEM) for `org`: `fedgate certs
+    request`. The request goes to the federation CA's operator; the key stays here.
+
+    Returned as IssuedCert(cert_pem=the request, key_pem=the key).
+    """
+    key = _new_key()
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+                    x509.NameAttribute(NameOID.COMMON_NAME, org_dns_name(org)),
+                ]
+            )
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(org_dns_name(org))]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return IssuedCert(request.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def issue_from_request(
+    ca: IssuedCert,
+    request_pem: bytes,
+    org: str,
+    *,
+    days: int = 397,
+    names: tuple[str, ...] = (),
+) -> bytes:
+    """The certificate (PEM) for a gateway's signing request, as the federation CA issues it.
+
+    The CA decides what the certificate says (`org`, `<org>.fedgate`, `names`, the validity);
+    from the request it takes only the public key, after checking the request's signature and
+    that the organization it names, if any, is `org`. Raises ConfigError naming the problem.
+    """
+    try:
+        request = x509.load_pem_x509_csr(request_pem)
+    except ValueError as exc:
+        raise ConfigError(f"not a PEM certificate signing request: {exc}") from None
+    if not request.is_signature_valid:
+        raise ConfigError("the request's signature does not verify: ask for a new request")
+    named = [
+        str(a.value) for a in request.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    ]
+    if named and named != [org]:
+        raise ConfigError(
+            f"the request names organization {named[0]!r}, not {org!r}: issue it with --org "
+            f"{named[0]} if that is who asked, or ask {org} for its own request"
+        )
+    key = request.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ConfigError(
+            "the request's key is not ECDSA P-256 (gateway keys sign receipts and delegation "
+            "statements with ES256): make the request with `fedgate certs request`"
+        )
+    return _gateway_cert(ca, org, key, days=days, names=names)
+
+
+def encrypt_key(key_pem: bytes, passphrase: bytes) -> bytes:
+    """An unencrypted PEM private key, encrypted with `passphrase` (PKCS#8, best available)."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase),
+    )
+
+
+def key_is_encrypted(key_pem: bytes) -> bool:
+    return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in key_pem or b"Proc-Type: 4,ENCRYPTED" in (
+        key_pem
+    )
+
+
+def load_ca(
+    cert_path: Path,
+    key_path: Path,
+    passphrase: Callable[[], bytes],
+    *,
+    missing: str = "create a federation CA first with `fedgate certs ca`",
+) -> IssuedCert:
+    """A CA's certificate and key, the key decrypted in memory (`passphrase` is asked for only
+    when the key is encrypted). ConfigError names a missing file (with `missing`, the fix), a
+    wrong passphrase or a key that is not the certificate's."""
+    try:
+        cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{exc.filename}: not found: {missing}") from None
+    except OSError as exc:
+        raise ConfigError(f"{exc.filename}: cannot read: {exc.strerror}") from None
+    password = passphrase() if key_is_encrypted(key_pem) else None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=password)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"{key_path}: cannot decrypt the CA key: wrong passphrase"
+            if password is not None
+            else f"{key_path}: not a PEM private key"
+        ) from None
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise ConfigError(f"{cert_path}: not a PEM certificate") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+        raise ConfigError(f"{key_path}: this key is not the key of the CA in {cert_path}")
+    return IssuedCert(cert_pem, _key_pem(key))
 
 
 def write_pair(issued: IssuedCert, cert_path: Path, key_path: Path) -> None:

@@ -3,10 +3,17 @@
 Both sides re-read their files when they change, so a gateway's certificate and the federation
 CA can be rotated without a restart: open connections keep the material they were made with,
 new handshakes use the new files.
+
+The gateway's own certificate is checked whenever it is read: that its key is the one in the key
+file, that it names this gateway's organization, that it is valid now, and that it chains to a
+CA in the CA file. A gateway that trusts one CA while holding a certificate of another would
+start, and fail only at its partners' handshakes; it refuses to start instead, and a rotated
+set that fails the check is refused and the previous one keeps serving.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import time
@@ -16,9 +23,11 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 
-from gateway.errors import ConfigError, Unauthenticated
-from gateway.identity.certs import pem_certificate_facts
+from gateway.errors import ConfigError, FedgateError, Unauthenticated
+from gateway.identity.certs import organization_of, pem_certificate_facts
 
 log = logging.getLogger("fedgate.tls")
 
@@ -29,6 +38,8 @@ class TlsFiles:
     key: Path
     ca: Path
     crl: Path | None = None
+    # The organization the certificate must name (the gateway's own); None: not checked.
+    org: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,8 +85,93 @@ def read_material(files: TlsFiles) -> TlsMaterial:
     ):
         if marker not in pem:
             raise ConfigError(f"{label}: not a PEM file of the expected kind")
+    check_own_certificate(files, cert_pem, key_pem, ca_pem)
     revoked = _read_crl(files.crl, ca_pem) if files.crl else frozenset()
     return TlsMaterial(cert_pem, key_pem, ca_pem, revoked, stamp)
+
+
+def check_own_certificate(files: TlsFiles, cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> None:
+    """ConfigError, in one line with the fix, unless the certificate is usable by this gateway:
+    its key, its organization, valid now, and issued (through any intermediates in the
+    certificate file) by a CA of the CA file."""
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError as exc:
+        raise ConfigError(f"{files.cert}: not a PEM certificate: {exc}") from None
+    try:
+        cas = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError as exc:
+        raise ConfigError(f"{files.ca}: not a PEM certificate: {exc}") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise ConfigError(
+            f"{files.key}: the key is encrypted, and grpc needs it unencrypted: keep an "
+            "unencrypted copy readable by the gateway's user alone (chmod 600)"
+        ) from None
+    except ValueError as exc:
+        raise ConfigError(f"{files.key}: not a PEM private key: {exc}") from None
+    leaf = chain[0]
+    if key.public_key() != leaf.public_key():
+        raise ConfigError(
+            f"{files.key}: this key is not the key of the certificate in {files.cert}: use the "
+            "key made with the certificate's request (`fedgate certs request` writes both)"
+        )
+    if files.org is not None:
+        try:
+            named = organization_of(leaf)
+        except FedgateError as exc:
+            raise ConfigError(f"{files.cert}: {exc.message}") from None
+        if named != files.org:
+            raise ConfigError(
+                f"{files.cert}: the certificate names organization {named!r}, but this gateway "
+                f"is {files.org!r} ([gateway] org): use a certificate issued to {files.org}"
+            )
+    now = dt.datetime.now(dt.UTC)
+    if leaf.not_valid_after_utc <= now:
+        raise ConfigError(
+            f"{files.cert}: this gateway's certificate expired on "
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: get a new one from the federation "
+            "CA (`fedgate certs request`, then its operator's `fedgate certs issue --csr`)"
+        )
+    if leaf.not_valid_before_utc > now:
+        raise ConfigError(
+            f"{files.cert}: this gateway's certificate is valid only from "
+            f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC: check this host's clock"
+        )
+    if _chains_to(leaf, chain[1:], cas) is None:
+        trusted = "; ".join(ca.subject.rfc4514_string() for ca in cas) or "no certificate"
+        raise ConfigError(
+            f"{files.cert}: this gateway's certificate (issuer "
+            f"{leaf.issuer.rfc4514_string()!r}) is not issued by the CA in {files.ca} "
+            f"({trusted}), so partners that trust that CA refuse it: put the federation's CA "
+            "certificate in [federation] ca, or get this gateway's certificate from that CA "
+            "(`fedgate certs request`)"
+        )
+
+
+def _chains_to(
+    cert: x509.Certificate, intermediates: list[x509.Certificate], cas: list[x509.Certificate]
+) -> x509.Certificate | None:
+    """The CA of `cas` that issued `cert`, directly or through `intermediates`, or None."""
+    current = cert
+    for _ in range(len(intermediates) + 1):
+        for ca in cas:
+            if _issued_by(current, ca):
+                return ca
+        parent = next((c for c in intermediates if _issued_by(current, c)), None)
+        if parent is None:
+            return None
+        current = parent
+    return None
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 class ReloadingTls:
@@ -117,8 +213,10 @@ class ReloadingTls:
                 log.error("after a TLS reload: %s", exc)
         return True
 
-    def server_credentials(self) -> grpc.ServerCredentials:
-        """Server credentials that require a client certificate and pick up rotated files."""
+    def server_credentials(self, *, require_client_auth: bool = True) -> grpc.ServerCredentials:
+        """Server credentials that pick up rotated files and, by default, require a client
+        certificate of the CA (the federation listener; the participant listener's TLS does
+        not: its callers hold tokens)."""
         served = [self._material.stamp]
 
         def _config(m: TlsMaterial) -> grpc.ServerCertificateConfiguration:
@@ -137,7 +235,7 @@ class ReloadingTls:
             return _config(material)
 
         return grpc.dynamic_ssl_server_credentials(
-            _config(self._material), fetch, require_client_authentication=True
+            _config(self._material), fetch, require_client_authentication=require_client_auth
         )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:

@@ -195,7 +195,7 @@ def _key_id(public_key: ec.EllipticCurvePublicKey) -> str:
 def _load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """Read the token key, creating a fresh P-256 key (mode 0600) if the file does not exist."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the data folder: private
         pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -259,7 +259,7 @@ def _write_json(path: Path, value: Any) -> None:
             json.dump(value, handle, indent=1, sort_keys=True)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)
+        os.chmod(temporary, 0o600)  # the data folder is private, and so is what is in it
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -144,3 +144,170 @@ def test_packaged_model_is_the_repository_model() -> None:
     """`fedgate init` writes the packaged copy of the Casbin model; it must not drift."""
     packaged = Path(__file__).resolve().parents[2] / "gateway" / "resources" / "model.conf"
     assert packaged.read_text() == MODEL.read_text()
+
+
+PASSPHRASE = {"FEDGATE_CA_PASSPHRASE": "correct horse battery staple"}
+
+
+def _run(*args: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(main, list(args), env=env or {})
+
+
+def _serve_once(config: Path) -> subprocess.CompletedProcess[str]:
+    """`fedgate serve` that must refuse to start (a gateway that starts times out here)."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_serve_refuses_a_certificate_of_another_ca_than_the_one_it_trusts(tmp_path: Path) -> None:
+    """init (a trial's development CA), then a certificate from the federation's CA: serve says
+    so at once, instead of starting and failing at every partner's handshake."""
+    assert _run("init", "--org", "hospital", "--dir", str(tmp_path)).exit_code == 0
+    assert _run("certs", "ca", "--out", str(tmp_path / "fedca"), env=PASSPHRASE).exit_code == 0
+    issued = _run(
+        *("certs", "issue", "--org", "hospital", "--ca-dir", str(tmp_path / "fedca")),
+        *("--out", str(tmp_path / "certs")),
+        env=PASSPHRASE,
+    )
+    assert issued.exit_code == 0, issued.output
+    result = _serve_once(tmp_path / "fedgate.toml")
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert f"{tmp_path / 'certs' / 'hospital.crt'}: this gateway's certificate" in line
+    assert f"is not issued by the CA in {tmp_path / 'certs' / 'ca.crt'}" in line
+    assert "put the federation's CA certificate in [federation] ca" in line
+
+
+def test_init_with_the_federation_ca_makes_a_request_and_serve_says_what_is_missing(
+    tmp_path: Path,
+) -> None:
+    assert _run("certs", "ca", "--out", str(tmp_path / "fedca"), env=PASSPHRASE).exit_code == 0
+    site = tmp_path / "hospital"
+    joined = _run(
+        "init",
+        "--org",
+        "hospital",
+        "--dir",
+        str(site),
+        "--ca-cert",
+        str(tmp_path / "fedca" / "ca.crt"),
+    )
+    assert joined.exit_code == 0, joined.output
+    certs = site / "certs"
+    assert sorted(p.name for p in certs.iterdir()) == ["ca.crt", "hospital.csr", "hospital.key"]
+    assert (certs / "ca.crt").read_bytes() == (tmp_path / "fedca" / "ca.crt").read_bytes()
+    assert f"send {certs / 'hospital.csr'} to the federation CA's operator" in joined.output
+    assert (site / "data").stat().st_mode & 0o777 == 0o700
+    # Before the certificate is back, serve says what is missing and what to do.
+    waiting = _serve_once(site / "fedgate.toml")
+    assert waiting.returncode == 2
+    (line,) = waiting.stderr.strip().splitlines()
+    assert "federation.cert: file not found" in line
+    assert f"the federation CA has not issued it yet: send {certs / 'hospital.csr'}" in line
+    # The CA operator signs the request; the certificate goes beside the key.
+    issued = _run(
+        *("certs", "issue", "--org", "hospital", "--csr", str(certs / "hospital.csr")),
+        *("--ca-dir", str(tmp_path / "fedca"), "--out", str(certs)),
+        env=PASSPHRASE,
+    )
+    assert issued.exit_code == 0, issued.output
+    config = load_config(site / "fedgate.toml")
+    from gateway.identity.tls import TlsFiles, read_material
+
+    fed = config.federation
+    read_material(TlsFiles(fed.cert, fed.key, fed.ca, org=config.org))
+
+
+def test_a_trial_joins_the_federation_with_init_ca_cert(tmp_path: Path) -> None:
+    """The trial's development CA and certificate are set aside; its config and policy kept."""
+    assert _run("init", "--org", "hospital", "--dir", str(tmp_path)).exit_code == 0
+    rules = tmp_path / "policies" / "hospital.csv"
+    rules.write_text("p, insurer, records, summary, invoke, *, allow\n")
+    config = tmp_path / "fedgate.toml"
+    config.write_text(config.read_text() + '[peers.insurer]\naddress = "127.0.0.1:1"\n')
+    kept = config.read_text()
+    assert _run("certs", "ca", "--out", str(tmp_path / "fedca"), env=PASSPHRASE).exit_code == 0
+    joined = _run(
+        *("init", "--org", "hospital", "--dir", str(tmp_path)),
+        *("--ca-cert", str(tmp_path / "fedca" / "ca.crt")),
+    )
+    assert joined.exit_code == 0, joined.output
+    assert config.read_text() == kept
+    certs = tmp_path / "certs"
+    assert sorted(p.name for p in certs.iterdir()) == [
+        "ca.crt",
+        "dev-ca.crt",
+        "dev-ca.key",
+        "dev-hospital.crt",
+        "dev-hospital.key",
+        "hospital.csr",
+        "hospital.key",
+    ]
+    assert (certs / "ca.crt").read_bytes() == (tmp_path / "fedca" / "ca.crt").read_bytes()
+    assert rules.read_text() == "p, insurer, records, summary, invoke, *, allow\n"
+    refused = _run(
+        *("init", "--org", "hospital", "--dir", str(tmp_path / "other"), "--ca-cert"),
+        str(certs / "dev-hospital.crt"),
+    )
+    assert refused.exit_code == 2
+    assert "not a CA certificate" in refused.output
+
+
+@pytest.mark.parametrize(
+    ("listen", "extra", "expected"),
+    [
+        (
+            "0.0.0.0:7400",
+            "",
+            "participant: listen = '0.0.0.0:7400' is reachable from other hosts, but the "
+            "participant listener has no TLS (tokens and payloads would cross the network in "
+            "plaintext): set [participant] cert and key (`fedgate certs issue --san HOST`), or "
+            "listen on 127.0.0.1",
+        ),
+        ("gw.hospital.internal:7400", "", "is reachable from other hosts, but the participant"),
+        ("[::]:7400", "", "is reachable from other hosts"),
+        ("127.0.0.1:7400", 'cert = "{cert}"\n', "participant: cert and key: give both"),
+        (
+            "0.0.0.0:7400",
+            'cert = "{cert}"\nkey = "{key}"\nrequire_tokens = false\n',
+            "require_tokens = false would let anyone there call through this gateway",
+        ),
+    ],
+)
+def test_a_participant_listener_off_loopback_needs_tls_and_tokens(
+    tmp_path: Path, pki: Pki, listen: str, extra: str, expected: str
+) -> None:
+    path = _write(tmp_path, pki)
+    body = extra.format(cert=pki.cert("hospital"), key=pki.key("hospital"))
+    path.write_text(path.read_text() + f'[participant]\nlisten = "{listen}"\n{body}')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.message.startswith(f"{path}: ")
+    assert expected in info.value.message
+
+
+@pytest.mark.parametrize(
+    "listen", ["127.0.0.1:7400", "127.0.0.2:7400", "[::1]:7400", "localhost:1"]
+)
+def test_a_loopback_participant_listener_needs_no_tls(
+    tmp_path: Path, pki: Pki, listen: str
+) -> None:
+    path = _write(tmp_path, pki)
+    path.write_text(path.read_text() + f'[participant]\nlisten = "{listen}"\n')
+    assert load_config(path).participant.cert is None
+
+
+def test_a_participant_listener_off_loopback_with_tls(tmp_path: Path, pki: Pki) -> None:
+    path = _write(tmp_path, pki)
+    path.write_text(
+        path.read_text()
+        + '[participant]\nlisten = "0.0.0.0:7400"\n'
+        + f'cert = "{pki.cert("hospital")}"\nkey = "{pki.key("hospital")}"\n'
+    )
+    config = load_config(path)
+    assert config.participant.cert == pki.cert("hospital")
+    assert config.participant_ca == pki.ca, "trusted by the CLI: the federation CA by default"
