@@ -40,6 +40,9 @@ class GatewaySection(_Section):
     default_deadline_seconds: float = Field(30.0, gt=0, le=86_400)
     max_deadline_seconds: float = Field(600.0, gt=0, le=86_400)
     shutdown_grace_seconds: float = Field(10.0, ge=0, le=3_600)
+    # How long the task table keeps a finished task (its result, for retries and `get`): a key
+    # older than this runs again. 0 keeps them all. Running tasks are never pruned.
+    task_retention_days: float = Field(30.0, ge=0, le=36_500)
 
     @field_validator("org")
     @classmethod

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -163,6 +164,7 @@ class Gateway:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._watch: asyncio.Task[None] | None = None
         self._exchange: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
         self.ports: BoundPorts | None = None
         # Called with the bound ports as soon as both listeners are bound, before they serve.
         self.on_bound: list[Callable[[BoundPorts], object]] = []
@@ -214,6 +216,8 @@ class Gateway:
         interval = self.config.audit.checkpoint_interval_seconds
         if interval > 0 and self.peers.names:
             self._exchange = asyncio.ensure_future(self._exchange_loop(interval))
+        if self.config.gateway.task_retention_days > 0:
+            self._retention = asyncio.ensure_future(self._retention_loop())
         self.ports = BoundPorts(fed_port, part_port)
         log.info(
             "gateway of %r serving: federation on port %d (mTLS), participants on port %d%s",
@@ -255,7 +259,7 @@ class Gateway:
             log.warning(
                 "%d tasks still running after the %.0fs grace period", self.router.in_flight, grace
             )
-        for task in (self._watch, self._exchange):
+        for task in (self._watch, self._exchange, self._retention):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -290,6 +294,21 @@ class Gateway:
             except FedgateError as exc:
                 outcome[org] = f"failed: {exc.message}"
         return outcome
+
+    async def _retention_loop(self, every: float = 3_600.0) -> None:
+        """Prune the task table of finished tasks past `[gateway] task_retention_days`, at
+        start and then hourly (`fedgate tasks prune` does the same by hand)."""
+        keep_ms = self.config.gateway.task_retention_days * 86_400_000
+        while True:
+            before = int(time.time() * 1000 - keep_ms)
+            try:
+                pruned = await asyncio.to_thread(self.audit.prune_tasks, before)
+            except Exception as exc:  # the store may be down: try again at the next round
+                log.warning("task table retention skipped: %s", type(exc).__name__)
+            else:
+                if pruned:
+                    log.info("task table retention: %d finished tasks pruned", pruned)
+            await asyncio.sleep(every)
 
     async def _exchange_loop(self, interval: float) -> None:
         while True:

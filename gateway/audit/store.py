@@ -524,6 +524,19 @@ class AuditStore(ABC):
     ) -> list[TaskRow]: ...
 
     @abstractmethod
+    def prune_tasks(self, before_ms: int) -> int:
+        """Delete the finished tasks last updated before `before_ms` (retention); running
+        tasks are kept whatever their age. Returns how many rows went."""
+
+    @abstractmethod
+    def task_overview(self, *, state: str | None = None, limit: int = 50) -> list[TaskRow]:
+        """Tasks of every origin, newest first (for the operator: `fedgate tasks list`)."""
+
+    @abstractmethod
+    def task_counts(self) -> dict[str, int]:
+        """How many rows the task table holds, per state."""
+
+    @abstractmethod
     def _add_checkpoint(self, role: str, checkpoint: SignedCheckpoint) -> None: ...
 
     @abstractmethod
@@ -615,6 +628,24 @@ class MemoryAuditStore(AuditStore):
 
     async def unfinished_tasks(self) -> list[TaskRow]:
         return [r for r in self.task_rows.values() if not r.final]
+
+    def prune_tasks(self, before_ms: int) -> int:
+        self._fail_if_told()
+        gone = [k for k, r in self.task_rows.items() if r.final and r.updated_ms < before_ms]
+        for key in gone:
+            del self.task_rows[key]
+        return len(gone)
+
+    def task_overview(self, *, state: str | None = None, limit: int = 50) -> list[TaskRow]:
+        rows = [r for r in self.task_rows.values() if state is None or r.state.value == state]
+        rows.sort(key=lambda r: (r.created_ms, r.task_id), reverse=True)
+        return rows[:limit]
+
+    def task_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self.task_rows.values():
+            counts[row.state.value] = counts.get(row.state.value, 0) + 1
+        return counts
 
     async def list_tasks(
         self, origin_org: str, owner: str | None, *, limit: int, offset: int
@@ -887,6 +918,30 @@ class SqlAuditStore(AuditStore):
         self, origin_org: str, owner: str | None, *, limit: int, offset: int
     ) -> list[TaskRow]:
         return await asyncio.to_thread(self._list_tasks, origin_org, owner, limit, offset)
+
+    def prune_tasks(self, before_ms: int) -> int:
+        finals = [s.value for s in TaskState if s.final]
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                delete(TASKS).where(TASKS.c.state.in_(finals), TASKS.c.updated_ms < before_ms)
+            )
+        return int(result.rowcount)
+
+    def task_overview(self, *, state: str | None = None, limit: int = 50) -> list[TaskRow]:
+        statement = select(TASKS)
+        if state is not None:
+            statement = statement.where(TASKS.c.state == state)
+        statement = statement.order_by(TASKS.c.created_ms.desc(), TASKS.c.task_id.desc())
+        with self.engine.connect() as connection:
+            rows = connection.execute(statement.limit(limit)).all()
+        return [row_from_sql(r) for r in rows]
+
+    def task_counts(self) -> dict[str, int]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(TASKS.c.state, func.count()).group_by(TASKS.c.state)
+            ).all()
+        return {str(state): int(count) for state, count in rows}
 
     def _add_checkpoint(self, role: str, checkpoint: SignedCheckpoint) -> None:
         with self.engine.begin() as connection:

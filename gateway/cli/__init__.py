@@ -34,9 +34,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from gateway.cli import audit, gateway_commands, policy, tokens
+    from gateway.cli import audit, gateway_commands, policy, tasks, tokens
 
-    for module in (gateway_commands, policy, audit, tokens):
+    for module in (gateway_commands, policy, audit, tasks, tokens):
         for command in module.COMMANDS:
             main.add_command(command)
     policy_group = main.commands.get("policy")

@@ -56,6 +56,7 @@ from gateway.identity.signing import (
     Verifier,
     sign_result,
     verify_checkpoint,
+    verify_provenance_receipt,
     verify_receipt,
 )
 from gateway.payload import (
@@ -762,6 +763,10 @@ class Steps:
                     turn=x.turn,
                     state=result.state.value,
                 )
+                for entry in result.provenance:
+                    # Who signed each sub-task's receipt, for which task (not its content:
+                    # its salt stays with the requester that consulted them).
+                    verify_provenance_receipt(self.verifier, SignedReceipt.from_json(entry))
                 output_digest = digest(result.output)
                 check_limits(
                     result.output,
