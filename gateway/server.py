@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import signal
@@ -374,6 +375,18 @@ def _bind_problem(address: str, listener: str) -> str:
     return f"grpc refused to bind it: {fix}"
 
 
+def settle_garbage_collector() -> None:
+    """Once the gateway has started: what it built to serve (the compiled policy, Casbin's rule
+    objects, certificates, the database layers: hundreds of thousands of objects) lives as long
+    as the process, so it is moved out of the collector's sight (gc.freeze), and the youngest
+    generation is collected less often. A full collection then walks only what exchanges
+    allocate, not the whole heap each time (measured: 12% of a gateway's CPU on 1 MiB payloads
+    went to gc_collect_main before)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+
+
 async def serve(config: GatewayConfig, *, handshakes: HandshakeLog | None = None) -> int:
     """Run a gateway until SIGTERM or SIGINT; returns the process exit status.
 
@@ -399,6 +412,7 @@ async def serve(config: GatewayConfig, *, handshakes: HandshakeLog | None = None
     # Written once the folder is ours and bound, so it is there when "serving" is logged.
     gateway.on_bound.append(lambda _: gateway.data_folder.write_pid_file())
     await gateway.start()
+    settle_garbage_collector()
     try:
         await stop.wait()
         log.info(

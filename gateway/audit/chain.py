@@ -61,7 +61,7 @@ DIRECTIONS = frozenset({"outbound", "inbound"})
 MAX_EVIDENCE_BYTES = 32 * 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AuditEvent:
     """One event of an exchange, as the gateway core reports it.
 
@@ -316,10 +316,12 @@ def _json_round_trip(
     if not isinstance(value, dict):
         raise InvalidArgument(f"audit {name} must be a JSON object")
     try:
-        # JCS refuses what a version 2 record could not hash (NaN, huge integers, non-string
-        # keys); orjson's round trip keeps every float a float, as a later read gets it back.
-        encoded = jcs(value)
-        loaded = orjson.loads(orjson.dumps(value))
+        # orjson's round trip keeps every float a float, as a later read gets it back, and
+        # refuses NaN and non-string keys. JCS refuses what a version 2 record could not hash
+        # (integers beyond 2**53 too): checked here for a payload or evidence, which may hold
+        # anything; a receipt is typed field by field where it is read (SignedReceipt).
+        loaded = orjson.loads(orjson.dumps(value, option=orjson.OPT_STRICT_INTEGER))
+        encoded = jcs(value) if name != "receipt" or max_bytes is not None else b""
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"audit {name} is not a JSON object: {exc}") from None
     if max_bytes is not None and len(encoded) > max_bytes:

@@ -28,6 +28,7 @@ one-row head table updated in the same transaction — instead of trusting the c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import logging
@@ -225,8 +226,6 @@ class AuditStore(ABC):
         """
         if self._closed:
             raise _unavailable("the store is closed")
-        self._start_writer()
-        assert self._queue is not None
         if events is None:
             normalized: tuple[AuditEvent, ...] = ()
         elif isinstance(events, AuditEvent):
@@ -234,8 +233,14 @@ class AuditStore(ABC):
         else:
             normalized = tuple(normalize_event(event) for event in events)
         future: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((normalized, op, future))
+        self._submit((normalized, op, future))
         return await future
+
+    def _submit(self, step: _Step) -> None:
+        """Queue a step for the writer (here an asyncio task; SqlAuditStore's thread)."""
+        self._start_writer()
+        assert self._queue is not None
+        self._queue.put_nowait(step)
 
     async def write_task(self, op: TaskOp) -> TaskRow | None:
         """A task-table write alone (TaskTable's writes); returns the row holding a taken key."""
@@ -404,45 +409,57 @@ class AuditStore(ABC):
     # ---- the writer ----
 
     async def _commit(self, batch: list[_Step]) -> None:
-        time_ms = max(_now_ms(), self._last_time_ms)  # never goes back, so a time cut is a prefix
-        steps = [(event, op) for event, op, _ in batch]
+        """The asyncio writer's batch (the in-memory store's; SqlAuditStore commits on its
+        writer thread instead, without this hop)."""
+        time_ms = max(_now_ms(), self._last_time_ms)
+        outcomes = await self._run(self._commit_steps, [step[:2] for step in batch], time_ms)
+        self._settle(batch, outcomes)
+
+    def _commit_steps(
+        self, steps: list[tuple[tuple[AuditEvent, ...], TaskOp | None]], time_ms: int
+    ) -> list[Written | BaseException]:
+        """Commit a batch of steps in one transaction (where the store writes); if it fails,
+        each step is tried again on its own, so one bad step does not fail the others.
+        `time_ms` never goes back, so a time cut of the log is a prefix of it."""
         try:
-            outcomes = await self._run(self._apply, steps, time_ms)
+            outcomes: list[Written | BaseException] = list(self._apply(steps, time_ms))
         except Exception as exc:
             self._head = None  # re-read from the store on the next attempt
-            if len(batch) == 1:
-                self._failed(batch, exc)
-                return
-            # One bad step must not fail the others: each is tried again on its own.
-            for step in batch:
+            if len(steps) == 1:
+                return [exc]
+            outcomes = []
+            for step in steps:
                 try:
-                    (outcome,) = await self._run(self._apply, [step[:2]], time_ms)
+                    (outcome,) = self._apply([step], time_ms)
                 except Exception as alone:
                     self._head = None
-                    self._failed([step], alone)
+                    outcomes.append(alone)
                     continue
-                self._succeeded([step], [outcome], time_ms)
-            return
-        self._succeeded(batch, outcomes, time_ms)
+                outcomes.append(outcome)
+        if any(not isinstance(o, BaseException) for o in outcomes):
+            self._last_time_ms = time_ms
+        return outcomes
 
-    def _succeeded(self, batch: list[_Step], outcomes: list[Written], time_ms: int) -> None:
-        self.commits += 1
-        self._last_time_ms = time_ms
-        if not self._healthy:
-            log.warning("audit store writable again: accepting exchanges")
-        self._healthy = True
-        for (_, _, future), outcome in zip(batch, outcomes, strict=True):
-            if not future.done():
-                future.set_result(outcome)
-
-    def _failed(self, batch: list[_Step], exc: BaseException) -> None:
-        cause = _cause(exc)
-        if self._healthy:
-            log.error("audit store cannot be written (%s): refusing exchanges", cause)
-        self._healthy = False
-        for events, _, future in batch:
-            if not future.done():
+    def _settle(self, batch: list[_Step], outcomes: list[Written | BaseException]) -> None:
+        """On the event loop: the waiters of a committed batch resume (one hand-off for all)."""
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if len(failed) < len(outcomes):
+            # Something committed: the store is writable (a step refused alone is its own).
+            self.commits += 1
+            if not self._healthy:
+                log.warning("audit store writable again: accepting exchanges")
+            self._healthy = True
+        elif self._healthy:
+            log.error("audit store cannot be written (%s): refusing exchanges", _cause(failed[0]))
+            self._healthy = False
+        for (events, _, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                cause = _cause(outcome)
                 future.set_exception(_unavailable(cause) if events else _table_unavailable(cause))
+            else:
+                future.set_result(outcome)
 
     def _apply(
         self, steps: list[tuple[tuple[AuditEvent, ...], TaskOp | None]], time_ms: int
@@ -753,7 +770,12 @@ class SqlAuditStore(AuditStore):
         self.busy_timeout_ms = busy_timeout_ms
         self._engine: Engine | None = None
         self._open_lock = threading.Lock()
-        self._writer_thread = WriterThread("fedgate-audit-writer", lambda: self.engine)
+        self._writer_thread = WriterThread(
+            "fedgate-audit-writer",
+            lambda: self.engine,
+            batch=self._commit_on_thread,
+            batch_max=batch_max,
+        )
 
     @property
     def engine(self) -> Engine:
@@ -765,6 +787,27 @@ class SqlAuditStore(AuditStore):
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         return await self._writer_thread.run(function, *args)
+
+    def _start_writer(self) -> None:
+        self._closed = False  # the writer is the thread: no asyncio task to start
+
+    def _submit(self, step: _Step) -> None:
+        """Straight to the writer thread: the steps queued while it commits form its next
+        batch, and their waiters resume with one hand-off back to the event loop."""
+        self._writer_thread.put((step, asyncio.get_running_loop()))
+
+    def _commit_on_thread(self, items: list[tuple[_Step, asyncio.AbstractEventLoop]]) -> None:
+        """The writer thread's batch: commit, then settle the waiters on their event loop."""
+        time_ms = max(_now_ms(), self._last_time_ms)
+        outcomes = self._commit_steps([step[:2] for step, _ in items], time_ms)
+        by_loop: dict[asyncio.AbstractEventLoop, tuple[list[_Step], list[Any]]] = {}
+        for (step, loop), outcome in zip(items, outcomes, strict=True):
+            steps, results = by_loop.setdefault(loop, ([], []))
+            steps.append(step)
+            results.append(outcome)
+        for loop, (steps, results) in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(self._settle, steps, results)
 
     def _open(self) -> None:
         with self._open_lock:

@@ -127,7 +127,6 @@ class FederationServicer(ServicerBase, pb_grpc.FederationServicer):
         """The calling peer organization, proven by its certificate; any other caller is refused
         and recorded, at most at the per-certificate rate (past it, RESOURCE_EXHAUSTED)."""
         started = time.monotonic()
-        fingerprint = _fingerprint(context)
         error: FedgateError
         org = "-"
         try:
@@ -150,6 +149,7 @@ class FederationServicer(ServicerBase, pb_grpc.FederationServicer):
                 f"organization {org!r} is not a peer of {self.router.org!r}: the operator must add "
                 f"it under [peers.{org}] in fedgate.toml"
             )
+        fingerprint = _fingerprint(context)  # only a stranger is counted by certificate
         try:
             self.strangers.spend(fingerprint)
         except FedgateError as exhausted:

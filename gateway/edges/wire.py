@@ -14,6 +14,7 @@ other update (submitted, working) a result is dropped, whoever sent it (guarante
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -95,7 +96,10 @@ def check_text(field: str, value: str, limit: int) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=4096)
 def _check_path(field: str, path: str) -> None:
+    """Paths repeat from one message to the next (the same policy reports the same ones):
+    a path checked once is not parsed again."""
     check_text(field, path, MAX_PATH_CHARS)
     try:
         parse_reported(path)  # a reported path: concrete, `*` for a key no rule names ...

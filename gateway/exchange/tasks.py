@@ -41,7 +41,7 @@ _AWAITING = {TaskState.INPUT_REQUIRED, TaskState.AUTH_REQUIRED}
 TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskSpec:
     """What was asked: who, of which agent skill, with what input, until when."""
 
@@ -76,13 +76,13 @@ class TaskSpec:
         return replace(self, input=payload, input_field_actions=actions)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskError:
     code: str
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskResult:
     task_id: str
     state: TaskState
@@ -101,7 +101,7 @@ class TaskResult:
     checkpoint: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskUpdate:
     task_id: str
     state: TaskState
@@ -109,7 +109,7 @@ class TaskUpdate:
     result: TaskResult | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SkillCard:
     name: str
     description: str = ""
@@ -117,7 +117,7 @@ class SkillCard:
     output_schema: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AgentCard:
     org: str
     name: str

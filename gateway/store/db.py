@@ -98,6 +98,18 @@ async def group_commit(
 _Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.AbstractEventLoop, asyncio.Future[Any]]
 
 
+_NOTHING = object()
+
+
+class _Item:
+    """A write queued for the thread's batch handler (see WriterThread.put)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 class WriterThread:
     """A store's one writer: a long-lived thread that runs its jobs in order on one connection.
 
@@ -109,27 +121,45 @@ class WriterThread:
     `stop`.
     """
 
-    def __init__(self, name: str, engine: Callable[[], Engine]) -> None:
+    def __init__(
+        self,
+        name: str,
+        engine: Callable[[], Engine],
+        *,
+        batch: Callable[[list[Any]], None] | None = None,
+        batch_max: int = 512,
+    ) -> None:
         self._name = name
         self._engine = engine
         self._lock = threading.Lock()  # orders starting, stopping and queueing jobs
-        self._worker: tuple[threading.Thread, queue.SimpleQueue[_Job | None]] | None = None
+        self._worker: tuple[threading.Thread, queue.SimpleQueue[Any]] | None = None
         self._local = threading.local()  # .connection and .used_at, on the writer thread
+        # Group commit without a hop through the event loop: items put() while the thread
+        # commits are handed to `batch` together (at most batch_max), on the thread.
+        self._batch = batch
+        self._batch_max = batch_max
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         """`function(*args)` run on the writer thread, after the jobs queued before it."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
+        self._enqueue((function, args, loop, future))
+        return await future
+
+    def put(self, item: Any) -> None:
+        """Queue `item` for the batch handler (which settles whatever the item carries)."""
+        self._enqueue(_Item(item))
+
+    def _enqueue(self, job: Any) -> None:
         with self._lock:
             if self._worker is None:
-                jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+                jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
                 thread = threading.Thread(
                     target=self._serve, args=(jobs,), name=self._name, daemon=True
                 )
                 thread.start()
                 self._worker = (thread, jobs)
-            self._worker[1].put((function, args, loop, future))
-        return await future
+            self._worker[1].put(job)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Run the queued jobs, close the connection and end the thread; returns when it ended,
@@ -148,16 +178,34 @@ class WriterThread:
                     timeout,
                 )
 
-    def _serve(self, jobs: queue.SimpleQueue[_Job | None]) -> None:
+    def _serve(self, jobs: queue.SimpleQueue[Any]) -> None:
         try:
-            while (job := jobs.get()) is not None:
-                function, args, loop, future = job
-                try:
-                    result, error = function(*args), None
-                except BaseException as exc:  # handed to the waiter, as an executor would
-                    result, error = None, exc
-                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                    loop.call_soon_threadsafe(_settle, future, result, error)
+            job = jobs.get()
+            while job is not None:
+                if type(job) is not _Item:
+                    function, args, loop, future = job
+                    try:
+                        result, error = function(*args), None
+                    except BaseException as exc:  # handed to the waiter, as an executor would
+                        result, error = None, exc
+                    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                        loop.call_soon_threadsafe(_settle, future, result, error)
+                    job = jobs.get()
+                    continue
+                # Every item queued by now goes into this batch: one transaction, one fsync.
+                batch, pending = [job.value], _NOTHING
+                while len(batch) < self._batch_max:
+                    try:
+                        following = jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if type(following) is not _Item:
+                        pending = following  # a job, or the stop: after this batch
+                        break
+                    batch.append(following.value)
+                assert self._batch is not None, "put() needs a batch handler"
+                self._batch(batch)
+                job = jobs.get() if pending is _NOTHING else pending
         finally:
             self._discard()
 

@@ -17,11 +17,11 @@ durable and the other is not. This module holds the rows, the operations and the
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+import orjson
 from sqlalchemy import BigInteger, Column, Index, String, Text
 from sqlmodel import Field, SQLModel
 
@@ -175,7 +175,7 @@ def accept_row(op: Accept, now_ms: int) -> tuple[Any, ...]:
         spec.requester,
         op.remote,
         TaskState.WORKING.value,
-        json.dumps(spec_to_json(kept_spec(spec, remote=op.remote))),
+        orjson.dumps(spec_to_json(kept_spec(spec, remote=op.remote))).decode("utf-8"),
         None,  # result_json
         now_ms,
         now_ms,
@@ -189,7 +189,7 @@ def op_sql_params(op: TaskOp, now_ms: int) -> tuple[str, tuple[Any, ...]]:
     if isinstance(op, Finish):
         return "finish", (
             op.result.state.value,
-            json.dumps(result_to_json(op.result)),
+            orjson.dumps(result_to_json(op.result)).decode("utf-8"),
             now_ms,
             op.origin_org,
             op.key,
@@ -296,8 +296,8 @@ def row_from_sql(model: Any) -> TaskRow:
         requester=model.requester,
         remote=bool(model.remote),
         state=TaskState(model.state),
-        spec=spec_from_json(json.loads(model.spec_json)) if model.spec_json else None,
-        result=result_from_json(json.loads(model.result_json)) if model.result_json else None,
+        spec=spec_from_json(orjson.loads(model.spec_json)) if model.spec_json else None,
+        result=result_from_json(orjson.loads(model.result_json)) if model.result_json else None,
         created_ms=model.created_ms,
         updated_ms=model.updated_ms,
     )

@@ -10,6 +10,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -246,9 +247,9 @@ async def test_a_step_that_fails_writes_neither_its_record_nor_its_row(
 def test_a_key_is_per_requester_and_target() -> None:
     """The same idempotency key from another requester, or for another skill, is another task."""
     base = _spec("t-1", "order-42")
-    other_requester = TaskSpec(**{**base.__dict__, "requester": "weather-bot"})
-    other_target = TaskSpec(**{**base.__dict__, "skill": "shout"})
-    same_subject = TaskSpec(**{**base.__dict__, "requester": "tester/clerk-3"})
+    other_requester = replace(base, requester="weather-bot")
+    other_target = replace(base, skill="shout")
+    same_subject = replace(base, requester="tester/clerk-3")
     keys = {task_key("hospital", s)[1] for s in (base, other_requester, other_target)}
     assert len(keys) == 3
     assert task_key("hospital", same_subject) == task_key("hospital", base), "by token subject"
