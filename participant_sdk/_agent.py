@@ -180,6 +180,11 @@ class _Job:
     context: TaskContext
     task: asyncio.Task[None] | None = None
     final: pb.TaskUpdate | None = None
+    # Multi-turn: the turn the skill is in, and while it waits in task.ask, the question it
+    # sent (sent again if the gateway hands the task again) and the answer it waits for.
+    turn: int = 0
+    question: pb.TaskUpdate | None = None
+    answer: asyncio.Future[dict[str, Any]] | None = None
 
 
 class AgentWorker:
@@ -337,8 +342,17 @@ class AgentWorker:
             return
         running = self._jobs.get(key)
         if running is not None:
-            # Handed again after a reconnect while it still runs: its result goes to the new id.
+            if request.turn > running.turn and running.answer is not None:
+                # The requester's next message, for the skill waiting in task.ask.
+                running.turn, running.question = request.turn, None
+                if not running.answer.done():
+                    running.answer.set_result(struct_to_dict(request.input))
+                return
+            # Handed again after a reconnect while it still runs: its result goes to the new id
+            # (and a question it is waiting on an answer for is asked again).
             running.task_id = request.task_id
+            if running.question is not None:
+                self._send(running.question)
             return
         self._start_job(key, assignment)
 
@@ -351,6 +365,23 @@ class AgentWorker:
                 pb.TaskUpdate(task_id=job.task_id, state=pb.TASK_STATE_WORKING, message=message)
             )
 
+        async def ask(question: dict[str, Any]) -> dict[str, Any]:
+            result = pb.TaskResult(
+                task_id=job.task_id,
+                state=pb.TASK_STATE_INPUT_REQUIRED,
+                output=dict_to_struct(question),
+                turn=job.turn,
+            )
+            job.question = pb.TaskUpdate(
+                task_id=job.task_id, state=pb.TASK_STATE_INPUT_REQUIRED, result=result
+            )
+            job.answer = asyncio.get_running_loop().create_future()
+            self._send(job.question)
+            try:
+                return await job.answer
+            finally:
+                job.answer = None
+
         context = TaskContext(
             task_id=request.task_id,
             requester_org=assignment.requester_org,
@@ -361,6 +392,7 @@ class AgentWorker:
             idempotency_key=key,
             _send_progress=progress,
             _calls=self,
+            _ask=ask,
         )
         job = _Job(key, request.task_id, context)
         agent = self.agents.get(request.agent)

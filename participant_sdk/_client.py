@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -71,6 +72,7 @@ class Client:
         purpose: str = "",
         roles: Sequence[str] = (),
         parent_task_id: str = "",
+        turn: int = 0,
     ) -> pb.TaskRequest:
         try:
             org, agent, skill = parse_target(target)
@@ -91,6 +93,7 @@ class Client:
                 purpose=purpose,
                 roles=list(roles),
                 parent_task_id=parent_task_id,
+                turn=turn,
             )
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"task input is not JSON-serializable: {exc}") from None
@@ -115,7 +118,9 @@ class Client:
     ) -> TaskResult:
         """Run `org/agent.skill` with `data`; returns the completed result or raises.
 
-        Raises TaskFailed when the task ends FAILED, CANCELED or REJECTED, and a FedgateError
+        A result that `awaiting_input` (the agent asked a question: its output) is returned too;
+        answer it with `reply`. Raises TaskFailed when the task ends FAILED, CANCELED or
+        REJECTED, and a FedgateError
         subclass (NotFound, PermissionDenied, DeadlineExceeded, ...) when the gateway refuses.
         Transient failures (UNAVAILABLE) are retried by `retry` (default: the client's policy)
         within `timeout`, with the same task id and idempotency key (the task id if none given).
@@ -125,17 +130,45 @@ class Client:
         task_id = task_id or str(uuid.uuid4())
         # Every attempt carries the same key; without one, the task id is the key (as the
         # gateway would take it), so a caller's own retry with the same task id is deduplicated.
+        key = idempotency_key or task_id
+        request = self._request(target, data, timeout, task_id, key, purpose, roles, parent_task_id)
+        return await self._submit(request, target, key, timeout, retry)
+
+    async def reply(
+        self,
+        result: TaskResult,
+        data: dict[str, Any],
+        *,
+        timeout: float | None = 30.0,  # noqa: ASYNC109 - the deadline travels to the gateways
+        retry: RetryPolicy | None = None,
+    ) -> TaskResult:
+        """Answer a result that is `awaiting_input` (multi-turn): `data` is the next message of
+        the same task, under the same policies and records; returns the next turn's result, as
+        `call` does (it may ask again)."""
+        if not result.awaiting_input or not result.target:
+            raise InvalidArgument(
+                f"task {result.task_id!r} is {result.state}, not waiting for input from a "
+                "call of this client: reply answers a result of call() or reply()"
+            )
         request = self._request(
-            target,
+            result.target,
             data,
             timeout,
-            task_id,
-            idempotency_key or task_id,
-            purpose,
-            roles,
-            parent_task_id,
+            result.task_id,
+            result.idempotency_key or result.task_id,
+            turn=result.turn + 1,
         )
-        deadline = None if timeout is None else time.monotonic() + timeout
+        return await self._submit(request, result.target, result.idempotency_key, timeout, retry)
+
+    async def _submit(
+        self,
+        request: pb.TaskRequest,
+        target: str,
+        key: str,
+        seconds: float | None,
+        retry: RetryPolicy | None,
+    ) -> TaskResult:
+        deadline = None if seconds is None else time.monotonic() + seconds
 
         async def attempt(remaining: float | None) -> TaskResult:
             try:
@@ -149,7 +182,8 @@ class Client:
         result: TaskResult = await _patterns.call_with_retry(
             attempt, retry or self.retry, deadline=deadline
         )
-        if not result.ok:
+        result = replace(result, target=target, idempotency_key=key)
+        if not result.ok and not result.awaiting_input:
             raise TaskFailed(result)
         return result
 

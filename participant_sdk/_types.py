@@ -38,10 +38,20 @@ class TaskResult:
     policy_version: str = ""
     # Receipts of the organizations that handled sub-tasks on the way (multi-hop), in order.
     provenance: tuple[dict[str, Any], ...] = ()
+    # Multi-turn: the turn this result ends (0 for the first), and what `Client.reply` needs to
+    # continue the task (the target and idempotency key the call carried).
+    turn: int = 0
+    target: str = ""
+    idempotency_key: str = ""
 
     @property
     def ok(self) -> bool:
         return self.state == "completed"
+
+    @property
+    def awaiting_input(self) -> bool:
+        """The agent asked a question (the output): answer it with `Client.reply`."""
+        return self.state in ("input-required", "auth-required")
 
     @property
     def withheld(self) -> tuple[str, ...]:
@@ -65,6 +75,7 @@ class TaskResult:
             responder_org=message.responder_org,
             policy_version=message.policy_version,
             provenance=tuple(receipt_json(r) for r in message.provenance),
+            turn=message.turn,
         )
 
 
@@ -127,6 +138,7 @@ class TaskContext:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     _send_progress: Callable[[str], Awaitable[None]] | None = None
     _calls: Any = None  # the AgentWorker, which knows the gateway and the token
+    _ask: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
 
     @property
     def time_remaining(self) -> float:
@@ -136,6 +148,17 @@ class TaskContext:
         """Tell the requester the task is working, with a note (kept inside our organization)."""
         if self._send_progress is not None:
             await self._send_progress(message)
+
+    async def ask(self, question: dict[str, Any]) -> dict[str, Any]:
+        """Ask the requester for more input (multi-turn): the task's turn ends input-required
+        with `question` as its output, filtered by the share policy and recorded like a result,
+        and this returns the requester's next message (filtered by its send policy), within the
+        task's deadline."""
+        if not isinstance(question, dict):
+            raise TypeError(f"a question is a dict, not {type(question).__name__}")
+        if self._ask is None:
+            raise FedgateError("task.ask needs a requester: this task runs without a gateway")
+        return await self._ask(question)
 
     async def call(
         self,

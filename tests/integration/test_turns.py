@@ -210,3 +210,39 @@ async def test_a_task_waiting_for_its_next_message_ends_at_its_deadline(
     for org in ("hospital", "insurer"):
         kind, status = _kinds(two, org, "talk-3")[-1]
         assert (kind, status) == ("failed", "DEADLINE_EXCEEDED"), org
+
+
+def _intake_agent() -> Any:
+    from participant_sdk import Agent, TaskContext
+
+    intake = Agent("intake")
+
+    @intake.skill
+    async def chat(task: TaskContext, data: dict) -> dict:
+        reply = await task.ask({"question": "which ward?", "nurse_notes": "anxious"})
+        again = await task.ask({"question": f"{reply.get('answer')}: which bed?"})
+        return {"summary": f"booked in {reply.get('answer')}, bed {again.get('answer')}"}
+
+    return intake
+
+
+async def test_the_sdk_asks_and_replies_across_organizations(two: LocalFederation) -> None:
+    """participant_sdk both sides: `task.ask` in the skill, `client.reply` at the requester."""
+    from participant_sdk import Client
+    from tests.integration.federation import serving
+
+    async with (
+        serving(two.participant("hospital"), _intake_agent()),
+        Client(two.participant("insurer")) as client,
+    ):
+        first = await client.call("hospital/intake.chat", {"topic": "admission"}, timeout=10)
+        assert first.awaiting_input and first.turn == 0
+        assert first.output == {"question": "which ward?"}, "the share policy filtered it"
+        second = await client.reply(first, {"answer": "cardiology", "password": "x"})
+        assert second.awaiting_input and second.turn == 1
+        assert second.output == {"question": "cardiology: which bed?"}
+        done = await client.reply(second, {"answer": "B-12"})
+    assert done.ok and done.turn == 2 and done.task_id == first.task_id
+    assert done.output == {"summary": "booked in cardiology, bed B-12"}
+    kinds = [k for k, _ in _kinds(two, "hospital", first.task_id)]
+    assert kinds == ["request_received", "result_released"] * 3
