@@ -19,12 +19,16 @@ import contextlib
 import json
 import signal
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from a2a.server.agent_execution import AgentExecutor
+from a2a.types.a2a_pb2 import AgentCard
 
 from gateway.local import LocalFederation, write_gateway_config
-from tests.a2a.scenario_agent import Served, serve_scenario_agent
+from tests.a2a.scenario_agent import Served, scenario_card, serve_scenario_agent
 
 MODEL = Path(__file__).resolve().parents[2] / "policies" / "model.conf"
 
@@ -115,10 +119,16 @@ class A2AFederation:
 
 @contextlib.asynccontextmanager
 async def a2a_federation(
-    root: Path, pki_root: Path, **options: object
+    root: Path,
+    pki_root: Path,
+    *,
+    executor: AgentExecutor | None = None,
+    card: Callable[[str, int, int | None], AgentCard] = scenario_card,
+    **options: Any,
 ) -> AsyncIterator[A2AFederation]:
-    async with serve_scenario_agent() as agent:
-        configs = federation_configs(root, pki_root, agent.card_url, **options)  # type: ignore[arg-type]
+    """The scenario agent (or `executor` behind `card`) and both gateways, for the block."""
+    async with serve_scenario_agent(executor=executor, card=card) as agent:
+        configs = federation_configs(root, pki_root, agent.card_url, **options)
         federation = LocalFederation(configs)
         await federation.start()
         try:

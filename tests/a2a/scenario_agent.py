@@ -194,6 +194,7 @@ class Served:
     base_url: str
     grpc_address: str | None
     card: AgentCard
+    stop: Callable[[], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
@@ -233,14 +234,13 @@ async def serve_scenario_agent(
     if grpc_server is not None:
         a2a_pb2_grpc.add_A2AServiceServicer_to_server(GrpcHandler(handler), grpc_server)
         await grpc_server.start()
-    try:
-        yield Served(
-            card_url=f"http://{host}:{http_port}/.well-known/agent-card.json",
-            base_url=f"http://{host}:{http_port}",
-            grpc_address=f"{host}:{grpc_port}" if grpc_port is not None else None,
-            card=served_card,
-        )
-    finally:
+    stopped = False
+
+    async def stop() -> None:
+        nonlocal stopped
+        if stopped:
+            return
+        stopped = True
         server.should_exit = True
         with contextlib.suppress(Exception):
             await serving
@@ -248,6 +248,17 @@ async def serve_scenario_agent(
             await grpc_server.stop(0.5)
         await handler.aclose()
         sock.close()
+
+    try:
+        yield Served(
+            card_url=f"http://{host}:{http_port}/.well-known/agent-card.json",
+            base_url=f"http://{host}:{http_port}",
+            grpc_address=f"{host}:{grpc_port}" if grpc_port is not None else None,
+            card=served_card,
+            stop=stop,
+        )
+    finally:
+        await stop()
 
 
 async def _main(port: int) -> None:
