@@ -162,3 +162,53 @@ async def test_a_partner_that_is_down_is_unavailable(start_a2a: StartFederation)
         "organization 'hospital'" in refused.value.message
         and "unreachable" in refused.value.message
     )
+
+
+async def test_grpc_errors_carry_the_specs_codes_and_error_info(start_a2a: StartFederation) -> None:
+    """An outsider's raw gRPC client: the spec's codes where the SDK's table differs, with the
+    ErrorInfo reason in the rich status; an unsupported A2A-Version is refused on gRPC too."""
+    import grpc
+    from a2a.types import a2a_pb2, a2a_pb2_grpc
+    from google.rpc import error_details_pb2, status_pb2
+
+    fed = await start_a2a()
+    async with grpc.aio.insecure_channel(fed.grpc("insurer")) as channel:
+        stub = a2a_pb2_grpc.A2AServiceStub(channel)
+        message = a2a_pb2.Message(
+            message_id="tck-complete-task-1", role=a2a_pb2.ROLE_USER, parts=[a2a_pb2.Part(text="x")]
+        )
+
+        async def refusal(call) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call
+            error = raised.value
+            [details] = [v for k, v in error.trailing_metadata() if k == "grpc-status-details-bin"]
+            status = status_pb2.Status.FromString(details)
+            info = error_details_pb2.ErrorInfo()
+            status.details[0].Unpack(info)
+            return error.code(), info.reason
+
+        assert await refusal(
+            stub.SendMessage(
+                a2a_pb2.SendMessageRequest(message=message), metadata=[("a2a-version", "99.0")]
+            )
+        ) == (grpc.StatusCode.UNIMPLEMENTED, "VERSION_NOT_SUPPORTED")
+        assert await refusal(
+            stub.CreateTaskPushNotificationConfig(
+                a2a_pb2.TaskPushNotificationConfig(task_id="t", url="https://example.org")
+            )
+        ) == (grpc.StatusCode.UNIMPLEMENTED, "PUSH_NOTIFICATION_NOT_SUPPORTED")
+        assert await refusal(stub.GetTask(a2a_pb2.GetTaskRequest(id="nope"))) == (
+            grpc.StatusCode.NOT_FOUND,
+            "TASK_NOT_FOUND",
+        )
+        wrong_agent = a2a_pb2.SendMessageRequest(message=message, tenant="hospital/nobody")
+        assert await refusal(stub.SendMessage(wrong_agent)) == (
+            grpc.StatusCode.NOT_FOUND,
+            "NOT_FOUND",
+        )
+        # The same request as 1.0, to the default agent, goes through.
+        reply = await stub.SendMessage(
+            a2a_pb2.SendMessageRequest(message=message), metadata=[("a2a-version", "1.0")]
+        )
+        assert reply.task.status.state == a2a_pb2.TASK_STATE_COMPLETED

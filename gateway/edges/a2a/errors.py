@@ -26,11 +26,14 @@ from a2a.server.jsonrpc_models import JSONRPCError
 from a2a.server.request_handlers import GrpcHandler, response_helpers
 from a2a.utils import errors as sdk_errors
 from a2a.utils.errors import (
+    A2A_ERROR_REASONS,
     A2AError,
     ErrorMapping,
     InternalError,
     InvalidParamsError,
+    PushNotificationNotSupportedError,
     UnsupportedOperationError,
+    VersionNotSupportedError,
 )
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -153,19 +156,33 @@ def register_with_sdk() -> None:
         response_helpers.EXCEPTION_MAP[kind] = JSONRPCError
 
 
+# The A2A spec's gRPC codes (specification §5.4) where the SDK's table differs from them.
+_SPEC_GRPC_STATUS: dict[type[A2AError], grpc.StatusCode] = {
+    PushNotificationNotSupportedError: grpc.StatusCode.UNIMPLEMENTED,
+    UnsupportedOperationError: grpc.StatusCode.UNIMPLEMENTED,
+    VersionNotSupportedError: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
 class GatewayGrpcHandler(GrpcHandler):
-    """The SDK's gRPC servicer, which also renders the gateway's errors as rich statuses."""
+    """The SDK's gRPC servicer, rendering the gateway's errors, and the A2A errors whose gRPC
+    code the SDK's table gets wrong, as the spec says: a rich status with its ErrorInfo."""
 
     async def abort_context(self, error: A2AError, context: grpc.aio.ServicerContext) -> None:
-        if not isinstance(error, GatewayError):
+        if isinstance(error, GatewayError):
+            code, reason = error.grpc_status, error.reason
+        elif type(error) in _SPEC_GRPC_STATUS:
+            code, reason = _SPEC_GRPC_STATUS[type(error)], A2A_ERROR_REASONS[type(error)]
+        else:
             await super().abort_context(error, context)
             return
-        status = status_pb2.Status(code=error.grpc_status.value[0], message=error.message)
+        message = bounded(error.message)
+        status = status_pb2.Status(code=code.value[0], message=message)
         detail = any_pb2.Any()
-        detail.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=A2A_DOMAIN))
+        detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=A2A_DOMAIN))
         status.details.append(detail)
         context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
-        await context.abort(error.grpc_status, error.message)
+        await context.abort(code, message)
 
 
 def describe(error: Any) -> str:

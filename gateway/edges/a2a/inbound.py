@@ -64,9 +64,15 @@ from a2a.types.a2a_pb2 import (
 from a2a.types.a2a_pb2 import (
     TaskState as A2AState,
 )
-from a2a.utils.errors import InvalidParamsError, UnsupportedOperationError
+from a2a.utils.constants import VERSION_HEADER
+from a2a.utils.errors import (
+    InvalidParamsError,
+    UnsupportedOperationError,
+    VersionNotSupportedError,
+)
 from fedgate.convert import struct_to_dict
 from google.protobuf.timestamp_pb2 import Timestamp
+from packaging.version import InvalidVersion, Version
 from starlette.requests import Request
 
 from gateway.config import AGENT_NAME, ORG_NAME
@@ -184,10 +190,24 @@ class HttpContextBuilder(DefaultServerCallContextBuilder):
 
 
 class GrpcContextBuilder(DefaultGrpcServerCallContextBuilder):
-    """The call context of a gRPC call; its target is the request's tenant (`org/agent`)."""
+    """The call context of a gRPC call; its target is the request's tenant (`org/agent`).
+
+    The SDK's gRPC binding does not check `a2a-version`; this does: a version whose major is
+    not 1 is refused (a call without one is taken as 1.0, which every gRPC client speaks).
+    """
 
     def __init__(self, auth: Authenticator) -> None:
         self.auth = auth
+
+    def build(self, context: grpc.aio.ServicerContext) -> ServerCallContext:
+        for key, value in context.invocation_metadata() or ():
+            if key.lower() == VERSION_HEADER.lower():
+                text = value.decode() if isinstance(value, bytes) else str(value)
+                if not _speaks_1(text):
+                    raise VersionNotSupportedError(
+                        f"A2A version {text[:16]!r} is not supported by this gateway: it speaks 1.0"
+                    )
+        return super().build(context)
 
     def build_user(self, context: grpc.aio.ServicerContext) -> User:
         values = [
@@ -195,6 +215,13 @@ class GrpcContextBuilder(DefaultGrpcServerCallContextBuilder):
         ]
         value = values[0] if values else None
         return self.auth.caller(value.decode() if isinstance(value, bytes) else value)
+
+
+def _speaks_1(text: str) -> bool:
+    try:
+        return Version(text).major == 1
+    except InvalidVersion:
+        return False
 
 
 # ---- the task book: the SDK's in-memory store, scoped and bounded ---------------------------
