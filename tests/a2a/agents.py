@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -103,18 +104,30 @@ def call_context(token: str | None = None, timeout: float = 30.0) -> ClientCallC
 
 @contextlib.asynccontextmanager
 async def a2a_client(
-    card_url: str, transport: str = "JSONRPC", *, token: str | None = None, streaming: bool = True
+    card_url: str,
+    transport: str = "JSONRPC",
+    *,
+    token: str | None = None,
+    streaming: bool = True,
+    ca: str | None = None,
 ) -> AsyncIterator[tuple[Client, AgentCard]]:
-    """An a2a-sdk client of the agent whose card is at `card_url`, over one transport."""
+    """An a2a-sdk client of the agent whose card is at `card_url`, over one transport
+    (over TLS, trusting `ca`, when given)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with httpx.AsyncClient(headers=headers, timeout=30) as http:
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if ca else True
+    async with httpx.AsyncClient(headers=headers, timeout=30, verify=verify) as http:
         response = await http.get(card_url)
         response.raise_for_status()
         card = parse_agent_card(response.json())
         channels: list[grpc.aio.Channel] = []
 
         def channel(url: str) -> grpc.aio.Channel:
-            channels.append(grpc.aio.insecure_channel(url))
+            if ca:
+                with open(ca, "rb") as root:
+                    credentials = grpc.ssl_channel_credentials(root_certificates=root.read())
+                channels.append(grpc.aio.secure_channel(url, credentials))
+            else:
+                channels.append(grpc.aio.insecure_channel(url))
             return channels[-1]
 
         factory = ClientFactory(

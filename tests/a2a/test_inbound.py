@@ -272,3 +272,28 @@ async def test_a_call_leaves_its_records_in_both_audit_logs(start_a2a: StartFede
     hospital = [r.kind for r in fed.federation["hospital"].audit.query(task_id=task_id)]
     assert sorted(insurer) == ["request_sent", "result_received"]
     assert sorted(hospital) == ["request_received", "result_released"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_tls_can_be_put_on_the_a2a_listeners(
+    start_a2a: StartFederation,
+    pki,
+    transport: str,  # type: ignore[no-untyped-def]
+) -> None:
+    import httpx
+
+    tls = f'tls_cert = "{pki.cert("insurer")}"\ntls_key = "{pki.key("insurer")}"'
+    fed = await start_a2a(a2a_extra=tls)
+    base = fed.a2a_base("insurer")
+    assert base.startswith("https://")
+    async with httpx.AsyncClient() as plain:
+        with pytest.raises(httpx.HTTPError):
+            await plain.get(f"{base}/a2a/agents")  # a client that does not trust the CA
+    async with a2a_client(
+        f"{fed.card_host('insurer')}/.well-known/agent-card.json",
+        transport,
+        streaming=False,
+        ca=str(pki.ca),
+    ) as (client, _):
+        [response] = await send(client, text_message("hi", message_id="tck-complete-task-1"))
+    assert response.task.status.state == TaskState.TASK_STATE_COMPLETED

@@ -27,6 +27,7 @@ from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
 from a2a.server.routes import create_jsonrpc_routes, create_rest_routes
 from a2a.types import a2a_pb2_grpc
+from a2a.utils.errors import A2AError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -55,6 +56,31 @@ from gateway.identity.tokens import TokenAuthority
 log = logging.getLogger("fedgate.a2a")
 
 PREFIX = "/a2a/{org}/{agent}"
+
+
+class _RefusalsWithoutTracebacks(logging.Filter):
+    """The SDK logs an executor's exception with its traceback; a refusal of the gateway (an
+    A2AError it raised on purpose, its message naming cause and fix) needs one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], A2AError):
+            record.msg = f"{record.getMessage()}: {record.exc_info[1]}"
+            record.args = ()
+            record.exc_info = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def quiet_sdk_logging() -> None:
+    """The SDK's debug logs print whole messages and tasks (payload values): never below INFO
+    (guarantee 9); and its tracebacks of the gateway's own refusals become one line."""
+    sdk = logging.getLogger("a2a")
+    if sdk.getEffectiveLevel() < logging.INFO:
+        sdk.setLevel(logging.INFO)
+    for name in ("a2a.server.agent_execution.active_task",):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _RefusalsWithoutTracebacks) for f in target.filters):
+            target.addFilter(_RefusalsWithoutTracebacks())
 
 
 @dataclass(frozen=True)
@@ -159,6 +185,7 @@ class A2AEdge:
         tokens: TokenAuthority | None,
     ) -> None:
         register_with_sdk()
+        quiet_sdk_logging()
         self.config = config
         self.section = section
         self.port = ExchangePort(router)
