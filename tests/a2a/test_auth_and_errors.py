@@ -8,6 +8,7 @@ from a2a.client.errors import A2AClientError
 from a2a.types.a2a_pb2 import GetTaskRequest, ListTasksRequest, TaskState
 from a2a.utils.errors import TaskNotFoundError
 
+from gateway.edges.a2a.errors import GatewayUnauthenticated
 from gateway.identity.tokens import token_authority
 from tests.a2a.agents import a2a_client, call_context, send, text_message
 from tests.a2a.conftest import StartFederation
@@ -76,7 +77,11 @@ async def test_cards_and_calls_need_a_token_that_may_call_the_agent(
         [response] = await send(
             client, text_message("hi", message_id="tck-complete-task-2"), allowed
         )
-    assert response.task.status.state == TaskState.TASK_STATE_COMPLETED
+        assert response.task.status.state == TaskState.TASK_STATE_COMPLETED
+        # The same call over gRPC without the token is refused there too.
+        # (the SDK's client maps the ErrorInfo reason back to the gateway's error class)
+        with pytest.raises(GatewayUnauthenticated, match="no participant token"):
+            await send(client, text_message("hi", message_id="tck-complete-task-3"))
 
 
 async def test_a_callers_tasks_are_its_own(start_a2a: StartFederation) -> None:
