@@ -36,6 +36,7 @@ class RecordingExecutor(AgentExecutor):
 
     received: list[Message] = field(default_factory=list)
     metadata: list[dict[str, object]] = field(default_factory=list)
+    task_ids: list[str] = field(default_factory=list)
     canceled: list[str] = field(default_factory=list)
     started: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -44,6 +45,7 @@ class RecordingExecutor(AgentExecutor):
         assert message is not None and context.task_id and context.context_id
         self.received.append(message)
         self.metadata.append(context.metadata)
+        self.task_ids.append(context.task_id)
         if context.current_task is None:
             await event_queue.enqueue_event(new_task_from_user_message(message))
         updater = TaskUpdater(event_queue, context.task_id, context.context_id)

@@ -6,9 +6,6 @@ The kit runs in its own virtual environment from a copy of ../shared/a2a-tck (sh
 read-only in CI), both targets at once (each run mostly waits out streams that rightly stay open:
 about 2 to 3 minutes of wall time, little CPU). The bar is the official a2a-sdk's own server on
 this kit: 188 passed, and no failure but the four that are the SDK's or the kit's (NOTES.md).
-Until the core continues a task with a follow-up message (BRIEF decision 4), the nine results
-that need a follow-up are allowed to be missing, by name; once `ExchangePort.supports_turns` is
-True they are required too.
 
     FEDGATE_A2A_TCK=/path/to/a2a-tck    the kit (default: shared/a2a-tck above the repository)
     FEDGATE_TCK_PYTHON=/venv/bin/python  an interpreter with the kit installed (skip the install)
@@ -29,7 +26,6 @@ from pathlib import Path
 
 import pytest
 
-from gateway.edges.a2a.port import ExchangePort
 from tests.a2a.conftest import StartFederation
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -41,20 +37,6 @@ REFERENCE_FAILURES = {
     "tests/compatibility/grpc/test_status_codes.py::TestGrpcStatusCodes::test_push_not_supported_returns_unimplemented",
     "tests/compatibility/grpc/test_status_codes.py::TestGrpcStatusCodes::test_version_not_supported_returns_unimplemented",
     "tests/compatibility/jsonrpc/test_error_codes.py::TestJsonRpcErrorCodeMappings::test_content_type_not_supported_error",
-}
-_TRANSPORTS = ("grpc", "jsonrpc", "http_json")
-_LIFECYCLE = "tests/compatibility/core_operations/test_task_lifecycle.py"
-_HISTORY = "tests/compatibility/core_operations/test_task_history.py"
-# What needs a follow-up message to an input-required task (turns): failed, or skipped by the kit.
-NEEDS_TURNS_FAILED = {
-    f"{_LIFECYCLE}::TestMultiTurn::test_infer_context_from_task[{t}]" for t in _TRANSPORTS
-}
-NEEDS_TURNS_SKIPPED = {
-    f"{_LIFECYCLE}::TestSubscribeLifecycle::test_subscribe_terminates_at_terminal_state[{t}]"
-    for t in _TRANSPORTS
-} | {
-    f"{_HISTORY}::TestHistoryLengthLimit::test_get_task_history_does_not_exceed_limit[{t}]"
-    for t in _TRANSPORTS
 }
 
 
@@ -157,17 +139,11 @@ async def test_the_tck_passes_at_must_level_through_the_edge_and_a_federation_ho
         _run_tck(kit, python, tmp_path / "local", fed.card_host("hospital"), "local agent"),
         _run_tck(kit, python, tmp_path / "federated", fed.card_host("insurer"), "partner's agent"),
     )
-    turns = ExchangePort.supports_turns
-    allowed_failures = REFERENCE_FAILURES | (set() if turns else NEEDS_TURNS_FAILED)
-    bar = REFERENCE_PASSED - (0 if turns else len(NEEDS_TURNS_FAILED | NEEDS_TURNS_SKIPPED))
     report = "\n".join(f"{run.target}: {run.summary}\n{run.by_transport}" for run in runs)
     print(report)
     for run in runs:
-        assert not run.failed - allowed_failures, (
-            f"{run.target}: {sorted(run.failed - allowed_failures)}\n{report}"
+        unexpected = run.failed - REFERENCE_FAILURES
+        assert not unexpected, f"{run.target}: {sorted(unexpected)}\n{report}"
+        assert run.passed >= REFERENCE_PASSED, (
+            f"{run.target}: {run.passed} passed, the reference {REFERENCE_PASSED}\n{report}"
         )
-        assert run.passed >= bar, f"{run.target}: {run.passed} passed, the bar is {bar}\n{report}"
-        if not turns:
-            # What is missing is what needs turns, and nothing else.
-            missing = (run.failed - REFERENCE_FAILURES) | (run.skipped & NEEDS_TURNS_SKIPPED)
-            assert missing <= NEEDS_TURNS_FAILED | NEEDS_TURNS_SKIPPED, report

@@ -88,23 +88,44 @@ async def test_a_changed_card_is_picked_up(start_a2a: StartFederation) -> None:
     assert not await backend.refresh()  # unchanged: the agent answers 304 to the ETag
 
 
-async def test_an_a2a_agent_that_is_down_fails_its_tasks_with_no_agent(
+async def test_an_a2a_agent_that_is_down_fails_its_tasks_with_no_agent_and_back_takes_them(
     start_a2a: StartFederation,
 ) -> None:
+    import asyncio
+    from urllib.parse import urlsplit
+
+    from tests.a2a.scenario_agent import serve_scenario_agent
+
     fed = await start_a2a()
+    port = urlsplit(fed.agent.card_url).port
     await fed.agent.stop()  # the gateway still knows its card; the agent is gone
-    async with Client(fed.federation.participant("insurer")) as client:
-        with pytest.raises(TaskFailed) as failed:
-            await client.call("hospital/scenario.tck", {"parts": [{"text": "hi"}]}, timeout=10)
-    error = failed.value.result.error
-    assert error is not None and error.code == "no_agent"
-    assert error.message == "no agent instance was available before the deadline"  # stable text
     async with Client(fed.federation.participant("hospital")) as client:
         with pytest.raises(TaskFailed) as failed:
             await client.call("hospital/scenario.tck", {"parts": [{"text": "hi"}]}, timeout=10)
     error = failed.value.result.error
     assert error is not None and error.code == "no_agent"
     assert "could not be reached" in error.message  # our own requester is told why
+    # Now known to be down, it counts as no instance: a task waits for it until its deadline.
+    async with Client(fed.federation.participant("insurer")) as client:
+        with pytest.raises(TaskFailed) as failed:
+            await client.call("hospital/scenario.tck", {"parts": [{"text": "hi"}]}, timeout=2)
+    error = failed.value.result.error
+    assert error is not None and error.code == "no_agent"
+    assert error.message == "no agent instance was available before the deadline"  # stable text
+    # A task waiting for it goes ahead once the agent is back (its card is read again).
+    hospital = fed.federation["hospital"]
+    async with Client(fed.federation.participant("insurer")) as client:
+        call = asyncio.ensure_future(
+            client.call(
+                "hospital/scenario.tck",
+                {"parts": [{"text": "hi"}], "message_id": "tck-complete-task-1"},
+                timeout=30,
+            )
+        )
+        assert await eventually(lambda: hospital.router.in_flight == 1, 10)
+        async with serve_scenario_agent(port=port or 0):
+            result = await call
+    assert result.output["status"]["message"]["parts"] == [{"text": "Hello from TCK"}]
 
 
 async def test_the_deadline_is_carried_and_the_agents_task_canceled(
@@ -128,7 +149,13 @@ async def test_the_deadline_is_carried_and_the_agents_task_canceled(
 async def test_the_partners_policy_refusal_is_the_policys(start_a2a: StartFederation) -> None:
     """Where the partner's policy withholds what an agent returns, the refusal is the policy's:
     the agent answered, the hospital's share policy decided, and the receipt says so."""
-    fed = await start_a2a(hospital_rules="p, insurer, scenario, *, invoke, *, allow\n")
+    fed = await start_a2a(
+        hospital_rules=(
+            "p, insurer, scenario, *, invoke, *, allow\n"
+            "p, insurer, scenario, *, share, status, allow\n"
+            "p, insurer, scenario, *, share, artifacts[].parts[].text, deny\n"
+        )
+    )
     async with a2a_client(
         f"{fed.card_host('insurer')}/.well-known/agent-card.json", streaming=False
     ) as (client, _):

@@ -28,8 +28,8 @@ from a2a.types.a2a_pb2 import (
 )
 
 from gateway.edges.a2a.port import ExchangePort
-from gateway.edges.wire import AgentCard, SkillCard
 from gateway.errors import FedgateError
+from gateway.exchange.tasks import AgentCard, SkillCard
 
 log = logging.getLogger("fedgate.a2a")
 

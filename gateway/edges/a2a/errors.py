@@ -112,15 +112,8 @@ GATEWAY_ERRORS: tuple[type[GatewayError], ...] = (
 )
 
 
-class TurnsUnsupported(gw.FedgateError):
-    """A follow-up message to an open task, before the core supports turns."""
-
-    status = grpc.StatusCode.UNIMPLEMENTED
-
-
 # Most specific first: the first class the error is an instance of decides.
 _FROM_FEDGATE: tuple[tuple[type[gw.FedgateError], type[A2AError]], ...] = (
-    (TurnsUnsupported, UnsupportedOperationError),
     (gw.InvalidArgument, InvalidParamsError),
     (gw.NotFound, GatewayNotFound),
     (gw.Unauthenticated, GatewayUnauthenticated),

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -92,9 +92,8 @@ from gateway.edges.a2a.mapping import (
     result_metadata,
 )
 from gateway.edges.a2a.port import ExchangePort
-from gateway.edges.wire import AgentCard, SkillCard
 from gateway.errors import FedgateError
-from gateway.exchange.tasks import TaskResult, TaskSpec, TaskState, TaskUpdate
+from gateway.exchange.tasks import AgentCard, SkillCard, TaskResult, TaskSpec, TaskState, TaskUpdate
 from gateway.identity.tokens import TokenAuthority, TokenClaims, call_allowed
 
 log = logging.getLogger("fedgate.a2a")
@@ -120,6 +119,8 @@ _TO_A2A = {
     TaskState.AUTH_REQUIRED: A2AState.TASK_STATE_AUTH_REQUIRED,
 }
 _MAX_CLAIM = 128
+# The states whose result carries output: the end of a turn (see TaskState.ends_turn).
+_CARRY_OUTPUT = {TaskState.COMPLETED, TaskState.INPUT_REQUIRED, TaskState.AUTH_REQUIRED}
 
 
 # ---- who calls ---------------------------------------------------------------------------
@@ -289,13 +290,23 @@ class RouterExecutor(AgentExecutor):
     A task's first A2A event is held until the router says something: a result that is a reply
     (an A2A agent answered with a message) then goes out as a Message, anything else as a Task.
     Progress updates carry states only; the output, filtered by the policies on the way, comes
-    with the final update, as artifacts and a status message with the receipt in its metadata.
+    with the update that ends a turn (input-required, or final), as artifacts and a status
+    message with the receipt in its metadata. A follow-up message to a task waiting for input
+    is the router's next turn of it.
     """
 
     def __init__(self, edge: InboundEdge, target: Target) -> None:
         self.edge = edge
         self.target = target
         self._canceling: set[str] = set()
+        # Tasks waiting for input: the turn their last result ended.
+        self._awaiting: dict[str, int] = {}
+
+    def awaits_input(self, task_id: str) -> bool:
+        return task_id in self._awaiting
+
+    def forget(self, task_id: str) -> None:
+        self._awaiting.pop(task_id, None)
 
     def _spec(self, context: RequestContext, plan: SendPlan) -> TaskSpec:
         payload = dict(plan.payload)
@@ -324,6 +335,13 @@ class RouterExecutor(AgentExecutor):
         task_id, context_id = str(context.task_id), str(context.context_id)
         spec = self._spec(context, plan)
         created = context.current_task is not None
+        if created:
+            last = self._awaiting.pop(task_id, None)
+            if last is None:
+                raise UnsupportedOperationError(
+                    f"task {task_id!r} is not waiting for input: send a new message"
+                )
+            spec = replace(spec, turn=last + 1)
 
         async def announce() -> None:
             nonlocal created
@@ -350,9 +368,10 @@ class RouterExecutor(AgentExecutor):
             async for update in updates:
                 if task_id in self._canceling:
                     return  # cancel() reports the end
-                if not update.state.final:
+                # A turn ends with its result (a state alone is a snapshot of where it is).
+                if not (update.state.final or (update.state.ends_turn and update.result)):
                     await announce()
-                    if update.state is not TaskState.SUBMITTED:
+                    if update.state in (TaskState.WORKING, TaskState.AUTH_REQUIRED):
                         await event_queue.enqueue_event(
                             self._status(task_id, context_id, update.state, update.message)
                         )
@@ -396,6 +415,8 @@ class RouterExecutor(AgentExecutor):
         event_queue: EventQueue,
     ) -> None:
         result = update.result or TaskResult(task_id, update.state)
+        if not result.state.final:
+            self._awaiting[task_id] = result.turn  # its next message continues it
         metadata = result_metadata(result)
         reply = output_reply(result.output) if result.state is TaskState.COMPLETED else None
         if reply is not None and not created:
@@ -407,7 +428,7 @@ class RouterExecutor(AgentExecutor):
             return
         await announce()
         status = TaskStatus(state=_TO_A2A[result.state], timestamp=_now())
-        if result.state is TaskState.COMPLETED:
+        if result.state in _CARRY_OUTPUT:
             for name, description, parts, artifact_metadata in output_artifacts(result.output):
                 if not parts:
                     continue  # every part withheld: the field actions say so
@@ -502,6 +523,7 @@ class GatewayRequestHandler(RequestHandler):
     def __init__(self, edge: InboundEdge) -> None:
         self.edge = edge
         self._handlers: dict[str, DefaultRequestHandlerV2] = {}
+        self._executors: dict[str, RouterExecutor] = {}
 
     def _target(self, context: ServerCallContext) -> Target:
         target = context.state.get(STATE_TARGET)
@@ -542,8 +564,9 @@ class GatewayRequestHandler(RequestHandler):
     ) -> DefaultRequestHandlerV2:
         handler = self._handlers.get(target.key)
         if handler is None:
+            executor = self._executors[target.key] = RouterExecutor(self.edge, target)
             handler = DefaultRequestHandlerV2(
-                agent_executor=RouterExecutor(self.edge, target),
+                agent_executor=executor,
                 task_store=self.edge.store,
                 agent_card=self.edge.card_for(card, caller),
             )
@@ -573,13 +596,16 @@ class GatewayRequestHandler(RequestHandler):
                 f"agent {target.key!r} has several skills: name one in the request's metadata, "
                 f'{{"fedgate": {{"skill": NAME}}}}, one of {", ".join(s.name for s in skills)}'
             )
-        if params.message.task_id and not self.edge.port.supports_turns:
+        if params.message.task_id:
+            # A follow-up continues a task waiting for input (the router's next turn); one for
+            # a task still working is refused before the SDK queues it (a terminal or unknown
+            # task the SDK refuses itself).
             stored = await self.edge.store.get(params.message.task_id, context)
-            if stored is not None and stored.status.state not in TERMINAL:
+            waiting = self._executors[target.key].awaits_input(params.message.task_id)
+            if stored is not None and stored.status.state not in TERMINAL and not waiting:
                 raise UnsupportedOperationError(
-                    f"task {params.message.task_id!r} is still open: this gateway cannot continue "
-                    "a task with a follow-up message yet (that comes with the core's multi-turn "
-                    "support); cancel it, or send a new message without taskId"
+                    f"task {params.message.task_id!r} is still working: send the next message "
+                    "when it asks for input"
                 )
         payload = request_input(params.message, max_file_bytes=self.edge.max_file_bytes)
         context.state[STATE_PLAN] = SendPlan(
@@ -631,7 +657,19 @@ class GatewayRequestHandler(RequestHandler):
         self, params: CancelTaskRequest, context: ServerCallContext
     ) -> Task | None:
         with _gateway_errors():
-            handler = await self._handler(context)
+            target, card, caller = await self.resolve(context)
+            handler = self._handler_for(target, card, caller)
+            executor = self._executors[target.key]
+            if executor.awaits_input(params.id):
+                # Between turns no execution of ours runs for the SDK to cancel: the router
+                # holds the task (and the agent its own); cancel it there first.
+                stored = await self.edge.store.get(params.id, context)
+                if stored is not None:
+                    owner = caller.subject if caller.claims is not None else None
+                    await self.edge.port.cancel(
+                        params.id, "canceled by the A2A client", owner=owner
+                    )
+                    executor.forget(params.id)
             task: Task | None = await handler.on_cancel_task(params, context)
             return task
 

@@ -52,13 +52,21 @@ from gateway.edges.a2a.mapping import (
     reply_output,
     task_output,
 )
-from gateway.edges.wire import AgentCard, SkillCard
 from gateway.exchange.agents import AgentBackend
-from gateway.exchange.tasks import TaskError, TaskResult, TaskSpec, TaskState, TaskUpdate
+from gateway.exchange.tasks import (
+    AgentCard,
+    SkillCard,
+    TaskError,
+    TaskResult,
+    TaskSpec,
+    TaskState,
+    TaskUpdate,
+)
 
 log = logging.getLogger("fedgate.a2a")
 
 TRANSPORTS = ["JSONRPC", "HTTP+JSON", "GRPC"]
+DOWN_PROBE_SECONDS = 1.0
 _STATES = {
     A2AState.TASK_STATE_SUBMITTED: TaskState.SUBMITTED,
     A2AState.TASK_STATE_WORKING: TaskState.WORKING,
@@ -125,6 +133,10 @@ class A2AAgentBackend(AgentBackend):
         self._reachable = False
         self._watch: asyncio.Task[None] | None = None
         self._factory: ClientFactory | None = None
+        # Tasks whose agent asked for input: (the agent's task id, its context id).
+        self._held: dict[str, tuple[str, str]] = {}
+        self._ending: set[asyncio.Task[None]] = set()
+        self._lost = asyncio.Event()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     # ---- the card ------------------------------------------------------------------------
@@ -137,21 +149,27 @@ class A2AAgentBackend(AgentBackend):
     def available(self) -> bool:
         return self._card is not None and self._reachable
 
+    def _set_reachable(self, reachable: bool) -> None:
+        was, self._reachable = self._reachable, reachable
+        if reachable and not was and self.on_available is not None:
+            self.on_available()  # tasks waiting for this agent go ahead
+        if was and not reachable:
+            self._lost.set()  # the watcher looks for it again at once, then often
+
     async def refresh(self) -> bool:
         """Read the card again; True when it changed. A failure keeps the card we had."""
         headers = {"If-None-Match": self._etag} if self._etag else {}
         try:
             response = await self._http.get(self.card_url, headers=headers, timeout=5.0)
             if response.status_code == 304:
-                self._reachable = True
+                self._set_reachable(True)
                 return False
             response.raise_for_status()
             card = parse_agent_card(response.json())
         except (httpx.HTTPError, ValueError, json_format.ParseError) as exc:
-            self._reachable = False
+            self._set_reachable(False)
             log.warning("A2A agent %s: card at %s not read: %s", self.name, self.card_url, exc)
             return False
-        self._reachable = True
         self._etag = response.headers.get("etag", "")
         if self._a2a_card is not None and card == self._a2a_card:
             return False
@@ -159,6 +177,7 @@ class A2AAgentBackend(AgentBackend):
         self._a2a_card = card
         self._card = fedgate_card(self.org, self.name, card)
         self._factory = None
+        self._set_reachable(True)
         log.info(
             "A2A agent %s: card %s (%s)",
             self.name,
@@ -175,9 +194,20 @@ class A2AAgentBackend(AgentBackend):
     async def _watch_card(self) -> None:
         while True:
             await self.refresh()
-            await asyncio.sleep(self.refresh_seconds)
+            # An agent that is down is looked for more often: tasks are waiting for it.
+            pause = (
+                self.refresh_seconds
+                if self._reachable
+                else min(self.refresh_seconds, DOWN_PROBE_SECONDS)
+            )
+            self._lost.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), pause)
 
     async def close(self) -> None:
+        for ending in list(self._ending):
+            with contextlib.suppress(BaseException):
+                await ending
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -222,14 +252,48 @@ class A2AAgentBackend(AgentBackend):
             )
         return message
 
-    async def dispatch(
-        self, spec: TaskSpec, requester_org: str
+    def dispatch(self, spec: TaskSpec, requester_org: str) -> AsyncGenerator[TaskUpdate, None]:
+        return self._turn(spec, requester_org, self._message(spec, requester_org))
+
+    def continue_task(self, spec: TaskSpec, requester_org: str) -> AsyncGenerator[TaskUpdate, None]:
+        """The requester's next message, to the agent's task that asked for input."""
+        held = self._held.pop(spec.task_id, None)
+        message = self._message(spec, requester_org)
+        if held is not None:
+            message.task_id, message.context_id = held
+        return self._turn(spec, requester_org, message, continues=held is not None)
+
+    def end(self, task_id: str, reason: str) -> None:
+        """Give up a task waiting for input: the agent's task is canceled (best effort)."""
+        held = self._held.pop(task_id, None)
+        card = self._a2a_card
+        if held is None or card is None:
+            return
+        client = self._client_factory().create(card)
+
+        async def cancel() -> None:
+            try:
+                await self._cancel_at_agent(client, held[0])
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.close()
+
+        ending = asyncio.ensure_future(cancel())
+        self._ending.add(ending)
+        ending.add_done_callback(self._ending.discard)
+
+    async def _turn(
+        self, spec: TaskSpec, requester_org: str, message: Message, *, continues: bool = True
     ) -> AsyncGenerator[TaskUpdate, None]:
         card = self._a2a_card
         if card is None:
             yield _failed(spec, "no_agent", f"the card of A2A agent {self.name!r} is not known")
             return
-        message = self._message(spec, requester_org)
+        if not continues:
+            yield _failed(
+                spec, "agent_disconnected", "the A2A agent's task waiting for input is not held"
+            )
+            return
         request = SendMessageRequest(message=message)
         request.metadata.update(
             {
@@ -237,6 +301,7 @@ class A2AAgentBackend(AgentBackend):
                     "requesterOrg": requester_org,
                     "taskId": spec.task_id,
                     "skill": spec.skill,
+                    "turn": spec.turn,
                     "deadlineUnixMs": int(spec.deadline * 1000),
                 }
             }
@@ -249,14 +314,18 @@ class A2AAgentBackend(AgentBackend):
                     request, context=ClientCallContext(timeout=max(0.001, spec.remaining()))
                 ):
                     for update in run.take(response):
+                        if update.state.ends_turn and not update.state.final:
+                            # The agent asks for input: it keeps its task for the next turn.
+                            self._held[spec.task_id] = (run.agent_task_id, run.agent_context_id)
                         yield update
-                        if update.state.final:
+                        if update.state.ends_turn:
                             return
             except A2AClientTimeoutError:
-                pass  # the task's deadline: the router ends it, as for any agent
+                # The task's deadline: the router ends it, as for any agent.
+                await asyncio.Event().wait()
             except A2AError as exc:
                 if _is_transport(exc):
-                    self._reachable = False  # until the card can be read again
+                    self._set_reachable(False)  # until the card can be read again
                     code = "agent_disconnected" if run.started else "no_agent"
                     log.warning("A2A agent %s: %s (%s)", self.name, _MESSAGES[code], describe(exc))
                     yield _failed(spec, code, f"{_MESSAGES[code]}: {describe(exc)}")
@@ -266,10 +335,6 @@ class A2AAgentBackend(AgentBackend):
             except UnreadablePart as exc:
                 yield _failed(spec, "invalid_result", exc.message)
                 return
-            if run.parked:
-                # input-required: until the core's turns, the task waits here for its deadline
-                # or a cancel (both end it through the router).
-                await asyncio.Event().wait()
             yield _failed(
                 spec,
                 "agent_disconnected",
@@ -319,12 +384,12 @@ class _Run:
         self.spec = spec
         self.max_file_bytes = max_file_bytes
         self.agent_task_id = ""
+        self.agent_context_id = ""
         self.artifacts: dict[str, Artifact] = {}
         self.status_message: Message | None = None
         self.state: TaskState | None = None
         self.started = False
-        self.finished = False
-        self.parked = False
+        self.finished = False  # the agent ended this turn (or the task): nothing to cancel
 
     def take(self, response: StreamResponse) -> list[TaskUpdate]:
         self.started = True
@@ -337,17 +402,21 @@ class _Run:
             return self._task(response.task)
         if kind == "artifact_update":
             event = response.artifact_update
+            self.agent_task_id = self.agent_task_id or event.task_id
             self._artifact(event.artifact, append=event.append)
             return []
         if kind == "status_update":
-            status = response.status_update.status
+            event = response.status_update
+            self.agent_task_id = self.agent_task_id or event.task_id
+            self.agent_context_id = self.agent_context_id or event.context_id
+            status = event.status
             return self._status(
                 status.state, status.message if status.HasField("message") else None
             )
         return []
 
     def _task(self, task: Task) -> list[TaskUpdate]:
-        self.agent_task_id = task.id
+        self.agent_task_id, self.agent_context_id = task.id, task.context_id
         for artifact in task.artifacts:
             self._artifact(artifact, append=False)
         status = task.status
@@ -368,9 +437,9 @@ class _Run:
             return []
         if message is not None:
             self.status_message = message
-        if state.final:
+        if state.ends_turn:
             self.finished = True
-            if state is TaskState.COMPLETED:
+            if state in (TaskState.COMPLETED, TaskState.INPUT_REQUIRED, TaskState.AUTH_REQUIRED):
                 output = task_output(
                     self.artifacts.values(), self.status_message, max_file_bytes=self.max_file_bytes
                 )
@@ -384,7 +453,6 @@ class _Run:
                     result=TaskResult(self.spec.task_id, state, error=TaskError(code, text)),
                 )
             ]
-        self.parked = state in (TaskState.INPUT_REQUIRED, TaskState.AUTH_REQUIRED)
         if state is self.state:
             return []
         self.state = state

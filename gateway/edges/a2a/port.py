@@ -1,18 +1,12 @@
 """What the A2A edges use of the router, in one place (docs/a2a.md §7).
 
-The edges call only the router's public surface (BRIEF decision 5). Two things they need are not
-in the core yet; `ExchangePort` stands in for them so the lead can move them into the core:
+The edges call only the router's public surface (BRIEF decision 5): submit (with `turn` for a
+next message), get, cancel, and the agent registry's cards. One thing they need is not in the
+core yet; `ExchangePort.partner_cards` stands in for it so the lead can move it into the core:
 
     async Router.partner_cards(peer_org: str) -> list[AgentCard]
         the cards a partner's ListAgents shows us, through its circuit breaker, bounded in time;
         NotFound for an organization that is not a peer, PeerUnreachable when it does not answer.
-
-    Router.submit(spec, stream=True) with spec.turn > 0   (BRIEF decision 4)
-        continues task `spec.task_id` of the same owner with the next message as its input;
-        its updates end at the next turn-ending state (input-required, or a final one).
-        NotFound for a task this owner does not have; InvalidArgument for one not waiting for input.
-
-Until the core has turns, `supports_turns` is False and `continue_task` refuses.
 """
 
 from __future__ import annotations
@@ -22,17 +16,14 @@ from collections.abc import AsyncIterator
 import grpc
 from fedgate.v1 import fedgate_pb2 as pb
 
-from gateway.edges.a2a.errors import TurnsUnsupported
-from gateway.edges.wire import AgentCard, card_from_pb
+from gateway.edges.wire import card_from_pb
 from gateway.errors import FedgateError, PeerUnreachable
 from gateway.exchange.router import Router
-from gateway.exchange.tasks import TaskResult, TaskSpec, TaskState, TaskUpdate
+from gateway.exchange.tasks import AgentCard, TaskResult, TaskSpec, TaskState, TaskUpdate
 
 
 class ExchangePort:
     """The router as the A2A edges see it."""
-
-    supports_turns = False
 
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -78,9 +69,5 @@ class ExchangePort:
         return cards
 
     def continue_task(self, spec: TaskSpec) -> AsyncIterator[TaskUpdate]:
-        """Adapter for Router.submit with a turn (not in the core yet): refuses."""
-        raise TurnsUnsupported(
-            f"task {spec.task_id!r} waits for input, but this gateway cannot continue a task "
-            "with a follow-up message yet (multi-turn support comes with the core's turns): "
-            "cancel it and send a new message"
-        )
+        """The next turn of a task waiting for input (`spec.turn` > 0): the router's submit."""
+        return self.router.submit(spec, stream=True)
