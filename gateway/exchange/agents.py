@@ -92,9 +92,7 @@ class AgentBackend(abc.ABC):
         """Run turn 0 of a task."""
 
     @abc.abstractmethod
-    def continue_task(
-        self, spec: TaskSpec, requester_org: str
-    ) -> AsyncGenerator[TaskUpdate, None]:
+    def continue_task(self, spec: TaskSpec, requester_org: str) -> AsyncGenerator[TaskUpdate, None]:
         """Run the next turn of a task this backend holds."""
 
     @abc.abstractmethod
