@@ -44,6 +44,10 @@ p, hospital, pathology, report, share, artifacts[].parts[].data.test, allow
 p, hospital, pathology, report, share, artifacts[].parts[].data.result, allow
 p, hospital, pathology, report, share, artifacts[].parts[].data.reference_range, allow
 p, hospital, pathology, report, share, status, allow
+# Named denials, so that the report (and the receipt) say what was withheld.
+p, hospital, pathology, report, share, artifacts[].parts[].text, deny
+p, hospital, pathology, report, share, artifacts[].parts[].data.technician, deny
+p, hospital, pathology, report, share, artifacts[].parts[].file, deny
 """
 ASKED = {"test": "HbA1c", "patient_id": "P-1001", "patient_name": "Ada Lovelace"}
 
