@@ -120,6 +120,8 @@ def test_files_are_kept_as_digests_in_an_audit_view() -> None:
             '[[a2a.agents]]\nname = "lab"\ncard_url = "http://y"\n',
             "configured twice",
         ),
+        ('[a2a]\nlisten = "0.0.0.0:7480"\n', "reachable from other hosts, but the A2A"),
+        ('[a2a]\ngrpc_listen = "10.1.2.3:7481"\n', "set [a2a] tls_cert and tls_key"),
     ],
 )
 def test_a_bad_a2a_section_fails_at_start_naming_the_key(
@@ -138,6 +140,23 @@ def test_a_bad_a2a_section_fails_at_start_naming_the_key(
     with pytest.raises(ConfigError) as failed:
         load_config(path)
     assert names in failed.value.message
+
+
+def test_a2a_off_loopback_needs_tls_and_tokens(tmp_path: Path, pki: Pki) -> None:
+    tls = f'tls_cert = "{pki.cert("hospital")}"\ntls_key = "{pki.key("hospital")}"\n'
+    path = write_gateway_config(
+        tmp_path,
+        "hospital",
+        cert=pki.cert("hospital"),
+        key=pki.key("hospital"),
+        ca=pki.ca,
+        model=None,
+        rules=None,
+        extra=f'[a2a]\nlisten = "0.0.0.0:7480"\n{tls}',
+    )
+    with pytest.raises(ConfigError, match="require_tokens = false would let anyone"):
+        load_config(path)
+    assert load_config(path, environ={"FEDGATE_PARTICIPANT_REQUIRE_TOKENS": "true"}).a2a
 
 
 def test_a2a_settings_load_and_take_environment_overrides(tmp_path: Path, pki: Pki) -> None:
