@@ -155,6 +155,94 @@ class LimitsSection(_Section):
     peer_max_concurrent_tasks: int = Field(256, ge=1)
 
 
+class A2AAgentSection(_Section):
+    """An A2A server offered as one of our local agents (A2A out): gateway/edges/a2a/outbound.py."""
+
+    # The agent's name in policies, tokens and cards.
+    name: str
+    # Where its A2A agent card is, e.g. http://127.0.0.1:9999/.well-known/agent-card.json.
+    card_url: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not AGENT_NAME.match(value):
+            raise ValueError(f"{value!r} is not a valid agent name (letters, digits, '-', '_')")
+        return value
+
+    @field_validator("card_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value
+
+
+class A2ASection(_Section):
+    """A2A 1.0 at the gateway's edges (docs/a2a.md): a listener for our own A2A clients, and A2A
+    servers offered as local agents."""
+
+    # HTTP: agent cards, JSON-RPC and HTTP+JSON; "" turns it off. Keep it on loopback.
+    listen: str = "127.0.0.1:7480"
+    # gRPC (lf.a2a.v1.A2AService); "" turns it off.
+    grpc_listen: str = "127.0.0.1:7481"
+    # The base URL and gRPC address put in cards (default: the bound listen addresses).
+    public_url: str | None = None
+    grpc_public_address: str | None = None
+    # TLS on both listeners (PEM files); both or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # The agent ("org/agent") a gRPC call without a tenant is for.
+    grpc_default_agent: str | None = None
+    # The largest file part (decoded bytes) a message or an agent's result may carry.
+    max_file_bytes: int = Field(1024 * 1024, ge=1, le=256 * 1024 * 1024)
+    # How often partners' agent lists and A2A agents' cards are read again.
+    card_refresh_seconds: float = Field(30.0, gt=0, le=86_400)
+    # Finished A2A tasks kept for GetTask and ListTasks (the task table keeps them all).
+    max_tasks_kept: int = Field(10_000, ge=1, le=10_000_000)
+    agents: list[A2AAgentSection] = Field(default_factory=list)
+
+    @field_validator("listen", "grpc_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        return value if value == "" else _check_address(value)
+
+    @field_validator("grpc_default_agent")
+    @classmethod
+    def _default_agent(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        org, slash, agent = value.partition("/")
+        if not slash or not ORG_NAME.match(org) or not AGENT_NAME.match(agent):
+            raise ValueError(f"expected ORG/AGENT, got {value!r}")
+        return value
+
+    @field_validator("agents")
+    @classmethod
+    def _unique(cls, value: list[A2AAgentSection]) -> list[A2AAgentSection]:
+        names = [a.name for a in value]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"agent {name!r} is configured twice")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> A2ASection:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        for key, address in (("listen", self.listen), ("grpc_listen", self.grpc_listen)):
+            if address and not is_loopback(address) and self.tls_cert is None:
+                raise ValueError(
+                    f"{key} = {address!r} is reachable from other hosts, but the A2A listeners "
+                    "have no TLS (tokens and payloads would cross the network in plaintext): "
+                    "set [a2a] tls_cert and tls_key, or listen on 127.0.0.1"
+                )
+        return self
+
+    def off_loopback(self) -> bool:
+        return any(a and not is_loopback(a) for a in (self.listen, self.grpc_listen))
+
+
 class GatewayConfig(_Section):
     """A validated gateway configuration; every path is absolute."""
 
@@ -166,6 +254,17 @@ class GatewayConfig(_Section):
     policy: PolicySection | None = None
     audit: AuditSection = AuditSection()
     limits: LimitsSection = LimitsSection()
+    a2a: A2ASection | None = None
+
+    @model_validator(mode="after")
+    def _a2a_tokens_off_loopback(self) -> GatewayConfig:
+        if self.a2a is not None and self.a2a.off_loopback() and not self.participant.require_tokens:
+            raise ValueError(
+                "the A2A listeners are reachable from other hosts, so [participant] "
+                "require_tokens = false would let anyone there call through this gateway: keep "
+                "require_tokens = true, or listen on 127.0.0.1"
+            )
+        return self
 
     @field_validator("peers")
     @classmethod
@@ -205,7 +304,7 @@ class GatewayConfig(_Section):
 
 def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
     """Apply FEDGATE_<SECTION>_<KEY> overrides onto the parsed TOML (values parsed as TOML)."""
-    sections = {"gateway", "federation", "participant", "policy", "audit", "limits"}
+    sections = {"gateway", "federation", "participant", "policy", "audit", "limits", "a2a"}
     for name, text in environ.items():
         if not name.startswith(ENV_PREFIX) or name == "FEDGATE_CONFIG":
             continue
@@ -226,6 +325,7 @@ _PATH_KEYS = {
     "federation": ("cert", "key", "ca", "crl"),
     "participant": ("cert", "key", "ca"),
     "policy": ("model", "rules", "tests", "pseudonym_key"),
+    "a2a": ("tls_cert", "tls_key"),
 }
 _MUST_EXIST = {
     ("federation", "cert"),
@@ -237,6 +337,8 @@ _MUST_EXIST = {
     ("participant", "ca"),
     ("policy", "model"),
     ("policy", "rules"),
+    ("a2a", "tls_cert"),
+    ("a2a", "tls_key"),
 }
 
 

@@ -21,6 +21,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from gateway.audit.store import AuditRecord
+from gateway.edges.a2a.demo import a2a_scene
 from gateway.errors import ConfigError
 from gateway.identity.certs import create_ca, issue_gateway_cert, write_pair
 from gateway.identity.signing import SignedReceipt, verify_receipt
@@ -273,6 +274,8 @@ async def run_demo(*, quiet: bool = False) -> int:
         demo = _Demo(console, federation)
         try:
             ok = await demo.run()
+            # Scene 9 (the A2A edges, gateway/edges/a2a/demo.py) runs its own two gateways.
+            ok = await a2a_scene(console, certs=certs, model=policies / "model.conf", step=9) and ok
         finally:
             await demo.close()
             await federation.stop()

@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -41,6 +42,9 @@ from gateway.payload import load_or_create_digest_key
 from gateway.peers import PeerRegistry
 from gateway.policy.engine import PolicyHolder, load_or_create_pseudonym_key, load_policy
 from gateway.policy.keys import load_pseudonym_keys
+
+if TYPE_CHECKING:
+    from gateway.edges.a2a import A2AEdge
 
 log = logging.getLogger("fedgate.server")
 
@@ -163,6 +167,11 @@ class Gateway:
         )
         for server in (self._federation, self._participant):
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.a2a: A2AEdge | None = None
+        if config.a2a is not None:
+            from gateway.edges.a2a import A2AEdge  # a2a-sdk loads only when [a2a] is configured
+
+            self.a2a = A2AEdge(config, config.a2a, self.router, self.agents, self.tokens)
         self._watch: asyncio.Task[None] | None = None
         self._exchange: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
@@ -202,7 +211,12 @@ class Gateway:
             await self.router.recover()
             await self._federation.start()
             await self._participant.start()
+            if self.a2a is not None:
+                await self.a2a.start()
         except BaseException:
+            if self.a2a is not None:
+                with contextlib.suppress(Exception):
+                    await self.a2a.stop()
             await self._federation.stop(None)
             await self._participant.stop(None)
             for close in (self.router.stop_background, self.audit.close):
@@ -266,6 +280,8 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self.agents.close_all()
+        if self.a2a is not None:
+            await self.a2a.stop()
         await self.router.stop_background()
         await self._federation.stop(1.0)
         await self._participant.stop(1.0)

@@ -9,14 +9,21 @@ it reconnects, while their deadlines allow.
 The registry remembers the cards of agents that were connected since the gateway started: an
 agent that is restarting is known, and a task for it waits for an instance instead of being
 refused as if it did not exist.
+
+An `AgentBackend` is a local agent the gateway calls itself instead of one that connects to it
+(an A2A server: gateway/edges/a2a/outbound.py). The registry offers its card and runs its tasks
+through it when no SDK instance of that name is connected; while it is unavailable it counts as
+no instance (a task waits for it, as for a restarting agent).
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
+import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from gateway.errors import NotFound, Unavailable
@@ -57,6 +64,42 @@ class AgentInstance:
     parked: set[str] = field(default_factory=set)
 
 
+class AgentBackend(abc.ABC):
+    """A local agent the gateway reaches itself (it does not connect to the gateway).
+
+    Its turns follow the registry's: `dispatch` runs turn 0, `continue_task` a next turn of a
+    task it holds (its last turn ended input-required), `end` gives up a task it holds between
+    turns. Each yields the turn's updates, the last one ending the turn; closing one early stops
+    the task at the agent.
+    """
+
+    name: str
+    # Set by the registry: call it when the backend becomes available (wakes waiting tasks).
+    on_available: Callable[[], None] | None = None
+
+    @property
+    @abc.abstractmethod
+    def card(self) -> AgentCard | None:
+        """Its card now; None while it is not known (the agent is then not offered)."""
+
+    @property
+    def available(self) -> bool:
+        """Whether a task may go to it now (it counts as one instance)."""
+        return self.card is not None
+
+    @abc.abstractmethod
+    def dispatch(self, spec: TaskSpec, requester_org: str) -> AsyncGenerator[TaskUpdate, None]:
+        """Run turn 0 of a task."""
+
+    @abc.abstractmethod
+    def continue_task(self, spec: TaskSpec, requester_org: str) -> AsyncGenerator[TaskUpdate, None]:
+        """Run the next turn of a task this backend holds."""
+
+    @abc.abstractmethod
+    def end(self, task_id: str, reason: str) -> None:
+        """Give up a task held between turns (its deadline, a cancel)."""
+
+
 class AgentRegistry:
     """Which agents are connected, and routing of tasks and their updates."""
 
@@ -67,6 +110,25 @@ class AgentRegistry:
         self._known: dict[str, AgentCard] = {}
         self._arrivals: dict[str, asyncio.Event] = {}
         self._tiebreak = itertools.count()
+        self._backends: dict[str, AgentBackend] = {}
+        self._backend_tasks: dict[str, str] = {}  # task id -> agent, for tasks backends hold
+
+    def add_backend(self, backend: AgentBackend) -> None:
+        """Offer an agent the gateway calls itself (used when no SDK instance is connected)."""
+        self._backends[backend.name] = backend
+        backend.on_available = lambda: self._arrived(backend.name)
+
+    def _arrived(self, agent: str) -> None:
+        arrival = self._arrivals.pop(agent, None)
+        if arrival is not None:
+            arrival.set()
+
+    def _backend(self, agent: str) -> AgentBackend | None:
+        """The backend of `agent`, when no SDK instance of it is connected and it has a card."""
+        if self._instances.get(agent):
+            return None
+        backend = self._backends.get(agent)
+        return backend if backend is not None and backend.card is not None else None
 
     def register(self, instance: AgentInstance) -> None:
         for name, card in instance.cards.items():
@@ -112,9 +174,12 @@ class AgentRegistry:
             instance.outbox.put_nowait(None)
 
     def card(self, agent: str) -> AgentCard | None:
-        """The card of a connected agent."""
+        """The card of a connected agent (or of a backend)."""
         group = self._instances.get(agent)
-        return group[-1].cards[agent] if group else None
+        if group:
+            return group[-1].cards[agent]
+        backend = self._backend(agent)
+        return backend.card if backend is not None else None
 
     def known_card(self, agent: str) -> AgentCard | None:
         """The card of a connected agent, or of one connected earlier (it may be restarting)."""
@@ -122,7 +187,7 @@ class AgentRegistry:
 
     async def wait_for_instance(self, agent: str) -> None:
         """Return once an instance of `agent` is connected (the caller bounds the wait)."""
-        while not self._instances.get(agent):
+        while not self.instance_count(agent):
             arrival = self._arrivals.setdefault(agent, asyncio.Event())
             await arrival.wait()
 
@@ -144,13 +209,18 @@ class AgentRegistry:
         return [task for task, instance in self._owner.items() if instance.subject == subject]
 
     def cards(self) -> list[AgentCard]:
-        return [group[-1].cards[name] for name, group in sorted(self._instances.items())]
+        names = set(self._instances) | {n for n in self._backends if self._backend(n)}
+        return [card for name in sorted(names) if (card := self.card(name)) is not None]
 
     def instance_count(self, agent: str) -> int:
+        backend = self._backend(agent)
+        if backend is not None:
+            return 1 if backend.available else 0
         return len(self._instances.get(agent, ()))
 
     def in_flight(self, agent: str) -> int:
-        return sum(len(i.tasks) for i in self._instances.get(agent, ()))
+        local = sum(len(i.tasks) for i in self._instances.get(agent, ()))
+        return local + sum(1 for name in self._backend_tasks.values() if name == agent)
 
     def deliver(self, instance: AgentInstance, update: TaskUpdate) -> bool:
         """Route an update from an instance; updates for tasks it does not hold are dropped."""
@@ -179,6 +249,10 @@ class AgentRegistry:
 
     def end(self, task_id: str, reason: str) -> None:
         """Give up a task held between turns (its deadline, a cancel): the instance stops it."""
+        agent = self._backend_tasks.pop(task_id, None)
+        if agent is not None and agent in self._backends:
+            self._backends[agent].end(task_id, reason)
+            return
         instance = self._owner.pop(task_id, None)
         if instance is not None:
             instance.parked.discard(task_id)
@@ -193,6 +267,11 @@ class AgentRegistry:
 
         Leaving early (deadline, cancellation) tells the instance to stop the task.
         """
+        backend = self._backend(spec.agent)
+        if backend is not None:
+            async for update in self._backend_turn(backend.dispatch(spec, requester_org), spec):
+                yield update
+            return
         group = self._instances.get(spec.agent)
         if not group:
             raise NotFound(f"agent {spec.agent!r} is not connected to the gateway of {self.org!r}")
@@ -212,6 +291,12 @@ class AgentRegistry:
     async def continue_task(self, spec: TaskSpec, requester_org: str) -> AsyncIterator[TaskUpdate]:
         """The requester's next message for a task held between turns, to the instance that
         holds it; yields its updates, the last one ending the turn."""
+        agent = self._backend_tasks.get(spec.task_id)
+        if agent is not None and agent in self._backends:
+            turn = self._backends[agent].continue_task(spec, requester_org)
+            async for update in self._backend_turn(turn, spec):
+                yield update
+            return
         instance = self._owner.get(spec.task_id)
         queue = instance.tasks.get(spec.task_id) if instance is not None else None
         if instance is None or queue is None or instance.closed:
@@ -233,6 +318,23 @@ class AgentRegistry:
         yield TaskUpdate(spec.task_id, TaskState.WORKING)
         async for update in self._turn(instance, spec, queue):
             yield update
+
+    async def _backend_turn(
+        self, updates: AsyncGenerator[TaskUpdate, None], spec: TaskSpec
+    ) -> AsyncIterator[TaskUpdate]:
+        """A backend's turn; a task it holds between turns is counted in flight."""
+        self._backend_tasks[spec.task_id] = spec.agent
+        held = False
+        try:
+            async with contextlib.aclosing(updates):
+                async for update in updates:
+                    yield update
+                    if update.state.ends_turn:
+                        held = not update.state.final
+                        return
+        finally:
+            if not held:
+                self._backend_tasks.pop(spec.task_id, None)
 
     async def _turn(
         self, instance: AgentInstance, spec: TaskSpec, queue: asyncio.Queue[TaskUpdate]

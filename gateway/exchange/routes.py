@@ -67,7 +67,7 @@ class Routes:
             await self._close(x, None, s.finish(x, result))
             if result.state.final:
                 return result
-            next_turn = await self._next_turn(x)
+            next_turn = await self._next_turn(x, result)
             if isinstance(next_turn, TaskResult):
                 await self._close(x, None, s.finish(x, next_turn))
                 return next_turn
