@@ -22,6 +22,8 @@ oracle).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import enum
 import hashlib
@@ -365,3 +367,22 @@ def check_limits(
                     "[limits] max_payload_fields"
                 )
             stack.append((child, depth + 1))
+
+
+def files_as_digests(payload: Any) -> Any:
+    """The payload with each file's bytes replaced by their digest (`sha256:<hex>` of the
+    decoded bytes): what an audit record may keep of a payload that holds files (an A2A file
+    part, docs/a2a.md §1, maps to {"file": {..., "bytes": <base64>}}). Files are never stored."""
+    if isinstance(payload, list):
+        return [files_as_digests(item) for item in payload]
+    if not isinstance(payload, dict):
+        return payload
+    kept = {key: files_as_digests(value) for key, value in payload.items()}
+    file = payload.get("file")
+    if isinstance(file, dict) and isinstance(file.get("bytes"), str):
+        try:
+            raw = base64.b64decode(file["bytes"], validate=True)
+        except (binascii.Error, ValueError):
+            raw = file["bytes"].encode()
+        kept["file"] = {**file, "bytes": "sha256:" + hashlib.sha256(raw).hexdigest()}
+    return kept

@@ -25,12 +25,13 @@ import grpc
 from fedgate.v1 import fedgate_pb2 as pb
 
 from gateway.audit.store import AuditEvent, AuditStore
-from gateway.edges.wire import result_from_pb
+from gateway.edges.wire import card_from_pb, result_from_pb
 from gateway.errors import (
     DeadlineExceeded,
     FedgateError,
     InvalidArgument,
     NotFound,
+    PeerUnreachable,
     PermissionDenied,
     Unavailable,
 )
@@ -215,6 +216,31 @@ class Router:
             return
         result = await self.get(task_id, origin_org=self.org, owner=owner)
         yield TaskUpdate(task_id, result.state, result=result if result.state.final else None)
+
+    async def partner_cards(self, peer_org: str, *, within: float = 5.0) -> list[AgentCard]:
+        """The agent cards a partner's ListAgents shows us, through its circuit breaker and
+        bounded in time: NotFound for an organization that is not a peer, PeerUnreachable (or
+        the open circuit's Unavailable) when it does not answer. A card we cannot read is one
+        we do not offer."""
+        stub = self.peers.stub(peer_org)  # NotFound for an organization that is not a peer
+        started = self.peers.admit(peer_org)
+        failure: str | None = None
+        try:
+            reply = await stub.ListAgents(pb.ListAgentsRequest(), timeout=within)
+        except grpc.aio.AioRpcError as exc:
+            error = self.steps.peer_error(peer_org, exc)
+            if isinstance(error, PeerUnreachable):
+                failure = error.message
+            raise error from None
+        finally:
+            self.peers.record(peer_org, started, failure=failure)
+        cards = []
+        for message in reply.agents:
+            try:
+                cards.append(card_from_pb(message, org=peer_org))
+            except (ValueError, FedgateError):
+                continue
+        return cards
 
     async def get_for_peer(self, task_id: str, peer_org: str) -> TaskResult:
         """GetTask from a peer: the state of a task it sent us, never its output.

@@ -63,6 +63,7 @@ from gateway.payload import (
     canonical_bytes,
     check_limits,
     digest,
+    files_as_digests,
     hmac_digest,
     keyed_digest,
     sha256_digest,
@@ -381,7 +382,7 @@ class Steps:
             digest_after=input_digest,
             policy_version=decision.policy_version,
             detail=_describe_claims(spec),
-            payload=spec.input if self.store_payloads else None,
+            payload=files_as_digests(spec.input) if self.store_payloads else None,
             turn=spec.turn,
             # The requester's signed statement, with its chain position: what we hold of its log.
             evidence={"delegation": spec.delegation} if spec.delegation else None,
@@ -594,7 +595,7 @@ class Steps:
             digest_after=released_digest,
             policy_version=filtered.policy_version,
             receipt=receipt,
-            payload=result.output if self.store_payloads else None,
+            payload=files_as_digests(result.output) if self.store_payloads else None,
             detail="" if x.followed else "kept for collection: no call was following the task",
             turn=x.turn,
         )
@@ -678,7 +679,7 @@ class Steps:
             digest_before=digest_before,
             digest_after=digest_after,
             policy_version=filtered.policy_version,
-            payload=spec.input if self.store_payloads else None,
+            payload=files_as_digests(spec.input) if self.store_payloads else None,
             turn=spec.turn,
         )
 
@@ -798,7 +799,9 @@ class Steps:
             policy_version=result.policy_version or None,
             detail=detail or (result.error.code if result.error else ""),
             receipt=result.receipt,
-            payload=result.output if self.store_payloads and result.output else None,
+            payload=(
+                files_as_digests(result.output) if self.store_payloads and result.output else None
+            ),
             turn=x.turn,
             evidence=evidence,
         )

@@ -373,3 +373,35 @@ async def test_a_peers_get_task_never_carries_the_output(fed: LocalFederation, p
     ]
     resent = max(fed["hospital"].audit.query(task_id="got-1"), key=lambda r: r.sequence)
     assert "sent again" in resent.detail
+
+
+async def test_stored_payloads_keep_files_as_digests_only(tmp_path: Path, pki: Pki) -> None:
+    """[audit] store_payloads keeps our own side's payloads, but a file's bytes never: only
+    their digest (a file part of an A2A message maps to {"file": {..., "bytes": base64}})."""
+    import base64
+    import hashlib
+
+    from tests.integration.federation import HOSPITAL_RULES, INSURER_RULES, org_config
+
+    extra = "[audit]\nstore_payloads = true\n"
+    paths = [
+        org_config(tmp_path, pki, "hospital", HOSPITAL_RULES, ["insurer"], extra=extra),
+        org_config(tmp_path, pki, "insurer", INSURER_RULES, ["hospital"], extra=extra),
+    ]
+    raw = b"%PDF-1.7 scan of the referral"
+    document = {"file": {"name": "referral.pdf", "bytes": base64.b64encode(raw).decode()}}
+    async with (
+        LocalFederation(paths) as fed,
+        serving(fed.participant("hospital"), echo_agent()),
+        Client(fed.participant("insurer")) as client,
+    ):
+        result = await client.call("hospital/echo.say", document, timeout=10, task_id="file-1")
+    assert result.output["echo"] == document, "the file itself went through"
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    for org in ("hospital", "insurer"):
+        records = fed[org].audit.query(task_id="file-1")
+        stored = [r.payload for r in records if r.payload is not None]
+        assert stored, f"{org} stored its payloads"
+        text = repr(stored)
+        assert base64.b64encode(raw).decode() not in text, org
+        assert digest in text, org

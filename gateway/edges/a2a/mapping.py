@@ -348,25 +348,6 @@ def output_reply(output: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return message if isinstance(message, dict) else None
 
 
-def files_as_digests(payload: Any) -> Any:
-    """The payload with each file's bytes replaced by their digest (`sha256:<hex>` of the
-    decoded bytes): what an audit record may keep of a payload that holds files (docs/a2a.md §1).
-    """
-    if isinstance(payload, list):
-        return [files_as_digests(item) for item in payload]
-    if not isinstance(payload, dict):
-        return payload
-    kept = {key: files_as_digests(value) for key, value in payload.items()}
-    file = payload.get("file")
-    if isinstance(file, dict) and isinstance(file.get("bytes"), str):
-        try:
-            raw = base64.b64decode(file["bytes"], validate=True)
-        except (binascii.Error, ValueError):
-            raw = file["bytes"].encode()
-        kept["file"] = {**file, "bytes": "sha256:" + hashlib.sha256(raw).hexdigest()}
-    return kept
-
-
 # ---- receipts, field actions, errors in metadata (docs/a2a.md §2) --------------------------
 
 

@@ -13,11 +13,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
-from fedgate.v1 import fedgate_pb2 as pb
-
-from gateway.edges.wire import card_from_pb
-from gateway.errors import FedgateError, PeerUnreachable
 from gateway.exchange.router import Router
 from gateway.exchange.tasks import AgentCard, TaskResult, TaskSpec, TaskState, TaskUpdate
 
@@ -52,21 +47,7 @@ class ExchangePort:
         return self.router.agents.card(agent)
 
     async def partner_cards(self, peer: str, *, within: float = 5.0) -> list[AgentCard]:
-        """Adapter for Router.partner_cards (not in the core yet)."""
-        stub = self.router.peers.stub(peer)  # NotFound for an organization that is not a peer
-        try:
-            reply = await stub.ListAgents(pb.ListAgentsRequest(), timeout=within)
-        except grpc.aio.AioRpcError as exc:
-            raise PeerUnreachable(
-                f"organization {peer!r} did not list its agents: {exc.code().name}: {exc.details()}"
-            ) from None
-        cards = []
-        for message in reply.agents:
-            try:
-                cards.append(card_from_pb(message, org=peer))
-            except (ValueError, FedgateError):
-                continue  # a card we cannot read is a card we do not offer
-        return cards
+        return await self.router.partner_cards(peer, within=within)
 
     def continue_task(self, spec: TaskSpec) -> AsyncIterator[TaskUpdate]:
         """The next turn of a task waiting for input (`spec.turn` > 0): the router's submit."""
