@@ -15,13 +15,15 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from bench import bench_audit, bench_exchange, bench_policy, bench_task_store
+from bench import bench_audit, bench_exchange, bench_policy, bench_steps, bench_task_store
 
 BENCHMARKS: list[tuple[str, Callable[[list[str]], int]]] = [
     ("policy filter", bench_policy.main),
     ("durable audit", bench_audit.main),
     ("task table, PostgreSQL", bench_task_store.main),
     ("full exchange vs relay", bench_exchange.main),
+    # After the full exchange: its CPU per gateway, less the steps' sum, is the orchestration.
+    ("CPU per exchange by step", bench_steps.main),
 ]
 _VERDICT = re.compile(r"\b(met|missed)\b", re.IGNORECASE)
 _MARKUP = re.compile(r"\[/?[a-z ]+\]")

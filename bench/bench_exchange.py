@@ -473,8 +473,9 @@ def tokens_supported() -> bool:
 
 
 def delegation_in_path() -> bool:
-    """Whether the requesting gateway issues delegation statements (read from its source)."""
-    sources = [p for p in (ROOT / "gateway").glob("*.py") if p.name != "delegation.py"]
+    """Whether the requesting gateway issues delegation statements (read from its source, in
+    every subpackage: the code moved out of the flat gateway/ folder)."""
+    sources = [p for p in (ROOT / "gateway").glob("**/*.py") if p.name != "delegation.py"]
     return any("issue_delegation(" in p.read_text() for p in sources)
 
 
