@@ -64,7 +64,6 @@ from gateway.payload import (
     check_limits,
     digest,
     files_as_digests,
-    hmac_digest,
     keyed_digest,
     sha256_digest,
 )
@@ -292,11 +291,12 @@ class Steps:
         holds what left), and the canonical bytes of what left. Each payload is encoded once.
         """
         after = canonical_bytes(filtered.output)
+        released = sha256_digest(after)
         if not filtered.withheld and not filtered.transformed:
-            # Released unchanged (a property test holds the filter to it): the same bytes.
-            return hmac_digest(self.digest_key, after), sha256_digest(after), after
-        before = keyed_digest(self.digest_key, original)
-        return before, sha256_digest(after), after
+            # Released unchanged (a property test holds the filter to it): what it was before
+            # is what the partner holds, so its plain digest tells nobody anything new.
+            return released, released, after
+        return keyed_digest(self.digest_key, original), released, after
 
     async def until_done(self, x: Execution, work: Awaitable[T]) -> T:
         """Await `work` (a dispatch) until the task's deadline or a cancel.
@@ -754,12 +754,14 @@ class Steps:
                 if result.receipt is None:
                     raise Unauthenticated("the result carries no receipt")
                 receipt = SignedReceipt.from_json(result.receipt)
+                encoded = canonical_bytes(result.output)  # once: the commitment and the digest
                 # Signer (valid now), task, turn, state, and the output it commits to.
                 verify_receipt(
                     self.verifier,
                     receipt,
                     expected_org=peer,
                     released_output=result.output,
+                    encoded_output=encoded,
                     task_id=spec.task_id,
                     turn=x.turn,
                     state=result.state.value,
@@ -768,7 +770,7 @@ class Steps:
                     # Who signed each sub-task's receipt, for which task (not its content:
                     # its salt stays with the requester that consulted them).
                     verify_provenance_receipt(self.verifier, SignedReceipt.from_json(entry))
-                output_digest = digest(result.output)
+                output_digest = sha256_digest(encoded)
                 check_limits(
                     result.output,
                     max_depth=self.limits.max_depth,

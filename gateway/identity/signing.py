@@ -584,6 +584,7 @@ def verify_receipt(
     *,
     expected_org: str,
     released_output: Any = None,
+    encoded_output: bytes | None = None,
     task_id: str | None = None,
     turn: int | None = None,
     state: str | None = None,
@@ -637,7 +638,13 @@ def verify_receipt(
             "output cannot be checked against its commitment"
         )
     try:
-        actual = commit_result(opening, released_output, canonical=body.canonical)
+        actual = commit_result(
+            opening,
+            released_output,
+            canonical=body.canonical,
+            # The caller's canonical bytes of the output, if it has them under this version.
+            encoded=encoded_output if body.canonical == CANONICAL_VERSION else None,
+        )
     except (TypeError, ValueError) as exc:
         raise Unauthenticated(
             f"the output of task {body.task_id!r} is not canonical JSON: {exc}"
