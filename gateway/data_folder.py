@@ -18,7 +18,9 @@ import contextlib
 import fcntl
 import os
 import stat
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import make_url
@@ -30,6 +32,40 @@ PID_FILE = "fedgate.pid"
 # A command that asks whether a gateway runs (`running_gateway`) holds a shared lock for a few
 # microseconds; a gateway starting at that moment tries again within this long before it refuses.
 _ACQUIRE_PATIENCE_SECONDS = 0.5
+
+
+def private_secret(path: Path, make: Callable[[], bytes], what: str) -> bytes:
+    """The bytes of a secret file in the data folder (a key), created by `make()` when missing.
+
+    Created 0600, written whole under a temporary name and then linked into place, so a crash
+    never leaves half a secret and two processes creating it at once end up with the same one.
+    Refused (ConfigError, the fix named) when it cannot be read or others may read it.
+    """
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the data folder: private
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+        try:
+            with os.fdopen(descriptor, "wb") as handle:  # mkstemp creates it 0600
+                handle.write(make())
+                handle.flush()
+                os.fsync(handle.fileno())
+            # link() never replaces: if another process created the secret meanwhile, keep it.
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, path)
+        finally:
+            os.unlink(temporary)
+    try:
+        mode = path.stat().st_mode
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"{path}: the {what} is accessible to other users (mode {stat.S_IMODE(mode):o}): "
+            f"run `chmod 600 {path}`"
+        )
+    return data
 
 
 def ensure_private_folder(path: Path) -> Path:

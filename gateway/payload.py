@@ -24,22 +24,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import enum
 import hashlib
 import hmac
 import json
 import math
-import os
 import secrets
-import stat
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from gateway.data_folder import private_secret
 from gateway.errors import ConfigError, InvalidArgument, PayloadLimitExceeded
 
 JsonObject = dict[str, Any]
@@ -135,29 +132,7 @@ def load_or_create_digest_key(data_dir: str | Path) -> bytes:
     may read it or it is not 32 bytes.
     """
     path = Path(data_dir) / DIGEST_KEY_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".digest-key-")
-        try:
-            with os.fdopen(descriptor, "wb") as handle:  # mkstemp creates it 0600
-                handle.write(secrets.token_bytes(DIGEST_KEY_BYTES))
-                handle.flush()
-                os.fsync(handle.fileno())
-            # link() never replaces: if another process created the key meanwhile, keep theirs.
-            with contextlib.suppress(FileExistsError):
-                os.link(temporary, path)
-        finally:
-            os.unlink(temporary)
-    try:
-        mode = path.stat().st_mode
-        key = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the digest key: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"{path}: the digest key is accessible to other users (mode {stat.S_IMODE(mode):o}): "
-            f"run `chmod 600 {path}`"
-        )
+    key = private_secret(path, lambda: secrets.token_bytes(DIGEST_KEY_BYTES), "digest key")
     if len(key) != DIGEST_KEY_BYTES:
         raise ConfigError(
             f"{path}: the digest key must hold {DIGEST_KEY_BYTES} bytes, it holds {len(key)}: "

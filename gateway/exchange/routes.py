@@ -174,9 +174,7 @@ class Routes:
                         if next_turn.state is TaskState.CANCELED
                         else DeadlineExceeded(f"task {x.task_id} passed its deadline")
                     )
-                    kind = "canceled" if next_turn.state is TaskState.CANCELED else "failed"
-                    code = next_turn.error.code if next_turn.error is not None else None
-                    closing = s.closing(opening, kind, error, started, code=code)
+                    closing = self._ended(opening, next_turn, error, started)
                     await self._close(x, closing, s.finish(x, next_turn))
                     return next_turn
                 assert next_turn.outbound is not None
@@ -216,16 +214,12 @@ class Routes:
         except Stopped as stopped:
             # The deadline, or an explicit cancel (the partner was told first).
             result = stopped.result
-            kind = "canceled" if result.state is TaskState.CANCELED else "failed"
-            code = result.error.code if result.error is not None else None
-            closing = s.closing(opening, kind, stopped.error, started, code=code)
-            op = s.finish(x, result)
+            closing, op = self._ended(opening, result, stopped.error, started), s.finish(x, result)
         except (DeadlineExceeded, Cancelled) as exc:
             # The partner ended the task: its deadline, or a cancel there.
             code = "deadline_exceeded" if isinstance(exc, DeadlineExceeded) else "canceled"
             result = error_result(x.task_id, code, exc.message, peer)
-            kind = "canceled" if result.state is TaskState.CANCELED else "failed"
-            closing, op = s.closing(opening, kind, exc, started, code=code), s.finish(x, result)
+            closing, op = self._ended(opening, result, exc, started), s.finish(x, result)
         except FedgateError as exc:
             # The partner refused before running the task: nothing is the key's outcome, so
             # the key is given back and a retry runs the task. (A later turn refused ends it.)
@@ -237,6 +231,15 @@ class Routes:
             op = s.finish(x, result)
         await self._close(x, closing, op)
         return result
+
+    def _ended(
+        self, opening: AuditEvent, result: TaskResult, error: FedgateError, started: float
+    ) -> AuditEvent:
+        """The record that closes a request whose task ended without a result (deadline,
+        cancel): canceled or failed, naming the stable code."""
+        kind = "canceled" if result.state is TaskState.CANCELED else "failed"
+        code = result.error.code if result.error is not None else None
+        return self.steps.closing(opening, kind, error, started, code=code)
 
     async def _send(
         self, x: Execution, request: Any, stream: bool, admitted: float | None

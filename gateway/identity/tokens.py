@@ -43,7 +43,6 @@ import hashlib
 import json
 import os
 import re
-import stat
 import tempfile
 import threading
 import time
@@ -57,6 +56,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.data_folder import private_secret
 from gateway.errors import (
     ConfigError,
     InvalidArgument,
@@ -194,34 +194,15 @@ def _key_id(public_key: ec.EllipticCurvePublicKey) -> str:
 
 def _load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """Read the token key, creating a fresh P-256 key (mode 0600) if the file does not exist."""
-    if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the data folder: private
-        pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+
+    def fresh() -> bytes:
+        return ec.generate_private_key(ec.SECP256R1()).private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".token-key-")
-        try:
-            with os.fdopen(descriptor, "wb") as handle:  # mkstemp creates it 0600
-                handle.write(pem)
-                handle.flush()
-                os.fsync(handle.fileno())
-            # link() never replaces: if another process created the key meanwhile, keep theirs.
-            with contextlib.suppress(FileExistsError):
-                os.link(temporary, path)
-        finally:
-            os.unlink(temporary)
-    try:
-        mode = path.stat().st_mode
-        pem = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the token key: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"{path}: the token key is accessible to other users (mode {stat.S_IMODE(mode):o}): "
-            f"run `chmod 600 {path}`"
-        )
+
+    pem = private_secret(path, fresh, "token key")
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:

@@ -17,10 +17,10 @@ from gateway.edges.a2a.cards import CardDirectory, Target
 from gateway.edges.a2a.errors import GatewayUnavailable
 from gateway.edges.a2a.inbound import STATE_OWNER, BoundedTaskStore
 from gateway.edges.a2a.listener import quiet_sdk_logging
-from gateway.edges.a2a.mapping import files_as_digests
 from gateway.edges.wire import AgentCard, SkillCard
 from gateway.errors import ConfigError, PeerUnreachable
 from gateway.local import write_gateway_config
+from gateway.payload import files_as_digests
 from tests.conftest import Pki
 
 

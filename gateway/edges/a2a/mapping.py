@@ -21,9 +21,7 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 import secrets
-import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from a2a.types.a2a_pb2 import Artifact, Message, Part, Role
 from fedgate.convert import struct_to_dict
 from google.protobuf import struct_pb2
 
+from gateway.data_folder import private_secret
 from gateway.errors import ConfigError, InvalidArgument
 from gateway.exchange.tasks import TaskResult
 from gateway.payload import canonical_json
@@ -385,20 +384,7 @@ def derive_context(key: bytes, scope: str, context_id: str) -> str:
 
 def load_or_create_context_key(path: Path) -> bytes:
     """The gateway's A2A context key: 32 random bytes, created 0600 when missing."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = secrets.token_bytes(32)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return load_or_create_context_key(path)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        return data
-    if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"{path}: readable by other users: chmod 600 {path}")
+    data = private_secret(path, lambda: secrets.token_bytes(32), "A2A context key")
     if len(data) < 32:
         raise ConfigError(f"{path}: the A2A context key is shorter than 32 bytes: delete it")
     return data
