@@ -7,7 +7,7 @@ read-only in CI), both targets at once (each run mostly waits out streams that r
 about 2 to 3 minutes of wall time, little CPU). The bar is the official a2a-sdk's own server on
 this kit: 188 passed, and no failure but the four that are the SDK's or the kit's (NOTES.md).
 
-    FEDGATE_A2A_TCK=/path/to/a2a-tck    the kit (default: shared/a2a-tck above the repository)
+    FEDGATE_TEST_A2A_TCK=/path/to/a2a-tck    the kit (default: shared/a2a-tck above the repository)
     FEDGATE_TCK_PYTHON=/venv/bin/python  an interpreter with the kit installed (skip the install)
 """
 
@@ -41,7 +41,7 @@ REFERENCE_FAILURES = {
 
 
 def _kit() -> Path | None:
-    configured = os.environ.get("FEDGATE_A2A_TCK")
+    configured = os.environ.get("FEDGATE_TEST_A2A_TCK")
     if configured:
         return Path(configured)
     for folder in Path(__file__).resolve().parents:
@@ -63,8 +63,8 @@ def tck(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(a copy of the kit, an interpreter that has it installed)."""
     source = _kit()
     if source is None:
-        why = "the A2A TCK is not here: set FEDGATE_A2A_TCK to a copy of a2aproject/a2a-tck"
-        if os.environ.get("FEDGATE_REQUIRE_TCK"):  # CI: conformance is not optional there
+        why = "the A2A TCK is not here: set FEDGATE_TEST_A2A_TCK to a copy of a2aproject/a2a-tck"
+        if os.environ.get("FEDGATE_TEST_REQUIRE_TCK"):  # CI: conformance is not optional there
             pytest.fail(why)
         pytest.skip(why)
     root = tmp_path_factory.mktemp("a2a-tck")
