@@ -745,6 +745,10 @@ class Steps:
         """Verify the responder's receipt; returns the result and its `result_received` event."""
         spec = x.spec
         result = update.result or TaskResult(spec.task_id, update.state)
+        if result.state not in _CARRY_OUTPUT and result.output:
+            # Only a verified receipt lets a partner's output in, and a failed or canceled
+            # answer has none to verify: whatever output it holds is not taken.
+            result = replace(result, output={})
         peer = spec.target_org
         decision, detail = ("allowed" if result.state in _CARRY_OUTPUT else "error"), ""
         output_digest: str | None = None
