@@ -29,7 +29,7 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.exchange.execution import Execution, Executions, NextTurn
-from gateway.exchange.steps import Steps, Stopped, error_result
+from gateway.exchange.steps import _CARRY_OUTPUT, Steps, Stopped, error_result
 from gateway.exchange.tasks import TaskResult, TaskSpec, TaskState, TaskUpdate
 from gateway.identity.signing import without_salt
 from gateway.policy.engine import Policy
@@ -282,7 +282,7 @@ class Routes:
         s = self.steps
         if peer_org is not None:
             events: list[AuditEvent] = [s.retry_received(spec, peer_org, result.task_id)]
-            if result.state is TaskState.COMPLETED:
+            if result.state in _CARRY_OUTPUT:  # an input-required turn's question too
                 events.append(s.sent_again(spec, peer_org, result))
             await s.write(None, events, None)
         return TaskUpdate(result.task_id, result.state, result=result)

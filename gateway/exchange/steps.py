@@ -406,6 +406,7 @@ class Steps:
                 else f"retry of task {original_task_id} with the same idempotency key (sent "
                 f"as task id {spec.task_id[:128]})"
             ),
+            turn=spec.turn,
         )
 
     def sent_again(self, spec: TaskSpec, peer_org: str, result: TaskResult) -> AuditEvent:
@@ -423,6 +424,7 @@ class Steps:
             policy_version=result.policy_version or None,
             detail="retry: the stored result was sent again",
             receipt=result.receipt,
+            turn=result.turn,
         )
 
     async def dispatch_to_agent(self, x: Execution) -> TaskResult:

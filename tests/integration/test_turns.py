@@ -246,3 +246,38 @@ async def test_the_sdk_asks_and_replies_across_organizations(two: LocalFederatio
     assert done.output == {"summary": "booked in cardiology, bed B-12"}
     kinds = [k for k, _ in _kinds(two, "hospital", first.task_id)]
     assert kinds == ["request_received", "result_released"] * 3
+
+
+def _peer_request(pki: Pki, task_id: str, data: dict[str, Any], turn: int = 0) -> pb.TaskRequest:
+    """The request insurer's gateway sends for a turn, as any gateway written from proto/."""
+    from tests.integration.federation import delegation
+
+    request = _request(task_id, data, turn)
+    request.delegation = delegation(pki, "insurer", "hospital", task_id)
+    return request
+
+
+async def test_a_repeated_turn_that_carries_output_is_recorded_as_sent_again(
+    two: LocalFederation, pki: Pki
+) -> None:
+    """The question of an input-required turn is output like a final result: a repeat of the
+    turn gets it again only with a record of its release, as a repeated final one does."""
+    from tests.security.raw import federation_client
+
+    async with (
+        RawAgent(two.participant("hospital")),
+        federation_client(pki, two, "insurer") as peer,
+    ):
+        first = await peer.SubmitTask(_peer_request(pki, "talk-5", {"topic": "a"}), timeout=10)
+        again = await peer.SubmitTask(_peer_request(pki, "talk-5", {"topic": "a"}), timeout=10)
+    assert first.state == again.state == pb.TASK_STATE_INPUT_REQUIRED
+    assert struct_to_dict(again.output) == {"question": "which ward?"}
+    assert _kinds(two, "hospital", "talk-5") == [
+        ("request_received", "submitted"),
+        ("result_released", "input-required"),
+        ("request_received", "submitted"),
+        ("result_released", "input-required"),
+    ]
+    records = sorted(two["hospital"].audit.query(task_id="talk-5"), key=lambda r: r.sequence)
+    assert records[-1].detail == "retry: the stored result was sent again"
+    assert records[-1].receipt == records[1].receipt
