@@ -309,6 +309,11 @@ class Router:
         spec = self._prepare(spec)
         key = task_key(self.org, spec)
         execution = self.executions.by_key.get(key)
+        if spec.turn and execution is None:
+            ended = await self._ended_with(key, spec)
+            if ended is not None:
+                yield await self.routes.answer_retry(spec, ended, None)
+                return
         if spec.turn:
             execution = await self._next_local_turn(execution, spec)
         elif execution is None:
@@ -334,6 +339,15 @@ class Router:
                 execution = await self._start_outbound(spec, key, started, stream=stream)
         async for update in execution.follow(states=stream, until=spec.deadline, turn=spec.turn):
             yield update
+
+    async def _ended_with(self, key: tuple[str, str], spec: TaskSpec) -> TaskResult | None:
+        """The outcome of the key's task if it ended with the turn `spec` repeats (the last
+        turn of a conversation is repeated as any turn is, after the task ended too)."""
+        result = self.executions.recent(key)
+        if result is None:
+            row = await self.tasks.get(*key)
+            result = row.result if row is not None else None
+        return result if result is not None and result.turn == spec.turn else None
 
     def _turn_check(self, execution: Execution | None, spec: TaskSpec) -> Execution:
         """The task a next message (spec.turn > 0) continues: it must be waiting for it."""
@@ -443,6 +457,11 @@ class Router:
             raise
         key = task_key(peer_org, spec)
         execution = self.executions.by_key.get(key)
+        if spec.turn and execution is None:
+            ended = await self._ended_with(key, spec)
+            if ended is not None:
+                yield await self.routes.answer_retry(spec, ended, peer_org)
+                return
         if execution is not None and spec.turn in execution.turn_results:
             # A repeat of a turn that ended: its result again, recorded.
             yield await self.routes.answer_retry(spec, execution.turn_results[spec.turn], peer_org)

@@ -253,7 +253,9 @@ def _peer_request(pki: Pki, task_id: str, data: dict[str, Any], turn: int = 0) -
     from tests.integration.federation import delegation
 
     request = _request(task_id, data, turn)
-    request.delegation = delegation(pki, "insurer", "hospital", task_id)
+    # Who asked, as insurer's gateway names a requester that gave no name.
+    subject = "insurer:unnamed-requester"
+    request.delegation = delegation(pki, "insurer", "hospital", task_id, subject=subject)
     return request
 
 
@@ -281,3 +283,35 @@ async def test_a_repeated_turn_that_carries_output_is_recorded_as_sent_again(
     records = sorted(two["hospital"].audit.query(task_id="talk-5"), key=lambda r: r.sequence)
     assert records[-1].detail == "retry: the stored result was sent again"
     assert records[-1].receipt == records[1].receipt
+
+
+async def test_a_repeat_of_the_last_turn_after_the_task_ended_gets_its_result(
+    two: LocalFederation, pki: Pki
+) -> None:
+    """A repeated turn gets that turn's result again, the last one too once the task has
+    ended (a requester whose reply got UNAVAILABLE retries it): not NOT_FOUND, and the agent
+    does not see the message twice."""
+    from tests.security.raw import federation_client
+
+    async with (
+        RawAgent(two.participant("hospital")) as agent,
+        grpc.aio.insecure_channel(two.participant("insurer")) as channel,
+        federation_client(pki, two, "insurer") as peer,
+    ):
+        stub = pb_grpc.ParticipantStub(channel)
+        await stub.SubmitTask(_request("talk-6", {"topic": "a"}), timeout=10)
+        done = await stub.SubmitTask(_request("talk-6", {"answer": "b"}, turn=1), timeout=10)
+        assert done.state == pb.TASK_STATE_COMPLETED
+        # Our requester asks its gateway again; insurer's gateway asks hospital's again.
+        again = await stub.SubmitTask(_request("talk-6", {"answer": "b"}, turn=1), timeout=10)
+        resent = await peer.SubmitTask(
+            _peer_request(pki, "talk-6", {"answer": "b"}, turn=1), timeout=10
+        )
+    for answer in (again, resent):
+        assert answer.state == pb.TASK_STATE_COMPLETED and answer.turn == 1
+        assert answer.output == done.output and answer.receipt == done.receipt
+    assert [turn for turn, _ in agent.inputs] == [0, 1], "each turn reached the agent once"
+    assert _kinds(two, "hospital", "talk-6")[-2:] == [
+        ("request_received", "submitted"),
+        ("result_released", "completed"),
+    ]
