@@ -271,7 +271,9 @@ class Routes:
                 f"task {row.task_id!r} was interrupted by a restart of {self.steps.org!r} and "
                 "is being recovered: ask for it again later"
             )
-        await self.answer_retry(x.spec, row.result, x.peer_org)
+        # A repeat is recorded for a peer that asked us; our own requester's repeat of a task
+        # sent to a partner is no exchange with it (as when a recent outcome answers it).
+        await self.answer_retry(x.spec, row.result, None if x.remote else x.peer_org)
         return row.result
 
     async def answer_retry(
