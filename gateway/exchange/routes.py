@@ -95,12 +95,12 @@ class Routes:
             released, event = s.release(x, policy, result, started)
             await self._close(x, event, s.finish(x, released))
             if released.state.final:
-                return await s.with_head(released)
+                return await s.with_head(x, released)
             next_turn = await self._next_turn(x, released)
             if isinstance(next_turn, TaskResult):  # its deadline, or a cancel, came first
                 ended, event = s.release(x, policy, next_turn, started)
                 await self._close(x, event, s.finish(x, ended))
-                return await s.with_head(ended)
+                return await s.with_head(x, ended)
             policy, started = next_turn.policy, next_turn.started
             work = s.continue_agent(x, next_turn.spec)
 

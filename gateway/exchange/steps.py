@@ -815,16 +815,23 @@ class Steps:
         )
         return replace(result, task_id=spec.task_id, responder_org=peer, turn=x.turn), event
 
-    async def with_head(self, result: TaskResult) -> TaskResult:
+    async def with_head(self, x: Execution, result: TaskResult) -> TaskResult:
         """An answer without a receipt (failed, canceled) carries our signed audit head: the
         partner always holds a signed lower bound of our log. Best effort: a store that cannot
-        sign one now does not hold the answer back."""
+        sign one now does not hold the answer back, nor does a cancel that came while the
+        answer's record committed (it takes effect here, and the task has ended)."""
         if result.receipt is not None:
             return result
         try:
             head = await self.own_head.current()
         except FedgateError as exc:
             log.warning("no signed head for the answer of task %s: %s", result.task_id, exc.message)
+            return result
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if x.cancel_reason in ("", SHUTDOWN) or task is None:
+                raise
+            task.uncancel()
             return result
         return replace(result, checkpoint=head.to_json())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -405,3 +406,45 @@ async def test_stored_payloads_keep_files_as_digests_only(tmp_path: Path, pki: P
         text = repr(stored)
         assert base64.b64encode(raw).decode() not in text, org
         assert digest in text, org
+
+
+class _CancelWhileClosing(MemoryAuditStore):
+    """A store during whose commit of a task's closing record a cancel of the task arrives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancel: Callable[[], Awaitable[object]] | None = None
+        self.cancels: list[asyncio.Future[object]] = []
+
+    async def write(self, events, op=None):  # type: ignore[no-untyped-def,override]
+        closing = events is not None and any(
+            e.kind == "failed" for e in ((events,) if hasattr(events, "kind") else events)
+        )
+        if closing and self.cancel is not None:
+            self.cancels.append(asyncio.ensure_future(self.cancel()))
+        return await super().write(events, op)
+
+
+async def test_a_cancel_while_the_closing_record_commits_does_not_replace_the_answer(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The task failed and its record commits when the cancel comes: the cancel waits for the
+    write, and the task has ended, so the peer gets the failure it recorded, not UNAVAILABLE
+    ("shutting down") while the answer's signed head was being made."""
+    from tests.security.raw import federation_client, task_request
+
+    store = _CancelWhileClosing()
+    async with LocalFederation(configs(tmp_path, pki), audits={"hospital": store}) as fed:
+        router = fed["hospital"].router
+        store.cancel = lambda: router.cancel("cw-1", "enough", origin_org="insurer")
+        async with (
+            serving(fed.participant("hospital"), boom_agent()),
+            federation_client(pki, fed, "insurer") as peer,
+        ):
+            answer = await peer.SubmitTask(
+                task_request(pki, "insurer", "cw-1", agent="boom", skill="fail"), timeout=10
+            )
+        assert answer.state == pb.TASK_STATE_FAILED
+        assert answer.error.code == "skill_error"
+        assert kinds(fed, "hospital", "cw-1") == ["request_received", "failed"]
+        assert_chains_verify(fed)
