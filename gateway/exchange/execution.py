@@ -67,8 +67,10 @@ class Execution:
     remote: bool = False
     peer_org: str | None = None
     claims: Claims = None
-    # Set by cancel(): why the task is being stopped ("" until then).
+    # Set by cancel(): why the task is being stopped ("" until then); `stopping` at shutdown
+    # (also after a cancel with another reason), when the task stays open for recovery.
     cancel_reason: str = ""
+    stopping: bool = False
     # Sub-tasks our agents started while serving this task (multi-hop), and their receipts.
     children: set[str] = field(default_factory=set)
     provenance: list[dict[str, Any]] = field(default_factory=list)
@@ -148,11 +150,21 @@ class Execution:
             return False
         if not self.cancel_reason:
             self.cancel_reason = reason
+        if reason == SHUTDOWN:
+            self.stopping = True
         if self._protected:
             self._cancel_pending = True
         else:
             self.task.cancel()
         return True
+
+    def postpone_cancel(self) -> None:
+        """A cancel caught while the route waits to try a store write again: it takes effect
+        after the write, as one that comes during the write does."""
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        self._cancel_pending = True
 
     @contextlib.contextmanager
     def protected(self) -> Iterator[None]:

@@ -312,7 +312,13 @@ class Routes:
                 if loop.time() >= give_up:
                     raise
                 x.fail_followers(exc)
-                await asyncio.sleep(_CLOSE_RETRY_SECONDS)
+                try:
+                    await asyncio.sleep(_CLOSE_RETRY_SECONDS)
+                except asyncio.CancelledError:
+                    if x.stopping or not x.cancel_reason:
+                        raise  # at shutdown the task stays open, recovered after the restart
+                    # The turn ended before the cancel came: its record goes in first.
+                    x.postpone_cancel()
 
 
 def _as_followed(event: AuditEvent, followed: bool) -> AuditEvent:

@@ -8,13 +8,14 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from fedgate.convert import dict_to_struct
 from fedgate.v1 import fedgate_pb2 as pb
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
 from gateway.audit.store import MemoryAuditStore
-from gateway.exchange.tasks import TaskSpec
+from gateway.exchange.tasks import TaskSpec, TaskState
 from gateway.local import LocalFederation
 from participant_sdk import (
     Client,
@@ -448,3 +449,39 @@ async def test_a_cancel_while_the_closing_record_commits_does_not_replace_the_an
         assert answer.error.code == "skill_error"
         assert kinds(fed, "hospital", "cw-1") == ["request_received", "failed"]
         assert_chains_verify(fed)
+
+
+async def test_a_cancel_while_the_store_is_down_still_lets_the_result_be_recorded(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The store goes down as the result comes, and the peer, told UNAVAILABLE, cancels. The
+    task had ended: its record is written once the store is back (the cancel changes nothing),
+    rather than left open, its key answering 'interrupted by a restart' until one."""
+    from tests.security.raw import federation_client, task_request
+
+    store = MemoryAuditStore()
+    runs: list[str] = []
+    async with (
+        LocalFederation(configs(tmp_path, pki), audits={"hospital": store}) as fed,
+        serving(fed.participant("hospital"), _counting_echo(runs, store)),
+        federation_client(pki, fed, "insurer") as peer,
+    ):
+        router = fed["hospital"].router
+        request = task_request(pki, "insurer", "cd-1", input=dict_to_struct({"n": 1}))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await peer.SubmitTask(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert await router.cancel("cd-1", "no answer", origin_org="insurer") is (
+            TaskState.CANCELED
+        )
+        await asyncio.sleep(0.2)  # the close is tried again meanwhile
+        store.fail_writes = False
+        assert await eventually(lambda: not router.executions.by_id, 5)
+        row = await router.tasks.by_task_id("insurer", "cd-1")
+        again = await peer.SubmitTask(
+            task_request(pki, "insurer", "cd-1", input=dict_to_struct({"n": 1})), timeout=10
+        )
+    assert row is not None and row.result is not None, "the task's row was finished"
+    assert again.state == pb.TASK_STATE_COMPLETED and runs == ["cd-1"]
+    assert kinds(fed, "hospital", "cd-1")[:2] == ["request_received", "result_kept"]
+    assert_chains_verify(fed)
