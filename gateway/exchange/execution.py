@@ -87,6 +87,8 @@ class Execution:
     # follows it now records its release before it gets the result.
     kept: set[int] = field(default_factory=set)
     next_turns: asyncio.Queue[NextTurn] = field(default_factory=asyncio.Queue)
+    # Set when the admission of a next message ends, either way (see admitted_meanwhile).
+    _admission_ended: asyncio.Event = field(default_factory=asyncio.Event)
     outcome: asyncio.Future[TaskResult] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -143,6 +145,21 @@ class Execution:
     def continue_with(self, next_turn: NextTurn) -> None:
         """The requester's next message: the route starts the next turn with it."""
         self.next_turns.put_nowait(next_turn)
+        self._admission_ended.set()
+
+    def admission_failed(self) -> None:
+        """The next message being admitted was refused (nothing of it was recorded)."""
+        self.pending_turn = 0
+        self._admission_ended.set()
+
+    async def admitted_meanwhile(self) -> NextTurn | None:
+        """After the task stopped between turns (its deadline, a cancel): the next message
+        admitted meanwhile, if any, waiting for one whose request record is committing. Its
+        turn never runs, but its record is in the log and must be closed."""
+        while self.pending_turn and self.next_turns.empty():
+            self._admission_ended.clear()
+            await self._admission_ended.wait()
+        return None if self.next_turns.empty() else self.next_turns.get_nowait()
 
     def cancel(self, reason: str) -> bool:
         """Stop the task (its route records why); False if it has already ended."""

@@ -390,7 +390,7 @@ class Router:
                 self.peers.record(spec.target_org, admitted, failure=None)
                 raise
         except BaseException:
-            x.pending_turn = 0
+            x.admission_failed()
             raise
         x.continue_with(
             NextTurn(spec, opening, outbound=outbound, started=started, admitted=admitted)
@@ -473,7 +473,7 @@ class Router:
                 policy, opening = await self.steps.admit_inbound(spec, peer_org, claims, started)
                 await self.steps.write(None, opening, None)
             except BaseException:
-                x.pending_turn = 0
+                x.admission_failed()
                 raise
             x.continue_with(NextTurn(spec, opening, policy=policy, started=started))
             execution = x

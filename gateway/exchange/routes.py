@@ -122,6 +122,13 @@ class Routes:
         try:
             next_turn = await self.steps.until_done(x, x.next_turns.get())
         except Stopped as stopped:
+            late = await x.admitted_meanwhile()
+            if late is not None:
+                # Its request is recorded (and for a partner, admitted by the breaker): the
+                # stop ends that turn, which never runs, so the closing record names it.
+                x.start_turn(late.spec.turn)
+                if late.admitted is not None:
+                    self.steps.peers.record(x.spec.target_org, late.admitted, failure=None)
             if not x.remote:
                 self.steps.agents.end(x.task_id, stopped.error.message)
             return replace(stopped.result, turn=x.turn)
@@ -175,6 +182,7 @@ class Routes:
                         else DeadlineExceeded(f"task {x.task_id} passed its deadline")
                     )
                     closing = self._ended(opening, next_turn, error, started)
+                    closing = replace(closing, turn=x.turn)  # a turn admitted as it stopped
                     await self._close(x, closing, s.finish(x, next_turn))
                     return next_turn
                 assert next_turn.outbound is not None

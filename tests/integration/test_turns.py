@@ -21,6 +21,7 @@ from fedgate.convert import dict_to_struct, struct_to_dict
 from fedgate.v1 import fedgate_pb2 as pb
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
+from gateway.audit.store import MemoryAuditStore
 from gateway.edges.wire import receipt_from_pb
 from gateway.identity.signing import SignedReceipt, Verifier, verify_receipt
 from gateway.local import LocalFederation
@@ -315,3 +316,57 @@ async def test_a_repeat_of_the_last_turn_after_the_task_ended_gets_its_result(
         ("request_received", "submitted"),
         ("result_released", "completed"),
     ]
+
+
+class _CancelWhileTheNextTurnCommits(MemoryAuditStore):
+    """A store during whose commit of turn 1's request record the task is canceled."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.cancel: Any = None
+        self.cancels: list[asyncio.Future[object]] = []
+
+    async def write(self, events, op=None):  # type: ignore[no-untyped-def,override]
+        opening = [e for e in ((events,) if hasattr(events, "kind") else events or ())]
+        if any(e.kind == self.kind and e.turn == 1 for e in opening) and self.cancel is not None:
+            self.cancels.append(asyncio.ensure_future(self.cancel()))
+        return await super().write(events, op)
+
+
+@pytest.mark.parametrize(
+    ("org", "kind"), [("hospital", "request_received"), ("insurer", "request_sent")]
+)
+async def test_a_next_message_admitted_as_the_task_stops_gets_its_closing_record(
+    tmp_path: Path, pki: Pki, org: str, kind: str
+) -> None:
+    """The requester's next message is recorded while the task, waiting for it, is canceled:
+    the message's request record is closed (canceled, at its turn), never left open, and a
+    partner's breaker admission taken for it is given back."""
+    store = _CancelWhileTheNextTurnCommits(kind)
+    paths = [
+        org_config(tmp_path, pki, "hospital", HOSPITAL, ["insurer"]),
+        org_config(tmp_path, pki, "insurer", INSURER, ["hospital"]),
+    ]
+    async with LocalFederation(paths, audits={org: store}) as fed:
+        router = fed[org].router
+
+        async def stop() -> None:
+            # The task stops as a cancel (or its deadline) stops it, at once: at the partner's
+            # gateway router.cancel would first tell the partner.
+            router.executions.by_id["talk-7"].cancel("enough")
+
+        store.cancel = stop
+        async with (
+            RawAgent(fed.participant("hospital")),
+            grpc.aio.insecure_channel(fed.participant("insurer")) as channel,
+        ):
+            stub = pb_grpc.ParticipantStub(channel)
+            first = await stub.SubmitTask(_request("talk-7", {"topic": "a"}), timeout=10)
+            assert first.state == pb.TASK_STATE_INPUT_REQUIRED
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.SubmitTask(_request("talk-7", {"answer": "b"}, turn=1), timeout=10)
+            assert await eventually(lambda: not router.executions.by_id, 5)
+        records = sorted(fed[org].audit.query(task_id="talk-7"), key=lambda r: r.sequence)
+        assert [(r.kind, r.turn) for r in records][-2:] == [(kind, 1), ("canceled", 1)]
+        assert fed["insurer"].peers.health["hospital"].in_flight == 0
