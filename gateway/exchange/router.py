@@ -467,7 +467,11 @@ class Router:
             yield await self.routes.answer_retry(spec, execution.turn_results[spec.turn], peer_org)
             return
         if spec.turn and (execution is None or spec.turn > execution.turn):
-            x = self._turn_check(execution, spec)
+            try:
+                x = self._turn_check(execution, spec)
+            except FedgateError as exc:  # bad input from a peer is recorded as any refusal
+                await self.steps.refuse(spec, peer_org, exc, started=started)
+                raise
             x.pending_turn = spec.turn
             try:
                 policy, opening = await self.steps.admit_inbound(spec, peer_org, claims, started)
@@ -483,7 +487,11 @@ class Router:
                 None, self.steps.retry_received(spec, peer_org, execution.task_id), None
             )
         else:
-            recent = self._recent(key, spec)
+            try:
+                recent = self._recent(key, spec)
+            except FedgateError as exc:
+                await self.steps.refuse(spec, peer_org, exc, started=started)
+                raise
             if recent is None and spec.resume:
                 row = await self.tasks.get(*key)
                 recent = row.result if row is not None else None

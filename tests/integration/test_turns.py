@@ -370,3 +370,33 @@ async def test_a_next_message_admitted_as_the_task_stops_gets_its_closing_record
         records = sorted(fed[org].audit.query(task_id="talk-7"), key=lambda r: r.sequence)
         assert [(r.kind, r.turn) for r in records][-2:] == [(kind, 1), ("canceled", 1)]
         assert fed["insurer"].peers.health["hospital"].in_flight == 0
+
+
+async def test_a_peers_turn_out_of_order_is_refused_and_recorded(
+    two: LocalFederation, pki: Pki
+) -> None:
+    """Bad input is audited like any refusal (guarantee 5): a turn that cannot start now, a
+    next message for a task that is not waiting for one, a task id running under another key."""
+    from tests.security.raw import federation_client
+
+    async with (
+        RawAgent(two.participant("hospital")),
+        federation_client(pki, two, "insurer") as peer,
+    ):
+        await peer.SubmitTask(_peer_request(pki, "talk-8", {"topic": "a"}), timeout=10)
+        for task_id, turn, status in (
+            ("talk-8", 3, grpc.StatusCode.INVALID_ARGUMENT),
+            ("talk-nope", 1, grpc.StatusCode.NOT_FOUND),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await peer.SubmitTask(
+                    _peer_request(pki, task_id, {"answer": "b"}, turn=turn), timeout=10
+                )
+            assert refused.value.code() == status
+        other_key = _peer_request(pki, "talk-8", {"topic": "a"})
+        other_key.idempotency_key = "another-key"  # the task id runs under its own key
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await peer.SubmitTask(other_key, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _kinds(two, "hospital", "talk-8")[-2:] == [("rejected", "INVALID_ARGUMENT")] * 2
+    assert _kinds(two, "hospital", "talk-nope") == [("rejected", "NOT_FOUND")]
