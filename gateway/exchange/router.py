@@ -15,11 +15,13 @@ The routes themselves, step by step, are in gateway/exchange/routes.py and steps
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import grpc
 from fedgate.v1 import fedgate_pb2 as pb
@@ -384,18 +386,33 @@ class Router:
             started = time.monotonic()
             _, claims, spec = self._caller_context(spec)
             outbound, opening, admitted = await self.steps.admit_outbound(spec, claims, started)
-            try:
-                await self.steps.write(None, opening, None)
-            except BaseException:
-                self.peers.record(spec.target_org, admitted, failure=None)
-                raise
         except BaseException:
             x.admission_failed()
             raise
-        x.continue_with(
-            NextTurn(spec, opening, outbound=outbound, started=started, admitted=admitted)
-        )
+        next_turn = NextTurn(spec, opening, outbound=outbound, started=started, admitted=admitted)
+        await self._record_next_turn(x, next_turn)
         return x
+
+    async def _record_next_turn(self, x: Execution, next_turn: NextTurn) -> None:
+        """Commit a next message's request record, then hand the message to the route.
+
+        A call that goes away ends its following, not the task: once the record is queued it
+        commits whether or not its call still waits, and then the turn runs (a repeat of the
+        turn collects its result). If it does not commit, the message was not admitted (and a
+        partner's breaker admission taken for it is given back).
+        """
+        write = asyncio.ensure_future(self.steps.write(None, next_turn.opening, None))
+
+        def settle(done: asyncio.Future[Any]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                if next_turn.admitted is not None:
+                    self.peers.record(next_turn.spec.target_org, next_turn.admitted, failure=None)
+                x.admission_failed()
+            else:
+                x.continue_with(next_turn)
+
+        write.add_done_callback(settle)  # before the caller resumes: it then follows the turn
+        await asyncio.shield(write)
 
     async def _start_outbound(
         self, spec: TaskSpec, key: tuple[str, str], started: float, *, stream: bool
@@ -475,11 +492,10 @@ class Router:
             x.pending_turn = spec.turn
             try:
                 policy, opening = await self.steps.admit_inbound(spec, peer_org, claims, started)
-                await self.steps.write(None, opening, None)
             except BaseException:
                 x.admission_failed()
                 raise
-            x.continue_with(NextTurn(spec, opening, policy=policy, started=started))
+            await self._record_next_turn(x, NextTurn(spec, opening, policy=policy, started=started))
             execution = x
         elif execution is not None:
             # A repeat while the task runs: recorded, and it follows the task.

@@ -400,3 +400,68 @@ async def test_a_peers_turn_out_of_order_is_refused_and_recorded(
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert _kinds(two, "hospital", "talk-8")[-2:] == [("rejected", "INVALID_ARGUMENT")] * 2
     assert _kinds(two, "hospital", "talk-nope") == [("rejected", "NOT_FOUND")]
+
+
+class _SlowNextTurn(MemoryAuditStore):
+    """A store whose commit of turn 1's request record takes a while."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    async def write(self, events, op=None):  # type: ignore[no-untyped-def,override]
+        opening = [e for e in ((events,) if hasattr(events, "kind") else events or ())]
+        written = await super().write(events, op)
+        if any(e.kind == self.kind and e.turn == 1 for e in opening):
+            await asyncio.sleep(0.5)
+        return written
+
+
+@pytest.mark.parametrize(
+    ("org", "kind"), [("hospital", "request_received"), ("insurer", "request_sent")]
+)
+async def test_a_next_message_whose_call_goes_away_while_it_is_recorded_still_runs(
+    tmp_path: Path, pki: Pki, org: str, kind: str
+) -> None:
+    """A call that goes away ends its following, not the task: a next message whose request
+    record commits as its call leaves is the task's next turn (collected with a repeat), not
+    a record left open and the task left waiting for a message it already recorded."""
+    store = _SlowNextTurn(kind)
+    paths = [
+        org_config(tmp_path, pki, "hospital", HOSPITAL, ["insurer"]),
+        org_config(tmp_path, pki, "insurer", INSURER, ["hospital"]),
+    ]
+    from tests.security.raw import federation_client
+
+    async with LocalFederation(paths, audits={org: store}) as fed:
+        async with (
+            RawAgent(fed.participant("hospital")) as agent,
+            grpc.aio.insecure_channel(fed.participant("insurer")) as channel,
+            federation_client(pki, fed, "insurer") as peer,
+        ):
+            stub = pb_grpc.ParticipantStub(channel)
+            await stub.SubmitTask(_request("talk-9", {"topic": "a"}), timeout=10)
+            # The call that brings the next message to `org`'s gateway, and then goes away.
+            if org == "hospital":
+                reply = _peer_request(pki, "talk-9", {"answer": "b"}, turn=1)
+                call = peer.SubmitTask(reply, timeout=10)
+            else:
+                call = stub.SubmitTask(_request("talk-9", {"answer": "b"}, turn=1), timeout=10)
+            await asyncio.sleep(0.2)  # its record is committing
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert await eventually(lambda: len(agent.inputs) == 2, 5), "turn 1 ran"
+            assert await eventually(lambda: not fed[org].router.executions.by_id, 5)
+            if org == "hospital":
+                again = _peer_request(pki, "talk-9", {"answer": "b"}, turn=1)
+                done = await peer.SubmitTask(again, timeout=10)
+            else:
+                again = _request("talk-9", {"answer": "b"}, turn=1)
+                done = await stub.SubmitTask(again, timeout=10)
+        assert done.state == pb.TASK_STATE_COMPLETED and done.turn == 1
+        records = sorted(fed[org].audit.query(task_id="talk-9"), key=lambda r: r.sequence)
+        first_records = [r.turn for r in records if r.kind == kind and "retry" not in r.detail]
+        assert first_records == [0, 1], "turn 1 was recorded once, and closed"
+        closing = "result_received" if org == "insurer" else "result_kept"
+        assert [r.kind for r in records if r.turn == 1][-1] in (closing, "result_released")
