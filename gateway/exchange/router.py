@@ -376,6 +376,8 @@ class Router:
         """Our requester's next message for a task waiting for it, local or at a partner."""
         if execution is not None and spec.turn in execution.turn_results:
             return execution  # a repeat of a turn that ended: follow() answers its result
+        if execution is not None and spec.turn == execution.turn:
+            return execution  # a repeat of the turn that runs: it follows it
         x = self._turn_check(execution, spec)
         spec = replace(spec, deadline=min(spec.deadline, x.spec.deadline))
         x.pending_turn = spec.turn

@@ -53,8 +53,9 @@ class RawAgent:
     """An `intake.chat` agent speaking the participant protocol by hand: it asks one question
     (input-required, with a field the hospital's policy withholds) and answers the reply."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, *, reply_delay: float = 0.0) -> None:
         self.address = address
+        self.reply_delay = reply_delay  # before it answers a next message
         self.inputs: list[tuple[int, dict[str, Any]]] = []
         self.cancelled: list[str] = []
         self.outbox: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
@@ -102,6 +103,8 @@ class RawAgent:
                         task_id=request.task_id, state=state, output=dict_to_struct(output)
                     )
                     update = pb.TaskUpdate(task_id=request.task_id, state=state, result=result)
+                    if request.turn and self.reply_delay:
+                        await asyncio.sleep(self.reply_delay)
                     self.outbox.put_nowait(pb.AgentMessage(update=update))
 
 
@@ -465,3 +468,23 @@ async def test_a_next_message_whose_call_goes_away_while_it_is_recorded_still_ru
         assert first_records == [0, 1], "turn 1 was recorded once, and closed"
         closing = "result_received" if org == "insurer" else "result_kept"
         assert [r.kind for r in records if r.turn == 1][-1] in (closing, "result_released")
+
+
+async def test_a_repeat_of_the_running_turn_follows_it(two: LocalFederation) -> None:
+    """A requester that asks again while its next message's turn still runs (its reply got
+    UNAVAILABLE: the partner out of reach, the store down; the SDK retries) follows that turn,
+    as a repeat of a task's first call follows it: not INVALID_ARGUMENT, not a second run."""
+    async with (
+        RawAgent(two.participant("hospital"), reply_delay=0.5) as agent,
+        grpc.aio.insecure_channel(two.participant("insurer")) as channel,
+    ):
+        stub = pb_grpc.ParticipantStub(channel)
+        await stub.SubmitTask(_request("talk-10", {"topic": "a"}), timeout=10)
+        reply = _request("talk-10", {"answer": "b"}, turn=1)
+        first = asyncio.ensure_future(stub.SubmitTask(reply, timeout=10))
+        assert await eventually(lambda: len(agent.inputs) == 2, 5)
+        again = await stub.SubmitTask(reply, timeout=10)
+        answer = await first
+    assert again.state == answer.state == pb.TASK_STATE_COMPLETED
+    assert again.output == answer.output and again.receipt == answer.receipt
+    assert [turn for turn, _ in agent.inputs] == [0, 1]
