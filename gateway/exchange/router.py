@@ -379,7 +379,10 @@ class Router:
         if execution is not None and spec.turn == execution.turn:
             return execution  # a repeat of the turn that runs: it follows it
         x = self._turn_check(execution, spec)
-        spec = replace(spec, deadline=min(spec.deadline, x.spec.deadline))
+        # The turn runs within the task's deadline; this call's own (spec.deadline, possibly
+        # shorter) bounds only its following in submit. Sent onward, the call's deadline would
+        # end the task at the partner's answer DEADLINE_EXCEEDED while the partner goes on.
+        spec = replace(spec, deadline=x.spec.deadline)
         x.pending_turn = spec.turn
         try:
             if not x.remote:

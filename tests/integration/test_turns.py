@@ -488,3 +488,32 @@ async def test_a_repeat_of_the_running_turn_follows_it(two: LocalFederation) -> 
     assert again.state == answer.state == pb.TASK_STATE_COMPLETED
     assert again.output == answer.output and again.receipt == answer.receipt
     assert [turn for turn, _ in agent.inputs] == [0, 1]
+
+
+async def test_a_next_message_whose_call_times_out_does_not_end_the_task(
+    two: LocalFederation,
+) -> None:
+    """The deadline of the call that brings a next message is that call's: when it passes
+    the call ends, the task does not (a requester leaving is not a cancel). The turn runs to
+    its end within the task's deadline on both sides, and a repeat collects its result."""
+    async with (
+        RawAgent(two.participant("hospital"), reply_delay=1.0) as agent,
+        grpc.aio.insecure_channel(two.participant("insurer")) as channel,
+    ):
+        stub = pb_grpc.ParticipantStub(channel)
+        await stub.SubmitTask(_request("talk-11", {"topic": "a"}, seconds=20), timeout=10)
+        reply = _request("talk-11", {"answer": "b"}, turn=1, seconds=0.4)
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await stub.SubmitTask(reply, timeout=10)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert await eventually(lambda: len(_kinds(two, "hospital", "talk-11")) == 4, 5)
+        assert await eventually(lambda: not two["insurer"].router.executions.by_id, 5)
+        again = await stub.SubmitTask(_request("talk-11", {"answer": "b"}, turn=1), timeout=10)
+    assert again.state == pb.TASK_STATE_COMPLETED and again.turn == 1
+    assert [turn for turn, _ in agent.inputs] == [0, 1]
+    for org in ("hospital", "insurer"):
+        assert [k for k, _ in _kinds(two, org, "talk-11")][-1] in (
+            "result_received",
+            "result_kept",
+            "result_released",
+        ), org
