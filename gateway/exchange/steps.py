@@ -890,6 +890,8 @@ def _final_from_pb(task_id: str, peer: str, message: Any, *, result_message: boo
     try:
         if result_message:
             result = result_from_pb(message)
+            if not result.state.ends_turn:  # a unary answer is the one that ends the turn
+                raise InvalidArgument(f"a result in state {result.state.value} ends no turn")
             return TaskUpdate(result.task_id, result.state, result=result)
         state = state_from_pb(message.state)
         if not state.ends_turn:

@@ -271,3 +271,38 @@ async def test_a_partners_failed_answer_never_carries_output_to_our_requester(
         for task_id in (unary_id, stream_id):
             row = await hospital.router.tasks.by_task_id("hospital", task_id)
             assert row is not None and row.result is not None and row.result.output == {}
+
+
+async def test_a_partners_unary_answer_that_ends_nothing_fails_the_task(
+    secure_fed: LocalFederation, pki: Pki
+) -> None:
+    """A unary SubmitTask answers with the state that ends the turn. A partner answering
+    WORKING (or SUBMITTED) has not answered: the task fails there as an unreadable answer,
+    instead of waiting for a next message nobody asked for."""
+    token = hospital_tokens(secure_fed).issue("clerk", calls=["insurer/echo.say"])
+    hospital = secure_fed["hospital"]
+    cert, key = pki.pem("insurer")
+    credentials = grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=pki.ca.read_bytes(), require_client_auth=True
+    )
+    server = grpc.aio.server()
+    pb_grpc.add_FederationServicer_to_server(
+        _FailingWithOutputPartner(pb.TASK_STATE_WORKING), server
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    real = hospital.peers.address("insurer")
+    hospital.peers.set_address("insurer", f"127.0.0.1:{port}")
+    try:
+        async with participant_client(secure_fed, "hospital") as ours:
+            answer = await ours.SubmitTask(
+                pb.TaskRequest(task_id="no-end-1", target_org="insurer", agent="echo", skill="say"),
+                timeout=20,
+                metadata=bearer(token),
+            )
+    finally:
+        hospital.peers.set_address("insurer", real)
+        await server.stop(0)
+    assert answer.state == pb.TASK_STATE_FAILED
+    assert answer.error.code == "invalid_result"
+    assert not hospital.router.executions.by_id, "the task ended"
