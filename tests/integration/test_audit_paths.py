@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -15,7 +15,8 @@ from fedgate.v1 import fedgate_pb2 as pb
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
 from gateway.audit.store import MemoryAuditStore
-from gateway.exchange.tasks import TaskSpec, TaskState
+from gateway.exchange.agents import AgentBackend
+from gateway.exchange.tasks import AgentCard, SkillCard, TaskSpec, TaskState, TaskUpdate
 from gateway.local import LocalFederation
 from participant_sdk import (
     Client,
@@ -484,4 +485,43 @@ async def test_a_cancel_while_the_store_is_down_still_lets_the_result_be_recorde
     assert row is not None and row.result is not None, "the task's row was finished"
     assert again.state == pb.TASK_STATE_COMPLETED and runs == ["cd-1"]
     assert kinds(fed, "hospital", "cd-1")[:2] == ["request_received", "result_kept"]
+    assert_chains_verify(fed)
+
+
+class _BrokenBackend(AgentBackend):
+    """A local agent the gateway calls itself whose turn fails with an unexpected error."""
+
+    name = "echo"
+
+    @property
+    def card(self) -> AgentCard | None:
+        return AgentCard(org="hospital", name="echo", skills=(SkillCard("say"),))
+
+    async def _fail(self, spec: TaskSpec) -> AsyncGenerator[TaskUpdate, None]:
+        yield TaskUpdate(spec.task_id, TaskState.WORKING)
+        raise RuntimeError("the backend broke 4242")
+
+    def dispatch(self, spec: TaskSpec, requester_org: str) -> AsyncGenerator[TaskUpdate, None]:
+        return self._fail(spec)
+
+    def continue_task(self, spec: TaskSpec, requester_org: str) -> AsyncGenerator[TaskUpdate, None]:
+        return self._fail(spec)
+
+    def end(self, task_id: str, reason: str) -> None:
+        pass
+
+
+async def test_an_unexpected_failure_of_a_dispatch_closes_the_task(fed: LocalFederation) -> None:
+    """A dispatch that raises something unexpected (a backend's bug) fails the task with its
+    closing record, as any failure does: not a request left open, its key answering
+    'interrupted by a restart' to every retry, and its requester kept retrying to the end."""
+    fed["hospital"].agents.add_backend(_BrokenBackend())
+    async with Client(fed.participant("insurer"), retry=RetryPolicy(max_attempts=1)) as client:
+        with pytest.raises(TaskFailed):
+            await client.call("hospital/echo.say", {}, timeout=5, task_id="broken-1")
+    assert kinds(fed, "hospital", "broken-1") == ["request_received", "failed"]
+    assert kinds(fed, "insurer", "broken-1") == ["request_sent", "failed"]
+    row = await fed["hospital"].router.tasks.by_task_id("insurer", "broken-1")
+    assert row is not None and row.result is not None
+    assert "4242" not in repr(fed["hospital"].audit.query(task_id="broken-1"))
     assert_chains_verify(fed)
