@@ -525,3 +525,31 @@ async def test_an_unexpected_failure_of_a_dispatch_closes_the_task(fed: LocalFed
     assert row is not None and row.result is not None
     assert "4242" not in repr(fed["hospital"].audit.query(task_id="broken-1"))
     assert_chains_verify(fed)
+
+
+async def test_a_stop_while_a_closing_record_waits_for_the_store_is_prompt(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A requester's cancel waits for a closing record the store cannot take yet; a stop at
+    shutdown does not: the task stays open in the table, for recovery after the restart."""
+    from tests.security.raw import federation_client, task_request
+
+    store = MemoryAuditStore()
+    runs: list[str] = []
+    fed = await LocalFederation(configs(tmp_path, pki), audits={"hospital": store}).start()
+    try:
+        async with (
+            serving(fed.participant("hospital"), _counting_echo(runs, store)),
+            federation_client(pki, fed, "insurer") as peer,
+        ):
+            request = task_request(pki, "insurer", "cs-1", input=dict_to_struct({"n": 1}))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await peer.SubmitTask(request, timeout=10)
+            await fed["hospital"].router.cancel("cs-1", "no answer", origin_org="insurer")
+            started = time.monotonic()
+            await fed["hospital"].router.stop_background()
+            assert time.monotonic() - started < 2.0, "the stop did not wait for the store"
+    finally:
+        store.fail_writes = False
+        await fed.stop()
+    assert runs == ["cs-1"]
