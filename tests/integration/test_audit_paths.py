@@ -553,3 +553,31 @@ async def test_a_stop_while_a_closing_record_waits_for_the_store_is_prompt(
         store.fail_writes = False
         await fed.stop()
     assert runs == ["cs-1"]
+
+
+async def test_a_task_table_that_cannot_be_read_is_unavailable_not_internal(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The database goes away: a GetTask (a read of the task table) answers UNAVAILABLE
+    naming the task table, as a write does, not INTERNAL with a traceback in the log."""
+    from sqlalchemy import create_engine
+
+    from gateway.audit.store import SqlAuditStore
+
+    store = SqlAuditStore(f"sqlite:///{tmp_path / 'fedgate.db'}")
+    async with (
+        LocalFederation(configs(tmp_path, pki), audits={"hospital": store}) as fed,
+        grpc.aio.insecure_channel(fed.participant("hospital")) as channel,
+    ):
+        working = store._engine
+        # The database file is out of reach from now on (a volume gone, say).
+        store._engine = create_engine(f"sqlite:///{tmp_path / 'gone' / 'fedgate.db'}")
+        try:
+            stub = pb_grpc.ParticipantStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.GetTask(pb.GetTaskRequest(task_id="t-unknown"), timeout=5)
+        finally:
+            store._engine.dispose()
+            store._engine = working
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "task table cannot be read" in (refused.value.details() or "")
