@@ -922,13 +922,25 @@ class SqlAuditStore(AuditStore):
             found = connection.execute(select(TASKS).where(*conditions).limit(1)).first()
         return row_from_sql(found) if found is not None else None
 
+    async def _read_tasks(self, function: Callable[..., T], *args: Any) -> T:
+        """A read of the task table, off the event loop; a database out of reach is
+        Unavailable (a clear status for the caller), as it is for a write."""
+        try:
+            return await asyncio.to_thread(function, *args)
+        except FedgateError:
+            raise
+        except Exception as exc:
+            raise Unavailable(
+                f"the task table cannot be read: {_cause(exc)}; retry when it recovers"
+            ) from None
+
     async def task_row(self, origin_org: str, key: str) -> TaskRow | None:
-        return await asyncio.to_thread(
+        return await self._read_tasks(
             self._select_task, TASKS.c.origin_org == origin_org, TASKS.c.key == key
         )
 
     async def task_by_id(self, origin_org: str, task_id: str) -> TaskRow | None:
-        return await asyncio.to_thread(
+        return await self._read_tasks(
             self._select_task, TASKS.c.origin_org == origin_org, TASKS.c.task_id == task_id
         )
 
@@ -939,7 +951,7 @@ class SqlAuditStore(AuditStore):
         return [row_from_sql(r) for r in rows]
 
     async def unfinished_tasks(self) -> list[TaskRow]:
-        return await asyncio.to_thread(self._unfinished)
+        return await self._read_tasks(self._unfinished)
 
     def _list_tasks(
         self, origin_org: str, owner: str | None, limit: int, offset: int
@@ -960,7 +972,7 @@ class SqlAuditStore(AuditStore):
     async def list_tasks(
         self, origin_org: str, owner: str | None, *, limit: int, offset: int
     ) -> list[TaskRow]:
-        return await asyncio.to_thread(self._list_tasks, origin_org, owner, limit, offset)
+        return await self._read_tasks(self._list_tasks, origin_org, owner, limit, offset)
 
     def prune_tasks(self, before_ms: int) -> int:
         finals = [s.value for s in TaskState if s.final]

@@ -67,8 +67,10 @@ class Execution:
     remote: bool = False
     peer_org: str | None = None
     claims: Claims = None
-    # Set by cancel(): why the task is being stopped ("" until then).
+    # Set by cancel(): why the task is being stopped ("" until then); `stopping` at shutdown
+    # (also after a cancel with another reason), when the task stays open for recovery.
     cancel_reason: str = ""
+    stopping: bool = False
     # Sub-tasks our agents started while serving this task (multi-hop), and their receipts.
     children: set[str] = field(default_factory=set)
     provenance: list[dict[str, Any]] = field(default_factory=list)
@@ -85,6 +87,8 @@ class Execution:
     # follows it now records its release before it gets the result.
     kept: set[int] = field(default_factory=set)
     next_turns: asyncio.Queue[NextTurn] = field(default_factory=asyncio.Queue)
+    # Set when the admission of a next message ends, either way (see admitted_meanwhile).
+    _admission_ended: asyncio.Event = field(default_factory=asyncio.Event)
     outcome: asyncio.Future[TaskResult] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -141,6 +145,21 @@ class Execution:
     def continue_with(self, next_turn: NextTurn) -> None:
         """The requester's next message: the route starts the next turn with it."""
         self.next_turns.put_nowait(next_turn)
+        self._admission_ended.set()
+
+    def admission_failed(self) -> None:
+        """The next message being admitted was refused (nothing of it was recorded)."""
+        self.pending_turn = 0
+        self._admission_ended.set()
+
+    async def admitted_meanwhile(self) -> NextTurn | None:
+        """After the task stopped between turns (its deadline, a cancel): the next message
+        admitted meanwhile, if any, waiting for one whose request record is committing. Its
+        turn never runs, but its record is in the log and must be closed."""
+        while self.pending_turn and self.next_turns.empty():
+            self._admission_ended.clear()
+            await self._admission_ended.wait()
+        return None if self.next_turns.empty() else self.next_turns.get_nowait()
 
     def cancel(self, reason: str) -> bool:
         """Stop the task (its route records why); False if it has already ended."""
@@ -148,11 +167,21 @@ class Execution:
             return False
         if not self.cancel_reason:
             self.cancel_reason = reason
+        if reason == SHUTDOWN:
+            self.stopping = True
         if self._protected:
             self._cancel_pending = True
         else:
             self.task.cancel()
         return True
+
+    def postpone_cancel(self) -> None:
+        """A cancel caught while the route waits to try a store write again: it takes effect
+        after the write, as one that comes during the write does."""
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        self._cancel_pending = True
 
     @contextlib.contextmanager
     def protected(self) -> Iterator[None]:

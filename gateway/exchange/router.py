@@ -15,11 +15,13 @@ The routes themselves, step by step, are in gateway/exchange/routes.py and steps
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import grpc
 from fedgate.v1 import fedgate_pb2 as pb
@@ -309,6 +311,11 @@ class Router:
         spec = self._prepare(spec)
         key = task_key(self.org, spec)
         execution = self.executions.by_key.get(key)
+        if spec.turn and execution is None:
+            ended = await self._ended_with(key, spec)
+            if ended is not None:
+                yield await self.routes.answer_retry(spec, ended, None)
+                return
         if spec.turn:
             execution = await self._next_local_turn(execution, spec)
         elif execution is None:
@@ -335,6 +342,15 @@ class Router:
         async for update in execution.follow(states=stream, until=spec.deadline, turn=spec.turn):
             yield update
 
+    async def _ended_with(self, key: tuple[str, str], spec: TaskSpec) -> TaskResult | None:
+        """The outcome of the key's task if it ended with the turn `spec` repeats (the last
+        turn of a conversation is repeated as any turn is, after the task ended too)."""
+        result = self.executions.recent(key)
+        if result is None:
+            row = await self.tasks.get(*key)
+            result = row.result if row is not None else None
+        return result if result is not None and result.turn == spec.turn else None
+
     def _turn_check(self, execution: Execution | None, spec: TaskSpec) -> Execution:
         """The task a next message (spec.turn > 0) continues: it must be waiting for it."""
         if execution is None:
@@ -360,8 +376,13 @@ class Router:
         """Our requester's next message for a task waiting for it, local or at a partner."""
         if execution is not None and spec.turn in execution.turn_results:
             return execution  # a repeat of a turn that ended: follow() answers its result
+        if execution is not None and spec.turn == execution.turn:
+            return execution  # a repeat of the turn that runs: it follows it
         x = self._turn_check(execution, spec)
-        spec = replace(spec, deadline=min(spec.deadline, x.spec.deadline))
+        # The turn runs within the task's deadline; this call's own (spec.deadline, possibly
+        # shorter) bounds only its following in submit. Sent onward, the call's deadline would
+        # end the task at the partner's answer DEADLINE_EXCEEDED while the partner goes on.
+        spec = replace(spec, deadline=x.spec.deadline)
         x.pending_turn = spec.turn
         try:
             if not x.remote:
@@ -370,18 +391,33 @@ class Router:
             started = time.monotonic()
             _, claims, spec = self._caller_context(spec)
             outbound, opening, admitted = await self.steps.admit_outbound(spec, claims, started)
-            try:
-                await self.steps.write(None, opening, None)
-            except BaseException:
-                self.peers.record(spec.target_org, admitted, failure=None)
-                raise
         except BaseException:
-            x.pending_turn = 0
+            x.admission_failed()
             raise
-        x.continue_with(
-            NextTurn(spec, opening, outbound=outbound, started=started, admitted=admitted)
-        )
+        next_turn = NextTurn(spec, opening, outbound=outbound, started=started, admitted=admitted)
+        await self._record_next_turn(x, next_turn)
         return x
+
+    async def _record_next_turn(self, x: Execution, next_turn: NextTurn) -> None:
+        """Commit a next message's request record, then hand the message to the route.
+
+        A call that goes away ends its following, not the task: once the record is queued it
+        commits whether or not its call still waits, and then the turn runs (a repeat of the
+        turn collects its result). If it does not commit, the message was not admitted (and a
+        partner's breaker admission taken for it is given back).
+        """
+        write = asyncio.ensure_future(self.steps.write(None, next_turn.opening, None))
+
+        def settle(done: asyncio.Future[Any]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                if next_turn.admitted is not None:
+                    self.peers.record(next_turn.spec.target_org, next_turn.admitted, failure=None)
+                x.admission_failed()
+            else:
+                x.continue_with(next_turn)
+
+        write.add_done_callback(settle)  # before the caller resumes: it then follows the turn
+        await asyncio.shield(write)
 
     async def _start_outbound(
         self, spec: TaskSpec, key: tuple[str, str], started: float, *, stream: bool
@@ -443,20 +479,28 @@ class Router:
             raise
         key = task_key(peer_org, spec)
         execution = self.executions.by_key.get(key)
+        if spec.turn and execution is None:
+            ended = await self._ended_with(key, spec)
+            if ended is not None:
+                yield await self.routes.answer_retry(spec, ended, peer_org)
+                return
         if execution is not None and spec.turn in execution.turn_results:
             # A repeat of a turn that ended: its result again, recorded.
             yield await self.routes.answer_retry(spec, execution.turn_results[spec.turn], peer_org)
             return
         if spec.turn and (execution is None or spec.turn > execution.turn):
-            x = self._turn_check(execution, spec)
+            try:
+                x = self._turn_check(execution, spec)
+            except FedgateError as exc:  # bad input from a peer is recorded as any refusal
+                await self.steps.refuse(spec, peer_org, exc, started=started)
+                raise
             x.pending_turn = spec.turn
             try:
                 policy, opening = await self.steps.admit_inbound(spec, peer_org, claims, started)
-                await self.steps.write(None, opening, None)
             except BaseException:
-                x.pending_turn = 0
+                x.admission_failed()
                 raise
-            x.continue_with(NextTurn(spec, opening, policy=policy, started=started))
+            await self._record_next_turn(x, NextTurn(spec, opening, policy=policy, started=started))
             execution = x
         elif execution is not None:
             # A repeat while the task runs: recorded, and it follows the task.
@@ -464,7 +508,11 @@ class Router:
                 None, self.steps.retry_received(spec, peer_org, execution.task_id), None
             )
         else:
-            recent = self._recent(key, spec)
+            try:
+                recent = self._recent(key, spec)
+            except FedgateError as exc:
+                await self.steps.refuse(spec, peer_org, exc, started=started)
+                raise
             if recent is None and spec.resume:
                 row = await self.tasks.get(*key)
                 recent = row.result if row is not None else None

@@ -29,7 +29,7 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.exchange.execution import Execution, Executions, NextTurn
-from gateway.exchange.steps import Steps, Stopped, error_result
+from gateway.exchange.steps import _CARRY_OUTPUT, Steps, Stopped, error_result
 from gateway.exchange.tasks import TaskResult, TaskSpec, TaskState, TaskUpdate
 from gateway.identity.signing import without_salt
 from gateway.policy.engine import Policy
@@ -95,12 +95,12 @@ class Routes:
             released, event = s.release(x, policy, result, started)
             await self._close(x, event, s.finish(x, released))
             if released.state.final:
-                return await s.with_head(released)
+                return await s.with_head(x, released)
             next_turn = await self._next_turn(x, released)
             if isinstance(next_turn, TaskResult):  # its deadline, or a cancel, came first
                 ended, event = s.release(x, policy, next_turn, started)
                 await self._close(x, event, s.finish(x, ended))
-                return await s.with_head(ended)
+                return await s.with_head(x, ended)
             policy, started = next_turn.policy, next_turn.started
             work = s.continue_agent(x, next_turn.spec)
 
@@ -112,6 +112,10 @@ class Routes:
             return stopped.result
         except FedgateError as exc:
             return error_result(x.task_id, exc.status.name.lower(), exc.message, s.org)
+        except Exception as exc:  # a bug below (an agent backend's): the task fails, closed
+            log.exception("task %s: its dispatch failed inside the gateway", x.task_id)
+            message = f"the gateway failed while running the task: {type(exc).__name__}"
+            return error_result(x.task_id, "internal", message, s.org)
 
     async def _next_turn(
         self, x: Execution, ended: TaskResult | None = None
@@ -122,6 +126,13 @@ class Routes:
         try:
             next_turn = await self.steps.until_done(x, x.next_turns.get())
         except Stopped as stopped:
+            late = await x.admitted_meanwhile()
+            if late is not None:
+                # Its request is recorded (and for a partner, admitted by the breaker): the
+                # stop ends that turn, which never runs, so the closing record names it.
+                x.start_turn(late.spec.turn)
+                if late.admitted is not None:
+                    self.steps.peers.record(x.spec.target_org, late.admitted, failure=None)
             if not x.remote:
                 self.steps.agents.end(x.task_id, stopped.error.message)
             return replace(stopped.result, turn=x.turn)
@@ -175,6 +186,7 @@ class Routes:
                         else DeadlineExceeded(f"task {x.task_id} passed its deadline")
                     )
                     closing = self._ended(opening, next_turn, error, started)
+                    closing = replace(closing, turn=x.turn)  # a turn admitted as it stopped
                     await self._close(x, closing, s.finish(x, next_turn))
                     return next_turn
                 assert next_turn.outbound is not None
@@ -271,7 +283,9 @@ class Routes:
                 f"task {row.task_id!r} was interrupted by a restart of {self.steps.org!r} and "
                 "is being recovered: ask for it again later"
             )
-        await self.answer_retry(x.spec, row.result, x.peer_org)
+        # A repeat is recorded for a peer that asked us; our own requester's repeat of a task
+        # sent to a partner is no exchange with it (as when a recent outcome answers it).
+        await self.answer_retry(x.spec, row.result, None if x.remote else x.peer_org)
         return row.result
 
     async def answer_retry(
@@ -282,7 +296,7 @@ class Routes:
         s = self.steps
         if peer_org is not None:
             events: list[AuditEvent] = [s.retry_received(spec, peer_org, result.task_id)]
-            if result.state is TaskState.COMPLETED:
+            if result.state in _CARRY_OUTPUT:  # an input-required turn's question too
                 events.append(s.sent_again(spec, peer_org, result))
             await s.write(None, events, None)
         return TaskUpdate(result.task_id, result.state, result=result)
@@ -310,7 +324,13 @@ class Routes:
                 if loop.time() >= give_up:
                     raise
                 x.fail_followers(exc)
-                await asyncio.sleep(_CLOSE_RETRY_SECONDS)
+                try:
+                    await asyncio.sleep(_CLOSE_RETRY_SECONDS)
+                except asyncio.CancelledError:
+                    if x.stopping or not x.cancel_reason:
+                        raise  # at shutdown the task stays open, recovered after the restart
+                    # The turn ended before the cancel came: its record goes in first.
+                    x.postpone_cancel()
 
 
 def _as_followed(event: AuditEvent, followed: bool) -> AuditEvent:

@@ -406,6 +406,7 @@ class Steps:
                 else f"retry of task {original_task_id} with the same idempotency key (sent "
                 f"as task id {spec.task_id[:128]})"
             ),
+            turn=spec.turn,
         )
 
     def sent_again(self, spec: TaskSpec, peer_org: str, result: TaskResult) -> AuditEvent:
@@ -423,6 +424,7 @@ class Steps:
             policy_version=result.policy_version or None,
             detail="retry: the stored result was sent again",
             receipt=result.receipt,
+            turn=result.turn,
         )
 
     async def dispatch_to_agent(self, x: Execution) -> TaskResult:
@@ -745,6 +747,10 @@ class Steps:
         """Verify the responder's receipt; returns the result and its `result_received` event."""
         spec = x.spec
         result = update.result or TaskResult(spec.task_id, update.state)
+        if result.state not in _CARRY_OUTPUT and result.output:
+            # Only a verified receipt lets a partner's output in, and a failed or canceled
+            # answer has none to verify: whatever output it holds is not taken.
+            result = replace(result, output={})
         peer = spec.target_org
         decision, detail = ("allowed" if result.state in _CARRY_OUTPUT else "error"), ""
         output_digest: str | None = None
@@ -809,16 +815,23 @@ class Steps:
         )
         return replace(result, task_id=spec.task_id, responder_org=peer, turn=x.turn), event
 
-    async def with_head(self, result: TaskResult) -> TaskResult:
+    async def with_head(self, x: Execution, result: TaskResult) -> TaskResult:
         """An answer without a receipt (failed, canceled) carries our signed audit head: the
         partner always holds a signed lower bound of our log. Best effort: a store that cannot
-        sign one now does not hold the answer back."""
+        sign one now does not hold the answer back, nor does a cancel that came while the
+        answer's record committed (it takes effect here, and the task has ended)."""
         if result.receipt is not None:
             return result
         try:
             head = await self.own_head.current()
         except FedgateError as exc:
             log.warning("no signed head for the answer of task %s: %s", result.task_id, exc.message)
+            return result
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if x.cancel_reason in ("", SHUTDOWN) or task is None:
+                raise
+            task.uncancel()
             return result
         return replace(result, checkpoint=head.to_json())
 
@@ -877,6 +890,8 @@ def _final_from_pb(task_id: str, peer: str, message: Any, *, result_message: boo
     try:
         if result_message:
             result = result_from_pb(message)
+            if not result.state.ends_turn:  # a unary answer is the one that ends the turn
+                raise InvalidArgument(f"a result in state {result.state.value} ends no turn")
             return TaskUpdate(result.task_id, result.state, result=result)
         state = state_from_pb(message.state)
         if not state.ends_turn:

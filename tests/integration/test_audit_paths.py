@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from fedgate.convert import dict_to_struct
 from fedgate.v1 import fedgate_pb2 as pb
 from fedgate.v1 import fedgate_pb2_grpc as pb_grpc
 
 from gateway.audit.store import MemoryAuditStore
-from gateway.exchange.tasks import TaskSpec
+from gateway.exchange.agents import AgentBackend
+from gateway.exchange.tasks import AgentCard, SkillCard, TaskSpec, TaskState, TaskUpdate
 from gateway.local import LocalFederation
 from participant_sdk import (
     Client,
@@ -405,3 +408,176 @@ async def test_stored_payloads_keep_files_as_digests_only(tmp_path: Path, pki: P
         text = repr(stored)
         assert base64.b64encode(raw).decode() not in text, org
         assert digest in text, org
+
+
+class _CancelWhileClosing(MemoryAuditStore):
+    """A store during whose commit of a task's closing record a cancel of the task arrives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancel: Callable[[], Awaitable[object]] | None = None
+        self.cancels: list[asyncio.Future[object]] = []
+
+    async def write(self, events, op=None):  # type: ignore[no-untyped-def,override]
+        closing = events is not None and any(
+            e.kind == "failed" for e in ((events,) if hasattr(events, "kind") else events)
+        )
+        if closing and self.cancel is not None:
+            self.cancels.append(asyncio.ensure_future(self.cancel()))
+        return await super().write(events, op)
+
+
+async def test_a_cancel_while_the_closing_record_commits_does_not_replace_the_answer(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The task failed and its record commits when the cancel comes: the cancel waits for the
+    write, and the task has ended, so the peer gets the failure it recorded, not UNAVAILABLE
+    ("shutting down") while the answer's signed head was being made."""
+    from tests.security.raw import federation_client, task_request
+
+    store = _CancelWhileClosing()
+    async with LocalFederation(configs(tmp_path, pki), audits={"hospital": store}) as fed:
+        router = fed["hospital"].router
+        store.cancel = lambda: router.cancel("cw-1", "enough", origin_org="insurer")
+        async with (
+            serving(fed.participant("hospital"), boom_agent()),
+            federation_client(pki, fed, "insurer") as peer,
+        ):
+            answer = await peer.SubmitTask(
+                task_request(pki, "insurer", "cw-1", agent="boom", skill="fail"), timeout=10
+            )
+        assert answer.state == pb.TASK_STATE_FAILED
+        assert answer.error.code == "skill_error"
+        assert kinds(fed, "hospital", "cw-1") == ["request_received", "failed"]
+        assert_chains_verify(fed)
+
+
+async def test_a_cancel_while_the_store_is_down_still_lets_the_result_be_recorded(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The store goes down as the result comes, and the peer, told UNAVAILABLE, cancels. The
+    task had ended: its record is written once the store is back (the cancel changes nothing),
+    rather than left open, its key answering 'interrupted by a restart' until one."""
+    from tests.security.raw import federation_client, task_request
+
+    store = MemoryAuditStore()
+    runs: list[str] = []
+    async with (
+        LocalFederation(configs(tmp_path, pki), audits={"hospital": store}) as fed,
+        serving(fed.participant("hospital"), _counting_echo(runs, store)),
+        federation_client(pki, fed, "insurer") as peer,
+    ):
+        router = fed["hospital"].router
+        request = task_request(pki, "insurer", "cd-1", input=dict_to_struct({"n": 1}))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await peer.SubmitTask(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert await router.cancel("cd-1", "no answer", origin_org="insurer") is (
+            TaskState.CANCELED
+        )
+        await asyncio.sleep(0.2)  # the close is tried again meanwhile
+        store.fail_writes = False
+        assert await eventually(lambda: not router.executions.by_id, 5)
+        row = await router.tasks.by_task_id("insurer", "cd-1")
+        again = await peer.SubmitTask(
+            task_request(pki, "insurer", "cd-1", input=dict_to_struct({"n": 1})), timeout=10
+        )
+    assert row is not None and row.result is not None, "the task's row was finished"
+    assert again.state == pb.TASK_STATE_COMPLETED and runs == ["cd-1"]
+    assert kinds(fed, "hospital", "cd-1")[:2] == ["request_received", "result_kept"]
+    assert_chains_verify(fed)
+
+
+class _BrokenBackend(AgentBackend):
+    """A local agent the gateway calls itself whose turn fails with an unexpected error."""
+
+    name = "echo"
+
+    @property
+    def card(self) -> AgentCard | None:
+        return AgentCard(org="hospital", name="echo", skills=(SkillCard("say"),))
+
+    async def _fail(self, spec: TaskSpec) -> AsyncGenerator[TaskUpdate, None]:
+        yield TaskUpdate(spec.task_id, TaskState.WORKING)
+        raise RuntimeError("the backend broke 4242")
+
+    def dispatch(self, spec: TaskSpec, requester_org: str) -> AsyncGenerator[TaskUpdate, None]:
+        return self._fail(spec)
+
+    def continue_task(self, spec: TaskSpec, requester_org: str) -> AsyncGenerator[TaskUpdate, None]:
+        return self._fail(spec)
+
+    def end(self, task_id: str, reason: str) -> None:
+        pass
+
+
+async def test_an_unexpected_failure_of_a_dispatch_closes_the_task(fed: LocalFederation) -> None:
+    """A dispatch that raises something unexpected (a backend's bug) fails the task with its
+    closing record, as any failure does: not a request left open, its key answering
+    'interrupted by a restart' to every retry, and its requester kept retrying to the end."""
+    fed["hospital"].agents.add_backend(_BrokenBackend())
+    async with Client(fed.participant("insurer"), retry=RetryPolicy(max_attempts=1)) as client:
+        with pytest.raises(TaskFailed):
+            await client.call("hospital/echo.say", {}, timeout=5, task_id="broken-1")
+    assert kinds(fed, "hospital", "broken-1") == ["request_received", "failed"]
+    assert kinds(fed, "insurer", "broken-1") == ["request_sent", "failed"]
+    row = await fed["hospital"].router.tasks.by_task_id("insurer", "broken-1")
+    assert row is not None and row.result is not None
+    assert "4242" not in repr(fed["hospital"].audit.query(task_id="broken-1"))
+    assert_chains_verify(fed)
+
+
+async def test_a_stop_while_a_closing_record_waits_for_the_store_is_prompt(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A requester's cancel waits for a closing record the store cannot take yet; a stop at
+    shutdown does not: the task stays open in the table, for recovery after the restart."""
+    from tests.security.raw import federation_client, task_request
+
+    store = MemoryAuditStore()
+    runs: list[str] = []
+    fed = await LocalFederation(configs(tmp_path, pki), audits={"hospital": store}).start()
+    try:
+        async with (
+            serving(fed.participant("hospital"), _counting_echo(runs, store)),
+            federation_client(pki, fed, "insurer") as peer,
+        ):
+            request = task_request(pki, "insurer", "cs-1", input=dict_to_struct({"n": 1}))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await peer.SubmitTask(request, timeout=10)
+            await fed["hospital"].router.cancel("cs-1", "no answer", origin_org="insurer")
+            started = time.monotonic()
+            await fed["hospital"].router.stop_background()
+            assert time.monotonic() - started < 2.0, "the stop did not wait for the store"
+    finally:
+        store.fail_writes = False
+        await fed.stop()
+    assert runs == ["cs-1"]
+
+
+async def test_a_task_table_that_cannot_be_read_is_unavailable_not_internal(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The database goes away: a GetTask (a read of the task table) answers UNAVAILABLE
+    naming the task table, as a write does, not INTERNAL with a traceback in the log."""
+    from sqlalchemy import create_engine
+
+    from gateway.audit.store import SqlAuditStore
+
+    store = SqlAuditStore(f"sqlite:///{tmp_path / 'fedgate.db'}")
+    async with (
+        LocalFederation(configs(tmp_path, pki), audits={"hospital": store}) as fed,
+        grpc.aio.insecure_channel(fed.participant("hospital")) as channel,
+    ):
+        working = store._engine
+        # The database file is out of reach from now on (a volume gone, say).
+        store._engine = create_engine(f"sqlite:///{tmp_path / 'gone' / 'fedgate.db'}")
+        try:
+            stub = pb_grpc.ParticipantStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.GetTask(pb.GetTaskRequest(task_id="t-unknown"), timeout=5)
+        finally:
+            store._engine.dispose()
+            store._engine = working
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "task table cannot be read" in (refused.value.details() or "")

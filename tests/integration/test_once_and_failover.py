@@ -262,3 +262,35 @@ async def test_a_retry_that_outlives_its_deadline_is_deadline_exceeded(
         assert "first attempt still ran" in (info.value.details() or "")
         assert (await first).ok
     assert calls == ["slow-1"]
+
+
+async def test_our_retry_answered_from_the_task_table_records_nothing_as_inbound(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Our requester asks again with the key of a task it sent to a partner, after a restart:
+    the stored result answers it. Our log must not gain a request received from the partner,
+    nor a result released to it: neither happened."""
+    calls: list[str] = []
+    paths = configs(tmp_path, pki)
+    async with (
+        LocalFederation(paths) as fed,
+        serving(fed.participant("hospital"), counting_agent(calls, delay=0)),
+        Client(fed.participant("insurer")) as client,
+    ):
+        first = await client.call(
+            "hospital/echo.say", {"n": 3}, timeout=10, task_id="ours-1", idempotency_key="k-ours"
+        )
+    async with (
+        LocalFederation(paths) as fed,
+        Client(fed.participant("insurer")) as client,
+    ):
+        again = await client.call(
+            "hospital/echo.say", {"n": 3}, timeout=10, task_id="ours-2", idempotency_key="k-ours"
+        )
+        records = sorted(fed["insurer"].audit.query(task_id="ours-1"), key=lambda r: r.sequence)
+    assert again.task_id == "ours-1" and again.output == first.output
+    assert calls == ["ours-1"]
+    assert [(r.kind, r.direction) for r in records] == [
+        ("request_sent", "outbound"),
+        ("result_received", "outbound"),
+    ]

@@ -186,3 +186,123 @@ def test_the_wire_never_carries_a_result_on_a_non_final_update() -> None:
         assert received.result is None and received.state is state
     for state in (TaskState.COMPLETED, TaskState.INPUT_REQUIRED):
         assert update_to_pb(TaskUpdate("t-1", state, result=result)).HasField("result")
+
+
+class _FailingWithOutputPartner(pb_grpc.FederationServicer):
+    """'insurer' in bad faith: its final answer says FAILED (or CANCELED), which carries no
+    receipt to verify, and holds the whole unfiltered record as output all the same."""
+
+    def __init__(self, state: pb.TaskState) -> None:
+        self.state = state
+
+    def _result(self, task_id: str) -> pb.TaskResult:
+        return pb.TaskResult(
+            task_id=task_id,
+            state=self.state,
+            output=dict_to_struct(PATIENT),
+            error=pb.TaskError(code="skill_error", message="no"),
+        )
+
+    async def SubmitTask(  # type: ignore[override]
+        self, request: pb.TaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TaskResult:
+        return self._result(request.task_id)
+
+    async def StreamTask(  # type: ignore[override]
+        self, request: pb.TaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TaskUpdate]:
+        yield pb.TaskUpdate(
+            task_id=request.task_id, state=self.state, result=self._result(request.task_id)
+        )
+
+
+async def test_a_partners_failed_answer_never_carries_output_to_our_requester(
+    secure_fed: LocalFederation, pki: Pki
+) -> None:
+    """A failed or canceled answer has no receipt that could sign output: whatever output a
+    partner puts on it stays out of what our requester gets (unary or streamed, or asked for
+    later), and out of the task table."""
+    token = hospital_tokens(secure_fed).issue("clerk", calls=["insurer/echo.say"])
+    hospital = secure_fed["hospital"]
+    cert, key = pki.pem("insurer")
+    credentials = grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=pki.ca.read_bytes(), require_client_auth=True
+    )
+    for number, state in enumerate((pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELED)):
+        server = grpc.aio.server()
+        pb_grpc.add_FederationServicer_to_server(_FailingWithOutputPartner(state), server)
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+        await server.start()
+        real = hospital.peers.address("insurer")
+        hospital.peers.set_address("insurer", f"127.0.0.1:{port}")
+        try:
+            async with participant_client(secure_fed, "hospital") as ours:
+                unary_id, stream_id = f"fail-out-{number}-u", f"fail-out-{number}-s"
+                answers = [
+                    await ours.SubmitTask(
+                        pb.TaskRequest(
+                            task_id=unary_id, target_org="insurer", agent="echo", skill="say"
+                        ),
+                        timeout=20,
+                        metadata=bearer(token),
+                    )
+                ]
+                call = ours.StreamTask(
+                    pb.TaskRequest(
+                        task_id=stream_id, target_org="insurer", agent="echo", skill="say"
+                    ),
+                    timeout=20,
+                    metadata=bearer(token),
+                )
+                answers.extend([u async for u in call])
+                for task_id in (unary_id, stream_id):
+                    answers.append(
+                        await ours.GetTask(
+                            pb.GetTaskRequest(task_id=task_id), timeout=5, metadata=bearer(token)
+                        )
+                    )
+        finally:
+            hospital.peers.set_address("insurer", real)
+            await server.stop(0)
+        assert answers[0].state == state
+        for answer in answers:
+            wire = answer.SerializeToString()
+            assert not any(secret in wire for secret in SECRETS), answer
+        for task_id in (unary_id, stream_id):
+            row = await hospital.router.tasks.by_task_id("hospital", task_id)
+            assert row is not None and row.result is not None and row.result.output == {}
+
+
+async def test_a_partners_unary_answer_that_ends_nothing_fails_the_task(
+    secure_fed: LocalFederation, pki: Pki
+) -> None:
+    """A unary SubmitTask answers with the state that ends the turn. A partner answering
+    WORKING (or SUBMITTED) has not answered: the task fails there as an unreadable answer,
+    instead of waiting for a next message nobody asked for."""
+    token = hospital_tokens(secure_fed).issue("clerk", calls=["insurer/echo.say"])
+    hospital = secure_fed["hospital"]
+    cert, key = pki.pem("insurer")
+    credentials = grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=pki.ca.read_bytes(), require_client_auth=True
+    )
+    server = grpc.aio.server()
+    pb_grpc.add_FederationServicer_to_server(
+        _FailingWithOutputPartner(pb.TASK_STATE_WORKING), server
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    real = hospital.peers.address("insurer")
+    hospital.peers.set_address("insurer", f"127.0.0.1:{port}")
+    try:
+        async with participant_client(secure_fed, "hospital") as ours:
+            answer = await ours.SubmitTask(
+                pb.TaskRequest(task_id="no-end-1", target_org="insurer", agent="echo", skill="say"),
+                timeout=20,
+                metadata=bearer(token),
+            )
+    finally:
+        hospital.peers.set_address("insurer", real)
+        await server.stop(0)
+    assert answer.state == pb.TASK_STATE_FAILED
+    assert answer.error.code == "invalid_result"
+    assert not hospital.router.executions.by_id, "the task ended"
