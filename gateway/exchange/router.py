@@ -422,7 +422,13 @@ class Router:
     async def _start_outbound(
         self, spec: TaskSpec, key: tuple[str, str], started: float, *, stream: bool
     ) -> Execution:
-        parent, claims, spec = self._caller_context(spec)
+        try:
+            parent, claims, spec = self._caller_context(spec)
+        except FedgateError as exc:  # a parent task the caller does not serve: recorded too
+            await self.steps.refuse(
+                spec, spec.target_org, exc, started=started, direction="outbound"
+            )
+            raise
         outbound, opening, admitted = await self.steps.admit_outbound(spec, claims, started)
         execution = Execution(spec, self.org, key, remote=True, peer_org=spec.target_org)
 

@@ -109,13 +109,14 @@ class Routes:
         try:
             return await s.until_done(x, work)
         except Stopped as stopped:
-            return stopped.result
+            return replace(stopped.result, turn=x.turn)
         except FedgateError as exc:
-            return error_result(x.task_id, exc.status.name.lower(), exc.message, s.org)
+            failed = error_result(x.task_id, exc.status.name.lower(), exc.message, s.org)
         except Exception as exc:  # a bug below (an agent backend's): the task fails, closed
             log.exception("task %s: its dispatch failed inside the gateway", x.task_id)
             message = f"the gateway failed while running the task: {type(exc).__name__}"
-            return error_result(x.task_id, "internal", message, s.org)
+            failed = error_result(x.task_id, "internal", message, s.org)
+        return replace(failed, turn=x.turn)  # the turn it failed in, as its record says
 
     async def _next_turn(
         self, x: Execution, ended: TaskResult | None = None

@@ -523,7 +523,9 @@ class Steps:
             code = result.error.code if result.error else "skill_error"
             if code not in PEER_ERROR_MESSAGES:
                 code = "skill_error"
-            released = error_result(spec.task_id, code, PEER_ERROR_MESSAGES[code], self.org)
+            released = replace(
+                error_result(spec.task_id, code, PEER_ERROR_MESSAGES[code], self.org), turn=x.turn
+            )
             return released, self.event(
                 "canceled" if released.state is TaskState.CANCELED else "failed",
                 spec,
