@@ -536,11 +536,6 @@ class AuditStore(ABC):
     async def unfinished_tasks(self) -> list[TaskRow]: ...
 
     @abstractmethod
-    async def list_tasks(
-        self, origin_org: str, owner: str | None, *, limit: int, offset: int
-    ) -> list[TaskRow]: ...
-
-    @abstractmethod
     def prune_tasks(self, before_ms: int) -> int:
         """Delete the finished tasks last updated before `before_ms` (retention); running
         tasks are kept whatever their age. Returns how many rows went."""
@@ -663,18 +658,6 @@ class MemoryAuditStore(AuditStore):
         for row in self.task_rows.values():
             counts[row.state.value] = counts.get(row.state.value, 0) + 1
         return counts
-
-    async def list_tasks(
-        self, origin_org: str, owner: str | None, *, limit: int, offset: int
-    ) -> list[TaskRow]:
-        rows = [
-            r
-            for r in self.task_rows.values()
-            if r.origin_org == origin_org
-            and (owner is None or r.requester.partition("/")[0] == owner)
-        ]
-        rows.sort(key=lambda r: (r.created_ms, r.task_id), reverse=True)
-        return rows[offset : offset + limit]
 
     def _add_checkpoint(self, role: str, checkpoint: SignedCheckpoint) -> None:
         self._fail_if_told()
@@ -952,27 +935,6 @@ class SqlAuditStore(AuditStore):
 
     async def unfinished_tasks(self) -> list[TaskRow]:
         return await self._read_tasks(self._unfinished)
-
-    def _list_tasks(
-        self, origin_org: str, owner: str | None, limit: int, offset: int
-    ) -> list[TaskRow]:
-        c = TASKS.c
-        statement = select(TASKS).where(c.origin_org == origin_org)
-        if owner is not None:
-            # The requester is the token subject, or "subject/name" (escaped for LIKE).
-            escaped = owner.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            statement = statement.where(
-                (c.requester == owner) | c.requester.like(escaped + "/%", escape="\\")
-            )
-        statement = statement.order_by(c.created_ms.desc(), c.task_id.desc())
-        with self.engine.connect() as connection:
-            rows = connection.execute(statement.limit(limit).offset(offset)).all()
-        return [row_from_sql(r) for r in rows]
-
-    async def list_tasks(
-        self, origin_org: str, owner: str | None, *, limit: int, offset: int
-    ) -> list[TaskRow]:
-        return await self._read_tasks(self._list_tasks, origin_org, owner, limit, offset)
 
     def prune_tasks(self, before_ms: int) -> int:
         finals = [s.value for s in TaskState if s.final]

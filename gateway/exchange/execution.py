@@ -86,9 +86,10 @@ class Execution:
     # Turns whose result was recorded as kept (no call followed when it committed): a call that
     # follows it now records its release before it gets the result.
     kept: set[int] = field(default_factory=set)
-    next_turns: asyncio.Queue[NextTurn] = field(default_factory=asyncio.Queue)
+    # Made when a task first ends a turn waiting for input: most tasks never need them.
+    _next_turns: asyncio.Queue[NextTurn] | None = None
     # Set when the admission of a next message ends, either way (see admitted_meanwhile).
-    _admission_ended: asyncio.Event = field(default_factory=asyncio.Event)
+    _admission: asyncio.Event | None = None
     outcome: asyncio.Future[TaskResult] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -103,6 +104,19 @@ class Execution:
     @property
     def task_id(self) -> str:
         return self.spec.task_id
+
+    @property
+    def next_turns(self) -> asyncio.Queue[NextTurn]:
+        """The requester's next messages, in the order they were admitted."""
+        if self._next_turns is None:
+            self._next_turns = asyncio.Queue()
+        return self._next_turns
+
+    @property
+    def _admission_ended(self) -> asyncio.Event:
+        if self._admission is None:
+            self._admission = asyncio.Event()
+        return self._admission
 
     @property
     def followed(self) -> bool:
@@ -313,11 +327,6 @@ class Executions:
             self._recent_keys.popitem(last=False)
         while len(self._recent_ids) > self._remember:
             self._recent_ids.popitem(last=False)
-
-    def forget(self, key: TaskKey, task_id: str) -> None:
-        """Drop a remembered outcome that must not answer a retry (the key was given back)."""
-        self._recent_keys.pop(key, None)
-        self._recent_ids.pop(task_id, None)
 
     def recent(self, key: TaskKey) -> TaskResult | None:
         return self._recent_keys.get(key)

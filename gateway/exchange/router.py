@@ -106,7 +106,7 @@ class Router:
             digest_key=digest_key,
         )
         self.executions = Executions(remember=finished_capacity)
-        self.routes = Routes(self.steps, self.executions)
+        self.routes = Routes(self.steps)
         self.draining = False
 
     # ---- collaborators the server rotates or reads ------------------------------------------
@@ -146,21 +146,6 @@ class Router:
     def current_policy(self) -> Policy | None:
         return self.steps.current_policy()
 
-    async def audit_rejection(
-        self,
-        spec: TaskSpec,
-        peer_org: str,
-        exc: FedgateError,
-        *,
-        started: float,
-        kind: str = "rejected",
-        direction: str = "inbound",
-    ) -> None:
-        """Record a refusal (best effort, bounded): for the edges' own refusals."""
-        await self.steps.refuse(
-            spec, peer_org, exc, started=started, kind=kind, direction=direction
-        )
-
     # ---- queries -------------------------------------------------------------------------
 
     def cards_for_peer(self, peer_org: str) -> list[AgentCard]:
@@ -195,29 +180,6 @@ class Router:
                 return await self._ask_peer(row)
             return row.result or TaskResult(task_id, TaskState.WORKING)
         raise unknown
-
-    async def list_tasks(
-        self, *, owner: str | None = None, limit: int = 100, offset: int = 0
-    ) -> list[TaskRow]:
-        """Our own requesters' tasks (of `owner`, its token subject, if given), newest first."""
-        return await self.tasks.list(self.org, owner, limit=limit, offset=offset)
-
-    async def subscribe(
-        self, task_id: str, *, owner: str | None = None
-    ) -> AsyncIterator[TaskUpdate]:
-        """Follow a task one of our requesters submitted: its updates from now on, then its
-        final one (at once, for a task that has ended)."""
-        running = self.executions.by_id.get(task_id)
-        if (
-            running is not None
-            and running.origin_org == self.org
-            and owned(running.spec.requester, owner)
-        ):
-            async for update in running.follow():
-                yield update
-            return
-        result = await self.get(task_id, origin_org=self.org, owner=owner)
-        yield TaskUpdate(task_id, result.state, result=result if result.state.final else None)
 
     async def partner_cards(self, peer_org: str, *, within: float = 5.0) -> list[AgentCard]:
         """The agent cards a partner's ListAgents shows us, through its circuit breaker and

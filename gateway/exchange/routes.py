@@ -28,7 +28,7 @@ from gateway.errors import (
     FedgateError,
     Unavailable,
 )
-from gateway.exchange.execution import Execution, Executions, NextTurn
+from gateway.exchange.execution import Execution, NextTurn
 from gateway.exchange.steps import _CARRY_OUTPUT, Steps, Stopped, error_result
 from gateway.exchange.tasks import TaskResult, TaskSpec, TaskState, TaskUpdate
 from gateway.identity.signing import without_salt
@@ -49,9 +49,8 @@ _RESEND_MAX_SECONDS = 2.0
 class Routes:
     """The routes of one gateway, over its steps and its executions."""
 
-    def __init__(self, steps: Steps, executions: Executions) -> None:
+    def __init__(self, steps: Steps) -> None:
         self.steps = steps
-        self.executions = executions
 
     # ---- local: our requester calls our agent ----------------------------------------------
 

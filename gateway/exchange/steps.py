@@ -69,13 +69,10 @@ from gateway.payload import (
 )
 from gateway.peers import PeerRegistry
 from gateway.policy.engine import FilterResult, Policy, PolicyHolder
-from gateway.store.task_table import Accept, Finish, Forget, TaskOp, TaskRow
+from gateway.store.task_table import Accept, Finish, Forget, TaskOp
 
 log = logging.getLogger("fedgate.exchange")
 T = TypeVar("T")
-
-# Why a task ended when its requester did not wait for it (kept for the records' wording).
-REQUESTER_GONE = "the requester went away before the task ended"
 
 # What a peer is told when one of our agents fails: a stable code, never the agent's own text.
 PEER_ERROR_MESSAGES = {
@@ -616,10 +613,6 @@ class Steps:
 
     # ---- outbound: our requester calls a partner's agent -----------------------------------
 
-    def parent_of(self, spec: TaskSpec, running: dict[str, Execution]) -> Execution | None:
-        """The inbound task one of our agents is serving while it makes this call, if any."""
-        return running.get(spec.parent_task_id) if spec.parent_task_id else None
-
     def delegation_for(self, spec: TaskSpec) -> str:
         """The signed statement of who asked, for the target organization only, short-lived."""
         chain_sequence, chain_head = self.store.committed_head
@@ -915,11 +908,9 @@ def _final_from_pb(task_id: str, peer: str, message: Any, *, result_message: boo
 
 __all__ = [
     "PEER_ERROR_MESSAGES",
-    "REQUESTER_GONE",
     "Limits",
     "Steps",
     "Stopped",
-    "TaskRow",
     "claims_of",
     "error_result",
     "owned",

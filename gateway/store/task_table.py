@@ -226,9 +226,6 @@ class _Store(Protocol):
     def task_row(self, origin_org: str, key: str) -> Awaitable[TaskRow | None]: ...
     def task_by_id(self, origin_org: str, task_id: str) -> Awaitable[TaskRow | None]: ...
     def unfinished_tasks(self) -> Awaitable[list[TaskRow]]: ...
-    def list_tasks(
-        self, origin_org: str, owner: str | None, *, limit: int, offset: int
-    ) -> Awaitable[list[TaskRow]]: ...
 
 
 class TaskTable:
@@ -258,13 +255,6 @@ class TaskTable:
 
     async def unfinished(self) -> list[TaskRow]:
         return await self._store.unfinished_tasks()
-
-    async def list(
-        self, origin_org: str, owner: str | None = None, *, limit: int = 100, offset: int = 0
-    ) -> list[TaskRow]:
-        """Tasks of `origin_org` (and of the requester `owner`: its token subject), newest
-        first."""
-        return await self._store.list_tasks(origin_org, owner, limit=limit, offset=offset)
 
 
 class TaskRowModel(SQLModel, table=True):
