@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from click.testing import CliRunner
 
@@ -74,3 +75,27 @@ async def test_the_commands_show_and_prune_the_table_of_a_gateway(fed: LocalFede
         )
         assert [t["task_id"] for t in again["tasks"]] == ["t-2"], "running tasks are kept"
         running.cancel()
+
+
+async def test_prune_with_retention_off_prunes_nothing_and_says_how(
+    tmp_path: Path, audit_make_config: Any
+) -> None:
+    url = f"sqlite:///{tmp_path / 'fedgate.db'}"
+    store = SqlAuditStore(url)
+    await store.start()
+    await store.tasks.accept("insurer", _spec("done"), remote=False)
+    key = task_key("insurer", _spec("done"))[1]
+    await store.tasks.finish("insurer", key, TaskResult("done", TaskState.COMPLETED))
+    await store.close()
+    config = audit_make_config(tmp_path, "alpha", url)
+    config.write_text(
+        config.read_text().replace("[gateway]\n", "[gateway]\ntask_retention_days = 0\n")
+    )
+    result = CliRunner().invoke(main, ["tasks", "prune", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "nothing pruned: [gateway] task_retention_days is 0 (kept forever)" in result.output
+    assert "--older-than-days" in result.output, "it names how to prune by hand"
+    listed = json.loads(
+        CliRunner().invoke(main, ["tasks", "list", "--config", str(config), "--json"]).output
+    )
+    assert listed["counts"] == {"completed": 1}

@@ -113,3 +113,21 @@ async def test_a_receipt_that_does_not_vouch_for_the_result_is_refused(
     assert failed.output == {}, "nothing of the refused result reaches our requester"
     (record,) = hospital.audit.query(task_id=f"r-{forgery}", kind="failed")
     assert record.decision == "receipt_invalid"
+
+
+async def test_a_resume_of_a_task_never_received_is_not_found_and_recorded(
+    secure_fed: LocalFederation, pki: Pki
+) -> None:
+    """A requesting gateway that restarted asks again without the input (`resume`): for a task
+    the responder never got, it answers NOT_FOUND naming the fix, and records the refusal."""
+    from tests.security.raw import federation_client, refusal, task_request
+
+    async with federation_client(pki, secure_fed, "lab") as lab:
+        request = task_request(pki, "lab", "never-1", idempotency_key="k-never", resume=True)
+        error = await refusal(lab.SubmitTask(request, timeout=5))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "is not known to the gateway of 'hospital': send it again with its input" in (
+        error.details() or ""
+    )
+    (record,) = secure_fed["hospital"].audit.query(task_id="never-1")
+    assert record.kind == "rejected" and record.status == "NOT_FOUND"
